@@ -1,0 +1,245 @@
+"""Framing of the guest channel: a 16-byte header, then the payload.
+
+Header, network byte order (``HEADER``):
+
+    offset 0   u32  magic            0xDEADBEEF
+    offset 4   u32  payload length   at most MAX_PAYLOAD (or the decoder's max)
+    offset 8   u32  CRC-32           of the payload only
+    offset 12  u32  sequence id      first_seq, then +1 per frame, mod 2**32
+
+The CRC function is always passed in (``crc``): the host passes
+``protocol.hostcrc.crc32`` (crcmod), the guest ``zlib.crc32``. Both compute the
+same CRC-32. It catches accidents, not attacks: a hostile peer computes it too.
+
+Sequence ids wrap from 2**32 - 1 to 0 on both sides; at one frame per
+microsecond that takes over an hour, and a replay would still need the exact
+wrapped id, so wrapping is simpler than a hard stop and loses nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable
+
+from .errors import (
+    BadMagic,
+    CrcMismatch,
+    DecoderPoisoned,
+    FrameTooLarge,
+    SequenceError,
+    TruncatedFrame,
+)
+
+MAGIC = 0xDEADBEEF
+HEADER = struct.Struct("!IIII")  # magic, payload length, CRC-32 of payload, sequence id
+HEADER_SIZE = 16
+MAX_PAYLOAD = 16 * 1024 * 1024
+
+Crc32 = Callable[[bytes], int]
+
+_MAGIC_BYTES = MAGIC.to_bytes(4, "big")
+_MAGIC_SIZE = len(_MAGIC_BYTES)
+_SEQ_MASK = 0xFFFFFFFF
+
+assert HEADER.size == HEADER_SIZE
+
+
+def _check_seq(value: int, what: str) -> int:
+    if not isinstance(value, int) or not 0 <= value <= _SEQ_MASK:
+        raise ValueError(f"{what} must be an int in [0, 2**32), got {value!r}")
+    return value
+
+
+class FrameEncoder:
+    """Wraps payloads in frames with increasing sequence ids (one per direction)."""
+
+    __slots__ = ("_crc", "next_seq", "frames_encoded")
+
+    def __init__(self, crc: Crc32, first_seq: int = 0) -> None:
+        if not callable(crc):
+            raise TypeError("crc must be a CRC-32 function such as zlib.crc32")
+        self._crc = crc
+        self.next_seq = _check_seq(first_seq, "first_seq")
+        self.frames_encoded = 0
+
+    def encode(self, payload: bytes) -> bytes:
+        """Return header + payload; raises FrameTooLarge over MAX_PAYLOAD."""
+        length = len(payload)
+        if length > MAX_PAYLOAD:
+            raise FrameTooLarge(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+        header = HEADER.pack(MAGIC, length, self._crc(payload), self.next_seq)
+        self.next_seq = (self.next_seq + 1) & _SEQ_MASK
+        self.frames_encoded += 1
+        return b"".join((header, payload))
+
+
+class FrameDecoder:
+    """Incremental, verify-then-parse decoder of a frame stream.
+
+    ``feed(data)`` returns the payloads of the frames that ``data`` completes.
+    Checks, each as early as the bytes allow: magic once the first 4 header
+    bytes are in; length <= max_payload and the sequence id once the header
+    is complete (before any payload byte is buffered or allocated); the CRC
+    once the payload is complete, before the payload is returned.
+
+    Memory: at most HEADER_SIZE bytes of header plus one payload buffer of the
+    current frame's validated declared length, whatever the size of ``data``
+    (which is consumed in place, never appended to a buffer). A frame lying
+    wholly inside one ``data`` chunk is copied out once, without staging.
+
+    Any error poisons the decoder: later calls raise DecoderPoisoned, payloads
+    completed earlier in the failing call are dropped with the channel, and
+    nothing tries to resynchronise. ``eof()`` also closes the decoder.
+    """
+
+    __slots__ = (
+        "_crc",
+        "_max_payload",
+        "_expected_seq",
+        "_header",
+        "_header_have",
+        "_payload",
+        "_payload_have",
+        "_payload_crc",
+        "_closed_reason",
+        "frames_decoded",
+        "bytes_decoded",
+    )
+
+    def __init__(self, crc: Crc32, max_payload: int = MAX_PAYLOAD, first_seq: int = 0) -> None:
+        if not callable(crc):
+            raise TypeError("crc must be a CRC-32 function such as zlib.crc32")
+        if not isinstance(max_payload, int) or not 0 <= max_payload <= MAX_PAYLOAD:
+            raise ValueError(f"max_payload must be in [0, {MAX_PAYLOAD}], got {max_payload!r}")
+        self._crc = crc
+        self._max_payload = max_payload
+        self._expected_seq = _check_seq(first_seq, "first_seq")
+        self._header = bytearray(HEADER_SIZE)
+        self._header_have = 0
+        self._payload: bytearray | None = None  # None while reading a header
+        self._payload_have = 0
+        self._payload_crc = 0
+        self._closed_reason: str | None = None
+        self.frames_decoded = 0
+        self.bytes_decoded = 0  # wire bytes (header + payload) of completed frames
+
+    @property
+    def wanted(self) -> int:
+        """Bytes still needed to complete the current header or payload."""
+        if self._payload is None:
+            return HEADER_SIZE - self._header_have
+        return len(self._payload) - self._payload_have
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the frame in progress (received, not yet returned)."""
+        return self._header_have + self._payload_have
+
+    @property
+    def expected_seq(self) -> int:
+        return self._expected_seq
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Consume ``data``; return the payloads of every frame it completes."""
+        if self._closed_reason is not None:
+            raise DecoderPoisoned(f"decoder unusable: {self._closed_reason}")
+        # Release our views on return, so a caller's bytearray can be resized
+        # even while a traceback keeps this frame alive.
+        with memoryview(data) as raw, raw.cast("B") as view:
+            try:
+                return self._consume(view)
+            except BaseException as exc:
+                self._close(f"earlier error {type(exc).__name__}: {exc}")
+                raise
+
+    def eof(self) -> None:
+        """Declare end of stream; raises TruncatedFrame inside a frame."""
+        if self._closed_reason is not None:
+            raise DecoderPoisoned(f"decoder unusable: {self._closed_reason}")
+        if self._payload is not None:
+            have, length = self._payload_have, len(self._payload)
+            self._close("eof inside a payload")
+            raise TruncatedFrame(f"stream ended after {have} of {length} payload bytes")
+        if self._header_have:
+            have = self._header_have
+            self._close("eof inside a header")
+            raise TruncatedFrame(f"stream ended after {have} of {HEADER_SIZE} header bytes")
+        self._close("eof() was called")
+
+    def _close(self, reason: str) -> None:
+        self._closed_reason = reason
+        self._payload = None  # a hostile peer must not keep a large buffer pinned
+        self._payload_have = self._header_have = 0
+
+    def _consume(self, view: memoryview) -> list[bytes]:
+        frames: list[bytes] = []
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._payload is not None:
+                pos = self._fill_payload(view, pos, end, frames)
+                continue
+            if self._header_have == 0 and end - pos >= HEADER_SIZE:
+                header = HEADER.unpack_from(view, pos)  # whole header at hand
+                pos += HEADER_SIZE
+            else:
+                have = self._header_have
+                take = min(HEADER_SIZE - have, end - pos)
+                self._header[have:have + take] = view[pos:pos + take]
+                pos += take
+                self._header_have = have = have + take
+                if have >= _MAGIC_SIZE > have - take:  # magic just completed
+                    self._check_magic(self._header)
+                if have < HEADER_SIZE:
+                    break
+                header = HEADER.unpack_from(self._header)
+                self._header_have = 0
+            length, payload_crc = self._check_header(*header)
+            if end - pos >= length:
+                # Payload wholly in this chunk: verify in place, copy out once.
+                with view[pos:pos + length] as payload_view:
+                    self._finish_frame(payload_view, payload_crc, frames)
+                pos += length
+            else:
+                self._payload = bytearray(length)  # validated length, allocated once
+                self._payload_have = 0
+                self._payload_crc = payload_crc
+        return frames
+
+    def _fill_payload(self, view: memoryview, pos: int, end: int, frames: list[bytes]) -> int:
+        payload = self._payload
+        have = self._payload_have
+        take = min(len(payload) - have, end - pos)
+        payload[have:have + take] = view[pos:pos + take]
+        self._payload_have = have = have + take
+        if have == len(payload):
+            self._payload = None
+            self._payload_have = 0
+            self._finish_frame(payload, self._payload_crc, frames)
+        return pos + take
+
+    @staticmethod
+    def _check_magic(header: bytes | bytearray | memoryview) -> None:
+        if header[:_MAGIC_SIZE] != _MAGIC_BYTES:
+            got = bytes(header[:_MAGIC_SIZE]).hex()
+            raise BadMagic(f"bad magic 0x{got}, expected 0x{MAGIC:08X}")
+
+    def _check_header(self, magic: int, length: int, payload_crc: int, seq: int) -> tuple[int, int]:
+        if magic != MAGIC:
+            raise BadMagic(f"bad magic 0x{magic:08X}, expected 0x{MAGIC:08X}")
+        if length > self._max_payload:
+            raise FrameTooLarge(f"declared payload of {length} bytes exceeds {self._max_payload}")
+        if seq != self._expected_seq:
+            raise SequenceError(self._expected_seq, seq)
+        self._expected_seq = (seq + 1) & _SEQ_MASK
+        return length, payload_crc
+
+    def _finish_frame(self, payload: bytearray | memoryview, payload_crc: int, frames: list[bytes]) -> None:
+        actual = self._crc(payload)
+        if actual != payload_crc:
+            raise CrcMismatch(
+                f"payload CRC-32 0x{actual:08X} != header 0x{payload_crc:08X} "
+                f"(sequence {(self._expected_seq - 1) & _SEQ_MASK})"
+            )
+        frames.append(bytes(payload))
+        self.frames_decoded += 1
+        self.bytes_decoded += HEADER_SIZE + len(payload)
