@@ -1,0 +1,129 @@
+"""corral configuration: defaults from config/corral.toml, overridden by a site
+file, every key checked against its type and range at start-up.
+
+An error names the key, the bad value and what is allowed, e.g.
+``config: vm.memory_mib = 64 is out of range (128..1048576)``.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_FILE = Path(__file__).with_name("corral.toml")
+
+
+class ConfigError(Exception):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _range(lo: float, hi: float) -> dict:
+    return {"range": (lo, hi)}
+
+
+def _choices(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    accelerator: str = field(metadata=_choices("auto", "kvm", "tcg"))
+    memory_mib: int = field(metadata=_range(128, 1 << 20))
+    vcpus: int = field(metadata=_range(1, 64))
+    boot_timeout_s: float = field(metadata=_range(1, 600))
+    tmpfs_size: str = field(metadata={"pattern": "size"})
+    console_log: bool = field()
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    endpoint: str = field(metadata={"pattern": "endpoint"})
+    log_level: str = field(metadata=_choices("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = field()
+    libvirt_uri: str = field()
+    vm: VmConfig = field()
+    daemon: DaemonConfig = field()
+
+
+def _check_size(key: str, value: str) -> None:
+    """tmpfs size: N%, or a number with k/m/g (what mount -o size= accepts)."""
+    body, unit = value[:-1], value[-1:]
+    if not (value.isdigit() or (unit in "%kKmMgG" and body.isdigit())):
+        raise ConfigError(f"config: {key} = {value!r} is not a size (e.g. 50% or 256m)")
+
+
+def _check_endpoint(key: str, value: str) -> None:
+    if not value.startswith(("ipc:///", "tcp://")):
+        raise ConfigError(f"config: {key} = {value!r} must be an ipc:///path or tcp://host:port endpoint")
+
+
+CHECKS = {"size": _check_size, "endpoint": _check_endpoint}
+
+
+def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = f.type
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: [{key}] must be a table")
+        return _build(kind, value, key + ".")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    expected = str if kind is Path else kind
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigError(f"config: {key} = {value!r} must be of type {expected.__name__}")
+    meta = f.metadata
+    if "range" in meta:
+        lo, hi = meta["range"]
+        if not lo <= value <= hi:
+            raise ConfigError(f"config: {key} = {value!r} is out of range ({lo}..{hi})")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"config: {key} = {value!r} must be one of {', '.join(meta['choices'])}")
+    if "pattern" in meta:
+        CHECKS[meta["pattern"]](key, value)
+    return Path(value) if kind is Path else value
+
+
+def _build(cls: type, table: dict, prefix: str = "") -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"config: unknown key {prefix}{unknown[0]} (known: {', '.join(fields)})")
+    missing = sorted(set(fields) - set(table))
+    if missing:
+        raise ConfigError(f"config: missing key {prefix}{missing[0]}")
+    return cls(**{name: _convert(prefix + name, f, table[name]) for name, f in fields.items()})
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = _merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+
+
+def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
+    """The defaults, then the site file at `path`, then `overrides` (tests, flags)."""
+    table = _read(DEFAULTS_FILE)
+    if path is not None:
+        table = _merge(table, _read(Path(path)))
+    if overrides:
+        table = _merge(table, overrides)
+    return _build(Config, table)
