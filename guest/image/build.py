@@ -1,0 +1,384 @@
+"""Builds the guest gold image and the agent ISO from Debian packages.
+
+Runs on the host as root, standard library only (plus the Debian tools named in
+scripts/setup-host). Each output is cached under the state directory by a hash
+of what it is built from, so a rebuild happens only when the recipe or the agent
+changes:
+
+    <state>/images/gold-<recipe hash>/{vmlinux, initrd.img, gold.qcow2, manifest.json}
+    <state>/images/agent-<agent hash>/agent.iso
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent
+REPO_DIR = RECIPE_DIR.parent.parent
+RECIPE_FILES = ("recipe.toml", "init", "build.py")
+# What goes on the agent ISO: the agent and the stdlib-only protocol modules it speaks.
+AGENT_FILES = (
+    "guest/__init__.py",
+    "guest/agent.py",
+    "protocol/__init__.py",
+    "protocol/errors.py",
+    "protocol/frame.py",
+    "protocol/messages.py",
+)
+DEFAULT_STATE_DIR = Path("/var/lib/corral")
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+class BuildError(Exception):
+    """A build step failed; the message names the step and the fix."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """Paths of one built guest: what a VM definition needs."""
+
+    kernel: Path
+    initrd: Path
+    disk: Path
+    agent_iso: Path
+
+    def missing(self) -> list[Path]:
+        return [p for p in (self.kernel, self.initrd, self.disk, self.agent_iso) if not p.is_file()]
+
+
+def _hash_files(paths: list[tuple[str, Path]]) -> str:
+    digest = hashlib.sha256()
+    for name, path in paths:
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def recipe_hash() -> str:
+    return _hash_files([(name, RECIPE_DIR / name) for name in RECIPE_FILES])
+
+
+def agent_hash() -> str:
+    return _hash_files([(name, REPO_DIR / name) for name in AGENT_FILES])
+
+
+def gold_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "images" / f"gold-{recipe_hash()}"
+
+
+def agent_iso_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "images" / f"agent-{agent_hash()}" / "agent.iso"
+
+
+def guest_image(state_dir: Path) -> GuestImage:
+    """Where the images for this checkout's recipe and agent live (built or not)."""
+    gold = gold_dir(state_dir)
+    return GuestImage(kernel=gold / "vmlinux", initrd=gold / "initrd.img",
+                      disk=gold / "gold.qcow2", agent_iso=agent_iso_path(state_dir))
+
+
+def load_recipe() -> dict:
+    with open(RECIPE_DIR / "recipe.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+class Progress:
+    """Numbered step lines with elapsed time, for a build that takes minutes."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.step = 0
+        self.started = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        self.step += 1
+        elapsed = time.monotonic() - self.started
+        print(f"[guest-image {self.step}/{self.total} +{elapsed:5.1f}s] {what}", flush=True)
+
+
+def run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=True, **kwargs)
+    except FileNotFoundError:
+        raise BuildError(f"{what}: {cmd[0]} is not installed (run scripts/setup-host)") from None
+    except subprocess.CalledProcessError as e:
+        detail = (e.stderr or b"").decode(errors="replace").strip()[-2000:] if isinstance(e.stderr, bytes) else ""
+        raise BuildError(f"{what}: `{' '.join(cmd[:3])} ...` exited {e.returncode}. {detail}") from None
+
+
+# --- kernel -----------------------------------------------------------------------
+
+def fetch_kernel(recipe: dict, work: Path) -> tuple[Path, str]:
+    """Download the Debian kernel package and unpack it; return (tree, version)."""
+    meta = recipe["kernel"]["package"]
+    deps = run(["apt-cache", "depends", meta], "kernel lookup", capture_output=True).stdout.decode()
+    versioned = [line.split(":", 1)[1].strip() for line in deps.splitlines()
+                 if line.strip().startswith("Depends:") and "linux-image-" in line]
+    if not versioned:
+        raise BuildError(f"kernel lookup: {meta} names no linux-image package (run apt-get update)")
+    debs = work / "debs"
+    debs.mkdir()
+    run(["apt-get", "download", "-q", versioned[0]], "kernel download", cwd=debs, capture_output=True)
+    tree = work / "kernel"
+    run(["dpkg-deb", "-x", str(next(debs.glob("*.deb"))), str(tree)], "kernel unpack")
+    versions = sorted(p.name for p in (tree / "lib/modules").iterdir())
+    return tree, versions[-1]
+
+
+def extract_vmlinux(bzimage: Path, out: Path) -> None:
+    """Uncompressed ELF kernel: QEMU boots it through PVH, saving ~2 s of
+    in-guest decompression under TCG (GUEST-NOTES.md)."""
+    data = bzimage.read_bytes()
+    start = data.find(XZ_MAGIC)
+    if start < 0:
+        raise BuildError(f"vmlinux: {bzimage.name} is not xz-compressed as Debian's kernels are")
+    elf = lzma.LZMADecompressor().decompress(data[start:])
+    if elf[:4] != b"\x7fELF":
+        raise BuildError("vmlinux: decompressed kernel is not an ELF file")
+    out.write_bytes(elf)
+
+
+def module_load_order(tree: Path, version: str, wanted: list[str]) -> list[str]:
+    """Module paths (relative to the modules dir) in an order insmod accepts:
+    every module after all it depends on; built-in modules left out."""
+    moddir = tree / "lib/modules" / version
+    run(["depmod", "-b", str(tree), version], "depmod")
+
+    def name_of(path: str) -> str:
+        return Path(path).name.split(".ko")[0].replace("-", "_")
+
+    deps: dict[str, tuple[str, list[str]]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[name_of(path)] = (path, [name_of(p) for p in rest.split()])
+    builtin = {name_of(p) for p in (moddir / "modules.builtin").read_text().split()}
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name in builtin:
+            return
+        seen.add(name)
+        if name not in deps:
+            raise BuildError(f"initramfs: kernel {version} has no module {name}")
+        path, requires = deps[name]
+        for dep in reversed(requires):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        visit(name.replace("-", "_"))
+    return order
+
+
+# --- initramfs (cpio newc, written here so no cpio quirks leak in) ---------------
+
+class Cpio:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.inode = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        encoded = name.encode() + b"\0"
+        fields = [self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0]
+        self.inode += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.parts += [header, encoded, b"\0" * (-(len(header) + len(encoded)) % 4),
+                       data, b"\0" * (-len(data) % 4)]
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def char_device(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return b"".join(self.parts)
+
+
+def module_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko"):
+        return data
+    raise BuildError(f"initramfs: unsupported module compression {path.name}")
+
+
+def build_initramfs(recipe: dict, tree: Path, version: str, out: Path) -> None:
+    cpio = Cpio()
+    for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules"):
+        cpio.directory(d)
+    cpio.char_device("dev/console", 5, 1)
+    busybox = Path("/bin/busybox")
+    if not busybox.is_file():
+        raise BuildError("initramfs: /bin/busybox missing (apt-get install busybox-static)")
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.file("init", (RECIPE_DIR / "init").read_bytes(), 0o755)
+    moddir = tree / "lib/modules" / version
+    loaded: set[str] = set()
+    for listname in ("core", "net"):
+        order = [p for p in module_load_order(tree, version, recipe["initramfs"][f"{listname}_modules"])
+                 if p not in loaded]
+        names = []
+        for path in order:
+            flat = Path(path).name.removesuffix(".xz")
+            cpio.file(f"lib/modules/{flat}", module_bytes(moddir / path))
+            names.append(flat)
+            loaded.add(path)
+        cpio.file(f"modules.{listname}", "".join(n + "\n" for n in names).encode())
+    out.write_bytes(cpio.finish())
+
+
+# --- root filesystem --------------------------------------------------------------
+
+def host_mirror(suite: str) -> str:
+    """The Debian mirror this host's apt already uses (so the guest comes from the same place)."""
+    sources = Path("/etc/apt/sources.list.d")
+    candidates = sorted(sources.glob("*.sources")) if sources.is_dir() else []
+    for path in candidates:
+        for stanza in path.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines()
+                          if ":" in line and not line.startswith("#"))
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if suite in fields.get("Suites", "").split() and "Types" in fields:
+                return fields["URIs"].split()[0]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.is_file():
+        for line in legacy.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                return words[1]
+    raise BuildError(f"rootfs: no apt source for {suite} on this host; add one to /etc/apt/sources.list")
+
+
+def build_rootfs(recipe: dict, rootdir: Path) -> None:
+    rootfs = recipe["rootfs"]
+    user, uid = rootfs["task_user"], int(rootfs["task_uid"])
+    cmd = ["mmdebstrap", f"--variant={rootfs['variant']}", "--include=" + ",".join(rootfs["packages"])]
+    cmd += [f"--dpkgopt=path-exclude={p}" for p in rootfs["exclude_paths"]]
+    cmd += [
+        f'--customize-hook=chroot "$1" useradd --create-home --uid {uid} --user-group --shell /bin/sh {user}',
+        '--customize-hook=rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*',
+        rootfs["suite"], str(rootdir),
+        f"deb {host_mirror(rootfs['suite'])} {rootfs['suite']} main",
+    ]
+    run(cmd, "rootfs (mmdebstrap)", stdin=subprocess.DEVNULL)
+
+
+def build_disk(recipe: dict, rootdir: Path, raw: Path, qcow2: Path) -> None:
+    used = int(run(["du", "-s", "--block-size=1M", str(rootdir)], "rootfs size",
+                   capture_output=True).stdout.split()[0])
+    size_mib = int(used * 1.15) + int(recipe["rootfs"]["headroom_mib"])
+    # No journal: the guest mounts it read-only; writes go to a tmpfs overlay.
+    run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "corral-root", "-d", str(rootdir),
+         str(raw), f"{size_mib}M"], "mkfs.ext4", capture_output=True)
+    run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], "qemu-img convert",
+        capture_output=True)
+
+
+def build_gold(state_dir: Path, force: bool = False) -> Path:
+    target = gold_dir(state_dir)
+    if not force and all((target / p).is_file() for p in ("vmlinux", "initrd.img", "gold.qcow2")):
+        print(f"[guest-image] gold image {target.name} is up to date")
+        return target
+    if os.geteuid() != 0:
+        raise BuildError("gold image: must run as root (mmdebstrap and depmod need it)")
+    recipe = load_recipe()
+    progress = Progress(6)
+    work = target.with_name(target.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.monotonic()
+    progress("fetching the Debian kernel package")
+    tree, version = fetch_kernel(recipe, work)
+    progress(f"extracting vmlinux from kernel {version}")
+    extract_vmlinux(next((tree / "boot").glob("vmlinuz-*")), work / "vmlinux")
+    progress("building the initramfs (busybox + modules)")
+    build_initramfs(recipe, tree, version, work / "initrd.img")
+    progress("building the root filesystem with mmdebstrap (the long step)")
+    rootdir = work / "rootfs"
+    build_rootfs(recipe, rootdir)
+    progress("making the ext4 filesystem and the qcow2 gold image")
+    build_disk(recipe, rootdir, work / "rootfs.raw", work / "gold.qcow2")
+    progress("cleaning up")
+    shutil.rmtree(rootdir)
+    shutil.rmtree(tree)
+    shutil.rmtree(work / "debs")
+    (work / "rootfs.raw").unlink()
+    for p in ("vmlinux", "initrd.img", "gold.qcow2"):
+        (work / p).chmod(0o444)  # the gold image is never modified
+    manifest = {
+        "recipe_hash": recipe_hash(),
+        "kernel_version": version,
+        "build_seconds": round(time.monotonic() - started, 1),
+        "gold_qcow2_bytes": (work / "gold.qcow2").stat().st_size,
+        "initrd_bytes": (work / "initrd.img").stat().st_size,
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    work.rename(target)
+    print(f"[guest-image] built {target} in {manifest['build_seconds']} s: "
+          f"gold.qcow2 {manifest['gold_qcow2_bytes'] / 2**20:.0f} MiB", flush=True)
+    return target
+
+
+def build_agent_iso(state_dir: Path, force: bool = False) -> Path:
+    iso = agent_iso_path(state_dir)
+    if iso.is_file() and not force:
+        print(f"[guest-image] agent ISO {iso.parent.name} is up to date")
+        return iso
+    staging = iso.parent.with_name(iso.parent.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    tree = staging / "tree"
+    for name in AGENT_FILES:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_DIR / name, tree / name)
+    run(["xorriso", "-as", "mkisofs", "-quiet", "-R", "-V", "CORRAL_AGENT", "-o",
+         str(staging / "agent.iso"), str(tree)], "agent ISO (xorriso)", capture_output=True)
+    shutil.rmtree(tree)
+    (staging / "agent.iso").chmod(0o444)
+    shutil.rmtree(iso.parent, ignore_errors=True)
+    staging.rename(iso.parent)
+    print(f"[guest-image] built {iso}", flush=True)
+    return iso
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build corral's guest gold image and agent ISO.")
+    parser.add_argument("--state-dir", type=Path,
+                        default=Path(os.environ.get("CORRAL_STATE_DIR", DEFAULT_STATE_DIR)))
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    parser.add_argument("--print-paths", action="store_true", help="print the image paths and exit")
+    args = parser.parse_args(argv)
+    if args.print_paths:
+        image = guest_image(args.state_dir)
+        for field in ("kernel", "initrd", "disk", "agent_iso"):
+            print(f"{field}: {getattr(image, field)}")
+        return 0
+    try:
+        build_gold(args.state_dir, args.force)
+        build_agent_iso(args.state_dir, args.force)
+    except BuildError as e:
+        print(f"build-guest-image: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
