@@ -1,0 +1,1 @@
+"""corral's host side: the actors and the layers they own (hypervisor, guest link)."""

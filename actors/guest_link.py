@@ -1,0 +1,160 @@
+"""The host end of one VM's SecureChannel: a unix socket QEMU listens on.
+
+Verify then parse (protocol.frame), then a strict per-state allow-list of what
+the guest may send (default deny). Every wait has a deadline on the monotonic
+clock. The host never holds more than the frame cap plus a task's output cap for
+one guest. Any violation raises a ProtocolError and the VM's owner destroys it:
+there is no resynchronising on garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import socket
+import time
+from dataclasses import dataclass
+
+from actors.errors import ChannelClosed, GuestTimeout
+from protocol import messages
+from protocol.errors import UnexpectedMessage
+from protocol.frame import FrameDecoder, FrameEncoder
+from protocol.hostcrc import crc32
+
+READ_CHUNK = 64 * 1024
+# The largest frame a guest may send: its largest message (an Output chunk).
+GUEST_FRAME_CAP = messages.GUEST_TO_HOST_MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit: messages.Exit
+
+
+class GuestLink:
+    """One connection to one guest agent. Not thread-safe: its owner's thread uses it."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.sock: socket.socket | None = None
+        self.encoder = FrameEncoder(crc32)
+        self.decoder = FrameDecoder(crc32, max_payload=GUEST_FRAME_CAP)
+        self.pending: list = []  # decoded guest messages not yet consumed
+        self.ids = itertools.count(1)
+
+    def connect(self, deadline: float) -> None:
+        """QEMU creates the socket as the domain starts; retry until then."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+                self.sock = sock
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise GuestTimeout(f"channel socket {self.path} did not open in time") from None
+                time.sleep(0.005)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: messages.Message) -> None:
+        try:
+            self.sock.sendall(self.encoder.encode(messages.encode(message)))
+        except OSError as e:
+            raise ChannelClosed(f"channel to guest closed while sending: {e}") from None
+
+    def receive(self, allowed: frozenset, deadline: float):
+        """The next guest message, which must be of a type in `allowed`."""
+        while not self.pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout("guest did not answer in time")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(min(READ_CHUNK, max(self.decoder.wanted, 1)))
+            except socket.timeout:
+                raise GuestTimeout("guest did not answer in time") from None
+            except OSError as e:
+                raise ChannelClosed(f"channel to guest failed: {e}") from None
+            if not data:
+                self.decoder.eof()
+                raise ChannelClosed("guest channel closed (VM gone)")
+            for payload in self.decoder.feed(data):
+                self.pending.append(messages.decode(payload, messages.GUEST_TO_HOST))
+        message = self.pending.pop(0)
+        if type(message) not in allowed:
+            raise UnexpectedMessage(
+                f"guest sent {type(message).__name__} where only "
+                f"{', '.join(sorted(c.__name__ for c in allowed))} may come")
+        return message
+
+    # --- conversations, each with its own allow-list ---------------------------
+
+    def wait_hello(self, deadline: float) -> messages.Hello:
+        return self.receive(frozenset({messages.Hello}), deadline)
+
+    def heartbeat(self, deadline: float) -> None:
+        nonce = next(self.ids)
+        self.send(messages.Heartbeat(nonce=nonce))
+        ack = self.receive(frozenset({messages.HeartbeatAck}), deadline)
+        if ack.nonce != nonce:
+            raise UnexpectedMessage(f"heartbeat ack for nonce {ack.nonce}, expected {nonce}")
+
+    def run(self, argv: list[bytes], deadline: float, *, env: dict[bytes, bytes] | None = None,
+            cwd: bytes = b"", stdin: bytes = b"", timeout_ms: int = 0,
+            output_cap: int = 1 << 20, as_root: bool = False) -> ExecResult:
+        """Run one command to completion. Output past `output_cap` per stream is
+        dropped and flagged here too: the host does not trust the guest to truncate."""
+        exec_id = next(self.ids)
+        self.send(messages.Exec(
+            exec_id=exec_id, argv=tuple(argv), env=tuple((env or {}).items()), cwd=cwd,
+            stdin=stdin, timeout_ms=timeout_ms, output_cap=output_cap, as_root=as_root))
+        allowed = frozenset({messages.Output, messages.Exit, messages.Error})
+        streams = {messages.STDOUT: bytearray(), messages.STDERR: bytearray()}
+        host_truncated = {messages.STDOUT: False, messages.STDERR: False}
+        while True:
+            message = self.receive(allowed, deadline)
+            if isinstance(message, messages.Error):
+                raise UnexpectedMessage(f"guest error during exec: {message.code}: {message.message}")
+            if message.exec_id != exec_id:
+                raise UnexpectedMessage(f"message for exec {message.exec_id}, expected {exec_id}")
+            if isinstance(message, messages.Exit):
+                break
+            buf = streams[message.stream]
+            room = output_cap - len(buf)
+            if len(message.data) > room:
+                host_truncated[message.stream] = True
+            buf += message.data[:max(room, 0)]
+        exit_message = message
+        if any(host_truncated.values()):
+            exit_message = _replace_truncation(exit_message, host_truncated)
+        return ExecResult(stdout=bytes(streams[messages.STDOUT]),
+                          stderr=bytes(streams[messages.STDERR]), exit=exit_message)
+
+    def reset(self, deadline: float) -> messages.ResetDone:
+        reset_id = next(self.ids)
+        self.send(messages.Reset(reset_id=reset_id))
+        # Output and Exit of an exec the reset killed may still arrive first.
+        allowed = frozenset({messages.ResetDone, messages.Output, messages.Exit})
+        while True:
+            message = self.receive(allowed, deadline)
+            if isinstance(message, messages.ResetDone):
+                if message.reset_id != reset_id:
+                    raise UnexpectedMessage(f"reset done for {message.reset_id}, expected {reset_id}")
+                return message
+
+
+def _replace_truncation(exit_message: messages.Exit, host_truncated: dict[int, bool]) -> messages.Exit:
+    return dataclasses.replace(
+        exit_message,
+        stdout_truncated=exit_message.stdout_truncated or host_truncated[messages.STDOUT],
+        stderr_truncated=exit_message.stderr_truncated or host_truncated[messages.STDERR])

@@ -1,0 +1,392 @@
+"""The hypervisor layer: libvirt domains built from typed data, per-VM overlays,
+accelerator choice. No actor logic here; the per-VM Supervisor owns the calls.
+
+Every VM is a transient libvirt domain named ``corral-<id>`` with:
+  - a qcow2 overlay on the read-only gold image (deleted with the VM),
+  - the agent ISO as a read-only virtio disk (read-only at the hypervisor),
+  - one virtio-serial port whose host end is a unix socket QEMU listens on,
+  - no network interface unless asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import threading
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.errors import HypervisorError
+from guest.image.build import GuestImage
+
+log = logging.getLogger("corral.hypervisor")
+
+DOMAIN_PREFIX = "corral-"
+AGENT_PORT_NAME = "org.corral.agent.0"
+ROOT_DISK_SERIAL = "corral-root"
+AGENT_DISK_SERIAL = "corral-agent"
+# Measured to shorten TCG boots (GUEST-NOTES.md).
+FAST_BOOT_CMDLINE = (
+    "panic=-1 init_on_alloc=0 cryptomgr.notests mitigations=off audit=0 tsc=reliable "
+    "no_timer_check rcupdate.rcu_expedited=1 i8042.noaux i8042.nokbd i8042.nopnp"
+)
+
+
+# --- accelerator -------------------------------------------------------------------
+
+def cpu_has_hardware_virtualization(cpuinfo: str) -> bool:
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"vmx", "svm"})
+
+
+def detect_accelerator(choice: str = "auto", cpuinfo_path: str = "/proc/cpuinfo",
+                       kvm_path: str = "/dev/kvm") -> str:
+    """'kvm' only with vmx/svm in the CPU flags and a /dev/kvm that opens; else 'tcg'.
+
+    A /dev/kvm without vmx/svm (kvm_pvm on the build machines) hangs stock
+    kernels, so the device alone proves nothing.
+    """
+    if choice == "tcg":
+        return "tcg"
+    with open(cpuinfo_path) as f:
+        hardware = cpu_has_hardware_virtualization(f.read())
+    try:
+        os.close(os.open(kvm_path, os.O_RDWR))
+        usable = True
+    except OSError:
+        usable = False
+    if choice == "kvm":
+        if not (hardware and usable):
+            raise HypervisorError(
+                f"vm.accelerator = 'kvm' but this host has {'no vmx/svm CPU flag' if not hardware else 'no usable ' + kvm_path}; "
+                "set vm.accelerator = 'auto' or 'tcg'")
+        return "kvm"
+    return "kvm" if hardware and usable else "tcg"
+
+
+# --- domain definition as typed data --------------------------------------------
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    format: str  # qcow2 | raw
+    serial: str
+    target: str
+    readonly: bool = False
+    backing: Path | None = None  # backing file of a qcow2 overlay (always qcow2)
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    accelerator: str  # kvm | tcg
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disks: tuple[Disk, ...]
+    channel_socket: Path
+    network: bool = False
+    console_log: Path | None = None
+    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def to_xml(self) -> str:
+        domain = ET.Element("domain", type="kvm" if self.accelerator == "kvm" else "qemu")
+        _sub(domain, "name", self.name)
+        _sub(domain, "uuid", self.uuid)
+        _sub(domain, "memory", str(self.memory_mib), unit="MiB")
+        _sub(domain, "vcpu", str(self.vcpus))
+        os_el = _sub(domain, "os")
+        _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+        _sub(os_el, "kernel", str(self.kernel))
+        _sub(os_el, "initrd", str(self.initrd))
+        _sub(os_el, "cmdline", self.cmdline)
+        _sub(os_el, "bootmenu", enable="no")
+        features = _sub(domain, "features")
+        _sub(features, "acpi")
+        if self.accelerator == "kvm":
+            _sub(domain, "cpu", mode="host-passthrough")
+        _sub(domain, "clock", offset="utc")
+        # A guest that powers off, reboots or crashes is gone: the host replaces it.
+        for event in ("on_poweroff", "on_reboot", "on_crash"):
+            _sub(domain, event, "destroy")
+        devices = _sub(domain, "devices")
+        for disk in self.disks:
+            _disk_xml(devices, disk)
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind", path=str(self.channel_socket))
+        _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
+        if self.network:
+            # User-mode networking: outbound only, no host bridge to configure.
+            nic = _sub(devices, "interface", type="user")
+            _sub(nic, "model", type="virtio")
+            _sub(nic, "rom", enabled="no")
+        if self.console_log is not None:
+            serial = _sub(devices, "serial", type="file")
+            _sub(serial, "source", path=str(self.console_log))
+        # Entropy: without it Python blocks ~1 s at start-up in the guest.
+        rng = _sub(devices, "rng", model="virtio")
+        _sub(rng, "backend", "/dev/urandom", model="random")
+        _sub(devices, "controller", type="usb", model="none")
+        _sub(devices, "memballoon", model="none")
+        video = _sub(devices, "video")
+        _sub(video, "model", type="none")
+        return ET.tostring(domain, encoding="unicode")
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _disk_xml(devices: ET.Element, disk: Disk) -> None:
+    el = _sub(devices, "disk", type="file", device="disk")
+    _sub(el, "driver", name="qemu", type=disk.format)
+    _sub(el, "source", file=str(disk.path))
+    if disk.backing is not None:
+        backing = _sub(el, "backingStore", type="file")
+        _sub(backing, "format", type="qcow2")
+        _sub(backing, "source", file=str(disk.backing))
+    _sub(el, "target", dev=disk.target, bus="virtio")
+    _sub(el, "serial", disk.serial)
+    if disk.readonly:
+        _sub(el, "readonly")
+
+
+# --- overlays ----------------------------------------------------------------------
+
+def create_overlay(gold: Path, overlay: Path) -> None:
+    """A qcow2 overlay on the gold image with an explicit backing format:
+    every write lands here, never in the gold image."""
+    result = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(gold), "-F", "qcow2", str(overlay)],
+        capture_output=True, text=True)
+    if result.returncode != 0:
+        raise HypervisorError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# --- libvirt connection ---------------------------------------------------------
+
+def _libvirt():
+    import libvirt  # imported late so a missing binding is a clear error, not an import crash
+    return libvirt
+
+
+@dataclass(frozen=True)
+class VmHandle:
+    """One running VM and the files that are its alone."""
+
+    name: str
+    overlay: Path
+    socket: Path
+    console_log: Path | None
+    spec: DomainSpec
+
+
+class Hypervisor:
+    """Creates and destroys corral VMs on one libvirt connection."""
+
+    def __init__(self, uri: str, state_dir: Path, image: GuestImage, accelerator: str,
+                 memory_mib: int, vcpus: int, tmpfs_size: str = "50%", console_log: bool = False):
+        missing = image.missing()
+        if missing:
+            raise HypervisorError(
+                f"guest image missing: {missing[0]} (build it with scripts/build-guest-image)")
+        self.uri = uri
+        self.image = image
+        self.accelerator = accelerator
+        self.memory_mib = memory_mib
+        self.vcpus = vcpus
+        self.tmpfs_size = tmpfs_size
+        self.console_log = console_log
+        self.overlay_dir = Path(state_dir) / "vms"
+        self.run_dir = Path(state_dir) / "run"
+        for d in (self.overlay_dir, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._reconnect_lock = threading.Lock()
+        self.conn = self._connect()
+        log.info("hypervisor: %s, accelerator %s", uri, accelerator)
+
+    def _connect(self):
+        libvirt = _libvirt()
+        libvirt.registerErrorHandler(lambda *_: None, None)  # no error spam on stderr
+        try:
+            return libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(
+                f"cannot connect to libvirt at {self.uri} ({e.get_error_message()}); "
+                "is libvirtd running? scripts/setup-host starts it") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+    def drop_connection(self) -> None:
+        """Fault injection: lose the libvirt connection; the next call reconnects."""
+        self.close()
+
+    def _domain(self, name: str):
+        """The domain, reconnecting once if the connection was lost."""
+        libvirt = _libvirt()
+        for attempt in (1, 2):
+            try:
+                return self.conn.lookupByName(name)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise HypervisorError(f"VM {name} does not exist") from None
+                if attempt == 2 or self._alive():
+                    raise HypervisorError(f"libvirt failed on {name}: {e.get_error_message()}") from None
+                self._reconnect()
+
+    def _alive(self) -> bool:
+        try:
+            return self.conn.isAlive() == 1
+        except _libvirt().libvirtError:
+            return False
+
+    def _reconnect(self) -> None:
+        """Many Supervisor threads may notice at once: one reconnects, the rest reuse it."""
+        with self._reconnect_lock:
+            if not self._alive():
+                log.warning("libvirt connection lost; reconnecting to %s", self.uri)
+                self.conn = self._connect()
+
+    def suspend(self, name: str) -> None:
+        self._call(name, "suspend")
+
+    def resume(self, name: str) -> None:
+        self._call(name, "resume")
+
+    def _call(self, name: str, method: str) -> None:
+        libvirt = _libvirt()
+        try:
+            getattr(self._domain(name), method)()
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"cannot {method} VM {name}: {e.get_error_message()}") from None
+
+    def kill_qemu(self, name: str) -> None:
+        """Fault injection: SIGKILL the VM's QEMU process, as a crash would."""
+        pid_file = Path("/run/libvirt/qemu") / f"{name}.pid"
+        try:
+            os.kill(int(pid_file.read_text().strip()), 9)
+        except (OSError, ValueError) as e:
+            raise HypervisorError(f"cannot kill QEMU of {name}: {e}") from None
+
+    def spec_for(self, name: str, overlay: Path, socket: Path, network: bool = False,
+                 memory_mib: int | None = None) -> DomainSpec:
+        console = self.run_dir / f"{name}.console.log" if self.console_log else None
+        cmdline = FAST_BOOT_CMDLINE + f" corral.tmpfs={self.tmpfs_size}"
+        cmdline += " console=ttyS0" if console else " quiet"
+        if network:
+            cmdline += " corral.net=1"
+        return DomainSpec(
+            name=name, accelerator=self.accelerator, memory_mib=memory_mib or self.memory_mib,
+            vcpus=self.vcpus, kernel=self.image.kernel, initrd=self.image.initrd, cmdline=cmdline,
+            disks=(
+                Disk(path=overlay, format="qcow2", serial=ROOT_DISK_SERIAL, target="vda",
+                     backing=self.image.disk),
+                Disk(path=self.image.agent_iso, format="raw", serial=AGENT_DISK_SERIAL,
+                     target="vdb", readonly=True),
+            ),
+            channel_socket=socket, network=network, console_log=console,
+        )
+
+    def create(self, name: str | None = None, network: bool = False,
+               memory_mib: int | None = None) -> VmHandle:
+        """Overlay, then a transient domain; on any failure nothing is left behind."""
+        name = name or DOMAIN_PREFIX + uuid.uuid4().hex[:12]
+        overlay = self.overlay_dir / f"{name}.qcow2"
+        socket = self.run_dir / f"{name}.sock"
+        spec = self.spec_for(name, overlay, socket, network, memory_mib)
+        handle = VmHandle(name=name, overlay=overlay, socket=socket,
+                          console_log=spec.console_log, spec=spec)
+        create_overlay(self.image.disk, overlay)
+        try:
+            self.conn.createXML(spec.to_xml(), 0)
+        except _libvirt().libvirtError as e:
+            self.discard_files(handle)
+            raise HypervisorError(f"cannot start VM {name}: {e.get_error_message()}") from None
+        return handle
+
+    def destroy(self, handle: VmHandle) -> None:
+        """Destroy the domain if it still runs, then delete its overlay and socket."""
+        self.destroy_domain(handle.name)
+        self.discard_files(handle)
+
+    def destroy_domain(self, name: str) -> None:
+        libvirt = _libvirt()
+        try:
+            self._domain(name).destroy()
+        except HypervisorError:
+            if self.domain_exists(name):
+                raise
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN and self.domain_exists(name):
+                raise HypervisorError(f"cannot destroy VM {name}: {e.get_error_message()}") from None
+
+    def domain_exists(self, name: str) -> bool:
+        try:
+            self._domain(name)
+            return True
+        except HypervisorError as e:
+            if str(e).endswith("does not exist"):
+                return False
+            raise
+
+    def discard_files(self, handle: VmHandle) -> None:
+        remove_quietly(handle.overlay)
+        remove_quietly(handle.socket)
+        if handle.console_log is not None:
+            remove_quietly(handle.console_log)
+
+    def corral_domains(self) -> list[str]:
+        """Names of running corral domains."""
+        libvirt = _libvirt()
+        try:
+            domains = self.conn.listAllDomains()
+        except libvirt.libvirtError:
+            self._reconnect()
+            domains = self.conn.listAllDomains()
+        return sorted(d.name() for d in domains
+                      if re.fullmatch(DOMAIN_PREFIX + r"[0-9a-f]{12}", d.name()))
+
+    def reap_leftovers(self, keep: frozenset[str] = frozenset()) -> list[str]:
+        """Destroy corral domains not in `keep` and delete every overlay, socket
+        and console log that no kept VM owns: what a crashed daemon left behind."""
+        reaped = [name for name in self.corral_domains() if name not in keep]
+        for name in reaped:
+            self.destroy_domain(name)
+        for directory in (self.overlay_dir, self.run_dir):
+            for path in directory.glob(DOMAIN_PREFIX + "*"):
+                if path.name.split(".", 1)[0] not in keep:
+                    remove_quietly(path)
+        return reaped
+
+
+def hypervisor_from_config(cfg) -> Hypervisor:
+    """The Hypervisor a config describes: accelerator chosen and logged, image checked."""
+    from guest.image.build import guest_image
+
+    accelerator = detect_accelerator(cfg.vm.accelerator)
+    log.info("accelerator: %s (vm.accelerator = %s)", accelerator, cfg.vm.accelerator)
+    return Hypervisor(cfg.libvirt_uri, cfg.state_dir, guest_image(cfg.state_dir), accelerator,
+                      cfg.vm.memory_mib, cfg.vm.vcpus, cfg.vm.tmpfs_size, cfg.vm.console_log)

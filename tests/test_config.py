@@ -1,0 +1,45 @@
+import pytest
+
+import config
+
+
+def test_defaults_load_and_are_typed():
+    cfg = config.load()
+    assert cfg.vm.memory_mib == 512
+    assert cfg.vm.accelerator == "auto"
+    assert cfg.state_dir.is_absolute()
+    assert cfg.daemon.endpoint.startswith("ipc://")
+
+
+def test_site_file_overrides_defaults(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text("[vm]\nmemory_mib = 1024\nboot_timeout_s = 5\n")
+    cfg = config.load(site)
+    assert cfg.vm.memory_mib == 1024
+    assert cfg.vm.boot_timeout_s == 5.0
+    assert cfg.vm.vcpus == 1  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"vm": {"memory_mib": 64}}, "config: vm.memory_mib = 64 is out of range (128..1048576)"),
+    ({"vm": {"accelerator": "xen"}}, "config: vm.accelerator = 'xen' must be one of auto, kvm, tcg"),
+    ({"vm": {"vcpus": "2"}}, "config: vm.vcpus = '2' must be of type int"),
+    ({"vm": {"vcpus": True}}, "config: vm.vcpus = True must be of type int"),
+    ({"vm": {"tmpfs_size": "lots"}}, "config: vm.tmpfs_size = 'lots' is not a size"),
+    ({"vm": {"colour": "red"}}, "config: unknown key vm.colour"),
+    ({"vm": 3}, "config: [vm] must be a table"),
+    ({"daemon": {"endpoint": "udp://x"}}, "config: daemon.endpoint = 'udp://x' must be an ipc:///path"),
+])
+def test_bad_values_name_the_key_and_the_allowed_range(overrides, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.load(overrides=overrides)
+    assert str(error.value).startswith(message)
+
+
+def test_bad_toml_and_missing_file_are_clear(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vm\n")
+    with pytest.raises(config.ConfigError, match="is not valid TOML"):
+        config.load(bad)
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(tmp_path / "absent.toml")

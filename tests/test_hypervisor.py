@@ -1,0 +1,121 @@
+"""The hypervisor layer without booting: accelerator choice, the domain XML,
+libvirt's acceptance of it (test:///default driver), overlays."""
+
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from actors.errors import HypervisorError
+from actors.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
+                               detect_accelerator)
+
+INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr vmx sse2\n"
+NO_VIRT = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr sse2 hypervisor\n"
+
+
+@pytest.fixture
+def cpuinfo(tmp_path):
+    def write(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return str(path)
+    return write
+
+
+@pytest.fixture
+def usable_kvm(tmp_path):
+    path = tmp_path / "kvm"
+    path.write_text("")
+    return str(path)
+
+
+def test_kvm_needs_both_cpu_flag_and_usable_device(cpuinfo, usable_kvm, tmp_path):
+    absent = str(tmp_path / "no-kvm")
+    assert detect_accelerator("auto", cpuinfo(INTEL), usable_kvm) == "kvm"
+    assert detect_accelerator("auto", cpuinfo(INTEL), absent) == "tcg"
+    # /dev/kvm without vmx/svm: the paravirtual kvm_pvm of the build machines.
+    assert detect_accelerator("auto", cpuinfo(NO_VIRT), usable_kvm) == "tcg"
+    assert detect_accelerator("tcg", cpuinfo(INTEL), usable_kvm) == "tcg"
+
+
+def test_forcing_kvm_without_support_is_a_clear_error(cpuinfo, usable_kvm):
+    with pytest.raises(HypervisorError, match="no vmx/svm CPU flag.*vm.accelerator"):
+        detect_accelerator("kvm", cpuinfo(NO_VIRT), usable_kvm)
+
+
+def test_this_host_uses_tcg_when_it_has_no_hardware_virtualization():
+    flags = Path("/proc/cpuinfo").read_text()
+    expected = "kvm" if (" vmx" in flags or " svm" in flags) and Path("/dev/kvm").exists() else "tcg"
+    assert detect_accelerator("auto") == expected
+
+
+def make_spec(tmp_path, accelerator="tcg", network=False):
+    return DomainSpec(
+        name="corral-0123456789ab", accelerator=accelerator, memory_mib=512, vcpus=1,
+        kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd.img", cmdline="quiet",
+        disks=(Disk(path=tmp_path / "o.qcow2", format="qcow2", serial="corral-root", target="vda",
+                    backing=tmp_path / "gold.qcow2"),
+               Disk(path=tmp_path / "agent.iso", format="raw", serial="corral-agent",
+                    target="vdb", readonly=True)),
+        channel_socket=tmp_path / "vm.sock", network=network)
+
+
+def test_domain_xml_structure(tmp_path):
+    root = ET.fromstring(make_spec(tmp_path).to_xml())
+    assert root.get("type") == "qemu"
+    assert root.findtext("memory") == "512" and root.find("memory").get("unit") == "MiB"
+    assert root.findtext("os/kernel") == str(tmp_path / "vmlinux")
+    assert root.find("devices/interface") is None  # no network unless asked for
+    root_disk, iso = root.findall("devices/disk")
+    assert root_disk.find("driver").get("type") == "qcow2"
+    assert root_disk.find("backingStore/format").get("type") == "qcow2"
+    assert root_disk.find("readonly") is None
+    assert iso.find("readonly") is not None and iso.findtext("serial") == "corral-agent"
+    channel = root.find("devices/channel")
+    assert channel.get("type") == "unix"
+    assert channel.find("source").get("mode") == "bind"
+    assert channel.find("target").get("name") == AGENT_PORT_NAME
+    assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
+
+
+def test_network_and_kvm_variants(tmp_path):
+    root = ET.fromstring(make_spec(tmp_path, accelerator="kvm", network=True).to_xml())
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+    assert root.find("devices/interface").get("type") == "user"
+
+
+def test_libvirt_accepts_the_domain_xml():
+    """libvirt's own parser (test driver: nothing is booted) takes our XML as written."""
+    conn = libvirt.open("test:///default")
+    try:
+        spec = make_spec(Path("/nonexistent"))
+        domain = conn.defineXML(spec.to_xml())
+        parsed = ET.fromstring(domain.XMLDesc(0))
+        assert parsed.findtext("name") == spec.name
+        assert parsed.findtext("uuid") == spec.uuid
+        assert len(parsed.findall("devices/disk")) == 2
+        assert parsed.find("devices/channel/target").get("name") == AGENT_PORT_NAME
+        domain.undefine()
+    finally:
+        conn.close()
+
+
+def test_overlay_records_backing_file_and_format(tmp_path):
+    gold = tmp_path / "gold.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(gold), "16M"], check=True)
+    overlay = tmp_path / "overlay.qcow2"
+    create_overlay(gold, overlay)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     check=True, capture_output=True).stdout)
+    assert info["backing-filename"] == str(gold)
+    assert info["backing-filename-format"] == "qcow2"
+
+
+def test_overlay_failure_is_a_hypervisor_error(tmp_path):
+    with pytest.raises(HypervisorError, match="cannot create overlay"):
+        create_overlay(tmp_path / "missing-gold.qcow2", tmp_path / "o.qcow2")
