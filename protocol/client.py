@@ -1,23 +1,561 @@
-"""corral: the client command line.
+"""corral's client: a Python API (``Client``) and the ``corral`` command line.
 
-The daemon does not serve tasks yet (the actor system is pending), so every
-subcommand says so plainly and exits 2 rather than pretending.
+Wire (protocol.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload] and
+corrald's ROUTER answers [b"", PROTOCOL_TAG, payload] on the same connection.
+Each TaskRequest gets exactly one TaskReply with the same task_id, each
+StatusRequest one StatusReply with the same request_id.
+
+Threading: a zmq socket must be used by one thread only, so the DEALER belongs
+to one background I/O thread. ``submit()`` may be called from any thread: it
+encodes the request (bad arguments fail there, in the caller), registers a
+Future under the request's id, appends the payload to an outbox and wakes the
+I/O thread through an inproc PUSH socket (guarded by a lock). The I/O thread
+sends requests, receives replies and resolves the Futures, so many tasks can
+be in flight at once.
+
+Replies are checked before they are believed: wrong framing or a payload that
+does not decode is logged and dropped, a reply for an id nobody waits for is
+ignored; neither stops the I/O thread.
 """
 
+from __future__ import annotations
+
 import argparse
+import collections
+import concurrent.futures
+import logging
+import os
+import signal
 import sys
+import threading
+import uuid
+from typing import Iterable, Mapping
+
+import zmq
+
+from .errors import ProtocolError
+from .messages import MAX_STDIN, decode, encode, max_payload_size
+from .tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
+                    StatusRequest, TaskReply, TaskRequest)
+
+log = logging.getLogger("corral.client")
+
+# Queued messages per direction before zmq pushes back. The daemon's own queue
+# holds 1000 tasks; more than that waiting in our socket helps nobody (the
+# overflow waits in the client's outbox until the socket takes it).
+SOCKET_HWM = 1000
+# A reply frame bigger than the largest valid reply is a broken peer: zmq
+# drops the connection instead of allocating for it.
+MAX_REPLY_FRAME = max_payload_size(DAEMON_TO_CLIENT)
+# How long run() waits beyond the task's own timeout (queueing, VM acquire).
+RUN_WAIT_MARGIN_S = 30.0
+RUN_WAIT_DEFAULT_S = 120.0
+START_HINT = "is it running? start it with scripts/run"
+
+# Exit codes of `corral run` that are not the command's own.
+EXIT_USAGE = 2
+EXIT_TIMED_OUT = 124  # as timeout(1)
+EXIT_CORRAL_ERROR = 125  # corral itself failed or refused, as `docker run`
+EXIT_SIGNAL_BASE = 128  # killed by signal N -> 128 + N, as a shell
+EXIT_INTERRUPTED = 130
+
+_TASK = "task"
+_STATUS = "status"
+
+
+class ClientClosedError(RuntimeError):
+    """The client was closed (or its I/O thread failed) before an answer came."""
+
+
+def _default_endpoint(config_path) -> str:
+    import config  # here, so importing the client does not read any file
+
+    return config.load(config_path).daemon.endpoint
+
+
+def _as_bytes(value: str | bytes | os.PathLike, what: str) -> bytes:
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return os.fsencode(value)
+    raise TypeError(f"{what} must be str or bytes, got {type(value).__name__}")
+
+
+def _priority_value(priority: str | int) -> int:
+    if isinstance(priority, str) and priority.lower() in PRIORITY_NAMES:
+        return PRIORITY_NAMES[priority.lower()]
+    if isinstance(priority, int) and not isinstance(priority, bool) and priority in PRIORITY_NAMES.values():
+        return priority
+    raise ValueError(f"priority {priority!r} is not one of {', '.join(PRIORITY_NAMES)}")
+
+
+def _env_pairs(env: Mapping | Iterable | None) -> tuple[tuple[bytes, bytes], ...]:
+    if env is None:
+        return ()
+    items = env.items() if isinstance(env, Mapping) else env
+    return tuple((_as_bytes(key, "env key"), _as_bytes(value, "env value")) for key, value in items)
+
+
+class Client:
+    """A connection to corrald; safe to share between threads.
+
+    ``submit()`` returns a ``concurrent.futures.Future`` resolved with the
+    TaskReply (or failed with ClientClosedError). Done-callbacks run on the
+    I/O thread: keep them short, or every other reply waits for them.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, config_path=None) -> None:
+        self.endpoint = endpoint if endpoint is not None else _default_endpoint(config_path)
+        self._lock = threading.Lock()  # guards _pending, _closed and _handoff
+        self._pending: dict[tuple[str, str], concurrent.futures.Future] = {}
+        # Requests for the I/O thread, oldest first; it also holds those the
+        # DEALER has no room for yet (daemon down or slow).
+        self._outbox: collections.deque[tuple[tuple[str, str], concurrent.futures.Future, bytes]] = \
+            collections.deque()
+        self._closed = False
+        self._context = zmq.Context()
+        try:
+            self._dealer = self._context.socket(zmq.DEALER)
+            self._dealer.setsockopt(zmq.LINGER, 0)
+            self._dealer.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+            self._dealer.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+            self._dealer.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_FRAME)
+            self._dealer.connect(self.endpoint)  # a bad endpoint fails here, in the caller
+            # Wake-ups for the I/O thread. Unbounded: submit() must never block
+            # on them, and the I/O thread drains them at once.
+            handoff_address = f"inproc://corral-client-{uuid.uuid4().hex}"
+            self._inbox = self._context.socket(zmq.PULL)
+            self._inbox.setsockopt(zmq.LINGER, 0)
+            self._inbox.setsockopt(zmq.RCVHWM, 0)
+            self._inbox.bind(handoff_address)
+            self._handoff = self._context.socket(zmq.PUSH)
+            self._handoff.setsockopt(zmq.LINGER, 0)
+            self._handoff.setsockopt(zmq.SNDHWM, 0)
+            self._handoff.connect(handoff_address)
+        except BaseException:
+            self._context.destroy(linger=0)
+            raise
+        # Sockets made here are used only by the I/O thread from now on;
+        # Thread.start() is the memory barrier zmq asks for when a socket moves.
+        self._io_thread = threading.Thread(target=self._io_main, name=f"corral-client {self.endpoint}",
+                                           daemon=True)
+        self._io_thread.start()
+
+    # --- public API ---------------------------------------------------------
+
+    def submit(self, argv: Iterable[str | bytes], *, priority: str | int = "normal",
+               capabilities: Iterable[str | bytes] = (), env: Mapping | Iterable | None = None,
+               cwd: str | bytes = b"", stdin: bytes = b"", timeout_s: float | None = None,
+               output_cap: int = 0, task_id: str | None = None) -> concurrent.futures.Future:
+        """Send one task; the Future resolves with its TaskReply.
+
+        Raises TypeError/ValueError for arguments the protocol cannot carry,
+        ValueError for a task_id already in flight, ClientClosedError after close().
+        """
+        if isinstance(argv, (str, bytes)):
+            raise TypeError("argv must be a list of arguments, not one string")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        if task_id is None:
+            task_id = uuid.uuid4().hex[:16]
+        request = TaskRequest(
+            task_id=task_id,
+            priority=_priority_value(priority),
+            argv=tuple(_as_bytes(arg, "argv item") for arg in argv),
+            env=_env_pairs(env),
+            cwd=_as_bytes(cwd, "cwd"),
+            stdin=bytes(memoryview(stdin)),  # bytes-like only (bytes(5) is five NULs)
+            timeout_ms=0 if timeout_s is None else max(1, round(timeout_s * 1000)),  # 0: daemon default
+            output_cap=output_cap,
+            capabilities=tuple(_as_bytes(cap, "capability") for cap in capabilities))
+        key = (_TASK, task_id)
+        return self._send(key, encode(request))
+
+    def run(self, argv: Iterable[str | bytes], *, wait_s: float | None = None,
+            timeout_s: float | None = None, task_id: str | None = None, **submit_args) -> TaskReply:
+        """Submit one task and wait for its reply.
+
+        ``wait_s`` defaults to timeout_s + 30 s (120 s without a timeout); on
+        expiry TimeoutError names the endpoint, and a late reply is dropped.
+        """
+        if wait_s is None:
+            wait_s = RUN_WAIT_DEFAULT_S if timeout_s is None else timeout_s + RUN_WAIT_MARGIN_S
+        if task_id is None:
+            task_id = uuid.uuid4().hex[:16]
+        future = self.submit(argv, timeout_s=timeout_s, task_id=task_id, **submit_args)
+        return self._wait((_TASK, task_id), future, wait_s)
+
+    def status(self, wait_s: float = 5) -> StatusReply:
+        """Queue depth per priority, pool VMs per state, task counts."""
+        key = (_STATUS, uuid.uuid4().hex[:16])
+        future = self._send(key, encode(StatusRequest(request_id=key[1])))
+        return self._wait(key, future, wait_s)
+
+    def close(self) -> None:
+        """Stop the I/O thread; every Future still waiting fails with ClientClosedError."""
+        with self._lock:
+            self._closed = True
+            if self._handoff is not None:
+                self._handoff.send(b"stop")  # after every request already handed off
+        if threading.current_thread() is self._io_thread:
+            return  # called from a done-callback: the thread ends once it returns
+        self._io_thread.join()
+        with self._lock:
+            handoff, self._handoff = self._handoff, None
+        if handoff is not None:  # only the first close() tears down
+            handoff.close()
+            self._context.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.endpoint} in flight={len(self._pending)}{' closed' if self._closed else ''}>"
+
+    # --- caller side ----------------------------------------------------------
+
+    def _send(self, key: tuple[str, str], payload: bytes) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        # Running: a caller's cancel() cannot race the I/O thread's set_result
+        # (the daemon has no cancel; abandon a task by not waiting for it).
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self._closed:
+                raise ClientClosedError(f"client for {self.endpoint} is closed")
+            if key in self._pending:
+                raise ValueError(f"{key[0]} id {key[1]!r} is already in flight")
+            self._pending[key] = future
+            self._outbox.append((key, future, payload))
+            # Under the lock: callers share this socket.
+            self._handoff.send(b"")
+        return future
+
+    def _wait(self, key: tuple[str, str], future: concurrent.futures.Future, wait_s: float):
+        try:
+            return future.result(timeout=wait_s)
+        except TimeoutError:
+            if not self._forget(key, future):
+                return future.result()  # the reply won the race with the deadline
+            raise TimeoutError(f"no answer from corrald at {self.endpoint} within {wait_s:g} s; "
+                               f"{START_HINT}") from None
+
+    def _forget(self, key: tuple[str, str], future: concurrent.futures.Future) -> bool:
+        """Stop waiting for ``key``; False if its reply already arrived."""
+        with self._lock:
+            if self._pending.get(key) is not future:
+                return False
+            del self._pending[key]
+        future.set_exception(TimeoutError(f"abandoned: no answer from corrald at {self.endpoint}"))
+        return True
+
+    def _take(self, key: tuple[str, str]) -> concurrent.futures.Future | None:
+        # Whoever pops a Future is the only one to resolve it.
+        with self._lock:
+            return self._pending.pop(key, None)
+
+    # --- the I/O thread -------------------------------------------------------
+
+    def _io_main(self) -> None:
+        failure: BaseException | None = None
+        try:
+            self._io_loop()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            log.exception("corral client I/O thread failed")
+            failure = exc
+        finally:
+            self._dealer.close()
+            self._inbox.close()
+            with self._lock:
+                self._closed = True
+                orphans = list(self._pending.items())
+                self._pending.clear()
+            for (kind, ident), future in orphans:
+                reason = f"I/O thread failed: {failure!r}" if failure else "client closed"
+                future.set_exception(ClientClosedError(
+                    f"{reason} before corrald at {self.endpoint} answered {kind} {ident}"))
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._inbox, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
+        while True:
+            poller.modify(self._dealer, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
+            events = dict(poller.poll())
+            if self._inbox in events and not self._drain_wakeups():
+                return
+            if events.get(self._dealer, 0) & zmq.POLLIN:
+                self._receive_replies()
+            self._flush_outbox()
+
+    def _drain_wakeups(self) -> bool:
+        """Consume wake-ups; False once close() asks to stop."""
+        while True:
+            try:
+                if self._inbox.recv(zmq.NOBLOCK) == b"stop":
+                    return False
+            except zmq.Again:
+                return True
+
+    def _flush_outbox(self) -> None:
+        # Only this thread pops; callers append. Both are atomic on a deque.
+        outbox = self._outbox
+        while outbox:
+            key, future, payload = outbox[0]
+            if self._pending.get(key) is not future:
+                outbox.popleft()  # abandoned (run() gave up) before it left: do not send
+                continue
+            try:
+                self._dealer.send_multipart([b"", PROTOCOL_TAG, payload], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the DEALER is full; POLLOUT says when to go on
+            outbox.popleft()
+
+    def _receive_replies(self) -> None:
+        # Bounded per round so a flood of replies cannot starve new requests.
+        for _ in range(SOCKET_HWM):
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle_reply(frames)
+            except Exception:  # one bad reply must not end the client
+                log.exception("corral client: failed to handle a reply from %s", self.endpoint)
+
+    def _handle_reply(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or frames[0] != b"" or frames[1] != PROTOCOL_TAG:
+            log.warning("ignored a reply from %s that is not %s framing (%d frames, first %r)",
+                        self.endpoint, PROTOCOL_TAG.decode(), len(frames), frames[:2])
+            return
+        try:
+            reply = decode(frames[2], DAEMON_TO_CLIENT)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed reply from %s: %s (%s)", self.endpoint, exc, exc.code)
+            return
+        if isinstance(reply, TaskReply):
+            key = (_TASK, reply.task_id)
+        else:
+            key = (_STATUS, reply.request_id)
+        future = self._take(key)
+        if future is None:
+            log.debug("ignored a reply for unknown %s id %r", *key)
+            return
+        future.set_result(reply)
+
+
+# --- the command line ---------------------------------------------------------
+
+def _printable(text: str | bytes) -> str:
+    """Text from the daemon, safe to print to a terminal (no control sequences)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _notice(message: str) -> None:
+    sys.stderr.flush()
+    print(f"corral: {message}", file=sys.stderr, flush=True)
+
+
+def _write_raw(stream, data: bytes) -> None:
+    if not data:
+        return
+    stream.flush()  # keep order with text already written
+    raw = getattr(stream, "buffer", None)
+    if raw is None:  # a text-only stream (some embedding replaced sys.stdout)
+        stream.write(data.decode("utf-8", errors="surrogateescape"))
+        stream.flush()
+        return
+    raw.write(data)
+    raw.flush()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f" ({signal.Signals(number).name})"
+    except ValueError:
+        return ""
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:.1f} s"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _env_item(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    # SUPPRESS: the options work before or after the subcommand without one
+    # position's default overwriting the other's value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", default=argparse.SUPPRESS,
+                        help="corrald's ZeroMQ endpoint (default: daemon.endpoint from the config)")
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="site config (TOML) over config/corral.toml")
+    parser = argparse.ArgumentParser(prog="corral", parents=[common],
+                                     description="Run commands in disposable corral sandbox VMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run", parents=[common], help="run a command in a sandbox VM",
+        usage="%(prog)s [options] -- CMD [ARGS...]",
+        description="Run CMD in a fresh sandbox VM. Its stdout and stderr are written as raw bytes and "
+                    f"corral exits with its exit status (128+N if killed by signal N, {EXIT_TIMED_OUT} if it "
+                    f"timed out, {EXIT_CORRAL_ERROR} if corral or corrald failed or refused the task).")
+    run.add_argument("--priority", choices=list(PRIORITY_NAMES), default="normal")
+    run.add_argument("--cap", action="append", default=[], metavar="CAP", dest="capabilities",
+                     help="capability to ask for, e.g. net:egress (repeatable)")
+    run.add_argument("--timeout", type=_positive_float, metavar="S", help="task timeout (default: corrald's)")
+    run.add_argument("--output-cap", type=_non_negative_int, default=0, metavar="BYTES",
+                     help="bytes kept per output stream (default: corrald's)")
+    run.add_argument("--env", type=_env_item, action="append", default=[], metavar="K=V",
+                     help="environment variable for the command (repeatable)")
+    run.add_argument("--cwd", default="", metavar="DIR", help="working directory in the VM")
+    run.add_argument("--stdin-file", metavar="F", help="file to feed to the command's stdin ('-': our stdin); "
+                                                       "without it the command's stdin is empty")
+    run.add_argument("--wait", type=_positive_float, metavar="S",
+                     help=f"give up without an answer after S seconds (default: timeout + "
+                          f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
+    run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD")
+    sub.add_parser("status", parents=[common], help="queue depth, pool VMs and task counts")
+    return parser
+
+
+def _read_stdin_file(name: str) -> bytes:
+    # One byte over the limit is enough to know it does not fit.
+    if name == "-":
+        return sys.stdin.buffer.read(MAX_STDIN + 1)
+    with open(name, "rb") as f:
+        return f.read(MAX_STDIN + 1)
+
+
+def _report_task(reply: TaskReply, requested_timeout_s: float | None) -> int:
+    """Write a task's output and notices; return corral's exit code."""
+    ran = reply.error_code == ""
+    timed_out_with_result = reply.error_code == "timeout" and (
+        reply.timed_out or reply.stdout or reply.stderr or reply.signal)
+    if not (ran or timed_out_with_result):
+        retry = f"; retry after {reply.retry_after_ms / 1000:g} s" if reply.retry_after_ms > 0 else ""
+        _notice(f"error {_printable(reply.error_code)}: {_printable(reply.error_message)}{retry}")
+        return EXIT_CORRAL_ERROR
+    _write_raw(sys.stdout, reply.stdout)
+    _write_raw(sys.stderr, reply.stderr)
+    for stream, truncated in (("stdout", reply.stdout_truncated), ("stderr", reply.stderr_truncated)):
+        if truncated:
+            _notice(f"output truncated ({stream})")
+    if reply.timed_out or timed_out_with_result:
+        if reply.run_ms:
+            _notice(f"timed out after {_seconds(reply.run_ms)}")
+        elif requested_timeout_s is not None:
+            _notice(f"timed out after {requested_timeout_s:.1f} s")
+        else:
+            _notice("timed out")
+        return EXIT_TIMED_OUT
+    if reply.signal:
+        _notice(f"command killed by signal {reply.signal}{_signal_name(reply.signal)}")
+        return EXIT_SIGNAL_BASE + reply.signal
+    if 0 <= reply.exit_code <= 255:
+        return reply.exit_code
+    _notice(f"corrald reported an impossible exit status {reply.exit_code}")
+    return EXIT_CORRAL_ERROR
+
+
+def _cmd_run(client: Client, args: argparse.Namespace) -> int:
+    command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
+    if not command:
+        _notice("run needs a command: corral run [options] -- CMD [ARGS...]")
+        return EXIT_USAGE
+    stdin = b""
+    if args.stdin_file is not None:
+        try:
+            stdin = _read_stdin_file(args.stdin_file)
+        except OSError as exc:
+            _notice(f"cannot read --stdin-file {args.stdin_file}: {exc.strerror}")
+            return EXIT_CORRAL_ERROR
+        if len(stdin) > MAX_STDIN:
+            _notice(f"stdin is over the limit of {MAX_STDIN} bytes")
+            return EXIT_CORRAL_ERROR
+    try:
+        reply = client.run(command, priority=args.priority, capabilities=args.capabilities,
+                           env=args.env, cwd=args.cwd, stdin=stdin, timeout_s=args.timeout,
+                           output_cap=args.output_cap, wait_s=args.wait)
+    except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too long)
+        _notice(f"cannot send this task: {exc}")
+        return EXIT_CORRAL_ERROR
+    return _report_task(reply, args.timeout)
+
+
+def _cmd_status(client: Client) -> int:
+    reply = client.status()
+    queue = [(_printable(name), _printable(depth)) for name, depth in reply.queue_depth]
+    pool = [(_printable(state), _printable(count)) for state, count in reply.pool]
+    rows = [("queue", "tasks"), *(("  " + n, v) for n, v in queue),
+            ("pool", "VMs"), *(("  " + n, v) for n, v in pool)]
+    width = max(len(name) for name, _ in rows) + 2
+    value_width = max(len(value) for _, value in rows)
+    lines = [f"corrald at {client.endpoint}"]
+    lines += [f"{name:<{width}}{value:>{value_width}}" for name, value in rows]
+    lines.append(f"tasks accepted {reply.accepted}, answered {reply.answered}")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="corral", description="corral client")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a command in a sandbox VM")
-    run.add_argument("argv", nargs=argparse.REMAINDER)
-    sub.add_parser("status", help="queue depth and pool states")
-    args = parser.parse_args(argv)
-    print(f"corral: not yet: `corral {args.command}` needs the actor system, which corrald "
-          "does not have yet", file=sys.stderr)
-    return 2
+    """`corral run ...` / `corral status`; returns the process exit code."""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed why
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    import config
+
+    # Warnings from the client (e.g. a malformed reply) read as corral notices.
+    logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
+    endpoint = getattr(args, "endpoint", None)
+    try:
+        client = Client(endpoint, config_path=getattr(args, "config", None))
+    except config.ConfigError as exc:  # already names the key and what is allowed
+        _notice(str(exc))
+        return EXIT_USAGE
+    except zmq.ZMQError as exc:
+        _notice(f"cannot use endpoint {endpoint}: {exc}")
+        return EXIT_CORRAL_ERROR
+    try:
+        with client:
+            if args.command == "run":
+                return _cmd_run(client, args)
+            return _cmd_status(client)
+    except (TimeoutError, ClientClosedError) as exc:
+        _notice(str(exc))
+        return EXIT_CORRAL_ERROR
+    except KeyboardInterrupt:
+        _notice("interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

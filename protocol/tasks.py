@@ -1,0 +1,107 @@
+"""The caller protocol: what clients and corrald say over ZeroMQ.
+
+Same bounded, non-recursive binary encoding as the guest channel (one codec in
+protocol.messages), other type ids (32 and up) and other senders, so a guest
+can never speak it and a client can never speak the guest's. A ZeroMQ message
+from a client is [empty delimiter, PROTOCOL_TAG, payload]; corrald answers
+[empty delimiter, PROTOCOL_TAG, payload] on the same DEALER identity.
+
+Semantic checks (known capabilities, caps within config, non-empty argv) are
+Intake's job; this module only bounds sizes and types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+from .messages import (BOOL, I32, U8, U32, Bytes, BytesList, Message, Pairs, Str,
+                       MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS,
+                       MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN, MAX_STDIN, message)
+
+PROTOCOL_TAG = b"corral/1"
+CLIENT = "client"
+DAEMON = "daemon"
+
+MAX_TASK_ID_LEN = 64
+MAX_CAPABILITIES = 16
+MAX_CAPABILITY_LEN = 32
+MAX_REPLY_OUTPUT = 16 * 1024 * 1024
+MAX_ERROR_TEXT = 4096
+
+CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
+PRIORITY_NAMES = {"critical": CRITICAL, "high": HIGH, "normal": NORMAL, "low": LOW}
+
+
+@message(32, CLIENT)
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskRequest(Message):
+    """Run one command in a fresh sandbox VM."""
+
+    task_id: Annotated[str, Str(MAX_TASK_ID_LEN)]  # chosen by the client, echoed in the reply
+    priority: Annotated[int, U8.one_of(CRITICAL, HIGH, NORMAL, LOW)]
+    argv: Annotated[tuple[bytes, ...], BytesList(MAX_ARGV_ITEMS, MAX_ARG_LEN, min_count=1)]
+    env: Annotated[tuple[tuple[bytes, bytes], ...], Pairs(MAX_ENV_ITEMS, MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN)]
+    cwd: Annotated[bytes, Bytes(MAX_CWD_LEN)]
+    stdin: Annotated[bytes, Bytes(MAX_STDIN)]
+    timeout_ms: Annotated[int, U32]  # 0: the configured default
+    output_cap: Annotated[int, U32]  # bytes per stream; 0: the configured default
+    capabilities: Annotated[tuple[bytes, ...], BytesList(MAX_CAPABILITIES, MAX_CAPABILITY_LEN)]
+
+
+@message(33, DAEMON)
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskReply(Message):
+    """The one answer to a TaskRequest: a result, or an error code and message."""
+
+    task_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
+    error_code: Annotated[str, Str(64)]  # "" when the command ran (whatever its exit status)
+    error_message: Annotated[str, Str(MAX_ERROR_TEXT)]
+    exit_code: Annotated[int, I32]  # -1 when killed by a signal or not run
+    signal: Annotated[int, U8]
+    timed_out: Annotated[bool, BOOL]
+    stdout: Annotated[bytes, Bytes(MAX_REPLY_OUTPUT)]
+    stderr: Annotated[bytes, Bytes(MAX_REPLY_OUTPUT)]
+    stdout_truncated: Annotated[bool, BOOL]
+    stderr_truncated: Annotated[bool, BOOL]
+    queued_ms: Annotated[int, U32]  # accepted until a VM was assigned
+    acquire_ms: Annotated[int, U32]  # assigned until the VM answered (resume + agent)
+    run_ms: Annotated[int, U32]  # the command's wall time in the guest
+    user_cpu_ms: Annotated[int, U32]
+    sys_cpu_ms: Annotated[int, U32]
+    max_rss_kib: Annotated[int, U32]
+    retry_after_ms: Annotated[int, U32]  # with busy-like errors: when to try again
+
+
+@message(34, CLIENT)
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    """Ask for queue depth and pool states."""
+
+    request_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
+
+
+@message(35, DAEMON)
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """Queue depth per priority (critical, high, normal, low) and VMs per pool state."""
+
+    request_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
+    queue_depth: Annotated[tuple[tuple[bytes, bytes], ...], Pairs(8, 16, 16)]
+    pool: Annotated[tuple[tuple[bytes, bytes], ...], Pairs(16, 32, 16)]
+    accepted: Annotated[int, U32]
+    answered: Annotated[int, U32]
+
+
+CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest})
+DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply})
+
+
+def error_reply(task_id: str, code: str, text: str, retry_after_ms: int = 0) -> TaskReply:
+    """A reply for a task that did not run (or whose VM failed under it)."""
+    return TaskReply(task_id=task_id, error_code=code,
+                     error_message=text.encode()[:MAX_ERROR_TEXT].decode(errors="ignore"),
+                     exit_code=-1, signal=0, timed_out=False, stdout=b"", stderr=b"",
+                     stdout_truncated=False, stderr_truncated=False, queued_ms=0, acquire_ms=0,
+                     run_ms=0, user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0,
+                     retry_after_ms=retry_after_ms)
