@@ -1,0 +1,476 @@
+"""IOGuard: the one reader of every guest channel on the host, rate-limited.
+
+Each watched VM gets two token buckets, one on bytes and one on frames, so
+neither a fast writer nor a flood of tiny frames can take more than its share
+of host CPU and memory. With a bucket empty the host simply stops reading that
+socket; the guest's writes then block in the guest's own kernel (backpressure)
+and the host spends nothing on it, not even a wake-up.
+
+Threads: socket I/O happens only in the actor's I/O thread (a selector loop).
+The actor's `on_receive` just queues commands for that thread and wakes it
+through a socketpair, so the actor never blocks and each channel socket has
+exactly one reader. Decoded messages go straight from the I/O thread to the
+VM's Supervisor with `tell`.
+
+Blocking mode: the socket belongs to the Supervisor, which writes to it from its
+own thread with blocking `sendall` under `settimeout`. O_NONBLOCK is a flag of
+the shared open file, so IOGuard never changes it (no `setblocking`, no
+`settimeout`); it reads only when the selector says the socket is readable, and
+with `recv(n, MSG_DONTWAIT)`, which cannot block whatever mode the owner chose.
+(With a timeout set, Python polls before each recv; after the selector said
+readable that poll returns at once, as nothing else reads the socket.)
+The Supervisor must Unwatch before it closes the socket; if it closes first,
+IOGuard sees fileno -1 or EBADF and reports vm_lost, never reading a reused fd.
+
+Memory per VM: the decoder holds at most one frame (<= max_payload, checked
+against the header before anything is allocated) plus one read of at most
+READ_CHUNK bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pykka
+
+from actors.messages import ChannelFailed, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
+from protocol import messages
+from protocol.errors import ProtocolError
+from protocol.frame import HEADER_SIZE, FrameDecoder
+from protocol.hostcrc import crc32
+
+log = logging.getLogger("corral.ioguard")
+
+KiB = 1024
+MiB = 1024 * KiB
+READ_CHUNK = 64 * KiB
+# Never pause a throttled VM for less than this: re-arming it sooner would only
+# wake the loop to find the bucket still (by float rounding) not positive.
+MIN_PAUSE_S = 0.001
+STOP_JOIN_S = 5.0
+
+
+class TokenBucket:
+    """A token bucket refilled lazily from `clock`; starts full.
+
+    `consume` always succeeds and may overdraw into debt: a read larger than the
+    bucket goes through and the debt is waited off before the next one (as
+    Firecracker's rate limiter does), so a frame larger than the capacity can
+    never deadlock the channel. Not thread-safe: one owner thread.
+    """
+
+    def __init__(self, capacity: float, refill_per_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be > 0, got {capacity!r}")
+        if refill_per_s < 0:
+            raise ValueError(f"refill_per_s must be >= 0, got {refill_per_s!r}")
+        self.capacity = float(capacity)
+        self.refill_per_s = float(refill_per_s)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        if now > self._last:  # a clock that stands still or steps back adds nothing
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.refill_per_s)
+            self._last = now
+
+    @property
+    def tokens(self) -> float:
+        """Tokens available now; negative while in debt."""
+        self._refill()
+        return self._tokens
+
+    def consume(self, n: float) -> None:
+        """Take `n` tokens, overdrawing if needed."""
+        self._refill()
+        self._tokens -= n
+
+    def seconds_until_positive(self) -> float:
+        """0 if tokens > 0, else the time until they are (inf with no refill).
+
+        At exactly 0 tokens any wait will do; return a tiny positive one so a
+        caller that sleeps on it never mistakes "empty" for "ready".
+        """
+        tokens = self.tokens
+        if tokens > 0:
+            return 0.0
+        if self.refill_per_s <= 0:
+            return math.inf
+        return max(-tokens / self.refill_per_s, 1e-6)
+
+
+@dataclass
+class _Channel:
+    """What the I/O thread knows about one watched VM."""
+
+    vm_id: str
+    sock: socket.socket
+    fd: int
+    supervisor: Any
+    decoder: FrameDecoder
+    byte_bucket: TokenBucket
+    frame_bucket: TokenBucket
+    registered: bool = False
+    rearm_at: float = 0.0  # while throttled: when to look at the buckets again
+    throttled_since: float = 0.0
+    corrupt_next: bool = False  # InjectFault corrupt_frame armed
+    bytes_fed: int = 0  # bytes given to the decoder (to find frame boundaries)
+    stats: dict = field(default_factory=lambda: _zero_stats())
+
+
+def _zero_stats() -> dict:
+    return {"bytes_read": 0, "frames_read": 0, "throttled_s": 0.0, "stalls": 0}
+
+
+class IOGuard(pykka.ThreadingActor):
+    """Reads every guest channel, meters it, verifies it, forwards what it says.
+
+    Messages (tell): Watch, Unwatch, InjectFault(kind="corrupt_frame", vm_id) and
+    InjectFault(kind="crash"). Sends: GuestSaid and ChannelFailed to the VM's
+    Supervisor. Proxy calls: stats(), stats_for(vm_id).
+    """
+
+    def __init__(self, burst_bytes: int = 256 * KiB, rate_bytes_per_s: float = 1 * MiB,
+                 frames_per_s: float = 200, frames_burst: int = 64,
+                 max_payload: int = messages.GUEST_TO_HOST_MAX_PAYLOAD,
+                 directory: Any = None) -> None:
+        super().__init__()
+        TokenBucket(burst_bytes, rate_bytes_per_s)  # validate now, not on the first Watch
+        TokenBucket(frames_burst, frames_per_s)
+        self.burst_bytes = burst_bytes
+        self.rate_bytes_per_s = rate_bytes_per_s
+        self.frames_per_s = frames_per_s
+        self.frames_burst = frames_burst
+        self.max_payload = max_payload
+        self.directory = directory  # optional: where to report our own crash ("root")
+        self._io: _IOLoop | None = None
+
+    # --- pykka life cycle ------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._io = _IOLoop(self)
+        self._io.start()
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, InjectFault) and message.kind == "crash":
+            raise RuntimeError("injected fault: ioguard crash")
+        if isinstance(message, (Watch, Unwatch, InjectFault)):
+            self._io.submit(message)
+        else:
+            log.warning("ioguard ignores %r", message)
+
+    def on_stop(self) -> None:
+        self._shutdown_io(notify=False)  # an orderly stop: the VMs' owners stop too
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        # A successor cannot take over a half-read stream (decoder state is
+        # lost), so every watched VM's channel ends here and its owner is told.
+        self._shutdown_io(notify=True)
+        if self.directory is not None:
+            self.directory.tell("root", ChildFailed("ioguard", repr(exception_value)))
+
+    def _shutdown_io(self, notify: bool) -> None:
+        if self._io is not None:
+            self._io.stop(notify)
+            self._io = None
+
+    # --- queries (ref.proxy().stats().get()) -----------------------------------
+
+    def stats(self) -> dict:
+        """{"total": {...}, "vms": {vm_id: {...}}}: bytes_read, frames_read,
+        throttled_s, stalls per VM; totals also count VMs already forgotten plus
+        watched, violations and lost channels."""
+        return self._io.stats() if self._io is not None else {"total": {}, "vms": {}}
+
+    def stats_for(self, vm_id: str) -> dict | None:
+        """One watched VM's counters (plus `throttled` now), None if not watched."""
+        return self.stats()["vms"].get(vm_id)
+
+
+class _IOLoop:
+    """The I/O thread: a selector over the channels plus a wake-up socketpair."""
+
+    def __init__(self, owner: IOGuard) -> None:
+        self.owner = owner
+        self.selector = selectors.DefaultSelector()
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.channels: dict[str, _Channel] = {}
+        self.throttled: dict[str, _Channel] = {}
+        self.stopping = False
+        self.lock = threading.Lock()  # guards every stats counter (read by other threads)
+        self.totals = dict(_zero_stats(), violations=0, channels_lost=0)
+        self.thread = threading.Thread(target=self._run, name="ioguard-io", daemon=True)
+
+    # --- called from the actor's thread ----------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, command: Any) -> None:
+        self.commands.put(command)
+        self._wake()
+
+    def stop(self, notify: bool) -> None:
+        self.submit(("stop", notify))
+        self.thread.join(STOP_JOIN_S)
+        if self.thread.is_alive():
+            log.error("ioguard I/O thread did not stop within %.0f s", STOP_JOIN_S)
+            return  # leave its resources to it rather than pull them from under it
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        with self.lock:
+            vms = {}
+            for vm_id, ch in self.channels.items():
+                s = dict(ch.stats, throttled=vm_id in self.throttled)
+                if s["throttled"]:  # count the pause in progress too
+                    s["throttled_s"] += now - ch.throttled_since
+                vms[vm_id] = s
+            total = dict(self.totals, watched=len(self.channels))
+            total["throttled_s"] += sum(now - ch.throttled_since for ch in self.throttled.values())
+        return {"total": total, "vms": vms}
+
+    def _wake(self) -> None:
+        try:
+            self.wake_w.send(b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    # --- the I/O thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                events = self.selector.select(self._select_timeout())
+                # Commands first: an Unwatch told before new data arrived wins.
+                self._run_commands()
+                for key, _ in events:
+                    ch = key.data
+                    if ch is not None and self.channels.get(ch.vm_id) is ch and ch.registered:
+                        self._on_readable(ch)
+                self._rearm_due()
+        except Exception as e:  # a bug here must not leave VMs silently unread
+            log.exception("ioguard I/O thread failed")
+            for ch in list(self.channels.values()):
+                self._fail(ch, "vm_lost", f"ioguard I/O thread failed: {e!r}", violation=False)
+            self.owner.actor_ref.stop(block=False)
+
+    def _select_timeout(self) -> float | None:
+        if not self.throttled:
+            return None  # nothing to re-arm: sleep until a socket or a command
+        earliest = min(ch.rearm_at for ch in self.throttled.values())
+        return max(0.0, earliest - time.monotonic())
+
+    def _run_commands(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, Watch):
+                self._watch(command)
+            elif isinstance(command, Unwatch):
+                ch = self.channels.get(command.vm_id)
+                if ch is not None:
+                    self._forget(ch)
+            elif isinstance(command, InjectFault):
+                ch = self.channels.get(command.vm_id)
+                if command.kind == "corrupt_frame" and ch is not None:
+                    ch.corrupt_next = True
+                else:
+                    log.warning("ioguard ignores fault %r (unknown kind or VM)", command)
+            elif isinstance(command, tuple) and command[0] == "stop":
+                self.stopping = True
+                for ch in list(self.channels.values()):
+                    if command[1]:
+                        self._fail(ch, "vm_lost", "ioguard failed", violation=False)
+                    else:
+                        self._forget(ch)
+
+    def _watch(self, command: Watch) -> None:
+        old = self.channels.get(command.vm_id)
+        if old is not None:
+            log.warning("VM %s watched again: replacing its channel", command.vm_id)
+            self._forget(old)
+        g = self.owner
+        ch = _Channel(
+            vm_id=command.vm_id, sock=command.sock, fd=command.sock.fileno(),
+            supervisor=command.supervisor,
+            decoder=FrameDecoder(crc32, max_payload=g.max_payload),
+            byte_bucket=TokenBucket(g.burst_bytes, g.rate_bytes_per_s),
+            frame_bucket=TokenBucket(g.frames_burst, g.frames_per_s))
+        with self.lock:
+            self.channels[ch.vm_id] = ch
+        try:
+            self._register(ch)
+        except (ValueError, KeyError, OSError) as e:  # closed socket, fd already watched
+            self._fail(ch, "vm_lost", f"cannot watch the channel: {e}", violation=False)
+
+    def _register(self, ch: _Channel) -> None:
+        # A socket its owner closed has fileno -1; its old number may already
+        # belong to someone else's new socket, so never register a stale fd.
+        ch.fd = ch.sock.fileno()
+        self.selector.register(ch.fd, selectors.EVENT_READ, ch)
+        ch.registered = True
+
+    def _unregister(self, ch: _Channel) -> None:
+        if ch.registered:
+            ch.registered = False
+            try:
+                self.selector.unregister(ch.fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _forget(self, ch: _Channel) -> None:
+        """Stop reading `ch` for good. The socket is the Supervisor's: not closed."""
+        self._unregister(ch)
+        with self.lock:
+            if ch.vm_id in self.throttled:
+                self._end_pause(ch, time.monotonic())
+            if self.channels.get(ch.vm_id) is ch:
+                del self.channels[ch.vm_id]
+        ch.decoder = None  # drop a half-read frame's buffer now
+
+    def _fail(self, ch: _Channel, code: str, detail: str, violation: bool) -> None:
+        """Report the channel's end once, then forget it."""
+        if self.channels.get(ch.vm_id) is not ch:
+            return
+        self._forget(ch)
+        with self.lock:
+            self.totals["violations" if violation else "channels_lost"] += 1
+        level = logging.WARNING if violation else logging.INFO
+        log.log(level, "VM %s channel ended: %s: %s", ch.vm_id, code, detail)
+        self._tell(ch, ChannelFailed(ch.vm_id, code=code, detail=detail, violation=violation))
+
+    def _tell(self, ch: _Channel, message: Any) -> bool:
+        try:
+            ch.supervisor.tell(message)
+            return True
+        except pykka.ActorDeadError:
+            # Nobody listens any more: stop reading (quietly, nobody to tell).
+            log.info("VM %s: supervisor is dead; channel forgotten", ch.vm_id)
+            self._forget(ch)
+            return False
+
+    # --- reading -----------------------------------------------------------------
+
+    def _on_readable(self, ch: _Channel) -> None:
+        if not self._has_tokens(ch):
+            self._pause(ch)
+            return
+        try:
+            data = ch.sock.recv(min(READ_CHUNK, max(1, ch.decoder.wanted)), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return  # nothing after all; the selector will tell us again
+        except OSError as e:
+            self._fail(ch, "vm_lost", f"channel read failed: {e}", violation=False)
+            return
+        if not data:
+            self._on_eof(ch)
+            return
+        ch.byte_bucket.consume(len(data))  # may overdraw: see TokenBucket
+        with self.lock:
+            ch.stats["bytes_read"] += len(data)
+            self.totals["bytes_read"] += len(data)
+        if ch.corrupt_next:
+            data = self._corrupt(ch, data)
+        ch.bytes_fed += len(data)
+        try:
+            for payload in ch.decoder.feed(data):
+                ch.frame_bucket.consume(1)
+                with self.lock:
+                    ch.stats["frames_read"] += 1
+                    self.totals["frames_read"] += 1
+                message = messages.decode(payload, messages.GUEST_TO_HOST)
+                if not self._tell(ch, GuestSaid(ch.vm_id, message)):
+                    return
+        except ProtocolError as e:
+            self._fail(ch, e.code, str(e), violation=True)
+            return
+        if not self._has_tokens(ch):
+            self._pause(ch)
+
+    def _on_eof(self, ch: _Channel) -> None:
+        try:
+            ch.decoder.eof()
+        except ProtocolError as e:  # the guest hung up inside a frame
+            self._fail(ch, e.code, str(e), violation=True)
+            return
+        self._fail(ch, "vm_lost", "guest channel closed (VM gone)", violation=False)
+
+    @staticmethod
+    def _corrupt(ch: _Channel, data: bytes) -> bytes:
+        """Flip one payload bit of `data` if it holds any (else wait for a read
+        that does), so the frame fails its CRC check. Reads never cross a
+        header/payload boundary, but do not rely on it."""
+        offset = ch.bytes_fed - ch.decoder.bytes_decoded  # position inside the current frame
+        first_payload_byte = max(0, HEADER_SIZE - offset)
+        if first_payload_byte >= len(data):
+            return data
+        ch.corrupt_next = False
+        buf = bytearray(data)
+        buf[first_payload_byte] ^= 0x01
+        return bytes(buf)
+
+    # --- throttling ----------------------------------------------------------------
+
+    @staticmethod
+    def _has_tokens(ch: _Channel) -> bool:
+        return ch.byte_bucket.tokens > 0 and ch.frame_bucket.tokens > 0
+
+    def _pause(self, ch: _Channel) -> None:
+        """Stop selecting `ch` until its buckets are positive again: the host does
+        not read, the guest's writer blocks, and this thread sleeps."""
+        wait = max(ch.byte_bucket.seconds_until_positive(), ch.frame_bucket.seconds_until_positive())
+        now = time.monotonic()
+        self._unregister(ch)
+        ch.rearm_at = now + max(wait, MIN_PAUSE_S)
+        with self.lock:
+            ch.throttled_since = now
+            self.throttled[ch.vm_id] = ch
+            ch.stats["stalls"] += 1
+            self.totals["stalls"] += 1
+
+    def _end_pause(self, ch: _Channel, now: float) -> None:
+        # Caller holds self.lock.
+        paused = now - ch.throttled_since
+        ch.stats["throttled_s"] += paused
+        self.totals["throttled_s"] += paused
+        del self.throttled[ch.vm_id]
+
+    def _rearm_due(self) -> None:
+        now = time.monotonic()
+        for ch in [c for c in self.throttled.values() if c.rearm_at <= now]:
+            if not self._has_tokens(ch):  # float rounding: not quite yet
+                wait = max(ch.byte_bucket.seconds_until_positive(), ch.frame_bucket.seconds_until_positive())
+                ch.rearm_at = now + max(wait, MIN_PAUSE_S)
+                continue
+            with self.lock:
+                self._end_pause(ch, now)
+            try:
+                self._register(ch)
+            except (ValueError, KeyError, OSError) as e:  # its owner closed it meanwhile
+                self._fail(ch, "vm_lost", f"cannot watch the channel again: {e}", violation=False)
