@@ -1,17 +1,23 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--boots N] [--frames-mib M]
+    scripts/bench [--only frames|boot|service] [--boots N] [--tasks N]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
   kernel booting a busybox-only initramfs whose init powers off at once
   (createXML until the domain is gone): what our initramfs, root mount and
   agent start add on top of the bare kernel.
 - frame decode: FrameDecoder throughput against raw zlib.crc32 over the same bytes.
+- service: through a real corrald (actors, ZeroMQ, warm pool): warm acquire
+  (resume + agent answer, from the replies) and end-to-end latency of `true`
+  p50/p99 against `true` over a bare GuestLink on a booted VM (what the actors
+  and ZeroMQ add); throughput with pools of 1, 2 and 4 against booting a cold
+  VM for every task.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import statistics
 import tempfile
@@ -26,6 +32,16 @@ from guest.image.build import Cpio
 from protocol.bench import frame_decode_throughput
 
 BUSYBOX_POWEROFF_INIT = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def latency(samples_s: list[float]) -> str:
+    ms = [s * 1000 for s in samples_s]
+    return f"p50 {percentile(ms, 50):7.1f} ms  p99 {percentile(ms, 99):7.1f} ms  (n={len(ms)})"
 
 
 def summary(samples: list[float]) -> str:
@@ -105,17 +121,119 @@ def bench_frames(total_mib: int) -> None:
     print(f"ratio (decoder / raw zlib.crc32):                  {decoder / zlib_raw:8.2f}x")
 
 
+def bare_link_true(hypervisor: Hypervisor, cfg: config.Config, runs: int) -> list[float]:
+    """`true` over a GuestLink on one booted VM: the guest's own cost."""
+    handle = hypervisor.create()
+    link = GuestLink(handle.socket)
+    try:
+        deadline = time.monotonic() + cfg.vm.boot_timeout_s
+        link.connect(deadline)
+        link.wait_hello(deadline)
+        samples = []
+        for _ in range(runs + 3):
+            started = time.monotonic()
+            link.run([b"true"], time.monotonic() + 30)
+            samples.append(time.monotonic() - started)
+        return samples[3:]  # the first commands pay TCG's translation
+    finally:
+        link.close()
+        hypervisor.destroy(handle)
+
+
+def cold_vm_per_task(hypervisor: Hypervisor, cfg: config.Config, tasks: int) -> float:
+    """Tasks per second when every task boots, runs `true` in, and destroys its own VM."""
+    started = time.monotonic()
+    for _ in range(tasks):
+        handle = hypervisor.create()
+        link = GuestLink(handle.socket)
+        try:
+            deadline = time.monotonic() + cfg.vm.boot_timeout_s
+            link.connect(deadline)
+            link.wait_hello(deadline)
+            link.run([b"true"], time.monotonic() + 30)
+        finally:
+            link.close()
+            hypervisor.destroy(handle)
+    return tasks / (time.monotonic() - started)
+
+
+def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body):
+    from actors.service import Corral
+    from protocol.client import Client
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(
+            cfg, daemon=dataclasses.replace(cfg.daemon, endpoint=f"ipc://{tmp}/bench.sock"),
+            pool=dataclasses.replace(cfg.pool, size=pool_size))
+        service = Corral(cfg, hypervisor)
+        service.start()
+        try:
+            with Client(cfg.daemon.endpoint) as client:
+                deadline = time.monotonic() + 60 + 15 * pool_size
+                while dict(client.status().pool).get(b"ready") != str(pool_size).encode():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"pool of {pool_size} not ready")
+                    time.sleep(0.1)
+                return body(client)
+        finally:
+            service.stop()
+
+
+def sequential_true(client, runs: int) -> tuple[list[float], list[float]]:
+    end_to_end, acquire = [], []
+    for _ in range(runs):
+        started = time.monotonic()
+        reply = client.run(["true"], wait_s=60)
+        end_to_end.append(time.monotonic() - started)
+        if reply.error_code or reply.exit_code:
+            raise RuntimeError(f"`true` failed: {reply.error_code} {reply.error_message}")
+        acquire.append(reply.acquire_ms / 1000)
+    return end_to_end, acquire
+
+
+def throughput(client, tasks: int) -> float:
+    started = time.monotonic()
+    futures = [client.submit(["true"]) for _ in range(tasks)]
+    for future in concurrent.futures.as_completed(futures, timeout=600):
+        if future.result().error_code:
+            raise RuntimeError(future.result().error_message)
+    return tasks / (time.monotonic() - started)
+
+
+def bench_service(cfg: config.Config, runs: int) -> None:
+    hypervisor = hypervisor_from_config(cfg)
+    try:
+        print(f"accelerator: {hypervisor.accelerator}")
+        bare = bare_link_true(hypervisor, cfg, runs)
+        end_to_end, acquire = run_service(cfg, hypervisor, 1, lambda c: sequential_true(c, runs))
+        print(f"`true` end to end through ZeroMQ:  {latency(end_to_end)}")
+        print(f"baseline, `true` over a GuestLink: {latency(bare)}")
+        print(f"ratio (p50):                       {percentile(end_to_end, 50) / percentile(bare, 50):.2f}x")
+        print(f"warm acquire (resume + answer):    {latency(acquire)}")
+        cold_rate = cold_vm_per_task(hypervisor, cfg, 3)
+        print(f"baseline, cold VM per task:        {cold_rate:7.2f} tasks/s")
+        for size in (1, 2, 4):
+            rate = run_service(cfg, hypervisor, size, lambda c: throughput(c, runs))
+            print(f"throughput, warm pool of {size}:       {rate:7.2f} tasks/s  "
+                  f"({rate / cold_rate:.1f}x cold VM per task)")
+    finally:
+        hypervisor.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
-    parser.add_argument("--only", choices=("boot", "frames"))
+    parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
+    parser.add_argument("--only", choices=("boot", "frames", "service"))
     args = parser.parse_args(argv)
     cfg = config.load()
     if args.only in (None, "frames"):
         bench_frames(args.frames_mib)
     if args.only in (None, "boot"):
         bench_boot(cfg, args.boots)
+    if args.only in (None, "service"):
+        bench_service(cfg, args.tasks)
     return 0
 
 

@@ -43,11 +43,59 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    size: int = field(metadata=_range(0, 256))
+    max_uses: int = field(metadata=_range(1, 1_000_000))
+    max_age_s: float = field(metadata=_range(1, 86400))
+    strict: bool = field()
+    acquire_timeout_s: float = field(metadata=_range(0.1, 600))
+    reset_timeout_s: float = field(metadata=_range(0.1, 600))
+    boot_backoff_max_s: float = field(metadata=_range(0.1, 3600))
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    queue_depth: int = field(metadata=_range(1, 1_000_000))
+    busy_retry_after_s: float = field(metadata=_range(0, 3600))
+    default_timeout_s: float = field(metadata=_range(0.1, 86400))
+    max_timeout_s: float = field(metadata=_range(0.1, 86400))
+    default_output_cap: int = field(metadata=_range(0, 16 << 20))
+    max_output_cap: int = field(metadata=_range(0, 16 << 20))
+    deadman_grace_s: float = field(metadata=_range(0.1, 600))
+    max_request_bytes: int = field(metadata=_range(4096, 64 << 20))
+
+
+@dataclass(frozen=True)
+class IoGuardConfig:
+    burst_bytes: int = field(metadata=_range(4096, 1 << 30))
+    rate_bytes_per_s: int = field(metadata=_range(1024, 1 << 30))
+    frames_per_s: int = field(metadata=_range(1, 1_000_000))
+    frames_burst: int = field(metadata=_range(1, 1_000_000))
+
+
+@dataclass(frozen=True)
+class SupervisionConfig:
+    max_restarts: int = field(metadata=_range(0, 1000))
+    window_s: float = field(metadata=_range(1, 86400))
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    interval_s: float = field(metadata=_range(0.1, 3600))
+    min_available_mib: int = field(metadata=_range(0, 1 << 30))
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field()
     libvirt_uri: str = field()
     vm: VmConfig = field()
     daemon: DaemonConfig = field()
+    pool: PoolConfig = field()
+    tasks: TasksConfig = field()
+    ioguard: IoGuardConfig = field()
+    supervision: SupervisionConfig = field()
+    watchdog: WatchdogConfig = field()
 
 
 def _check_size(key: str, value: str) -> None:
@@ -126,4 +174,9 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
         table = _merge(table, _read(Path(path)))
     if overrides:
         table = _merge(table, overrides)
-    return _build(Config, table)
+    cfg = _build(Config, table)
+    if cfg.tasks.default_timeout_s > cfg.tasks.max_timeout_s:
+        raise ConfigError("config: tasks.default_timeout_s must not exceed tasks.max_timeout_s")
+    if cfg.tasks.default_output_cap > cfg.tasks.max_output_cap:
+        raise ConfigError("config: tasks.default_output_cap must not exceed tasks.max_output_cap")
+    return cfg

@@ -1,0 +1,99 @@
+"""corrald: the host daemon.
+
+Start-up checks every precondition and fails with one line naming the fix
+(never a traceback for an operator): config values, the guest image, libvirtd,
+the endpoint. Then it reaps what an earlier crash left (domains, overlays,
+sockets), starts the supervision tree and serves until SIGINT/SIGTERM, when it
+stops taking tasks, answers every task it holds and destroys its VMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import config
+from actors.errors import CorralError
+from actors.hypervisor import hypervisor_from_config
+
+log = logging.getLogger("corral.daemon")
+
+
+def check_endpoint_free(endpoint: str) -> None:
+    """An ipc endpoint whose socket answers belongs to a running corrald; a
+    socket file nobody answers on is stale and removed."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = Path(endpoint[len("ipc://"):])
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    except OSError as e:
+        raise CorralError(f"endpoint {endpoint} is not usable ({e.strerror}); "
+                          "set daemon.endpoint to another path") from None
+    finally:
+        probe.close()
+    raise CorralError(f"endpoint {endpoint} is in use by another corrald; stop it "
+                      "or set daemon.endpoint to another path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="corrald", description="corral host daemon")
+    parser.add_argument("--config", type=Path, help="site config (TOML) over config/corral.toml")
+    parser.add_argument("--check", action="store_true",
+                        help="run the start-up checks (config, image, libvirtd, endpoint) and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"corrald: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.daemon.log_level.upper(),
+                        format="%(asctime)s corrald %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    hypervisor = service = None
+    try:
+        check_endpoint_free(cfg.daemon.endpoint)
+        hypervisor = hypervisor_from_config(cfg)
+        for name in hypervisor.reap_leftovers():
+            log.warning("reaped VM %s left by an earlier run", name)
+        if args.check:
+            print(f"corrald: checks passed (accelerator {hypervisor.accelerator}, "
+                  f"image {hypervisor.image.disk.parent.name})")
+            return 0
+        from actors.service import Corral  # pykka and zmq only when serving
+
+        service = Corral(cfg, hypervisor, on_give_up=lambda reason: stop.set())
+        service.start()
+        log.info("serving on %s with a pool of %d", cfg.daemon.endpoint, cfg.pool.size)
+        stop.wait()
+        if service.gave_up.is_set():
+            print(f"corrald: stopping: {service.give_up_reason}", file=sys.stderr)
+    except CorralError as e:
+        print(f"corrald: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if service is not None:
+            log.info("stopping: answering every task and destroying VMs")
+            service.stop()
+        if hypervisor is not None:
+            hypervisor.close()
+    log.info("stopped")
+    return 3 if service is not None and service.gave_up.is_set() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Messages between corrald's actors: small, named, immutable.
+
+Every actor receives them with `tell` (never `ask` + `.get()` inside a
+handler), so no actor ever waits on another. Who sends what to whom is in each
+class's docstring.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import messages as guest
+from protocol.tasks import TaskReply, TaskRequest
+
+
+@dataclass(frozen=True)
+class Task:
+    """An accepted request. `ticket` is Intake's unique key for the one answer."""
+
+    ticket: int
+    request: TaskRequest
+    accepted_at: float  # monotonic
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+
+# --- Intake, Scheduler ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Submit:
+    """Intake -> Scheduler: queue an accepted task."""
+
+    task: Task
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Supervisor -> Scheduler: a task assigned to a VM that could not start it
+    (the VM died before the command began); it goes back to the head of its level."""
+
+    task: Task
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Anyone -> Intake: the one answer for a ticket (later ones are dropped)."""
+
+    ticket: int
+    reply: TaskReply
+
+
+# --- PoolManager, Scheduler, Supervisor ----------------------------------------
+
+@dataclass(frozen=True)
+class VmAvailable:
+    """PoolManager -> Scheduler: a warm, paused VM can take a task."""
+
+    vm_id: str
+    supervisor: Any  # pykka ActorRef of the VM's Supervisor
+
+
+@dataclass(frozen=True)
+class VmWithdrawn:
+    """PoolManager -> Scheduler: forget an available VM (retired, shed, dead)."""
+
+    vm_id: str
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Scheduler -> Supervisor: run this task now."""
+
+    task: Task
+    assigned_at: float  # monotonic
+
+
+@dataclass(frozen=True)
+class VmState:
+    """Supervisor -> PoolManager: the VM moved to `state` (booting, ready, busy,
+    resetting, gone). `reason` says why it is gone: retired, boot_failed,
+    protocol_violation, deadman, vm_lost, shed, ..."""
+
+    vm_id: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Retire:
+    """PoolManager/Watchdog -> Supervisor: destroy this VM when idle (now if idle)."""
+
+    reason: str
+
+
+# --- IOGuard -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Watch:
+    """Supervisor -> IOGuard: start reading this VM's channel."""
+
+    vm_id: str
+    sock: socket.socket
+    supervisor: Any
+
+
+@dataclass(frozen=True)
+class Unwatch:
+    """Supervisor -> IOGuard: stop reading this VM's channel and forget it."""
+
+    vm_id: str
+
+
+@dataclass(frozen=True)
+class GuestSaid:
+    """IOGuard -> Supervisor: one verified, decoded guest message."""
+
+    vm_id: str
+    message: guest.Message
+
+
+@dataclass(frozen=True)
+class ChannelFailed:
+    """IOGuard -> Supervisor: the channel broke (`code` vm_lost) or the guest
+    violated the protocol (`code` is the ProtocolError's code)."""
+
+    vm_id: str
+    code: str
+    detail: str
+    violation: bool
+
+
+# --- timers, health, faults ----------------------------------------------------
+
+@dataclass(frozen=True)
+class DeadlinePassed:
+    """Timer -> Supervisor: the deadline armed for `phase` (boot, acquire, run,
+    reset) with `token` has passed; stale tokens are ignored."""
+
+    phase: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Timer -> an actor: do periodic work (retire old VMs, replenish, health)."""
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Watchdog -> PoolManager, each tick: `short` -> destroy one idle VM and
+    stay one smaller; not short -> grow back by one VM."""
+
+    short: bool
+
+
+@dataclass(frozen=True)
+class InjectFault:
+    """Tests/operators -> an actor: kill_qemu, hang_guest, drop_libvirt,
+    corrupt_frame (IOGuard: flip a bit in the next frame read from `vm_id`), crash."""
+
+    kind: str
+    vm_id: str = ""
+
+
+@dataclass(frozen=True)
+class ChildFailed:
+    """A core actor's on_failure -> Root: restart me; `salvage` is the state my
+    successor takes over so no accepted task is lost."""
+
+    name: str
+    error: str
+    salvage: Any = None

@@ -1,0 +1,54 @@
+"""corrald's Prometheus metrics, one registry per daemon (tests run several).
+
+Actors update them from their own threads (prometheus-client is thread-safe);
+Intake reads the gauges to answer `corral status` without asking any actor.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from protocol.tasks import PRIORITY_NAMES
+
+POOL_STATES = ("booting", "ready", "busy", "resetting")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("corral_queue_depth", "Tasks waiting, by priority", ["priority"], registry=r)
+        self.pool_vms = Gauge("corral_pool_vms", "VMs in the pool, by state", ["state"], registry=r)
+        self.tasks = Counter("corral_tasks_total", "Answered tasks, by outcome", ["outcome"], registry=r)
+        self.rejected = Counter("corral_requests_rejected_total", "Requests refused before acceptance, by code",
+                                ["code"], registry=r)
+        self.accepted = Counter("corral_tasks_accepted_total", "Tasks accepted by Intake", registry=r)
+        self.duplicate_answers = Counter(
+            "corral_duplicate_answers_total", "Answers dropped because the task was already answered",
+            registry=r)
+        self.violations = Counter("corral_guest_protocol_violations_total",
+                                  "Guest protocol violations, by kind", ["kind"], registry=r)
+        self.deadman_kills = Counter("corral_deadman_kills_total", "VMs destroyed by the dead-man's switch",
+                                     registry=r)
+        self.vms_destroyed = Counter("corral_vms_destroyed_total", "VMs destroyed, by reason", ["reason"],
+                                     registry=r)
+        self.actor_restarts = Counter("corral_actor_restarts_total", "Core actor restarts", ["actor"],
+                                      registry=r)
+        self.boot_seconds = Histogram("corral_vm_boot_seconds", "Cold boot until the agent's hello",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.acquire_seconds = Histogram("corral_vm_acquire_seconds", "Resume until the agent answers",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.run_seconds = Histogram("corral_task_run_seconds", "Command wall time in the guest",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        for name in PRIORITY_NAMES:
+            self.queue_depth.labels(name)
+        for state in POOL_STATES:
+            self.pool_vms.labels(state)
+
+    def gauge_values(self, gauge: Gauge) -> dict[str, int]:
+        return {sample.labels[gauge._labelnames[0]]: int(sample.value)
+                for metric in gauge.collect() for sample in metric.samples}
+
+    def counter_total(self, counter: Counter) -> int:
+        return int(sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))

@@ -1,0 +1,167 @@
+"""PoolManager: keeps `size` warm VMs, one Supervisor actor each.
+
+It starts Supervisors, learns their states (booting, ready, busy, resetting,
+gone), offers ready VMs to the Scheduler, retires idle VMs past their age,
+and replaces every VM that goes, with exponential backoff while boots fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pykka
+
+from actors.directory import Directory, send
+from actors.messages import (ChildFailed, InjectFault, Retire, HostMemory,
+                             Tick, VmAvailable, VmState, VmWithdrawn)
+from actors.metrics import POOL_STATES, Metrics
+from actors.timers import Timers
+
+log = logging.getLogger("corral.pool")
+TICK_S = 1.0
+
+
+@dataclass
+class PoolVm:
+    supervisor: Any
+    state: str = "booting"
+    since: float = field(default_factory=time.monotonic)
+    born: float = field(default_factory=time.monotonic)
+
+
+class PoolView:
+    """The set of VM ids the pool owns, readable from any thread without asking
+    the PoolManager (the Watchdog uses it to tell zombies from live VMs)."""
+
+    def __init__(self) -> None:
+        self.owned: frozenset[str] = frozenset()
+
+
+@dataclass
+class PoolState:
+    """What a restarted PoolManager takes over: the live VMs and the backoff."""
+
+    vms: dict[str, PoolVm] = field(default_factory=dict)
+    boot_failures: int = 0
+    next_boot_at: float = 0.0
+    shed: int = 0  # VMs given up for host memory
+
+
+class PoolManager(pykka.ThreadingActor):
+    def __init__(self, directory: Directory, metrics: Metrics, timers: Timers,
+                 start_supervisor: Callable[[str], Any], view: PoolView, size: int,
+                 max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None):
+        super().__init__()
+        self.directory = directory
+        self.metrics = metrics
+        self.timers = timers
+        self.start_supervisor = start_supervisor
+        self.view = view
+        self.size = size
+        self.max_age_s = max_age_s
+        self.backoff_max_s = backoff_max_s
+        self.state = state or PoolState()
+        self.stopping = False
+
+    def on_start(self) -> None:
+        self._fill()
+        self.timers.call_later(TICK_S, self.actor_ref, Tick())
+
+    def on_receive(self, message) -> None:
+        if isinstance(message, VmState):
+            self._vm_state(message)
+        elif isinstance(message, Tick):
+            self._tick()
+        elif isinstance(message, HostMemory):
+            if message.short:
+                self._shed_one()
+            elif self.state.shed:
+                self.state.shed -= 1
+                self._fill()
+        elif isinstance(message, InjectFault) and message.kind == "crash" and not message.vm_id:
+            raise RuntimeError("injected fault: pool manager crash")
+        elif isinstance(message, InjectFault):
+            vm = self.state.vms.get(message.vm_id)
+            if vm is not None:
+                send(vm.supervisor, message)
+        else:
+            log.warning("pool ignores %r", message)
+        self._publish()
+
+    def _vm_state(self, message: VmState) -> None:
+        vm = self.state.vms.get(message.vm_id)
+        if vm is None:
+            return
+        if message.state == "gone":
+            del self.state.vms[message.vm_id]
+            self.directory.tell("scheduler", VmWithdrawn(message.vm_id))
+            self.metrics.vms_destroyed.labels(message.reason or "unknown").inc()
+            if message.reason == "boot_failed":
+                self.state.boot_failures += 1
+                delay = min(self.backoff_max_s, 2 ** (self.state.boot_failures - 1))
+                self.state.next_boot_at = time.monotonic() + delay
+                log.warning("VM %s failed to boot; next boot in %.0f s", message.vm_id, delay)
+            self._fill()
+            return
+        if message.state == "ready":
+            if vm.state == "booting":
+                self.state.boot_failures = 0
+            self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor))
+        vm.state = message.state
+        vm.since = time.monotonic()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for vm_id, vm in self.state.vms.items():
+            if vm.state == "ready" and now - vm.born > self.max_age_s:
+                self.directory.tell("scheduler", VmWithdrawn(vm_id))
+                send(vm.supervisor, Retire("age"))
+        self._fill()
+        if not self.stopping:
+            self.timers.call_later(TICK_S, self.actor_ref, Tick())
+
+    def _shed_one(self) -> None:
+        """Memory is short: the oldest idle VM goes, and the pool stays one
+        smaller until the watchdog sees memory back."""
+        idle = [(vm.born, vm_id) for vm_id, vm in self.state.vms.items() if vm.state == "ready"]
+        if idle:
+            _, vm_id = min(idle)
+            self.directory.tell("scheduler", VmWithdrawn(vm_id))
+            send(self.state.vms[vm_id].supervisor, Retire("memory"))
+            self.state.shed += 1
+
+    def _fill(self) -> None:
+        if self.stopping:
+            return
+        while len(self.state.vms) < self.size - self.state.shed and time.monotonic() >= self.state.next_boot_at:
+            vm_id = "corral-" + uuid.uuid4().hex[:12]
+            # Published before the Supervisor creates the domain: never a zombie.
+            self.state.vms[vm_id] = PoolVm(supervisor=None)
+            self.view.owned = frozenset(self.state.vms)
+            self.state.vms[vm_id].supervisor = self.start_supervisor(vm_id)
+            if self.state.boot_failures:
+                break  # while boots fail, try one at a time
+
+    def _publish(self) -> None:
+        self.view.owned = frozenset(self.state.vms)
+        counts = {s: 0 for s in POOL_STATES}
+        for vm in self.state.vms.values():
+            counts[vm.state] = counts.get(vm.state, 0) + 1
+        for state, count in counts.items():
+            self.metrics.pool_vms.labels(state).set(count)
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self.directory.tell("root", ChildFailed("pool", repr(exception_value), salvage=self.state))
+
+    def on_stop(self) -> None:
+        """Shutdown: each Supervisor destroys its VM and answers its task."""
+        self.stopping = True
+        for vm in self.state.vms.values():
+            try:
+                vm.supervisor.stop(timeout=30)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass

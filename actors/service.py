@@ -1,0 +1,116 @@
+"""The running service: builds the supervision tree from a Config and takes it
+down again. corrald runs one; tests start their own on their own endpoint."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import Callable
+
+from actors.directory import Directory
+from actors.hypervisor import Hypervisor, hypervisor_from_config
+from actors.intake import Intake, IntakeServer, TaskLimits
+from actors.ioguard import IOGuard
+from actors.metrics import Metrics
+from actors.pool import PoolManager, PoolView
+from actors.root import Root
+from actors.scheduler import Scheduler
+from actors.supervisor import Supervisor, VmSettings
+from actors.timers import Timers
+from actors.watchdog import Watchdog
+
+import config
+
+log = logging.getLogger("corral.service")
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_large_buffers_to_the_os(threshold: int = 32 * 1024) -> None:
+    """Task output passes through corrald in buffers of up to the output cap.
+    glibc raises its mmap threshold as such blocks are freed and then keeps
+    them in per-thread arenas, so RSS would ratchet up with every large
+    reply. A fixed threshold makes every large buffer an mmap that free()
+    gives straight back."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        log.debug("mallopt unavailable: large buffers stay with the allocator")
+
+
+class Corral:
+    def __init__(self, cfg: config.Config, hypervisor: Hypervisor | None = None,
+                 on_give_up: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.hypervisor = hypervisor or hypervisor_from_config(cfg)
+        self.owns_hypervisor = hypervisor is None
+        self.metrics = Metrics()
+        self.directory = Directory()
+        self.timers = Timers()
+        self.gave_up = threading.Event()
+        self.give_up_reason = ""
+        self.on_give_up = on_give_up
+        tasks = cfg.tasks
+        self.server = IntakeServer(cfg.daemon.endpoint, TaskLimits(
+            default_timeout_ms=int(tasks.default_timeout_s * 1000),
+            max_timeout_ms=int(tasks.max_timeout_s * 1000),
+            default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
+            max_request_bytes=tasks.max_request_bytes), self.metrics, self.directory)
+        self.vm_settings = VmSettings(
+            boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
+            reset_timeout_s=cfg.pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
+            max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict)
+        self.pool_view = PoolView()
+        self.root = None
+
+    # --- factories: name -> callable(salvage) -> ActorRef, in start order ------
+
+    def _factories(self) -> dict:
+        cfg = self.cfg
+        return {
+            "ioguard": lambda salvage: IOGuard.start(
+                burst_bytes=cfg.ioguard.burst_bytes, rate_bytes_per_s=cfg.ioguard.rate_bytes_per_s,
+                frames_per_s=cfg.ioguard.frames_per_s, frames_burst=cfg.ioguard.frames_burst,
+                directory=self.directory),
+            "intake": lambda salvage: Intake.start(self.server, self.directory, self.metrics),
+            "scheduler": lambda salvage: Scheduler.start(
+                self.directory, self.metrics, cfg.tasks.queue_depth,
+                retry_after_ms=int(cfg.tasks.busy_retry_after_s * 1000), state=salvage),
+            "pool": lambda salvage: PoolManager.start(
+                self.directory, self.metrics, self.timers, self._start_supervisor, self.pool_view, cfg.pool.size,
+                cfg.pool.max_age_s, cfg.pool.boot_backoff_max_s, state=salvage),
+            "watchdog": lambda salvage: Watchdog.start(
+                self.directory, self.hypervisor, self.timers, self.pool_view,
+                cfg.watchdog.interval_s, cfg.watchdog.min_available_mib),
+        }
+
+    def _start_supervisor(self, vm_id: str):
+        return Supervisor.start(vm_id, self.directory, self.hypervisor, self.timers, self.metrics,
+                                self.vm_settings)
+
+    def _give_up(self, reason: str) -> None:
+        self.give_up_reason = reason
+        self.gave_up.set()
+        if self.on_give_up is not None:
+            self.on_give_up(reason)
+
+    # --- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        return_large_buffers_to_the_os()
+        self.server.start()  # binds first: a busy endpoint fails before any VM boots
+        self.root = Root.start(self.directory, self._factories(), self.metrics,
+                               self.cfg.supervision.max_restarts, self.cfg.supervision.window_s,
+                               self._give_up)
+        self.root.proxy().started().get(timeout=30)
+
+    def stop(self) -> None:
+        """Answer everything, destroy every VM, release the endpoint."""
+        self.server.accepting = False
+        if self.root is not None:
+            self.root.proxy().stop_children().get(timeout=120)
+            self.root.stop()
+        self.server.stop()
+        self.timers.stop()
+        if self.owns_hypervisor:
+            self.hypervisor.close()

@@ -1,0 +1,348 @@
+"""Supervisor: one per VM. Owns its libvirt domain, overlay and channel; runs
+one task at a time; enforces the dead-man's switch.
+
+Life of a VM:  booting --Hello--> ready (paused) --RunTask--> acquiring
+(resumed, Heartbeat sent) --HeartbeatAck--> running (Exec sent) --Exit-->
+resetting (Reset sent) --ResetDone--> ready ... and from anywhere: gone.
+
+Every state has an allow-list of what the guest may send (default deny) and
+a deadline. A violation, a deadline passed or a lost channel ends the VM:
+destroyed, overlay deleted, the PoolManager told (it boots a replacement),
+and a task that was on it answered with a clear error code. A task whose VM
+died before its command started goes back to the Scheduler instead.
+
+Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
+hypervisor stalls one VM, never the others. Reading the channel is IOGuard's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.directory import Directory
+from actors.errors import CorralError
+from actors.guest_link import GuestLink
+from actors.hypervisor import Hypervisor
+from actors.messages import (Answer, ChannelFailed, DeadlinePassed, GuestSaid, InjectFault, Requeue,
+                             Retire, RunTask, Task, Unwatch, VmState, Watch)
+from actors.metrics import Metrics
+from actors.timers import Timers
+from protocol import messages as guest
+from protocol.tasks import TaskReply, error_reply
+
+log = logging.getLogger("corral.supervisor")
+SEND_TIMEOUT_S = 5.0
+
+ALLOWED = {
+    "booting": frozenset({guest.Hello}),
+    "ready": frozenset(),
+    "acquiring": frozenset({guest.HeartbeatAck}),
+    "running": frozenset({guest.Output, guest.Exit, guest.Error}),
+    # Output and Exit of a command the reset killed may still be in flight.
+    "resetting": frozenset({guest.ResetDone, guest.Output, guest.Exit}),
+}
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    boot_timeout_s: float
+    acquire_timeout_s: float
+    reset_timeout_s: float
+    deadman_grace_s: float  # assigned longer than timeout + this: destroy
+    max_uses: int
+    max_age_s: float
+    strict: bool  # one task per VM, never reused
+
+
+@dataclass
+class RunningTask:
+    task: Task
+    assigned_at: float
+    exec_id: int = 0
+    acquired_at: float = 0.0
+    stdout: bytearray = None
+    stderr: bytearray = None
+    truncated: tuple = (False, False)
+
+    def __post_init__(self):
+        self.stdout, self.stderr = bytearray(), bytearray()
+        self.truncated = [False, False]
+
+
+class Supervisor(pykka.ThreadingActor):
+    def __init__(self, vm_id: str, directory: Directory, hypervisor: Hypervisor, timers: Timers,
+                 metrics: Metrics, settings: VmSettings):
+        super().__init__()
+        self.vm_id = vm_id
+        self.directory = directory
+        self.hypervisor = hypervisor
+        self.timers = timers
+        self.metrics = metrics
+        self.settings = settings
+        self.state = "booting"
+        self.handle = None
+        self.link: GuestLink | None = None
+        self.current: RunningTask | None = None
+        self.deadline_token = 0
+        self.uses = 0
+        self.born = time.monotonic()
+        self.retire_reason = ""
+        self.next_id = 0
+
+    # --- life cycle ------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._tell_pool("booting")
+        try:
+            self.handle = self.hypervisor.create(name=self.vm_id)
+            self.link = GuestLink(self.handle.socket)
+            self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
+            self.link.sock.settimeout(SEND_TIMEOUT_S)
+        except CorralError as e:
+            log.warning("VM %s: cannot start: %s", self.vm_id, e)
+            self._end("boot_failed")
+            return
+        self.directory.tell("ioguard", Watch(self.vm_id, self.link.sock, self.actor_ref))
+        self._arm("booting", self.settings.boot_timeout_s)
+
+    def on_receive(self, message: Any) -> None:
+        if self.state == "gone":
+            if isinstance(message, RunTask):  # raced with our end: someone else runs it
+                self.directory.tell("scheduler", Requeue(message.task))
+            return
+        if isinstance(message, GuestSaid):
+            self._guest_said(message.message)
+        elif isinstance(message, RunTask):
+            self._run_task(message)
+        elif isinstance(message, DeadlinePassed):
+            if message.token == self.deadline_token and message.phase == self.state:
+                self._deadline_passed()
+        elif isinstance(message, ChannelFailed):
+            if message.violation:
+                self.metrics.violations.labels(message.code).inc()
+                log.warning("VM %s violated the protocol: %s", self.vm_id, message.detail)
+                self._fail("protocol_violation", f"the VM broke the channel protocol ({message.code})")
+            else:
+                self._fail("vm_lost", f"the VM died ({message.detail})")
+        elif isinstance(message, Retire):
+            self.retire_reason = message.reason
+            if self.state in ("ready", "booting"):
+                self._end("retired_" + message.reason)
+        elif isinstance(message, InjectFault):
+            self._inject(message.kind)
+        else:
+            log.warning("VM %s ignores %r", self.vm_id, message)
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        """One-for-one: a crashed Supervisor takes only its own VM down."""
+        log.error("VM %s supervisor crashed: %r", self.vm_id, exception_value)
+        self._fail("vm_lost", "the VM's supervisor failed", stop=False)
+
+    def on_stop(self) -> None:
+        if self.state != "gone":
+            self._fail("cancelled", "corrald is shutting down", stop=False)
+
+    # --- guest messages --------------------------------------------------------
+
+    def _guest_said(self, message: guest.Message) -> None:
+        if type(message) not in ALLOWED[self.state]:
+            self.metrics.violations.labels("unexpected_message").inc()
+            self._fail("protocol_violation",
+                       f"the VM sent {type(message).__name__} while {self.state}")
+            return
+        if isinstance(message, guest.Hello):
+            self.metrics.boot_seconds.observe(time.monotonic() - self.born)
+            log.info("VM %s booted in %.2f s", self.vm_id, time.monotonic() - self.born)
+            self._pause_and_offer()
+        elif isinstance(message, guest.HeartbeatAck):
+            if message.nonce != self.next_id:
+                return self._fail("protocol_violation", "heartbeat answered with a wrong nonce")
+            self._start_command()
+        elif isinstance(message, guest.Output):
+            self._output(message)
+        elif isinstance(message, guest.Exit):
+            if self.state == "running":
+                self._finished(message)
+        elif isinstance(message, guest.Error):
+            self._fail("guest_error", f"the guest agent failed: {message.code}: {message.message}")
+        elif isinstance(message, guest.ResetDone):
+            if message.reset_id != self.next_id or not message.ok:
+                return self._end("reset_failed")
+            self._pause_and_offer()
+
+    def _pause_and_offer(self) -> None:
+        try:
+            self.hypervisor.suspend(self.vm_id)
+        except CorralError as e:
+            log.warning("VM %s: cannot pause: %s", self.vm_id, e)
+            return self._end("pause_failed")
+        if self.retire_reason:
+            return self._end("retired_" + self.retire_reason)
+        self._set_state("ready")
+
+    def _run_task(self, message: RunTask) -> None:
+        if self.state != "ready":
+            self.directory.tell("scheduler", Requeue(message.task))
+            return
+        self.current = RunningTask(message.task, message.assigned_at)
+        self._set_state("acquiring", self.settings.acquire_timeout_s)
+        try:
+            self.hypervisor.resume(self.vm_id)
+            self.link.send(guest.Heartbeat(nonce=self._new_id()))
+        except CorralError as e:
+            self._fail("vm_lost", f"the VM could not be resumed ({e})")
+
+    def _start_command(self) -> None:
+        running = self.current
+        running.acquired_at = time.monotonic()
+        self.metrics.acquire_seconds.observe(running.acquired_at - running.assigned_at)
+        request = running.task.request
+        running.exec_id = self._new_id()
+        # The dead-man's switch counts from assignment, as callers see it.
+        deadman_at = running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s
+        self._set_state("running", deadman_at - time.monotonic())
+        try:
+            self.link.send(guest.Exec(
+                exec_id=running.exec_id, argv=request.argv, env=request.env, cwd=request.cwd,
+                stdin=request.stdin, timeout_ms=request.timeout_ms, output_cap=request.output_cap,
+                as_root=False))
+        except CorralError as e:
+            self._fail("vm_lost", f"the VM stopped taking input ({e})")
+
+    def _output(self, message: guest.Output) -> None:
+        running = self.current
+        if self.state != "running":
+            return  # output of a command a reset killed
+        if message.exec_id != running.exec_id:
+            return self._fail("protocol_violation", f"output for exec {message.exec_id}")
+        index = message.stream - 1
+        buffer = (running.stdout, running.stderr)[index]
+        room = running.task.request.output_cap - len(buffer)
+        if len(message.data) > room:
+            running.truncated[index] = True  # the host keeps at most the cap, whatever the guest says
+        buffer += message.data[:max(room, 0)]
+
+    def _finished(self, exit_message: guest.Exit) -> None:
+        running = self.current
+        if exit_message.exec_id != running.exec_id:
+            return self._fail("protocol_violation", f"exit for exec {exit_message.exec_id}")
+        self.metrics.run_seconds.observe(exit_message.wall_ms / 1000)
+        request = running.task.request
+        timed_out = exit_message.timed_out
+        self._answer(TaskReply(
+            task_id=request.task_id,
+            error_code="timeout" if timed_out else "",
+            error_message=f"the command ran past its timeout of {request.timeout_ms / 1000:g} s "
+                          "and was killed" if timed_out else "",
+            exit_code=exit_message.exit_code, signal=exit_message.signal, timed_out=timed_out,
+            stdout=bytes(running.stdout), stderr=bytes(running.stderr),
+            stdout_truncated=exit_message.stdout_truncated or running.truncated[0],
+            stderr_truncated=exit_message.stderr_truncated or running.truncated[1],
+            queued_ms=_ms(running.assigned_at - running.task.accepted_at),
+            acquire_ms=_ms(running.acquired_at - running.assigned_at),
+            run_ms=exit_message.wall_ms, user_cpu_ms=exit_message.user_cpu_ms,
+            sys_cpu_ms=exit_message.sys_cpu_ms, max_rss_kib=exit_message.max_rss_kib,
+            retry_after_ms=0))
+        self.uses += 1
+        worn = (self.uses >= self.settings.max_uses
+                or time.monotonic() - self.born >= self.settings.max_age_s)
+        if timed_out or self.settings.strict or worn or self.retire_reason:
+            # A timed-out task may have left the guest in any state: no reuse.
+            return self._end("timed_out" if timed_out else "retired")
+        self._set_state("resetting", self.settings.reset_timeout_s)
+        try:
+            self.link.send(guest.Reset(reset_id=self._new_id()))
+        except CorralError:
+            self._end("vm_lost")
+
+    # --- deadlines, faults, endings ------------------------------------------
+
+    def _deadline_passed(self) -> None:
+        if self.state == "booting":
+            log.warning("VM %s did not say hello within %.0f s", self.vm_id, self.settings.boot_timeout_s)
+            self._end("boot_failed")
+        elif self.state == "acquiring":
+            # The command never started: another VM can run it.
+            self.directory.tell("scheduler", Requeue(self.current.task))
+            self.current = None
+            self._end("acquire_timeout")
+        elif self.state == "running":
+            self.metrics.deadman_kills.inc()
+            timeout_s = self.current.task.request.timeout_ms / 1000
+            self._fail("timeout", f"no answer from the VM within the timeout ({timeout_s:g} s) "
+                                  f"+ {self.settings.deadman_grace_s:g} s; the VM was destroyed",
+                       reason="deadman")
+        elif self.state == "resetting":
+            self._end("reset_timeout")
+
+    def _inject(self, kind: str) -> None:
+        log.warning("VM %s: injected fault %s", self.vm_id, kind)
+        if kind == "kill_qemu":
+            self.hypervisor.kill_qemu(self.vm_id)
+        elif kind == "hang_guest":
+            self.hypervisor.suspend(self.vm_id)  # the guest stops answering; deadlines do the rest
+        elif kind == "drop_libvirt":
+            self.hypervisor.drop_connection()
+        elif kind == "crash":
+            raise RuntimeError(f"injected fault: supervisor of {self.vm_id} crashed")
+        else:
+            log.warning("unknown fault %r", kind)
+
+    def _fail(self, code: str, text: str, reason: str | None = None, stop: bool = True) -> None:
+        """End the VM; the task on it (if its command started) gets `code`."""
+        if self.current is not None:
+            if self.state == "acquiring":
+                self.directory.tell("scheduler", Requeue(self.current.task))
+                self.current = None
+            else:
+                self._answer(error_reply(self.current.task.request.task_id, code, text))
+        self._end(reason or code, stop=stop)
+
+    def _answer(self, reply: TaskReply) -> None:
+        self.directory.tell("intake", Answer(self.current.task.ticket, reply))
+        self.current = None
+
+    def _end(self, reason: str, stop: bool = True) -> None:
+        if self.state == "gone":
+            return
+        self.state = "gone"
+        self.deadline_token += 1
+        self.directory.tell("ioguard", Unwatch(self.vm_id))
+        if self.link is not None:
+            self.link.close()
+        if self.handle is not None:
+            try:
+                self.hypervisor.destroy(self.handle)
+            except CorralError as e:
+                log.error("VM %s: destroy failed: %s (the watchdog will reap it)", self.vm_id, e)
+        log.info("VM %s gone: %s", self.vm_id, reason)
+        self._tell_pool("gone", reason)
+        if stop:
+            self.stop()
+
+    def _set_state(self, state: str, deadline_s: float | None = None) -> None:
+        self.state = state
+        self._tell_pool({"acquiring": "busy", "running": "busy"}.get(state, state))
+        if deadline_s is not None:
+            self._arm(state, deadline_s)
+
+    def _arm(self, phase: str, delay_s: float) -> None:
+        self.deadline_token += 1
+        self.timers.call_later(max(0.0, delay_s), self.actor_ref,
+                               DeadlinePassed(phase, self.deadline_token))
+
+    def _tell_pool(self, state: str, reason: str = "") -> None:
+        self.directory.tell("pool", VmState(self.vm_id, state, reason))
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))

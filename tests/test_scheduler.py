@@ -1,0 +1,109 @@
+"""The Scheduler actor alone: priorities, FIFO, the hard depth, requeue, and
+a crash that hands the queue to its successor. The pool is played by a
+recording actor that holds no VM (a pool held busy)."""
+
+import threading
+import time
+
+import pykka
+import pytest
+
+from actors.directory import Directory
+from actors.messages import Answer, Requeue, RunTask, Submit, Task, VmAvailable
+from actors.metrics import Metrics
+from actors.scheduler import Scheduler
+from protocol.tasks import CRITICAL, LOW, NORMAL, TaskRequest
+
+
+class Recorder(pykka.ThreadingActor):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.changed = threading.Condition()
+
+    def on_receive(self, message):
+        with self.changed:
+            self.seen.append(message)
+            self.changed.notify_all()
+
+
+def wait_for(recorder, count, timeout_s=5):
+    actor = recorder.proxy()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = actor.seen.get()
+        if len(seen) >= count:
+            return seen
+        time.sleep(0.01)
+    raise AssertionError(f"only {len(actor.seen.get())} of {count} messages arrived")
+
+
+def task(ticket, priority=NORMAL):
+    return Task(ticket, TaskRequest(task_id=f"t{ticket}", priority=priority, argv=(b"true",), env=(),
+                                    cwd=b"", stdin=b"", timeout_ms=1000, output_cap=100,
+                                    capabilities=()), time.monotonic())
+
+
+@pytest.fixture
+def actors():
+    directory = Directory()
+    intake, vm = Recorder.start(), Recorder.start()
+    directory["intake"] = intake
+    scheduler = Scheduler.start(directory, Metrics(), max_depth=1000, retry_after_ms=750)
+    directory["scheduler"] = scheduler
+    yield directory, scheduler, intake, vm
+    pykka.ActorRegistry.stop_all()
+
+
+def test_the_1001st_task_is_refused_at_once_and_the_queue_is_untouched(actors):
+    directory, scheduler, intake, vm = actors
+    for ticket in range(1, 1001):
+        scheduler.tell(Submit(task(ticket, LOW)))
+    scheduler.tell(Submit(task(1001, CRITICAL)))
+    (answer,) = wait_for(intake, 1)
+    assert isinstance(answer, Answer) and answer.ticket == 1001
+    assert answer.reply.error_code == "busy" and answer.reply.retry_after_ms == 750
+    assert scheduler.proxy().depth.get() == 1000
+    # The queue is intact and in order: a VM that frees up gets the first LOW task.
+    scheduler.tell(VmAvailable("vm-1", vm))
+    (run,) = wait_for(vm, 1)
+    assert isinstance(run, RunTask) and run.task.ticket == 1
+
+
+def test_priority_then_fifo(actors):
+    directory, scheduler, intake, vm = actors
+    for ticket, priority in [(1, LOW), (2, NORMAL), (3, LOW), (4, CRITICAL), (5, NORMAL)]:
+        scheduler.tell(Submit(task(ticket, priority)))
+    for i in range(5):
+        scheduler.tell(VmAvailable(f"vm-{i}", vm))
+    runs = wait_for(vm, 5)
+    assert [r.task.ticket for r in runs] == [4, 2, 5, 1, 3]
+
+
+def test_requeued_task_goes_first_in_its_level(actors):
+    directory, scheduler, intake, vm = actors
+    scheduler.tell(Submit(task(1)))
+    scheduler.tell(Submit(task(2)))
+    scheduler.tell(Requeue(task(9)))
+    scheduler.tell(VmAvailable("vm-1", vm))
+    assert wait_for(vm, 1)[0].task.ticket == 9
+
+
+def test_dead_vm_does_not_eat_the_task(actors):
+    directory, scheduler, intake, vm = actors
+    dead = Recorder.start()
+    dead.stop()
+    scheduler.tell(VmAvailable("dead", dead))
+    scheduler.tell(VmAvailable("alive", vm))
+    scheduler.tell(Submit(task(1)))
+    assert wait_for(vm, 1)[0].task.ticket == 1
+
+
+def test_stopping_answers_every_queued_task(actors):
+    directory, scheduler, intake, vm = actors
+    for ticket in range(1, 4):
+        scheduler.tell(Submit(task(ticket)))
+    scheduler.stop()
+    answers = wait_for(intake, 3)
+    assert sorted(a.ticket for a in answers) == [1, 2, 3]
+    assert {a.reply.error_code for a in answers} == {"cancelled"}
