@@ -10,6 +10,7 @@ Every VM is a transient libvirt domain named ``corral-<id>`` with:
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -329,8 +330,12 @@ class Hypervisor:
 
     def destroy(self, handle: VmHandle) -> None:
         """Destroy the domain if it still runs, then delete its overlay and socket."""
-        self.destroy_domain(handle.name)
-        self.discard_files(handle)
+        self.destroy_by_name(handle.name)
+
+    def destroy_by_name(self, name: str) -> None:
+        """Domain and files of a VM known only by name (a zombie, a leftover)."""
+        self.destroy_domain(name)
+        self.discard_files_of(name)
 
     def destroy_domain(self, name: str) -> None:
         libvirt = _libvirt()
@@ -353,10 +358,13 @@ class Hypervisor:
             raise
 
     def discard_files(self, handle: VmHandle) -> None:
-        remove_quietly(handle.overlay)
-        remove_quietly(handle.socket)
-        if handle.console_log is not None:
-            remove_quietly(handle.console_log)
+        self.discard_files_of(handle.name)
+
+    def discard_files_of(self, name: str) -> None:
+        """Every file named after the VM: overlay, channel socket, console log."""
+        for directory in (self.overlay_dir, self.run_dir):
+            for path in directory.glob(glob.escape(name) + ".*"):
+                remove_quietly(path)
 
     def corral_domains(self) -> list[str]:
         """Names of running corral domains."""

@@ -150,6 +150,11 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class BackoffOver:
+    """Timer -> PoolManager: the wait after a failed boot has passed; boot again."""
+
+
+@dataclass(frozen=True)
 class HostMemory:
     """Watchdog -> PoolManager, each tick: `short` -> destroy one idle VM and
     stay one smaller; not short -> grow back by one VM."""

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pykka
 
 from actors.directory import Directory, send
-from actors.messages import (ChildFailed, InjectFault, Retire, HostMemory,
+from actors.messages import (BackoffOver, ChildFailed, InjectFault, Retire, HostMemory,
                              Tick, VmAvailable, VmState, VmWithdrawn)
 from actors.metrics import POOL_STATES, Metrics
 from actors.timers import Timers
@@ -76,6 +76,8 @@ class PoolManager(pykka.ThreadingActor):
             self._vm_state(message)
         elif isinstance(message, Tick):
             self._tick()
+        elif isinstance(message, BackoffOver):
+            self._fill()
         elif isinstance(message, HostMemory):
             if message.short:
                 self._shed_one()
@@ -104,6 +106,7 @@ class PoolManager(pykka.ThreadingActor):
                 self.state.boot_failures += 1
                 delay = min(self.backoff_max_s, 2 ** (self.state.boot_failures - 1))
                 self.state.next_boot_at = time.monotonic() + delay
+                self.timers.call_later(delay, self.actor_ref, BackoffOver())
                 log.warning("VM %s failed to boot; next boot in %.0f s", message.vm_id, delay)
             self._fill()
             return

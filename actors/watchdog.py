@@ -79,7 +79,7 @@ class Watchdog(pykka.ThreadingActor):
         for name in unowned & self.suspects:
             log.warning("destroying zombie domain %s", name)
             try:
-                self.hypervisor.destroy_domain(name)
+                self.hypervisor.destroy_by_name(name)
             except CorralError as e:
                 log.error("cannot destroy zombie %s: %s", name, e)
         self.suspects = unowned

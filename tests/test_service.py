@@ -250,3 +250,11 @@ def test_supervisor_crash_mid_task_answers_vm_lost(service, client):
     assert future.result(timeout=30).error_code == "vm_lost"
     wait_until(lambda: not service.hypervisor.domain_exists(vm), 10, "the VM destroyed")
     wait_pool_ready(service)
+
+
+def test_watchdog_destroys_a_domain_no_supervisor_owns(service):
+    stray = service.hypervisor.create()  # as a crashed corrald would have left it
+    interval = service.cfg.watchdog.interval_s
+    wait_until(lambda: not service.hypervisor.domain_exists(stray.name), 3 * interval + 5,
+               "the zombie destroyed")
+    assert not stray.overlay.exists()
