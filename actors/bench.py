@@ -27,7 +27,7 @@ from pathlib import Path
 import config
 from actors.hypervisor import hypervisor_from_config
 from actors.guest_link import GuestLink
-from actors.hypervisor import DOMAIN_PREFIX, Hypervisor
+from actors.hypervisor import Hypervisor
 from guest.image.build import Cpio
 from protocol.bench import frame_decode_throughput
 
@@ -76,7 +76,7 @@ def busybox_initramfs(path: Path) -> None:
 def boot_busybox_to_poweroff(hypervisor: Hypervisor, initrd: Path, timeout_s: float) -> float:
     import libvirt
 
-    name = DOMAIN_PREFIX + "bench" + format(time.monotonic_ns() % 16**7, "07x")
+    name = hypervisor.prefix + "bench" + format(time.monotonic_ns() % 16**7, "07x")
     spec = hypervisor.spec_for(name, overlay=Path("/nonexistent"), socket=None)
     spec = dataclasses.replace(spec, initrd=initrd, disks=(), channel_socket=None)
     started = time.monotonic()

@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_endpoint_free(cfg.daemon.endpoint)
         hypervisor = hypervisor_from_config(cfg)
-        for name in hypervisor.reap_leftovers():
-            log.warning("reaped VM %s left by an earlier run", name)
-        if args.check:
+        if args.check:  # a check changes nothing
             print(f"corrald: checks passed (accelerator {hypervisor.accelerator}, "
                   f"image {hypervisor.image.disk.parent.name})")
             return 0
+        for name in hypervisor.reap_leftovers():
+            log.warning("reaped VM %s left by an earlier run", name)
         from actors.service import Corral  # pykka and zmq only when serving
 
         service = Corral(cfg, hypervisor, on_give_up=lambda reason: stop.set())

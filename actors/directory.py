@@ -4,6 +4,7 @@ when it restarts an actor, so senders always reach the current incarnation."""
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 
 import pykka
@@ -25,10 +26,23 @@ def send(ref, message) -> bool:
         return False
 
 
+def drain_inbox(actor) -> list:
+    """Messages still queued for an actor that is failing or stopping: pykka
+    would drop them; its on_failure/on_stop hands them on instead."""
+    drained = []
+    while True:
+        try:
+            envelope = actor.actor_inbox.get_nowait()
+        except queue.Empty:
+            return drained
+        drained.append(getattr(envelope, "message", envelope))
+
+
 class Directory:
     def __init__(self) -> None:
         self._refs: dict[str, object] = {}
         self._lock = threading.Lock()
+        self.answer_fallback = None  # set by the service: IntakeServer.post
 
     def __setitem__(self, name: str, ref) -> None:
         with self._lock:
@@ -40,6 +54,14 @@ class Directory:
 
     def tell(self, name: str, message) -> bool:
         return send(self.get(name), message)
+
+    def answer(self, ticket: int, reply) -> None:
+        """Answer a task through the Intake actor, or straight to its server
+        thread while the actor is dead or restarting: an answer is never lost."""
+        from actors.messages import Answer
+
+        if not self.tell("intake", Answer(ticket, reply)) and self.answer_fallback is not None:
+            self.answer_fallback(ticket, reply)
 
     def items(self) -> list[tuple[str, object]]:
         with self._lock:

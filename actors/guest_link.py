@@ -57,6 +57,9 @@ class GuestLink:
                 if time.monotonic() >= deadline:
                     raise GuestTimeout(f"channel socket {self.path} did not open in time") from None
                 time.sleep(0.005)
+            except OSError as e:
+                sock.close()
+                raise ChannelClosed(f"cannot connect to {self.path}: {e}") from None
 
     def close(self) -> None:
         if self.sock is not None:

@@ -205,12 +205,14 @@ class Hypervisor:
     """Creates and destroys corral VMs on one libvirt connection."""
 
     def __init__(self, uri: str, state_dir: Path, image: GuestImage, accelerator: str,
-                 memory_mib: int, vcpus: int, tmpfs_size: str = "50%", console_log: bool = False):
+                 memory_mib: int, vcpus: int, tmpfs_size: str = "50%", console_log: bool = False,
+                 instance: str = "main"):
         missing = image.missing()
         if missing:
             raise HypervisorError(
                 f"guest image missing: {missing[0]} (build it with scripts/build-guest-image)")
         self.uri = uri
+        self.prefix = f"{DOMAIN_PREFIX}{instance}-"  # this corrald's VMs, and only these
         self.image = image
         self.accelerator = accelerator
         self.memory_mib = memory_mib
@@ -314,7 +316,7 @@ class Hypervisor:
     def create(self, name: str | None = None, network: bool = False,
                memory_mib: int | None = None) -> VmHandle:
         """Overlay, then a transient domain; on any failure nothing is left behind."""
-        name = name or DOMAIN_PREFIX + uuid.uuid4().hex[:12]
+        name = name or self.new_name()
         overlay = self.overlay_dir / f"{name}.qcow2"
         socket = self.run_dir / f"{name}.sock"
         spec = self.spec_for(name, overlay, socket, network, memory_mib)
@@ -366,8 +368,11 @@ class Hypervisor:
             for path in directory.glob(glob.escape(name) + ".*"):
                 remove_quietly(path)
 
+    def new_name(self) -> str:
+        return self.prefix + uuid.uuid4().hex[:12]
+
     def corral_domains(self) -> list[str]:
-        """Names of running corral domains."""
+        """Names of this instance's running domains."""
         libvirt = _libvirt()
         try:
             domains = self.conn.listAllDomains()
@@ -375,7 +380,7 @@ class Hypervisor:
             self._reconnect()
             domains = self.conn.listAllDomains()
         return sorted(d.name() for d in domains
-                      if re.fullmatch(DOMAIN_PREFIX + r"[0-9a-f]{12}", d.name()))
+                      if re.fullmatch(re.escape(self.prefix) + r"[0-9a-f]{12}", d.name()))
 
     def reap_leftovers(self, keep: frozenset[str] = frozenset()) -> list[str]:
         """Destroy corral domains not in `keep` and delete every overlay, socket
@@ -384,7 +389,7 @@ class Hypervisor:
         for name in reaped:
             self.destroy_domain(name)
         for directory in (self.overlay_dir, self.run_dir):
-            for path in directory.glob(DOMAIN_PREFIX + "*"):
+            for path in directory.glob(glob.escape(self.prefix) + "*"):
                 if path.name.split(".", 1)[0] not in keep:
                     remove_quietly(path)
         return reaped
@@ -397,4 +402,5 @@ def hypervisor_from_config(cfg) -> Hypervisor:
     accelerator = detect_accelerator(cfg.vm.accelerator)
     log.info("accelerator: %s (vm.accelerator = %s)", accelerator, cfg.vm.accelerator)
     return Hypervisor(cfg.libvirt_uri, cfg.state_dir, guest_image(cfg.state_dir), accelerator,
-                      cfg.vm.memory_mib, cfg.vm.vcpus, cfg.vm.tmpfs_size, cfg.vm.console_log)
+                      cfg.vm.memory_mib, cfg.vm.vcpus, cfg.vm.tmpfs_size, cfg.vm.console_log,
+                      cfg.daemon.instance)

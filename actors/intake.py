@@ -12,13 +12,17 @@ dropped (and counted).
 
 The server thread outlives a crash of the Intake actor: the Root restarts the
 actor around the same server, so the ledger and the socket are never lost.
+Answers reach the server through `post()`, a thread-safe queue with a wake-up
+fd in the server's poller; an Answer that cannot reach the Intake actor (dead,
+restarting) is posted straight to the server by Directory.answer.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import struct
+import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +30,7 @@ from dataclasses import dataclass, replace
 import pykka
 import zmq
 
-from actors.directory import Directory
+from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
 from actors.metrics import Metrics
@@ -36,13 +40,15 @@ from protocol.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, Stat
                             StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.intake")
-TICKET = struct.Struct("!Q")
-STOP = b"stop"
+STOP = None  # posted instead of an answer: the server answers what is left and ends
 
 KNOWN_CAPABILITIES = frozenset({
     "base:execute", "dev:compiler", "dev:python", "fs:write_tmp", "sys:ptrace",
     "net:egress", "res:high_cpu", "res:large_mem", "dev:gpu",
 })
+UNAVAILABLE_CAPABILITIES = {
+    "dev:gpu": "capability 'dev:gpu' is not offered: this host has no GPU passthrough",
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
                            f"(known: {', '.join(sorted(KNOWN_CAPABILITIES))})")
         if name in seen:
             raise Rejected("duplicate_capability", f"capability {name!r} is asked for twice")
+        if name in UNAVAILABLE_CAPABILITIES:
+            raise Rejected("capability_unavailable", UNAVAILABLE_CAPABILITIES[name])
         seen.add(name)
     return replace(request, timeout_ms=timeout_ms, output_cap=output_cap)
 
@@ -111,7 +119,10 @@ class IntakeServer:
         self.metrics = metrics
         self.directory = directory
         self.context = zmq.Context.instance()
-        self.answers_endpoint = f"inproc://intake-answers-{id(self)}"
+        self.posted: queue.SimpleQueue = queue.SimpleQueue()  # (ticket, TaskReply) or STOP
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
         self.tickets = itertools.count(1)
         self.ledger: dict[int, tuple[bytes, str]] = {}  # ticket -> (identity, task_id)
         self.in_flight: set[tuple[bytes, str]] = set()
@@ -127,64 +138,75 @@ class IntakeServer:
         if self._error is not None:
             raise CorralError(f"cannot listen on {self.endpoint}: {self._error}")
 
+    def post(self, ticket: int, reply: TaskReply) -> None:
+        """Hand an answer to the server thread; callable from any thread."""
+        self.posted.put((ticket, reply))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except BlockingIOError:
+            pass  # already full of wake-ups: the server will drain the queue anyway
+
     def stop(self) -> None:
         if self._thread.is_alive():
-            pusher = self.context.socket(zmq.PUSH)
-            pusher.connect(self.answers_endpoint)
-            pusher.send_multipart([STOP])
-            pusher.close(linger=1000)
-            self._thread.join(5)
+            self.posted.put(STOP)
+            self._wake()
+            self._thread.join(10)
 
     def unanswered(self) -> int:
         return len(self.ledger)
 
     def _run(self) -> None:
         router = self.context.socket(zmq.ROUTER)
-        answers = self.context.socket(zmq.PULL)
         try:
             router.setsockopt(zmq.LINGER, 1000)
             router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
             router.bind(self.endpoint)
-            answers.bind(self.answers_endpoint)
         except zmq.ZMQError as e:
             self._error = e
             router.close(0)
-            answers.close(0)
             self._bound.set()
             return
         self._bound.set()
         log.info("listening on %s", self.endpoint)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(answers, zmq.POLLIN)
+        poller.register(self._wake_reader, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll())
-                if answers in events:
-                    frames = answers.recv_multipart()
-                    if frames == [STOP]:
-                        self._answer_the_rest(router, answers)
+                if self._wake_reader.fileno() in events:
+                    try:
+                        self._wake_reader.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    if not self._deliver_posted(router):
+                        self._answer_the_rest(router)
                         return
-                    self._deliver(router, TICKET.unpack(frames[0])[0], frames[1])
                 if router in events:
                     self._request(router, router.recv_multipart())
         finally:
             router.close()
-            answers.close()
 
-    def _answer_the_rest(self, router, answers) -> None:
-        """At shutdown: deliver answers already sent, then answer what is left."""
+    def _deliver_posted(self, router) -> bool:
+        """Send every posted answer; False once STOP was among them."""
         while True:
             try:
-                frames = answers.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if frames != [STOP]:
-                self._deliver(router, TICKET.unpack(frames[0])[0], frames[1])
+                item = self.posted.get_nowait()
+            except queue.Empty:
+                return True
+            if item is STOP:
+                self._deliver_posted(router)  # answers posted before STOP still go out
+                return False
+            self._deliver(router, item[0], item[1])
+
+    def _answer_the_rest(self, router) -> None:
+        """At shutdown: what no actor answered is answered here, once."""
         for ticket, (_, task_id) in list(self.ledger.items()):
-            self.metrics.tasks.labels("cancelled").inc()
-            self._deliver(router, ticket, messages.encode(
-                error_reply(task_id, "cancelled", "corrald stopped before this task finished")))
+            self._deliver(router, ticket, error_reply(
+                task_id, "cancelled", "corrald stopped before this task finished"))
 
     def _send(self, router, identity: bytes, reply) -> None:
         router.send_multipart([identity, b"", PROTOCOL_TAG, messages.encode(reply)])
@@ -216,17 +238,19 @@ class IntakeServer:
         self.in_flight.add((identity, request.task_id))
         self.metrics.accepted.inc()
         if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
-            self._deliver(router, ticket, messages.encode(error_reply(
-                request.task_id, "unavailable", "the scheduler is restarting; retry")))
+            self._deliver(router, ticket, error_reply(
+                request.task_id, "unavailable", "the scheduler is restarting; retry"))
 
-    def _deliver(self, router, ticket: int, payload: bytes) -> None:
+    def _deliver(self, router, ticket: int, reply: TaskReply) -> None:
+        """The one answer for `ticket`; any later one finds no ledger entry."""
         entry = self.ledger.pop(ticket, None)
         if entry is None:
             self.metrics.duplicate_answers.inc()
             log.error("second answer for ticket %d dropped", ticket)
             return
         self.in_flight.discard(entry)
-        router.send_multipart([entry[0], b"", PROTOCOL_TAG, payload])
+        self.metrics.tasks.labels(reply.error_code or "completed").inc()
+        router.send_multipart([entry[0], b"", PROTOCOL_TAG, messages.encode(reply)])
 
     def _status(self, request_id: str) -> StatusReply:
         depth = self.metrics.gauge_values(self.metrics.queue_depth)
@@ -240,38 +264,24 @@ class IntakeServer:
 
 
 class Intake(pykka.ThreadingActor):
-    """Where every answer goes; forwards it to the server thread that owns the socket."""
+    """The address every answer is told to; it hands each to the server thread."""
 
-    def __init__(self, server: IntakeServer, directory: Directory, metrics: Metrics):
+    def __init__(self, server: IntakeServer, directory: Directory):
         super().__init__()
         self.server = server
         self.directory = directory
-        self.metrics = metrics
-        self.pusher = None
-
-    def on_start(self) -> None:
-        self.pusher = self.server.context.socket(zmq.PUSH)
-        self.pusher.setsockopt(zmq.LINGER, 1000)
-        self.pusher.connect(self.server.answers_endpoint)
 
     def on_receive(self, message) -> None:
         if isinstance(message, Answer):
-            reply: TaskReply = message.reply
-            self.metrics.tasks.labels(reply.error_code or "completed").inc()
-            self.pusher.send_multipart([TICKET.pack(message.ticket), messages.encode(reply)])
+            self.server.post(message.ticket, message.reply)
         elif isinstance(message, InjectFault) and message.kind == "crash":
             raise RuntimeError("injected fault: intake crash")
         else:
             log.warning("intake ignores %r", message)
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
-        self._close()
+        # Answers already in the inbox must not die with this actor.
+        for message in drain_inbox(self):
+            if isinstance(message, Answer):
+                self.server.post(message.ticket, message.reply)
         self.directory.tell("root", ChildFailed("intake", repr(exception_value)))
-
-    def on_stop(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.pusher is not None:
-            self.pusher.close()
-            self.pusher = None

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pykka
 
-from actors.directory import Directory, send
+from actors.directory import Directory, drain_inbox, send
 from actors.messages import (BackoffOver, ChildFailed, InjectFault, Retire, HostMemory,
                              Tick, VmAvailable, VmState, VmWithdrawn)
 from actors.metrics import POOL_STATES, Metrics
@@ -23,6 +22,7 @@ from actors.timers import Timers
 
 log = logging.getLogger("corral.pool")
 TICK_S = 1.0
+SHUTDOWN_S = 60.0
 
 
 @dataclass
@@ -53,13 +53,15 @@ class PoolState:
 
 class PoolManager(pykka.ThreadingActor):
     def __init__(self, directory: Directory, metrics: Metrics, timers: Timers,
-                 start_supervisor: Callable[[str], Any], view: PoolView, size: int,
+                 start_supervisor: Callable[[str], Any], new_name: Callable[[], str],
+                 view: PoolView, size: int,
                  max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None):
         super().__init__()
         self.directory = directory
         self.metrics = metrics
         self.timers = timers
         self.start_supervisor = start_supervisor
+        self.new_name = new_name
         self.view = view
         self.size = size
         self.max_age_s = max_age_s
@@ -141,7 +143,7 @@ class PoolManager(pykka.ThreadingActor):
         if self.stopping:
             return
         while len(self.state.vms) < self.size - self.state.shed and time.monotonic() >= self.state.next_boot_at:
-            vm_id = "corral-" + uuid.uuid4().hex[:12]
+            vm_id = self.new_name()
             # Published before the Supervisor creates the domain: never a zombie.
             self.state.vms[vm_id] = PoolVm(supervisor=None)
             self.view.owned = frozenset(self.state.vms)
@@ -158,13 +160,26 @@ class PoolManager(pykka.ThreadingActor):
             self.metrics.pool_vms.labels(state).set(count)
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
+        # VM state changes still in the inbox go into the salvage, not the bin.
+        self.stopping = True  # the successor refills; this one starts nothing more
+        for message in drain_inbox(self):
+            if isinstance(message, VmState):
+                self._vm_state(message)
         self.directory.tell("root", ChildFailed("pool", repr(exception_value), salvage=self.state))
 
     def on_stop(self) -> None:
-        """Shutdown: each Supervisor destroys its VM and answers its task."""
+        """Shutdown: each Supervisor destroys its VM and answers its task, all at
+        once (destroys take seconds each), waited for against one deadline."""
         self.stopping = True
+        stopping = []
         for vm in self.state.vms.values():
             try:
-                vm.supervisor.stop(timeout=30)
+                stopping.append(vm.supervisor.stop(block=False))
+            except pykka.ActorDeadError:
+                pass
+        deadline = time.monotonic() + SHUTDOWN_S
+        for future in stopping:
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass

@@ -43,6 +43,7 @@ class Root(pykka.ThreadingActor):
         self.window_s = window_s
         self.give_up = give_up
         self.restarts: deque[float] = deque()
+        self.stopping = False
 
     def on_start(self) -> None:
         self.directory["root"] = self.actor_ref
@@ -58,6 +59,8 @@ class Root(pykka.ThreadingActor):
             self._child_failed(message)
 
     def _child_failed(self, failure: ChildFailed) -> None:
+        if self.stopping:
+            return  # shutting down: nothing is restarted
         current = self.directory.get(failure.name)
         if current is not None and current.is_alive():
             return  # already replaced (the watchdog may report a death the Root handled)
@@ -74,11 +77,14 @@ class Root(pykka.ThreadingActor):
         self.metrics.actor_restarts.labels(failure.name).inc()
         self.directory[failure.name] = self.factories[failure.name](failure.salvage)
 
-    def stop_children(self) -> None:
+    def stop_children(self, timeout_s: float = 90.0) -> None:
+        """Stop in reverse start order: the Watchdog first, so nothing is reaped
+        or restarted mid-shutdown; Intake and IOGuard last, to carry the answers."""
+        self.stopping = True
         for name in reversed(list(self.factories)):
             ref = self.directory.get(name)
             if ref is not None:
                 try:
-                    ref.stop(timeout=10)
-                except pykka.ActorDeadError:
-                    pass
+                    ref.stop(timeout=timeout_s)
+                except (pykka.ActorDeadError, pykka.Timeout):
+                    log.error("%s did not stop within %.0f s", name, timeout_s)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import pykka
 
-from actors.directory import Directory
-from actors.messages import (Answer, ChildFailed, InjectFault, Requeue, RunTask, Submit, Task,
+from actors.directory import Directory, drain_inbox
+from actors.messages import (ChildFailed, InjectFault, Requeue, RunTask, Submit, Task, Tick,
                              VmAvailable, VmWithdrawn)
 from actors.metrics import Metrics
+from actors.timers import Timers
 from protocol.tasks import PRIORITY_NAMES, error_reply
 
 log = logging.getLogger("corral.scheduler")
@@ -31,15 +32,27 @@ class SchedulerState:
 
     queues: list[deque] = field(default_factory=lambda: [deque() for _ in LEVEL_NAMES])
     available: OrderedDict = field(default_factory=OrderedDict)  # vm_id -> Supervisor ref
+    queued_bytes: int = 0
+
+
+def task_bytes(task: Task) -> int:
+    """What a queued task holds in memory, near enough to bound the queue by."""
+    request = task.request
+    return (len(request.stdin) + sum(map(len, request.argv))
+            + sum(len(k) + len(v) for k, v in request.env) + len(request.cwd))
 
 
 class Scheduler(pykka.ThreadingActor):
-    def __init__(self, directory: Directory, metrics: Metrics, max_depth: int,
-                 retry_after_ms: int = 1000, state: SchedulerState | None = None):
+    def __init__(self, directory: Directory, metrics: Metrics, timers: Timers, max_depth: int,
+                 max_queued_bytes: int, max_wait_s: float, retry_after_ms: int = 1000,
+                 state: SchedulerState | None = None):
         super().__init__()
         self.directory = directory
         self.metrics = metrics
+        self.timers = timers
         self.max_depth = max_depth
+        self.max_queued_bytes = max_queued_bytes
+        self.max_wait_s = max_wait_s
         self.retry_after_ms = retry_after_ms
         self.state = state or SchedulerState()
 
@@ -50,12 +63,16 @@ class Scheduler(pykka.ThreadingActor):
     def on_start(self) -> None:
         self._publish_depth()
         self._dispatch()
+        self.timers.call_later(1.0, self.actor_ref, Tick())
 
     def on_receive(self, message) -> None:
         if isinstance(message, Submit):
             self._submit(message.task)
         elif isinstance(message, Requeue):
-            self.state.queues[message.task.priority].appendleft(message.task)
+            self._enqueue(message.task, front=True)
+        elif isinstance(message, Tick):
+            self._expire_waiting()
+            self.timers.call_later(1.0, self.actor_ref, Tick())
         elif isinstance(message, VmAvailable):
             self.state.available[message.vm_id] = message.supervisor
         elif isinstance(message, VmWithdrawn):
@@ -70,36 +87,72 @@ class Scheduler(pykka.ThreadingActor):
 
     def _submit(self, task: Task) -> None:
         if self.depth >= self.max_depth:
-            self.directory.tell("intake", Answer(task.ticket, error_reply(
-                task.request.task_id, "busy",
-                f"queue full ({self.max_depth} tasks waiting); retry later",
-                retry_after_ms=self.retry_after_ms)))
-            return
-        self.state.queues[task.priority].append(task)
+            return self._refuse(task, f"queue full ({self.max_depth} tasks waiting); retry later")
+        if self.state.queued_bytes + task_bytes(task) > self.max_queued_bytes:
+            return self._refuse(task, f"queued tasks hold {self.state.queued_bytes} bytes of input, "
+                                      f"the limit is {self.max_queued_bytes}; retry later")
+        self._enqueue(task)
+
+    def _refuse(self, task: Task, text: str) -> None:
+        self.directory.answer(task.ticket, error_reply(task.request.task_id, "busy", text,
+                                                       retry_after_ms=self.retry_after_ms))
+
+    def _enqueue(self, task: Task, front: bool = False) -> None:
+        queue = self.state.queues[task.priority]
+        queue.appendleft(task) if front else queue.append(task)
+        self.state.queued_bytes += task_bytes(task)
+
+    def _take(self) -> Task | None:
+        task = next((q.popleft() for q in self.state.queues if q), None)
+        if task is not None:
+            self.state.queued_bytes -= task_bytes(task)
+        return task
+
+    def _expire_waiting(self) -> None:
+        """No VM for too long (boots failing, pool shed): answer rather than hold forever."""
+        now = time.monotonic()
+        for queue in self.state.queues:
+            for task in [t for t in queue if now - t.accepted_at > self.max_wait_s]:
+                queue.remove(task)
+                self.state.queued_bytes -= task_bytes(task)
+                self.directory.answer(task.ticket, error_reply(
+                    task.request.task_id, "unavailable",
+                    f"no VM became free within {self.max_wait_s:g} s; retry later",
+                    retry_after_ms=self.retry_after_ms))
 
     def _dispatch(self) -> None:
         while self.state.available:
-            task = next((q.popleft() for q in self.state.queues if q), None)
+            task = self._take()
             if task is None:
                 return
             vm_id, supervisor = self.state.available.popitem(last=False)
             try:
                 supervisor.tell(RunTask(task, assigned_at=time.monotonic()))
             except pykka.ActorDeadError:
-                self.state.queues[task.priority].appendleft(task)  # that VM is gone; try the next
+                self._enqueue(task, front=True)  # that VM is gone; try the next
 
     def _publish_depth(self) -> None:
         for level, name in LEVEL_NAMES.items():
             self.metrics.queue_depth.labels(name).set(len(self.state.queues[level]))
 
     def on_stop(self) -> None:
-        for queue in self.state.queues:
-            while queue:
-                task = queue.popleft()
-                self.directory.tell("intake", Answer(task.ticket, error_reply(
-                    task.request.task_id, "cancelled", "corrald is shutting down")))
+        self._take_inbox()
+        while (task := self._take()) is not None:
+            self.directory.answer(task.ticket, error_reply(
+                task.request.task_id, "cancelled", "corrald is shutting down"))
         self._publish_depth()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
-        # The queue survives the crash: the successor takes it over.
+        # The queue survives the crash, with what was still in the inbox:
+        # the successor takes it over.
+        self._take_inbox()
         self.directory.tell("root", ChildFailed("scheduler", repr(exception_value), salvage=self.state))
+
+    def _take_inbox(self) -> None:
+        for message in drain_inbox(self):
+            if isinstance(message, (Submit, Requeue)):
+                self._enqueue(message.task, front=isinstance(message, Requeue))
+            elif isinstance(message, VmAvailable):
+                self.state.available[message.vm_id] = message.supervisor
+            elif isinstance(message, VmWithdrawn):
+                self.state.available.pop(message.vm_id, None)

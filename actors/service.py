@@ -60,6 +60,7 @@ class Corral:
             boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
             reset_timeout_s=cfg.pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
             max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict)
+        self.directory.answer_fallback = self.server.post
         self.pool_view = PoolView()
         self.root = None
 
@@ -72,12 +73,14 @@ class Corral:
                 burst_bytes=cfg.ioguard.burst_bytes, rate_bytes_per_s=cfg.ioguard.rate_bytes_per_s,
                 frames_per_s=cfg.ioguard.frames_per_s, frames_burst=cfg.ioguard.frames_burst,
                 directory=self.directory),
-            "intake": lambda salvage: Intake.start(self.server, self.directory, self.metrics),
+            "intake": lambda salvage: Intake.start(self.server, self.directory),
             "scheduler": lambda salvage: Scheduler.start(
-                self.directory, self.metrics, cfg.tasks.queue_depth,
+                self.directory, self.metrics, self.timers, cfg.tasks.queue_depth,
+                cfg.tasks.max_queued_bytes, cfg.tasks.max_queue_wait_s,
                 retry_after_ms=int(cfg.tasks.busy_retry_after_s * 1000), state=salvage),
             "pool": lambda salvage: PoolManager.start(
-                self.directory, self.metrics, self.timers, self._start_supervisor, self.pool_view, cfg.pool.size,
+                self.directory, self.metrics, self.timers, self._start_supervisor, self.hypervisor.new_name,
+                self.pool_view, cfg.pool.size,
                 cfg.pool.max_age_s, cfg.pool.boot_backoff_max_s, state=salvage),
             "watchdog": lambda salvage: Watchdog.start(
                 self.directory, self.hypervisor, self.timers, self.pool_view,
@@ -107,10 +110,12 @@ class Corral:
     def stop(self) -> None:
         """Answer everything, destroy every VM, release the endpoint."""
         self.server.accepting = False
-        if self.root is not None:
-            self.root.proxy().stop_children().get(timeout=120)
-            self.root.stop()
-        self.server.stop()
-        self.timers.stop()
-        if self.owns_hypervisor:
-            self.hypervisor.close()
+        try:
+            if self.root is not None:
+                self.root.proxy().stop_children().get(timeout=600)
+                self.root.stop()
+        finally:
+            self.server.stop()  # answers whatever no actor did
+            self.timers.stop()
+            if self.owns_hypervisor:
+                self.hypervisor.close()

@@ -24,11 +24,11 @@ from typing import Any
 
 import pykka
 
-from actors.directory import Directory
+from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.guest_link import GuestLink
 from actors.hypervisor import Hypervisor
-from actors.messages import (Answer, ChannelFailed, DeadlinePassed, GuestSaid, InjectFault, Requeue,
+from actors.messages import (ChannelFailed, DeadlinePassed, GuestSaid, InjectFault, Requeue,
                              Retire, RunTask, Task, Unwatch, VmState, Watch)
 from actors.metrics import Metrics
 from actors.timers import Timers
@@ -103,7 +103,7 @@ class Supervisor(pykka.ThreadingActor):
             self.link = GuestLink(self.handle.socket)
             self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
             self.link.sock.settimeout(SEND_TIMEOUT_S)
-        except CorralError as e:
+        except Exception as e:  # pykka calls no hook for on_start failures: end cleanly here
             log.warning("VM %s: cannot start: %s", self.vm_id, e)
             self._end("boot_failed")
             return
@@ -113,7 +113,7 @@ class Supervisor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> None:
         if self.state == "gone":
             if isinstance(message, RunTask):  # raced with our end: someone else runs it
-                self.directory.tell("scheduler", Requeue(message.task))
+                self._requeue(message.task)
             return
         if isinstance(message, GuestSaid):
             self._guest_said(message.message)
@@ -142,10 +142,18 @@ class Supervisor(pykka.ThreadingActor):
         """One-for-one: a crashed Supervisor takes only its own VM down."""
         log.error("VM %s supervisor crashed: %r", self.vm_id, exception_value)
         self._fail("vm_lost", "the VM's supervisor failed", stop=False)
+        self._requeue_stranded()
 
     def on_stop(self) -> None:
         if self.state != "gone":
             self._fail("cancelled", "corrald is shutting down", stop=False)
+        self._requeue_stranded()
+
+    def _requeue_stranded(self) -> None:
+        """A RunTask that arrived after this VM ended would die with the inbox."""
+        for message in drain_inbox(self):
+            if isinstance(message, RunTask):
+                self._requeue(message.task)
 
     # --- guest messages --------------------------------------------------------
 
@@ -187,7 +195,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _run_task(self, message: RunTask) -> None:
         if self.state != "ready":
-            self.directory.tell("scheduler", Requeue(message.task))
+            self._requeue(message.task)
             return
         self.current = RunningTask(message.task, message.assigned_at)
         self._set_state("acquiring", self.settings.acquire_timeout_s)
@@ -203,14 +211,16 @@ class Supervisor(pykka.ThreadingActor):
         self.metrics.acquire_seconds.observe(running.acquired_at - running.assigned_at)
         request = running.task.request
         running.exec_id = self._new_id()
-        # The dead-man's switch counts from assignment, as callers see it.
+        # Both clocks count from assignment, as callers see it: the guest kills
+        # the command at the timeout, the dead-man's switch 5 s later.
         deadman_at = running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s
         self._set_state("running", deadman_at - time.monotonic())
+        timeout_left_ms = request.timeout_ms - _ms(running.acquired_at - running.assigned_at)
         try:
             self.link.send(guest.Exec(
                 exec_id=running.exec_id, argv=request.argv, env=request.env, cwd=request.cwd,
-                stdin=request.stdin, timeout_ms=request.timeout_ms, output_cap=request.output_cap,
-                as_root=False))
+                stdin=request.stdin, timeout_ms=max(1, timeout_left_ms),
+                output_cap=request.output_cap, as_root=False))
         except CorralError as e:
             self._fail("vm_lost", f"the VM stopped taking input ({e})")
 
@@ -268,7 +278,7 @@ class Supervisor(pykka.ThreadingActor):
             self._end("boot_failed")
         elif self.state == "acquiring":
             # The command never started: another VM can run it.
-            self.directory.tell("scheduler", Requeue(self.current.task))
+            self._requeue(self.current.task)
             self.current = None
             self._end("acquire_timeout")
         elif self.state == "running":
@@ -297,15 +307,21 @@ class Supervisor(pykka.ThreadingActor):
         """End the VM; the task on it (if its command started) gets `code`."""
         if self.current is not None:
             if self.state == "acquiring":
-                self.directory.tell("scheduler", Requeue(self.current.task))
+                self._requeue(self.current.task)
                 self.current = None
             else:
                 self._answer(error_reply(self.current.task.request.task_id, code, text))
         self._end(reason or code, stop=stop)
 
     def _answer(self, reply: TaskReply) -> None:
-        self.directory.tell("intake", Answer(self.current.task.ticket, reply))
+        self.directory.answer(self.current.task.ticket, reply)
         self.current = None
+
+    def _requeue(self, task: Task) -> None:
+        """Back to the Scheduler; if it is restarting, the task is answered instead."""
+        if not self.directory.tell("scheduler", Requeue(task)):
+            self.directory.answer(task.ticket, error_reply(
+                task.request.task_id, "unavailable", "the scheduler was restarting; retry"))
 
     def _end(self, reason: str, stop: bool = True) -> None:
         if self.state == "gone":

@@ -43,6 +43,7 @@ class Watchdog(pykka.ThreadingActor):
         self.interval_s = interval_s
         self.min_available_mib = min_available_mib
         self.suspects: set[str] = set()
+        self.dead_seen: set[str] = set()
 
     def on_start(self) -> None:
         self.timers.call_later(self.interval_s, self.actor_ref, Tick())
@@ -50,19 +51,28 @@ class Watchdog(pykka.ThreadingActor):
     def on_receive(self, message) -> None:
         if not isinstance(message, Tick):
             return
-        try:
-            self._check_actors()
-            self._check_memory()
-            self._reap_zombies()
-        finally:
-            self.timers.call_later(self.interval_s, self.actor_ref, Tick())
+        for check in (self._check_actors, self._check_memory, self._reap_zombies):
+            try:
+                check()
+            except Exception:  # one failing check must not end the others, or the watchdog
+                log.exception("watchdog check %s failed", check.__name__)
+        self.timers.call_later(self.interval_s, self.actor_ref, Tick())
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self.directory.tell("root", ChildFailed("watchdog", repr(exception_value)))
 
     def _check_actors(self) -> None:
+        """A dead actor normally reports itself (with its state) as it fails;
+        only one seen dead on two ticks running is reported from here."""
+        dead = set()
         for name in CORE_ACTORS:
             ref = self.directory.get(name)
             if ref is not None and not ref.is_alive():
-                log.error("actor %s found dead", name)
-                self.directory.tell("root", ChildFailed(name, "found dead by the watchdog"))
+                dead.add(name)
+                if name in self.dead_seen:
+                    log.error("actor %s found dead", name)
+                    self.directory.tell("root", ChildFailed(name, "found dead by the watchdog"))
+        self.dead_seen = dead
 
     def _check_memory(self) -> None:
         short = available_mib() < self.min_available_mib

@@ -39,6 +39,7 @@ class VmConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     endpoint: str = field(metadata={"pattern": "endpoint"})
+    instance: str = field(metadata={"pattern": "instance"})
     log_level: str = field(metadata=_choices("debug", "info", "warning", "error"))
 
 
@@ -62,7 +63,10 @@ class TasksConfig:
     default_output_cap: int = field(metadata=_range(0, 16 << 20))
     max_output_cap: int = field(metadata=_range(0, 16 << 20))
     deadman_grace_s: float = field(metadata=_range(0.1, 600))
-    max_request_bytes: int = field(metadata=_range(4096, 64 << 20))
+    # An Exec must fit a 16 MiB frame: requests stay 64 KiB below it.
+    max_request_bytes: int = field(metadata=_range(4096, (16 << 20) - (64 << 10)))
+    max_queued_bytes: int = field(metadata=_range(1 << 20, 1 << 40))
+    max_queue_wait_s: float = field(metadata=_range(1, 86400))
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,12 @@ def _check_endpoint(key: str, value: str) -> None:
         raise ConfigError(f"config: {key} = {value!r} must be an ipc:///path or tcp://host:port endpoint")
 
 
-CHECKS = {"size": _check_size, "endpoint": _check_endpoint}
+def _check_instance(key: str, value: str) -> None:
+    if not (1 <= len(value) <= 16 and value.isascii() and value.isalnum() and value.islower()):
+        raise ConfigError(f"config: {key} = {value!r} must be 1 to 16 lower-case letters or digits")
+
+
+CHECKS = {"size": _check_size, "endpoint": _check_endpoint, "instance": _check_instance}
 
 
 def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:

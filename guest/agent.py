@@ -115,8 +115,9 @@ class Channel:
         self.write_lock = threading.Lock()
 
     def send(self, message) -> None:
-        data = memoryview(self.encoder.encode(messages.encode(message)))
-        with self.write_lock:
+        payload = messages.encode(message)
+        with self.write_lock:  # sequence ids must go out in the order they are given
+            data = memoryview(self.encoder.encode(payload))
             while data:
                 # Blocks while the host does not read: that is the backpressure.
                 written = os.write(self.fd, data)
@@ -170,34 +171,41 @@ class ExecRun(threading.Thread):
         account = pwd.getpwuid(0) if request.as_root else pwd.getpwnam(TASK_USER)
         home = account.pw_dir.encode()
         started = time.monotonic()
-        try:
-            self.proc = subprocess.Popen(
-                list(request.argv),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=request.cwd or home,
-                env=self._environment(home, account.pw_name.encode()),
-                user=account.pw_uid, group=account.pw_gid, extra_groups=[],
-                start_new_session=True, close_fds=True, umask=0o022,
-            )
-        except OSError as e:
+        # Under the spawn lock until tracked: the reaper must not take this
+        # child for an orphan (every child of PID 1 has PPid 1).
+        spawn_error = None
+        with self.agent.spawn_lock:
+            try:
+                self.proc = subprocess.Popen(
+                    list(request.argv),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    cwd=request.cwd or home,
+                    env=self._environment(home, account.pw_name.encode()),
+                    user=account.pw_uid, group=account.pw_gid, extra_groups=[],
+                    start_new_session=True, close_fds=True, umask=0o022,
+                )
+                self.agent.track(self.proc.pid)
+            except OSError as e:
+                spawn_error = e
+        if spawn_error is not None:
             # Like a shell: command not found is 127, not executable 126.
-            code = 127 if isinstance(e, FileNotFoundError) else 126
-            name = os.fsdecode(request.argv[0])
+            code = 127 if isinstance(spawn_error, FileNotFoundError) else 126
+            # The missing file may be the command or the working directory.
+            name = os.fsdecode(spawn_error.filename or request.argv[0])
             self.agent.channel.send(messages.Output(
                 exec_id=request.exec_id, stream=2,
-                data=f"corral-agent: {name}: {e.strerror}\n".encode()))
+                data=f"corral-agent: {name}: {spawn_error.strerror}\n".encode(errors="surrogateescape")))
             return messages.Exit(exec_id=request.exec_id, exit_code=code, signal=0, timed_out=False,
                                  stdout_truncated=False, stderr_truncated=False,
                                  wall_ms=int((time.monotonic() - started) * 1000),
                                  user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0)
-        self.agent.track(self.proc.pid)
         threading.Thread(target=self._feed_stdin, daemon=True).start()
         deadline = started + request.timeout_ms / 1000 if request.timeout_ms else None
         timed_out, truncated = self._pump_output(deadline)
         _, status, usage = os.wait4(self.proc.pid, 0)
         self.proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
         self.agent.untrack(self.proc.pid)
-        reap_orphans(keep=self.agent.tracked_pids())  # the killed group's orphans, now
+        self.agent.reap()  # the killed group's orphans, now
         wall_ms = int((time.monotonic() - started) * 1000)
         signalled = os.WIFSIGNALED(status)
         return messages.Exit(
@@ -284,6 +292,7 @@ class Agent:
         self.lock = threading.Lock()
         self.current: ExecRun | None = None
         self.tracked: set[int] = set()
+        self.spawn_lock = threading.Lock()
         self.task_account = pwd.getpwnam(TASK_USER)
 
     def track(self, pid: int) -> None:
@@ -343,7 +352,7 @@ class Agent:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            reap_orphans(keep=set())
+            self.reap()
             if time.monotonic() > deadline:
                 return False, f"task processes survive: {pids[:10]}"
             time.sleep(0.005)
@@ -360,14 +369,20 @@ class Agent:
             shutil.rmtree(home, ignore_errors=True)
             os.mkdir(home, 0o750)
             os.chown(home, uid, self.task_account.pw_gid)
-        except OSError as e:
-            return False, f"wipe failed: {e}"
+            # SysV shared memory, queues and semaphores outlive processes.
+            subprocess.run(["ipcrm", "--all"], capture_output=True, timeout=5, check=True)
+        except Exception as e:  # e.g. RecursionError on a deep tree: a failed reset, not a dead PID 1
+            return False, f"wipe failed: {e!r}"[:messages.MAX_RESET_DETAIL_LEN]
         return True, ""
+
+    def reap(self) -> None:
+        with self.spawn_lock:
+            reap_orphans(self.tracked_pids())
 
     def reaper(self) -> None:
         while True:
             time.sleep(1)
-            reap_orphans(self.tracked_pids())
+            self.reap()
 
     def serve(self) -> None:
         threading.Thread(target=self.reaper, name="reaper", daemon=True).start()

@@ -16,7 +16,8 @@ STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 
 @pytest.fixture(scope="session")
 def cfg() -> config.Config:
-    return config.load(overrides={"state_dir": str(STATE_DIR)})
+    # Its own instance: the tests' VMs and an operator's corrald never reap each other's.
+    return config.load(overrides={"state_dir": str(STATE_DIR), "daemon": {"instance": "test"}})
 
 
 @pytest.fixture(scope="session")

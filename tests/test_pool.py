@@ -3,6 +3,7 @@ the pool full, offers ready VMs, backs off failing boots, retires old VMs and
 sheds idle ones under memory pressure."""
 
 import time
+import uuid
 
 import pykka
 import pytest
@@ -30,7 +31,8 @@ def pool_parts():
     view = PoolView()
 
     def make(size=2, max_age_s=300.0):
-        pool = PoolManager.start(directory, Metrics(), timers, start_supervisor, view, size, max_age_s,
+        pool = PoolManager.start(directory, Metrics(), timers, start_supervisor,
+                                 lambda: f"corral-test-{uuid.uuid4().hex[:12]}", view, size, max_age_s,
                                  backoff_max_s=30.0)
         directory["pool"] = pool
         return pool

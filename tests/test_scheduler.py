@@ -2,6 +2,7 @@
 a crash that hands the queue to its successor. The pool is played by a
 recording actor that holds no VM (a pool held busy)."""
 
+import dataclasses
 import threading
 import time
 
@@ -12,6 +13,7 @@ from actors.directory import Directory
 from actors.messages import Answer, Requeue, RunTask, Submit, Task, VmAvailable
 from actors.metrics import Metrics
 from actors.scheduler import Scheduler
+from actors.timers import Timers
 from protocol.tasks import CRITICAL, LOW, NORMAL, TaskRequest
 
 
@@ -49,10 +51,13 @@ def actors():
     directory = Directory()
     intake, vm = Recorder.start(), Recorder.start()
     directory["intake"] = intake
-    scheduler = Scheduler.start(directory, Metrics(), max_depth=1000, retry_after_ms=750)
+    timers = Timers()
+    scheduler = Scheduler.start(directory, Metrics(), timers, max_depth=1000, max_queued_bytes=1 << 30,
+                                max_wait_s=600, retry_after_ms=750)
     directory["scheduler"] = scheduler
     yield directory, scheduler, intake, vm
     pykka.ActorRegistry.stop_all()
+    timers.stop()
 
 
 def test_the_1001st_task_is_refused_at_once_and_the_queue_is_untouched(actors):
@@ -107,3 +112,26 @@ def test_stopping_answers_every_queued_task(actors):
     answers = wait_for(intake, 3)
     assert sorted(a.ticket for a in answers) == [1, 2, 3]
     assert {a.reply.error_code for a in answers} == {"cancelled"}
+
+
+def test_queued_input_bytes_are_bounded(actors):
+    directory, scheduler, intake, vm = actors
+    small = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=1000,
+                            max_queued_bytes=1 << 20, max_wait_s=600)
+    big = lambda ticket: Task(ticket, dataclasses.replace(task(ticket).request, stdin=b"x" * (600 << 10)),
+                              time.monotonic())
+    small.tell(Submit(big(1)))
+    small.tell(Submit(big(2)))  # 1.2 MiB queued would pass the 1 MiB bound
+    (answer,) = wait_for(intake, 1)
+    assert answer.ticket == 2 and answer.reply.error_code == "busy"
+    assert small.proxy().depth.get() == 1
+
+
+def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):
+    directory, scheduler, intake, vm = actors
+    impatient = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=10,
+                                max_queued_bytes=1 << 20, max_wait_s=1)
+    impatient.tell(Submit(task(7)))
+    (answer,) = wait_for(intake, 1, timeout_s=5)
+    assert answer.ticket == 7 and answer.reply.error_code == "unavailable"
+    assert impatient.proxy().depth.get() == 0

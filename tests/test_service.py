@@ -54,7 +54,8 @@ def service(hypervisor, tmp_path_factory):
     from actors.service import Corral
 
     endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
-    cfg = config.load(overrides={"daemon": {"endpoint": endpoint}, "pool": {"size": POOL_SIZE}})
+    cfg = config.load(overrides={"daemon": {"endpoint": endpoint, "instance": "test"},
+                                 "pool": {"size": POOL_SIZE}})
     svc = Corral(cfg, hypervisor)
     svc.start()
     try:

@@ -142,3 +142,9 @@ def test_destroy_removes_domain_overlay_and_socket(hypervisor, cfg):
     assert not hypervisor.domain_exists(handle.name)
     assert not handle.overlay.exists()
     assert not Path(handle.socket).exists()
+
+
+def test_missing_working_directory_is_named(booted_vm):
+    result = booted_vm.run("true", cwd=b"/no/such/dir")
+    assert result.exit.exit_code == 127
+    assert b"/no/such/dir" in result.stderr
