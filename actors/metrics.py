@@ -6,7 +6,8 @@ Intake reads the gauges to answer `corral status` without asking any actor.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from protocol.tasks import PRIORITY_NAMES
 
@@ -46,9 +47,48 @@ class Metrics:
         for state in POOL_STATES:
             self.pool_vms.labels(state)
 
+    def serve(self, address: str, port: int) -> int:
+        """Serve /metrics over HTTP from a thread of its own; returns the port bound."""
+        try:
+            self.http_server, _ = start_http_server(port, address, registry=self.registry)
+        except OSError as e:
+            from actors.errors import CorralError
+            raise CorralError(f"cannot serve metrics on {address}:{port} ({e.strerror}); "
+                              "set metrics.port to a free port") from None
+        return self.http_server.server_port
+
+    def close(self) -> None:
+        server = getattr(self, "http_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def watch_ioguard(self, stats) -> None:
+        """IOGuard's own counters, read at scrape time (`stats` returns its totals)."""
+        self.registry.register(IoGuardCollector(stats))
+
     def gauge_values(self, gauge: Gauge) -> dict[str, int]:
         return {sample.labels[gauge._labelnames[0]]: int(sample.value)
                 for metric in gauge.collect() for sample in metric.samples}
 
     def counter_total(self, counter: Counter) -> int:
         return int(sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))
+
+
+class IoGuardCollector:
+    """Exports IOGuard's running totals; asks it only when Prometheus scrapes."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        totals = self.stats() or {}
+        for name, key, help_text in (
+                ("corral_ioguard_read_bytes", "bytes_read", "Bytes read from guest channels"),
+                ("corral_ioguard_read_frames", "frames_read", "Frames read from guest channels"),
+                ("corral_ioguard_throttled_seconds", "throttled_s",
+                 "Time guest channels were not read for want of tokens"),
+                ("corral_ioguard_stalls", "stalls", "Times a guest channel ran out of tokens")):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], float(totals.get(key, 0)))
+            yield family

@@ -91,6 +91,13 @@ class Corral:
         return Supervisor.start(vm_id, self.directory, self.hypervisor, self.timers, self.metrics,
                                 self.vm_settings)
 
+    def _ioguard_totals(self) -> dict:
+        ioguard = self.directory.get("ioguard")
+        try:
+            return ioguard.proxy().stats().get(timeout=2)["total"] if ioguard else {}
+        except Exception:  # a scrape must not fail because IOGuard is restarting
+            return {}
+
     def _give_up(self, reason: str) -> None:
         self.give_up_reason = reason
         self.gave_up.set()
@@ -102,6 +109,8 @@ class Corral:
     def start(self) -> None:
         return_large_buffers_to_the_os()
         self.server.start()  # binds first: a busy endpoint fails before any VM boots
+        self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
+        self.metrics.watch_ioguard(self._ioguard_totals)
         self.root = Root.start(self.directory, self._factories(), self.metrics,
                                self.cfg.supervision.max_restarts, self.cfg.supervision.window_s,
                                self._give_up)
@@ -117,5 +126,6 @@ class Corral:
         finally:
             self.server.stop()  # answers whatever no actor did
             self.timers.stop()
+            self.metrics.close()
             if self.owns_hypervisor:
                 self.hypervisor.close()

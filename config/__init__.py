@@ -44,6 +44,12 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    address: str = field()
+    port: int = field(metadata=_range(0, 65535))
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     size: int = field(metadata=_range(0, 256))
     max_uses: int = field(metadata=_range(1, 1_000_000))
@@ -95,6 +101,7 @@ class Config:
     libvirt_uri: str = field()
     vm: VmConfig = field()
     daemon: DaemonConfig = field()
+    metrics: MetricsConfig = field()
     pool: PoolConfig = field()
     tasks: TasksConfig = field()
     ioguard: IoGuardConfig = field()

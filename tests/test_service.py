@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -55,7 +56,7 @@ def service(hypervisor, tmp_path_factory):
 
     endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
     cfg = config.load(overrides={"daemon": {"endpoint": endpoint, "instance": "test"},
-                                 "pool": {"size": POOL_SIZE}})
+                                 "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
     svc = Corral(cfg, hypervisor)
     svc.start()
     try:
@@ -259,3 +260,27 @@ def test_watchdog_destroys_a_domain_no_supervisor_owns(service):
     wait_until(lambda: not service.hypervisor.domain_exists(stray.name), 3 * interval + 5,
                "the zombie destroyed")
     assert not stray.overlay.exists()
+
+
+def scrape(service) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read()
+    samples = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_endpoint_moves_with_real_tasks(service, client):
+    before = scrape(service)
+    for _ in range(3):
+        assert client.run(["echo", "metrics"]).exit_code == 0
+    after = scrape(service)
+    completed = 'corral_tasks_total{outcome="completed"}'
+    assert after[completed] == before.get(completed, 0) + 3
+    assert after["corral_tasks_accepted_total"] == before["corral_tasks_accepted_total"] + 3
+    assert after['corral_pool_vms{state="ready"}'] + after['corral_pool_vms{state="resetting"}'] >= 1
+    assert 'corral_queue_depth{priority="critical"}' in after
+    assert after["corral_ioguard_read_bytes_total"] > before["corral_ioguard_read_bytes_total"]
+    assert after["corral_task_run_seconds_count"] == before["corral_task_run_seconds_count"] + 3
