@@ -26,7 +26,7 @@ from pathlib import Path
 
 import config
 from actors.hypervisor import hypervisor_from_config
-from actors.guest_link import GuestLink
+from actors.guest_link import booted_vm
 from actors.hypervisor import Hypervisor
 from guest.image.build import Cpio
 from protocol.bench import frame_decode_throughput
@@ -51,16 +51,8 @@ def summary(samples: list[float]) -> str:
 
 def boot_to_hello(hypervisor: Hypervisor, timeout_s: float) -> float:
     started = time.monotonic()
-    handle = hypervisor.create()
-    link = GuestLink(handle.socket)
-    try:
-        deadline = started + timeout_s
-        link.connect(deadline)
-        link.wait_hello(deadline)
+    with booted_vm(hypervisor, timeout_s):
         return time.monotonic() - started
-    finally:
-        link.close()
-        hypervisor.destroy(handle)
 
 
 def busybox_initramfs(path: Path) -> None:
@@ -123,37 +115,21 @@ def bench_frames(total_mib: int) -> None:
 
 def bare_link_true(hypervisor: Hypervisor, cfg: config.Config, runs: int) -> list[float]:
     """`true` over a GuestLink on one booted VM: the guest's own cost."""
-    handle = hypervisor.create()
-    link = GuestLink(handle.socket)
-    try:
-        deadline = time.monotonic() + cfg.vm.boot_timeout_s
-        link.connect(deadline)
-        link.wait_hello(deadline)
+    with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (_, link, _):
         samples = []
         for _ in range(runs + 3):
             started = time.monotonic()
             link.run([b"true"], time.monotonic() + 30)
             samples.append(time.monotonic() - started)
         return samples[3:]  # the first commands pay TCG's translation
-    finally:
-        link.close()
-        hypervisor.destroy(handle)
 
 
 def cold_vm_per_task(hypervisor: Hypervisor, cfg: config.Config, tasks: int) -> float:
     """Tasks per second when every task boots, runs `true` in, and destroys its own VM."""
     started = time.monotonic()
     for _ in range(tasks):
-        handle = hypervisor.create()
-        link = GuestLink(handle.socket)
-        try:
-            deadline = time.monotonic() + cfg.vm.boot_timeout_s
-            link.connect(deadline)
-            link.wait_hello(deadline)
+        with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (_, link, _):
             link.run([b"true"], time.monotonic() + 30)
-        finally:
-            link.close()
-            hypervisor.destroy(handle)
     return tasks / (time.monotonic() - started)
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from actors.errors import ChannelClosed, GuestTimeout
@@ -161,3 +162,19 @@ def _replace_truncation(exit_message: messages.Exit, host_truncated: dict[int, b
         exit_message,
         stdout_truncated=exit_message.stdout_truncated or host_truncated[messages.STDOUT],
         stderr_truncated=exit_message.stderr_truncated or host_truncated[messages.STDERR])
+
+
+@contextmanager
+def booted_vm(hypervisor, boot_timeout_s: float, **create_args):
+    """A fresh VM whose agent has said Hello, driven synchronously (checks,
+    benchmarks, tests; corrald's pool uses Supervisors instead). Yields
+    (handle, link, hello); the VM is destroyed on the way out."""
+    handle = hypervisor.create(**create_args)
+    link = GuestLink(handle.socket)
+    try:
+        deadline = time.monotonic() + boot_timeout_s
+        link.connect(deadline)
+        yield handle, link, link.wait_hello(deadline)
+    finally:
+        link.close()
+        hypervisor.destroy(handle)
