@@ -9,21 +9,29 @@ the task user and wipes its writable places.
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
 VM (the host then replaces it) rather than guessing where the stream resumes.
+
+Built for speed under TCG, where every imported module, every thread and every
+page a fork copies costs milliseconds: one thread around one poll() loop, only
+C modules imported besides the protocol, and tasks started with posix_spawn
+(a vfork: nothing of this process is copied) instead of subprocess, which has
+to fork the whole interpreter to change the uid. The image build ships this
+file and the protocol precompiled, and the initramfs imports it as a module so
+that bytecode is used (a script named on python3's command line is always
+compiled anew).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
-import selectors
-import shutil
-import signal
-import subprocess
+import select
 import sys
-import threading
 import time
 import zlib
+
+# The C module behind `signal`: the same calls, without building signal.py's
+# enum classes at every boot.
+import _signal
 
 if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,17 +40,28 @@ from protocol import messages
 from protocol.errors import ProtocolError
 from protocol.frame import FrameDecoder, FrameEncoder
 
-AGENT_VERSION = "0.1"
+AGENT_VERSION = "0.2"
 PORT_NAME = "org.corral.agent.0"
 TASK_USER = "task"
 READ_CHUNK = 64 * 1024
 OUTPUT_CHUNK = 64 * 1024
+STDIN_CHUNK = 64 * 1024
 # After the task's main process exits, how long its pipes may stay open (held by
 # a background child) before the rest of its process group is killed.
 DRAIN_GRACE_S = 0.05
+# Orphans re-parented to PID 1 are reaped at least this often.
+REAP_INTERVAL_S = 1.0
+# While no host is connected, read() on the port gives EOF at once: look again this late.
+NO_HOST_RETRY_S = 0.005
 # Places a task may have written to that Reset wipes.
 WIPE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
+SIGKILL = _signal.SIGKILL
+# Python starts with these ignored; a task gets them back at their defaults, as
+# subprocess's restore_signals did.
+RESTORED_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ)
+POLLIN = select.POLLIN
+POLLOUT = select.POLLOUT
 
 
 def log(message: str) -> None:
@@ -73,9 +92,25 @@ def find_port(name: str = PORT_NAME, wait_s: float = 5.0) -> str:
 def power_off() -> None:
     os.sync()
     try:
+        import ctypes  # only on this last path: ctypes is slow to import under TCG
         ctypes.CDLL(None).reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
     finally:
         os._exit(1)
+
+
+def prepare_process() -> None:
+    """Leave nothing in PID 1 that a task could inherit through posix_spawn."""
+    os.closerange(3, 1 << 20)  # whatever the initramfs left open
+    for fd in (0, 1, 2):  # keep 0-2 taken, so that no pipe end lands there
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open("/dev/null", os.O_RDWR), fd)
+    # With no handler installed, the kernel drops every signal a task sends PID 1.
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    os.setgroups([])  # tasks inherit no supplementary groups
+    os.umask(0o022)
+    os.chdir("/")
 
 
 def processes_of(uid: int) -> list[int]:
@@ -90,266 +125,444 @@ def processes_of(uid: int) -> list[int]:
     return pids
 
 
-def reap_orphans(keep: set[int]) -> None:
-    """As PID 1 the agent inherits every orphan; reap the zombies among them
-    without touching the task process the exec thread waits for."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in keep:
-            continue
+def remove_contents(dir_fd: int) -> None:
+    """Delete everything below the open directory `dir_fd`, never following a
+    symlink (the tree was writable by the task)."""
+    with os.scandir(dir_fd) as it:
+        entries = list(it)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            fd = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                remove_contents(fd)
+            finally:
+                os.close(fd)
+            os.rmdir(entry.name, dir_fd=dir_fd)
+        else:
+            os.unlink(entry.name, dir_fd=dir_fd)
+
+
+def empty_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        remove_contents(fd)
+    finally:
+        os.close(fd)
+
+
+def executable_candidates(name: bytes, env: dict[bytes, bytes]) -> list[bytes]:
+    """Where execvpe would look for `name`, in order (the task's PATH, as subprocess did)."""
+    if b"/" in name:
+        return [name]
+    path = env.get(b"PATH", os.defpath.encode())
+    return [os.path.join(directory, name) for directory in path.split(b":")]
+
+
+def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes,
+          account: pwd.struct_passwd | None) -> tuple[int, int, int, int]:
+    """Start `argv` in a new session, with fresh pipes as its stdin, stdout and
+    stderr, as `account` (None: as root). Returns (pid, stdin, stdout, stderr),
+    the agent's ends of the pipes. OSError if it cannot start.
+
+    posix_spawn cannot set ids, but its resetids makes the child's effective
+    uid/gid its real ones before the exec, and the exec copies them to the saved
+    ids. So the agent's real ids are the task's just around the call (its
+    effective ids, and so its capabilities, stay root's): the task then runs
+    with uid, euid and suid of the task user (gid likewise), no supplementary
+    groups (PID 1 has none) and no capabilities, as setuid() in a forked child
+    gave. The agent has no signal handlers, so the kernel keeps refusing task
+    signals to PID 1 during that window too.
+    """
+    ours, theirs = [], []  # the agent's pipe ends; the task's ends, in fd order 0, 1, 2
+    try:
+        stdin_r, stdin_w = os.pipe()  # close-on-exec: only the dup2'd copies reach the task
+        ours.append(stdin_w)
+        theirs.append(stdin_r)
+        for _ in ("stdout", "stderr"):
+            r, w = os.pipe()
+            ours.append(r)
+            theirs.append(w)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(theirs)]
+        candidates = executable_candidates(argv[0], env)
+        os.chdir(cwd)  # as root, like subprocess's child did; the task inherits it
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if fields[0] == "Z" and fields[1] == "1":
-                os.waitpid(int(entry), os.WNOHANG)
-        except (OSError, IndexError, ChildProcessError):
-            pass
+            pid = _spawn_first(candidates, argv, env, actions, account)
+        except OSError as e:  # name the command as given, not the PATH entry tried last
+            raise OSError(e.errno, e.strerror, argv[0]) from None
+        finally:
+            os.chdir("/")
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    return pid, ours[0], ours[1], ours[2]
+
+
+def _spawn_first(candidates: list[bytes], argv: list[bytes], env: dict[bytes, bytes],
+                 actions: list, account: pwd.struct_passwd | None) -> int:
+    """Spawn the first candidate that execs; report the first error that is not
+    'not found', like execvpe (and subprocess) do."""
+    first_error = last_error = None
+    for path in candidates:
+        try:
+            os.stat(path)  # a vfork per missing PATH entry is not free under TCG
+        except (FileNotFoundError, NotADirectoryError) as e:
+            last_error = e
+            continue
+        except OSError:
+            pass  # let the exec itself say what is wrong, as the task user
+        try:
+            if account is not None:
+                os.setresgid(account.pw_gid, 0, 0)
+                os.setresuid(account.pw_uid, 0, 0)
+            return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
+                                  resetids=account is not None, setsigdef=RESTORED_SIGNALS)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            last_error = e
+        except OSError as e:
+            last_error = e
+            first_error = first_error or e
+        finally:
+            if account is not None:
+                _back_to_root()
+    raise first_error or last_error
+
+
+def _back_to_root() -> None:
+    try:
+        os.setresuid(0, 0, 0)
+        os.setresgid(0, 0, 0)
+    except OSError as e:  # never carry on with a task's ids
+        log(f"cannot restore root ids: {e!r}; powering off")
+        power_off()
 
 
 class Channel:
-    """The agent's end of the SecureChannel: framing, sequence ids, one writer at a time."""
+    """The agent's end of the SecureChannel: framing and sequence ids."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.encoder = FrameEncoder(zlib.crc32)
         self.decoder = FrameDecoder(zlib.crc32)
-        self.write_lock = threading.Lock()
 
     def send(self, message) -> None:
-        payload = messages.encode(message)
-        with self.write_lock:  # sequence ids must go out in the order they are given
-            data = memoryview(self.encoder.encode(payload))
-            while data:
-                # Blocks while the host does not read: that is the backpressure.
-                written = os.write(self.fd, data)
-                data = data[written:]
+        data = memoryview(self.encoder.encode(messages.encode(message)))
+        while data:
+            # Blocks while the host does not read: that is the backpressure.
+            written = os.write(self.fd, data)
+            data = data[written:]
 
-    def receive(self):
-        """Yield host messages forever; while no host is connected read() gives EOF."""
-        while True:
-            data = os.read(self.fd, READ_CHUNK)
-            if not data:
-                time.sleep(0.005)
-                continue
-            for payload in self.decoder.feed(data):
-                yield messages.decode(payload, messages.HOST_TO_GUEST)
+    def read(self) -> list | None:
+        """The host messages that the bytes available now complete; None while
+        no host is connected (read() gives EOF then)."""
+        data = os.read(self.fd, READ_CHUNK)
+        if not data:
+            return None
+        return [messages.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
 
 
-class ExecRun(threading.Thread):
-    """One task process: spawn as the task user, stream its output, enforce its timeout."""
+class Task:
+    """One running command: its pipes, its timeout, its exit status."""
 
-    def __init__(self, agent: "Agent", request: messages.Exec):
-        super().__init__(name=f"exec-{request.exec_id}", daemon=True)
+    def __init__(self, agent: Agent, request: messages.Exec, started: float,
+                 pid: int, stdin_fd: int, stdout_fd: int, stderr_fd: int):
         self.agent = agent
         self.request = request
-        self.proc: subprocess.Popen | None = None
+        self.started = started
+        self.pid = pid
+        self.deadline = started + request.timeout_ms / 1000 if request.timeout_ms else None
+        self.streams = {stdout_fd: 1, stderr_fd: 2}
+        self.sent = {1: 0, 2: 0}
+        self.truncated = {1: False, 2: False}
+        self.stdin = memoryview(request.stdin)
+        self.stdin_fd: int | None = stdin_fd
+        if self.stdin:
+            os.set_blocking(stdin_fd, False)
+        else:
+            self._close_stdin()
+        # Readable when the process exits: no polling on the latency-critical path.
+        self.pidfd: int | None = os.pidfd_open(pid)
+        self.timed_out = False
+        self.exited_at: float | None = None
+        self.status: tuple[int, object] | None = None  # (wait status, rusage) once reaped
+
+    def poll_fds(self) -> list[tuple[int, int]]:
+        fds = [(fd, POLLIN) for fd in self.streams]
+        if self.pidfd is not None:
+            fds.append((self.pidfd, POLLIN))
+        if self.stdin_fd is not None:
+            fds.append((self.stdin_fd, POLLOUT))
+        return fds
+
+    def wait_s(self, now: float) -> float | None:
+        """How long the loop may sleep before this task needs a look."""
+        if self.exited_at is not None:
+            return DRAIN_GRACE_S
+        if self.deadline is not None and not self.timed_out:
+            return max(0.0, self.deadline - now)
+        return None
 
     def kill(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def _environment(self, home: bytes, user: bytes) -> dict[bytes, bytes]:
-        env = {b"PATH": DEFAULT_PATH, b"HOME": home, b"USER": user, b"LOGNAME": user,
-               b"LANG": b"C.UTF-8"}
-        env.update(dict(self.request.env))
-        return env
-
-    def run(self) -> None:
-        request = self.request
         try:
-            exit_message = self._run()
-        except Exception as e:  # the host must always get an answer for an Exec
-            log(f"exec {request.exec_id} failed: {e!r}")
-            detail = str(e).encode()[:messages.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
-            exit_message = messages.Error(code="exec_failed", message=detail)
-        self.agent.exec_finished(self, exit_message)
+            os.killpg(self.pid, SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    def _run(self):
-        request = self.request
-        account = pwd.getpwuid(0) if request.as_root else pwd.getpwnam(TASK_USER)
-        home = account.pw_dir.encode()
-        started = time.monotonic()
-        # Under the spawn lock until tracked: the reaper must not take this
-        # child for an orphan (every child of PID 1 has PPid 1).
-        spawn_error = None
-        with self.agent.spawn_lock:
-            try:
-                self.proc = subprocess.Popen(
-                    list(request.argv),
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    cwd=request.cwd or home,
-                    env=self._environment(home, account.pw_name.encode()),
-                    user=account.pw_uid, group=account.pw_gid, extra_groups=[],
-                    start_new_session=True, close_fds=True, umask=0o022,
-                )
-                self.agent.track(self.proc.pid)
-            except OSError as e:
-                spawn_error = e
-        if spawn_error is not None:
-            # Like a shell: command not found is 127, not executable 126.
-            code = 127 if isinstance(spawn_error, FileNotFoundError) else 126
-            # The missing file may be the command or the working directory.
-            name = os.fsdecode(spawn_error.filename or request.argv[0])
-            self.agent.channel.send(messages.Output(
-                exec_id=request.exec_id, stream=2,
-                data=f"corral-agent: {name}: {spawn_error.strerror}\n".encode(errors="surrogateescape")))
-            return messages.Exit(exec_id=request.exec_id, exit_code=code, signal=0, timed_out=False,
-                                 stdout_truncated=False, stderr_truncated=False,
-                                 wall_ms=int((time.monotonic() - started) * 1000),
-                                 user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0)
-        threading.Thread(target=self._feed_stdin, daemon=True).start()
-        deadline = started + request.timeout_ms / 1000 if request.timeout_ms else None
-        timed_out, truncated = self._pump_output(deadline)
-        _, status, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
-        self.agent.untrack(self.proc.pid)
-        self.agent.reap()  # the killed group's orphans, now
-        wall_ms = int((time.monotonic() - started) * 1000)
-        signalled = os.WIFSIGNALED(status)
-        return messages.Exit(
-            exec_id=request.exec_id,
-            exit_code=-1 if signalled else os.WEXITSTATUS(status),
-            signal=os.WTERMSIG(status) if signalled else 0,
-            timed_out=timed_out,
-            stdout_truncated=truncated[1], stderr_truncated=truncated[2],
-            wall_ms=wall_ms,
-            user_cpu_ms=int(usage.ru_utime * 1000), sys_cpu_ms=int(usage.ru_stime * 1000),
-            max_rss_kib=usage.ru_maxrss,
-        )
+    def on_event(self, fd: int) -> None:
+        if fd == self.pidfd:
+            os.close(self.pidfd)
+            self.pidfd = None
+            self.agent.reap()  # collects this task's status too
+        elif fd == self.stdin_fd:
+            self._feed_stdin()
+        elif fd in self.streams:
+            self._forward(fd)
+
+    def reaped(self, status: int, usage) -> None:
+        self.status = (status, usage)
+        if self.exited_at is None:
+            self.exited_at = time.monotonic()
+
+    def check(self, now: float) -> bool:
+        """Enforce the timeout and the drain grace; True once the task is over."""
+        if self.deadline is not None and now >= self.deadline and not self.timed_out:
+            self.timed_out = True
+            self.kill()
+        if self.exited_at is None:
+            return False
+        if not self.streams:
+            return True
+        if now - self.exited_at > DRAIN_GRACE_S:
+            self.kill()  # leftovers of its process group holding the pipes open
+        return now - self.exited_at > DRAIN_GRACE_S + 1  # a leftover that left the group
+
+    def _forward(self, fd: int) -> None:
+        """Forward a chunk of stdout (1) or stderr (2); past the cap, drain and drop."""
+        chunk = os.read(fd, OUTPUT_CHUNK)
+        if not chunk:
+            del self.streams[fd]
+            os.close(fd)
+            return
+        stream = self.streams[fd]
+        room = self.request.output_cap - self.sent[stream]
+        if len(chunk) > room:
+            self.truncated[stream] = True
+            chunk = chunk[:max(room, 0)]
+        if chunk:
+            self.sent[stream] += len(chunk)
+            self.agent.channel.send(
+                messages.Output(exec_id=self.request.exec_id, stream=stream, data=chunk))
 
     def _feed_stdin(self) -> None:
         try:
-            if self.request.stdin:
-                self.proc.stdin.write(self.request.stdin)
+            written = os.write(self.stdin_fd, self.stdin[:STDIN_CHUNK])
+        except BlockingIOError:
+            return
         except OSError:
-            pass  # the task closed its stdin early: its choice
-        finally:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+            self._close_stdin()  # the task closed its stdin early: its choice
+            return
+        self.stdin = self.stdin[written:]
+        if not self.stdin:
+            self._close_stdin()
 
-    def _pump_output(self, deadline: float | None) -> tuple[bool, dict[int, bool]]:
-        """Forward stdout (1) and stderr (2) until both close; past the cap, drain and drop."""
-        cap = self.request.output_cap
-        sent = {1: 0, 2: 0}
-        truncated = {1: False, 2: False}
-        timed_out = False
-        exited_at = None
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ, 1)
-        selector.register(self.proc.stderr, selectors.EVENT_READ, 2)
-        # Readable when the process exits: no polling on the latency-critical path.
-        pidfd = os.pidfd_open(self.proc.pid)
-        selector.register(pidfd, selectors.EVENT_READ, 0)
-        open_streams = 2
-        while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline and not timed_out:
-                timed_out = True
-                self.kill()
-            if exited_at is not None:
-                if not open_streams:
-                    break
-                if now - exited_at > DRAIN_GRACE_S:
-                    self.kill()  # leftovers of its process group holding the pipes open
-                if now - exited_at > DRAIN_GRACE_S + 1:
-                    break  # a leftover that left the group: stop listening to it
-                wait = DRAIN_GRACE_S
-            else:
-                wait = None if deadline is None or timed_out else max(0.0, deadline - now)
-            for key, _ in selector.select(wait):
-                stream = key.data
-                if stream == 0:
-                    exited_at = time.monotonic()
-                    selector.unregister(pidfd)
-                    continue
-                chunk = os.read(key.fd, OUTPUT_CHUNK)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                    open_streams -= 1
-                    continue
-                room = cap - sent[stream]
-                if len(chunk) > room:
-                    truncated[stream] = True
-                    chunk = chunk[:max(room, 0)]
-                if chunk:
-                    sent[stream] += len(chunk)
-                    self.agent.channel.send(
-                        messages.Output(exec_id=self.request.exec_id, stream=stream, data=chunk))
-        os.close(pidfd)
-        selector.close()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return timed_out, truncated
+    def _close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+    def close(self) -> None:
+        for fd in self.streams:
+            os.close(fd)
+        self.streams = {}
+        self._close_stdin()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def exit_message(self) -> messages.Exit:
+        status, usage = self.status
+        signalled = os.WIFSIGNALED(status)
+        return messages.Exit(
+            exec_id=self.request.exec_id,
+            exit_code=-1 if signalled else os.WEXITSTATUS(status),
+            signal=os.WTERMSIG(status) if signalled else 0,
+            timed_out=self.timed_out,
+            stdout_truncated=self.truncated[1], stderr_truncated=self.truncated[2],
+            wall_ms=int((time.monotonic() - self.started) * 1000),
+            user_cpu_ms=int(usage.ru_utime * 1000), sys_cpu_ms=int(usage.ru_stime * 1000),
+            max_rss_kib=usage.ru_maxrss,
+        )
 
 
 class Agent:
     def __init__(self, channel: Channel):
         self.channel = channel
-        self.lock = threading.Lock()
-        self.current: ExecRun | None = None
-        self.tracked: set[int] = set()
-        self.spawn_lock = threading.Lock()
+        self.task: Task | None = None
         self.task_account = pwd.getpwnam(TASK_USER)
-
-    def track(self, pid: int) -> None:
-        with self.lock:
-            self.tracked.add(pid)
-
-    def untrack(self, pid: int) -> None:
-        with self.lock:
-            self.tracked.discard(pid)
-
-    def tracked_pids(self) -> set[int]:
-        with self.lock:
-            return set(self.tracked)
+        if self.task_account.pw_uid == 0 or self.task_account.pw_gid == 0:
+            raise RuntimeError(f"task user {TASK_USER} must not be root")
+        self.root_account = pwd.getpwuid(0)
 
     def hello(self) -> messages.Hello:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
         return messages.Hello(agent_version=AGENT_VERSION, boot_id=boot_id, kernel=os.uname().release)
 
-    def exec_finished(self, run: ExecRun, result) -> None:
-        self.channel.send(result)
-        with self.lock:
-            if self.current is run:
-                self.current = None
+    # --- the loop -------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.channel.send(self.hello())
+        next_reap = time.monotonic() + REAP_INTERVAL_S
+        port_quiet_until = 0.0
+        while True:
+            now = time.monotonic()
+            poller = select.poll()
+            timeout = next_reap - now
+            if now >= port_quiet_until:
+                poller.register(self.channel.fd, POLLIN)
+            else:
+                timeout = min(timeout, port_quiet_until - now)
+            task = self.task
+            if task is not None:
+                for fd, events in task.poll_fds():
+                    poller.register(fd, events)
+                wait = task.wait_s(now)
+                if wait is not None:
+                    timeout = min(timeout, wait)
+            port_ready = False
+            for fd, _ in poller.poll(max(timeout, 0.0) * 1000):
+                if fd == self.channel.fd:
+                    port_ready = True
+                elif task is self.task:  # still the task these fds were registered for
+                    self._task_event(task, fd)
+            self._check_task()
+            if port_ready:
+                received = self.channel.read()
+                if received is None:
+                    port_quiet_until = time.monotonic() + NO_HOST_RETRY_S
+                else:
+                    for message in received:
+                        self.handle(message)
+            if time.monotonic() >= next_reap:
+                self.reap()
+                next_reap = time.monotonic() + REAP_INTERVAL_S
+
+    def _task_event(self, task: Task, fd: int) -> None:
+        try:
+            task.on_event(fd)
+        except Exception as e:  # the host must always get an answer for an Exec
+            self.task = None
+            log(f"exec {task.request.exec_id} failed: {e!r}")
+            task.kill()
+            task.close()
+            detail = str(e).encode()[:messages.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
+            self.channel.send(messages.Error(code="exec_failed", message=detail))
+
+    def _check_task(self) -> None:
+        task = self.task
+        if task is not None and task.check(time.monotonic()):
+            self.task = None
+            task.close()
+            self.reap()  # the killed group's orphans, now
+            self.channel.send(task.exit_message())
+
+    def reap(self) -> None:
+        """As PID 1 the agent inherits every orphan: reap all zombies, keeping
+        the status of the task's own process."""
+        while True:
+            try:
+                pid, status, usage = os.wait3(os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.task is not None and pid == self.task.pid:
+                self.task.reaped(status, usage)
+
+    # --- messages -------------------------------------------------------------
 
     def handle(self, message) -> None:
         if isinstance(message, messages.Heartbeat):
             self.channel.send(messages.HeartbeatAck(nonce=message.nonce))
         elif isinstance(message, messages.Exec):
-            with self.lock:
-                busy = self.current is not None
-                if not busy:
-                    self.current = ExecRun(self, message)
-                    self.current.start()
-            if busy:
+            if self.task is not None:
                 self.channel.send(messages.Error(code="busy", message="an exec is already running"))
+            else:
+                self.start(message)
         elif isinstance(message, messages.Reset):
             ok, detail = self.reset()
             self.channel.send(messages.ResetDone(reset_id=message.reset_id, ok=ok, detail=detail))
         else:
             self.channel.send(messages.Error(code="unexpected", message=type(message).__name__))
 
+    def start(self, request: messages.Exec) -> None:
+        started = time.monotonic()
+        try:
+            account = self.root_account if request.as_root else self.task_account
+            home = account.pw_dir.encode()
+            user = account.pw_name.encode()
+            env = {b"PATH": DEFAULT_PATH, b"HOME": home, b"USER": user, b"LOGNAME": user,
+                   b"LANG": b"C.UTF-8"}
+            env.update(request.env)
+            try:
+                pid, stdin_fd, stdout_fd, stderr_fd = spawn(
+                    list(request.argv), env, request.cwd or home,
+                    None if request.as_root else account)
+            except OSError as e:
+                self._spawn_failed(request, e, started)
+                return
+            self.task = Task(self, request, started, pid, stdin_fd, stdout_fd, stderr_fd)
+        except Exception as e:  # the host must always get an answer for an Exec
+            log(f"exec {request.exec_id} failed: {e!r}")
+            detail = str(e).encode()[:messages.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
+            self.channel.send(messages.Error(code="exec_failed", message=detail))
+
+    def _spawn_failed(self, request: messages.Exec, error: OSError, started: float) -> None:
+        # Like a shell: command not found is 127, not executable 126.
+        code = 127 if isinstance(error, FileNotFoundError) else 126
+        # The missing file may be the command or the working directory.
+        name = os.fsdecode(error.filename or request.argv[0])
+        self.channel.send(messages.Output(
+            exec_id=request.exec_id, stream=2,
+            data=f"corral-agent: {name}: {error.strerror}\n".encode(errors="surrogateescape")))
+        self.channel.send(messages.Exit(
+            exec_id=request.exec_id, exit_code=code, signal=0, timed_out=False,
+            stdout_truncated=False, stderr_truncated=False,
+            wall_ms=int((time.monotonic() - started) * 1000),
+            user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))
+
+    def _finish_killed_task(self, deadline: float) -> bool:
+        """Run the loop for the (killed) task alone until it is over; its Exit goes out first."""
+        while self.task is not None:
+            task = self.task
+            now = time.monotonic()
+            if now > deadline:
+                return False
+            poller = select.poll()
+            for fd, events in task.poll_fds():
+                poller.register(fd, events)
+            for fd, _ in poller.poll(min(DRAIN_GRACE_S, deadline - now) * 1000):
+                if task is self.task:
+                    self._task_event(task, fd)
+            self.reap()
+            self._check_task()
+        return True
+
     def reset(self) -> tuple[bool, str]:
         """Back to a clean slate: no task process alive, nothing the task wrote left."""
-        with self.lock:
-            run = self.current
-        if run is not None:
-            run.kill()
-            run.join(5)
-            if run.is_alive():
-                return False, "exec thread did not finish"
+        if self.task is not None:
+            self.task.kill()
+            if not self._finish_killed_task(time.monotonic() + 5):
+                return False, "exec did not finish"
         uid = self.task_account.pw_uid
         deadline = time.monotonic() + 2
         while pids := processes_of(uid):
             for pid in pids:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, SIGKILL)
                 except ProcessLookupError:
                     pass
             self.reap()
@@ -359,40 +572,45 @@ class Agent:
         try:
             for top in WIPE_DIRS:
                 if os.path.isdir(top):
-                    for entry in os.listdir(top):
-                        path = os.path.join(top, entry)
-                        if os.path.isdir(path) and not os.path.islink(path):
-                            shutil.rmtree(path)
-                        else:
-                            os.unlink(path)
+                    empty_directory(top)
             home = self.task_account.pw_dir
-            shutil.rmtree(home, ignore_errors=True)
+            if os.path.lexists(home):
+                if os.path.isdir(home) and not os.path.islink(home):
+                    empty_directory(home)
+                    os.rmdir(home)
+                else:
+                    os.unlink(home)
             os.mkdir(home, 0o750)
             os.chown(home, uid, self.task_account.pw_gid)
             # SysV shared memory, queues and semaphores outlive processes.
-            subprocess.run(["ipcrm", "--all"], capture_output=True, timeout=5, check=True)
+            self.run_as_root([b"ipcrm", b"--all"], timeout_s=5)
         except Exception as e:  # e.g. RecursionError on a deep tree: a failed reset, not a dead PID 1
             return False, f"wipe failed: {e!r}"[:messages.MAX_RESET_DETAIL_LEN]
         return True, ""
 
-    def reap(self) -> None:
-        with self.spawn_lock:
-            reap_orphans(self.tracked_pids())
-
-    def reaper(self) -> None:
+    def run_as_root(self, argv: list[bytes], timeout_s: float) -> None:
+        """Run a helper to completion, output discarded; RuntimeError unless it exits 0."""
+        env = {b"PATH": DEFAULT_PATH, b"LANG": b"C.UTF-8"}
+        pid, stdin_fd, stdout_fd, stderr_fd = spawn(argv, env, b"/", None)
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            os.close(fd)  # it gets EOF on stdin and EPIPE on output
+        deadline = time.monotonic() + timeout_s
         while True:
-            time.sleep(1)
-            self.reap()
-
-    def serve(self) -> None:
-        threading.Thread(target=self.reaper, name="reaper", daemon=True).start()
-        self.channel.send(self.hello())
-        for message in self.channel.receive():
-            self.handle(message)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.killpg(pid, SIGKILL)
+                os.waitpid(pid, 0)
+                raise RuntimeError(f"{os.fsdecode(argv[0])} timed out")
+            time.sleep(0.002)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            raise RuntimeError(f"{os.fsdecode(argv[0])} failed: wait status {status}")
 
 
 def main() -> None:
     try:
+        prepare_process()
         fd = os.open(find_port(), os.O_RDWR)
         Agent(Channel(fd)).serve()
     except ProtocolError as e:
