@@ -125,6 +125,19 @@ def processes_of(uid: int) -> list[int]:
     return pids
 
 
+def sysv_ipc_in_use() -> bool:
+    """Any SysV shared memory segment, message queue or semaphore set? (Each
+    /proc/sysvipc file is a header line plus one line per object.)"""
+    for kind in ("shm", "msg", "sem"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                if len(f.read().splitlines()) > 1:
+                    return True
+        except OSError:
+            return True  # cannot tell: clean up to be safe
+    return False
+
+
 def remove_contents(dir_fd: int) -> None:
     """Delete everything below the open directory `dir_fd`, never following a
     symlink (the tree was writable by the task)."""
@@ -583,7 +596,8 @@ class Agent:
             os.mkdir(home, 0o750)
             os.chown(home, uid, self.task_account.pw_gid)
             # SysV shared memory, queues and semaphores outlive processes.
-            self.run_as_root([b"ipcrm", b"--all"], timeout_s=5)
+            if sysv_ipc_in_use():  # rarely: spare every other reset a spawn
+                self.run_as_root([b"ipcrm", b"--all"], timeout_s=5)
         except Exception as e:  # e.g. RecursionError on a deep tree: a failed reset, not a dead PID 1
             return False, f"wipe failed: {e!r}"[:messages.MAX_RESET_DETAIL_LEN]
         return True, ""

@@ -148,3 +148,25 @@ def test_missing_working_directory_is_named(booted_vm):
     result = booted_vm.run("true", cwd=b"/no/such/dir")
     assert result.exit.exit_code == 127
     assert b"/no/such/dir" in result.stderr
+
+
+def test_reset_leaves_no_task_process_file_or_ipc_object(booted_vm):
+    setup = booted_vm.run("python3", "-c", """
+import os, subprocess, sys
+open('/tmp/left-behind', 'w').write('x')
+open(os.path.expanduser('~/in-home'), 'w').write('x')
+subprocess.run(['sh', '-c', 'ipcmk -M 4096 >/dev/null'], check=True)
+subprocess.Popen(['setsid', 'sleep', '600'])
+""")
+    assert setup.exit.exit_code == 0, setup.stderr
+    done = booted_vm.link.reset(time.monotonic() + 30)
+    assert done.ok, done.detail
+    check = booted_vm.run("python3", "-c", """
+import os
+mine = str(os.getpid())
+others = [p for p in os.listdir('/proc') if p.isdigit() and p != mine
+          and os.stat('/proc/' + p).st_uid == os.getuid()]
+print(os.listdir('/tmp'), os.listdir(os.path.expanduser('~')), others,
+      open('/proc/sysvipc/shm').read().count(chr(10)) - 1)
+""")
+    assert check.stdout == b"[] [] [] 0\n", check.stdout
