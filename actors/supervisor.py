@@ -200,8 +200,10 @@ class Supervisor(pykka.ThreadingActor):
         self.current = RunningTask(message.task, message.assigned_at)
         self._set_state("acquiring", self.settings.acquire_timeout_s)
         try:
-            self.hypervisor.resume(self.vm_id)
+            # Queued in the socket before the resume: the agent finds it the
+            # moment it runs again, with no round trip after the resume call.
             self.link.send(guest.Heartbeat(nonce=self._new_id()))
+            self.hypervisor.resume(self.vm_id)
         except CorralError as e:
             self._fail("vm_lost", f"the VM could not be resumed ({e})")
 
