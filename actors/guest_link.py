@@ -27,6 +27,37 @@ READ_CHUNK = 64 * 1024
 GUEST_FRAME_CAP = messages.GUEST_TO_HOST_MAX_PAYLOAD
 
 
+class CappedOutput:
+    """A command's stdout and stderr as the host keeps them: at most `cap`
+    bytes per stream, the rest dropped and flagged. The host does not trust
+    the guest to truncate."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.streams = {messages.STDOUT: bytearray(), messages.STDERR: bytearray()}
+        self.dropped = {messages.STDOUT: False, messages.STDERR: False}
+
+    def add(self, stream: int, data: bytes) -> None:
+        buffer = self.streams[stream]
+        room = self.cap - len(buffer)
+        if len(data) > room:
+            self.dropped[stream] = True
+        buffer += data[:max(room, 0)]
+
+    def stdout(self) -> bytes:
+        return bytes(self.streams[messages.STDOUT])
+
+    def stderr(self) -> bytes:
+        return bytes(self.streams[messages.STDERR])
+
+    def flag(self, exit_message: messages.Exit) -> messages.Exit:
+        """The Exit with truncation flagged where the guest or the host cut."""
+        return dataclasses.replace(
+            exit_message,
+            stdout_truncated=exit_message.stdout_truncated or self.dropped[messages.STDOUT],
+            stderr_truncated=exit_message.stderr_truncated or self.dropped[messages.STDERR])
+
+
 @dataclass(frozen=True)
 class ExecResult:
     stdout: bytes
@@ -66,9 +97,6 @@ class GuestLink:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def send(self, message: messages.Message) -> None:
         try:
@@ -123,8 +151,7 @@ class GuestLink:
             exec_id=exec_id, argv=tuple(argv), env=tuple((env or {}).items()), cwd=cwd,
             stdin=stdin, timeout_ms=timeout_ms, output_cap=output_cap, as_root=as_root))
         allowed = frozenset({messages.Output, messages.Exit, messages.Error})
-        streams = {messages.STDOUT: bytearray(), messages.STDERR: bytearray()}
-        host_truncated = {messages.STDOUT: False, messages.STDERR: False}
+        output = CappedOutput(output_cap)
         while True:
             message = self.receive(allowed, deadline)
             if isinstance(message, messages.Error):
@@ -132,17 +159,9 @@ class GuestLink:
             if message.exec_id != exec_id:
                 raise UnexpectedMessage(f"message for exec {message.exec_id}, expected {exec_id}")
             if isinstance(message, messages.Exit):
-                break
-            buf = streams[message.stream]
-            room = output_cap - len(buf)
-            if len(message.data) > room:
-                host_truncated[message.stream] = True
-            buf += message.data[:max(room, 0)]
-        exit_message = message
-        if any(host_truncated.values()):
-            exit_message = _replace_truncation(exit_message, host_truncated)
-        return ExecResult(stdout=bytes(streams[messages.STDOUT]),
-                          stderr=bytes(streams[messages.STDERR]), exit=exit_message)
+                return ExecResult(stdout=output.stdout(), stderr=output.stderr(),
+                                  exit=output.flag(message))
+            output.add(message.stream, message.data)
 
     def reset(self, deadline: float) -> messages.ResetDone:
         reset_id = next(self.ids)
@@ -155,13 +174,6 @@ class GuestLink:
                 if message.reset_id != reset_id:
                     raise UnexpectedMessage(f"reset done for {message.reset_id}, expected {reset_id}")
                 return message
-
-
-def _replace_truncation(exit_message: messages.Exit, host_truncated: dict[int, bool]) -> messages.Exit:
-    return dataclasses.replace(
-        exit_message,
-        stdout_truncated=exit_message.stdout_truncated or host_truncated[messages.STDOUT],
-        stderr_truncated=exit_message.stderr_truncated or host_truncated[messages.STDERR])
 
 
 @contextmanager

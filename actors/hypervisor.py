@@ -356,7 +356,7 @@ class Hypervisor:
         try:
             self.conn.createXML(spec.to_xml(), 0)
         except _libvirt().libvirtError as e:
-            self.discard_files(handle)
+            self.discard_files_of(name)
             raise HypervisorError(f"cannot start VM {name}: {e.get_error_message()}") from None
         return handle
 
@@ -388,9 +388,6 @@ class Hypervisor:
             if str(e).endswith("does not exist"):
                 return False
             raise
-
-    def discard_files(self, handle: VmHandle) -> None:
-        self.discard_files_of(handle.name)
 
     def discard_files_of(self, name: str) -> None:
         """Every file named after the VM: overlay, channel socket, console log."""

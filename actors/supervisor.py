@@ -26,7 +26,7 @@ import pykka
 
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
-from actors.guest_link import GuestLink
+from actors.guest_link import CappedOutput, GuestLink
 from actors.hypervisor import Hypervisor
 from actors.messages import (ChannelFailed, DeadlinePassed, GuestSaid, InjectFault, Requeue,
                              Retire, RunTask, Task, Unwatch, VmState, Watch)
@@ -63,15 +63,9 @@ class VmSettings:
 class RunningTask:
     task: Task
     assigned_at: float
+    output: CappedOutput
     exec_id: int = 0
     acquired_at: float = 0.0
-    stdout: bytearray = None
-    stderr: bytearray = None
-    truncated: tuple = (False, False)
-
-    def __post_init__(self):
-        self.stdout, self.stderr = bytearray(), bytearray()
-        self.truncated = [False, False]
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -197,7 +191,8 @@ class Supervisor(pykka.ThreadingActor):
         if self.state != "ready":
             self._requeue(message.task)
             return
-        self.current = RunningTask(message.task, message.assigned_at)
+        self.current = RunningTask(message.task, message.assigned_at,
+                                   CappedOutput(message.task.request.output_cap))
         self._set_state("acquiring", self.settings.acquire_timeout_s)
         try:
             # Queued in the socket before the resume: the agent finds it the
@@ -232,12 +227,7 @@ class Supervisor(pykka.ThreadingActor):
             return  # output of a command a reset killed
         if message.exec_id != running.exec_id:
             return self._fail("protocol_violation", f"output for exec {message.exec_id}")
-        index = message.stream - 1
-        buffer = (running.stdout, running.stderr)[index]
-        room = running.task.request.output_cap - len(buffer)
-        if len(message.data) > room:
-            running.truncated[index] = True  # the host keeps at most the cap, whatever the guest says
-        buffer += message.data[:max(room, 0)]
+        running.output.add(message.stream, message.data)
 
     def _finished(self, exit_message: guest.Exit) -> None:
         running = self.current
@@ -245,6 +235,7 @@ class Supervisor(pykka.ThreadingActor):
             return self._fail("protocol_violation", f"exit for exec {exit_message.exec_id}")
         self.metrics.run_seconds.observe(exit_message.wall_ms / 1000)
         request = running.task.request
+        exit_message = running.output.flag(exit_message)
         timed_out = exit_message.timed_out
         self._answer(TaskReply(
             task_id=request.task_id,
@@ -252,9 +243,9 @@ class Supervisor(pykka.ThreadingActor):
             error_message=f"the command ran past its timeout of {request.timeout_ms / 1000:g} s "
                           "and was killed" if timed_out else "",
             exit_code=exit_message.exit_code, signal=exit_message.signal, timed_out=timed_out,
-            stdout=bytes(running.stdout), stderr=bytes(running.stderr),
-            stdout_truncated=exit_message.stdout_truncated or running.truncated[0],
-            stderr_truncated=exit_message.stderr_truncated or running.truncated[1],
+            stdout=running.output.stdout(), stderr=running.output.stderr(),
+            stdout_truncated=exit_message.stdout_truncated,
+            stderr_truncated=exit_message.stderr_truncated,
             queued_ms=_ms(running.assigned_at - running.task.accepted_at),
             acquire_ms=_ms(running.acquired_at - running.assigned_at),
             run_ms=exit_message.wall_ms, user_cpu_ms=exit_message.user_cpu_ms,
