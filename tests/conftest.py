@@ -12,12 +12,15 @@ from actors.hypervisor import hypervisor_from_config
 from actors.guest_link import GuestLink
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
+# Concurrent test runs (e.g. in several worktrees) each need their own instance,
+# or one run's start-up reaping destroys the other's VMs.
+TEST_INSTANCE = os.environ.get("CORRAL_TEST_INSTANCE", "test")
 
 
 @pytest.fixture(scope="session")
 def cfg() -> config.Config:
     # Its own instance: the tests' VMs and an operator's corrald never reap each other's.
-    return config.load(overrides={"state_dir": str(STATE_DIR), "daemon": {"instance": "test"}})
+    return config.load(overrides={"state_dir": str(STATE_DIR), "daemon": {"instance": TEST_INSTANCE}})
 
 
 @pytest.fixture(scope="session")

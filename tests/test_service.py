@@ -15,6 +15,7 @@ import pytest
 import config
 from actors.messages import InjectFault
 from protocol.client import Client
+from tests.conftest import TEST_INSTANCE
 
 pytestmark = pytest.mark.vm
 POOL_SIZE = 2
@@ -55,7 +56,7 @@ def service(hypervisor, tmp_path_factory):
     from actors.service import Corral
 
     endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
-    cfg = config.load(overrides={"daemon": {"endpoint": endpoint, "instance": "test"},
+    cfg = config.load(overrides={"daemon": {"endpoint": endpoint, "instance": TEST_INSTANCE},
                                  "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
     svc = Corral(cfg, hypervisor)
     svc.start()
