@@ -436,6 +436,13 @@ def _parser() -> argparse.ArgumentParser:
                           f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
     run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD")
     sub.add_parser("status", parents=[common], help="queue depth, pool VMs and task counts")
+    admin = sub.add_parser(
+        "admin", parents=[common], help="operators: status, scram, resume, drain, pool-size, fault",
+        usage="%(prog)s [--control EP] COMMAND [ARGS...]",
+        description="Drive corrald's control socket (operators only: corrald's own user).")
+    admin.add_argument("--control", metavar="EP", help="control endpoint (default: control.endpoint)")
+    admin.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S")
+    admin.add_argument("admin_argv", nargs=argparse.REMAINDER, metavar="COMMAND")
     return parser
 
 
@@ -518,6 +525,20 @@ def _cmd_status(client: Client) -> int:
     return 0
 
 
+def _cmd_admin(args: argparse.Namespace) -> int:
+    import config
+    from .admin import admin_main
+
+    endpoint = args.control
+    if endpoint is None:
+        try:
+            endpoint = config.load(getattr(args, "config", None)).control.endpoint
+        except config.ConfigError as exc:
+            _notice(str(exc))
+            return EXIT_USAGE
+    return admin_main(endpoint, args.admin_argv, args.timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`corral run ...` / `corral status`; returns the process exit code."""
     parser = _parser()
@@ -536,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warnings from the client (e.g. a malformed reply) read as corral notices.
     logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
+    if args.command == "admin":
+        return _cmd_admin(args)
     endpoint = getattr(args, "endpoint", None)
     try:
         client = Client(endpoint, config_path=getattr(args, "config", None))

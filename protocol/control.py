@@ -1,0 +1,72 @@
+"""The operator protocol: what `corral admin` and corrald's control socket say.
+
+Same bounded codec as the caller protocol (protocol.messages), its own type
+ids (40 and up) and its own tag, on its own socket: a caller's message is
+never taken for an operator's, nor the reverse. A ZeroMQ message is
+[empty delimiter, CONTROL_TAG, payload] both ways.
+
+Commands (AdminRequest.command, arguments as text in `args`):
+    status                  mode, queue depth, pool, counters
+    scram [REASON]          pause every VM, flush the queue, refuse new work
+    resume                  leave safe mode (or draining) and serve again
+    drain                   refuse new work, let queued and running tasks finish
+    pool-size N             keep N warm VMs
+    fault KIND [TARGET]     inject a fault (only when control.faults is true)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+from .messages import BOOL, BytesList, Message, Pairs, Str, message
+
+CONTROL_TAG = b"corral-admin/1"
+OPERATOR = "operator"
+DAEMON = "daemon"
+
+MAX_REQUEST_ID_LEN = 64
+MAX_COMMAND_LEN = 32
+MAX_ARGS = 8
+MAX_ARG_LEN = 256
+MAX_MESSAGE_LEN = 4096
+MAX_FIELDS = 256
+MAX_FIELD_NAME_LEN = 64
+MAX_FIELD_VALUE_LEN = 1024
+
+COMMANDS = ("status", "scram", "resume", "drain", "pool-size", "fault")
+
+
+@message(40, OPERATOR)
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdminRequest(Message):
+    request_id: Annotated[str, Str(MAX_REQUEST_ID_LEN)]
+    command: Annotated[str, Str(MAX_COMMAND_LEN)]
+    args: Annotated[tuple[bytes, ...], BytesList(MAX_ARGS, MAX_ARG_LEN)]
+
+
+@message(41, DAEMON)
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdminReply(Message):
+    """`ok` false: `error_code` says why (unknown_command, invalid_argument,
+    faults_disabled, ...). `fields` are ordered name/value pairs for display."""
+
+    request_id: Annotated[str, Str(MAX_REQUEST_ID_LEN)]
+    ok: Annotated[bool, BOOL]
+    error_code: Annotated[str, Str(64)]
+    message: Annotated[str, Str(MAX_MESSAGE_LEN)]
+    fields: Annotated[tuple[tuple[bytes, bytes], ...],
+                      Pairs(MAX_FIELDS, MAX_FIELD_NAME_LEN, MAX_FIELD_VALUE_LEN)]
+
+
+OPERATOR_TO_DAEMON = frozenset({AdminRequest})
+DAEMON_TO_OPERATOR = frozenset({AdminReply})
+
+
+def admin_reply(request_id: str, text: str, fields: dict | None = None,
+                error_code: str = "") -> AdminReply:
+    """A reply with `fields` rendered as text, cut to the wire bounds."""
+    pairs = tuple((str(k).encode()[:MAX_FIELD_NAME_LEN], str(v).encode()[:MAX_FIELD_VALUE_LEN])
+                  for k, v in (fields or {}).items())[:MAX_FIELDS]
+    return AdminReply(request_id=request_id, ok=not error_code, error_code=error_code,
+                      message=text.encode()[:MAX_MESSAGE_LEN].decode(errors="ignore"), fields=pairs)
