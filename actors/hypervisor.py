@@ -398,16 +398,30 @@ class Hypervisor:
     def new_name(self) -> str:
         return self.prefix + uuid.uuid4().hex[:12]
 
-    def corral_domains(self) -> list[str]:
-        """Names of this instance's running domains."""
+    def _instance_domains(self) -> list:
         libvirt = _libvirt()
         try:
             domains = self.conn.listAllDomains()
         except libvirt.libvirtError:
             self._reconnect()
             domains = self.conn.listAllDomains()
-        return sorted(d.name() for d in domains
-                      if re.fullmatch(re.escape(self.prefix) + r"[0-9a-f]{12}", d.name()))
+        return [d for d in domains if re.fullmatch(re.escape(self.prefix) + r"[0-9a-f]{12}", d.name())]
+
+    def corral_domains(self) -> list[str]:
+        """Names of this instance's domains."""
+        return sorted(d.name() for d in self._instance_domains())
+
+    def domain_states(self) -> dict[str, str]:
+        """This instance's domains -> running, paused, or another libvirt state."""
+        libvirt = _libvirt()
+        names = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}
+        states = {}
+        for domain in self._instance_domains():
+            try:
+                states[domain.name()] = names.get(domain.state()[0], "other")
+            except libvirt.libvirtError:
+                pass  # destroyed since it was listed
+        return states
 
     def reap_leftovers(self, keep: frozenset[str] = frozenset()) -> list[str]:
         """Destroy corral domains not in `keep` and delete every overlay, socket

@@ -179,3 +179,37 @@ class ChildFailed:
     name: str
     error: str
     salvage: Any = None
+
+
+# --- operators (control plane) -------------------------------------------------
+
+@dataclass(frozen=True)
+class Scram:
+    """Control -> Scheduler, PoolManager: enter safe mode. The Scheduler answers
+    every queued task `cancelled_scram` and holds new ones off; the PoolManager
+    freezes every VM and boots none."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResumeService:
+    """Control -> Scheduler, PoolManager: leave safe mode, serve again."""
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """PoolManager -> Supervisor: pause the VM whatever it is doing and stop its
+    deadlines' clocks (a paused guest cannot be late)."""
+
+
+@dataclass(frozen=True)
+class Thaw:
+    """PoolManager -> Supervisor: undo Freeze; deadlines resume where they stopped."""
+
+
+@dataclass(frozen=True)
+class SetPoolSize:
+    """Control -> PoolManager: keep `size` warm VMs (idle ones retire to shrink)."""
+
+    size: int

@@ -3,6 +3,9 @@
 It starts Supervisors, learns their states (booting, ready, busy, resetting,
 gone), offers ready VMs to the Scheduler, retires idle VMs past their age,
 and replaces every VM that goes, with exponential backoff while boots fail.
+
+In safe mode (SCRAM) it freezes every VM (each Supervisor pauses its domain)
+and boots nothing; resuming thaws them and refills the pool.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from typing import Any, Callable
 import pykka
 
 from actors.directory import Directory, drain_inbox, send
-from actors.messages import (BackoffOver, ChildFailed, InjectFault, Retire, HostMemory,
-                             Tick, VmAvailable, VmState, VmWithdrawn)
+from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault,
+                             ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, VmAvailable,
+                             VmState, VmWithdrawn)
 from actors.metrics import POOL_STATES, Metrics
 from actors.timers import Timers
 
@@ -34,11 +38,14 @@ class PoolVm:
 
 
 class PoolView:
-    """The set of VM ids the pool owns, readable from any thread without asking
-    the PoolManager (the Watchdog uses it to tell zombies from live VMs)."""
+    """The VMs the pool owns and their states, readable from any thread without
+    asking the PoolManager (the Watchdog tells zombies from live VMs by it, the
+    control plane shows it). Each attribute is replaced whole, never mutated."""
 
     def __init__(self) -> None:
         self.owned: frozenset[str] = frozenset()
+        self.states: dict[str, str] = {}
+        self.size = 0
 
 
 @dataclass
@@ -49,13 +56,16 @@ class PoolState:
     boot_failures: int = 0
     next_boot_at: float = 0.0
     shed: int = 0  # VMs given up for host memory
+    safe_mode: bool = False
+    size: int | None = None  # set by an operator; None: the configured size
 
 
 class PoolManager(pykka.ThreadingActor):
     def __init__(self, directory: Directory, metrics: Metrics, timers: Timers,
                  start_supervisor: Callable[[str], Any], new_name: Callable[[], str],
                  view: PoolView, size: int,
-                 max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None):
+                 max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None,
+                 safe_mode: bool = False):
         super().__init__()
         self.directory = directory
         self.metrics = metrics
@@ -63,10 +73,11 @@ class PoolManager(pykka.ThreadingActor):
         self.start_supervisor = start_supervisor
         self.new_name = new_name
         self.view = view
-        self.size = size
         self.max_age_s = max_age_s
         self.backoff_max_s = backoff_max_s
-        self.state = state or PoolState()
+        self.state = state or PoolState(safe_mode=safe_mode)
+        if self.state.size is None:
+            self.state.size = size
         self.stopping = False
 
     def on_start(self) -> None:
@@ -86,6 +97,17 @@ class PoolManager(pykka.ThreadingActor):
             elif self.state.shed:
                 self.state.shed -= 1
                 self._fill()
+        elif isinstance(message, Scram):
+            self.state.safe_mode = True
+            self._tell_all(Freeze())
+        elif isinstance(message, ResumeService):
+            self.state.safe_mode = False
+            self._tell_all(Thaw())
+            self._fill()
+        elif isinstance(message, SetPoolSize):
+            self.state.size = message.size
+            self._shrink()
+            self._fill()
         elif isinstance(message, InjectFault) and message.kind == "crash" and not message.vm_id:
             raise RuntimeError("injected fault: pool manager crash")
         elif isinstance(message, InjectFault):
@@ -129,6 +151,19 @@ class PoolManager(pykka.ThreadingActor):
         if not self.stopping:
             self.timers.call_later(TICK_S, self.actor_ref, Tick())
 
+    def _tell_all(self, message) -> None:
+        for vm in self.state.vms.values():
+            send(vm.supervisor, message)
+
+    def _shrink(self) -> None:
+        """Over the wanted size: idle VMs retire (oldest first); busy ones count
+        until their task ends and are then not replaced."""
+        extra = len(self.state.vms) - self.state.size
+        idle = sorted((vm.born, vm_id) for vm_id, vm in self.state.vms.items() if vm.state == "ready")
+        for _, vm_id in idle[:max(0, extra)]:
+            self.directory.tell("scheduler", VmWithdrawn(vm_id))
+            send(self.state.vms[vm_id].supervisor, Retire("pool_size"))
+
     def _shed_one(self) -> None:
         """Memory is short: the oldest idle VM goes, and the pool stays one
         smaller until the watchdog sees memory back."""
@@ -140,9 +175,9 @@ class PoolManager(pykka.ThreadingActor):
             self.state.shed += 1
 
     def _fill(self) -> None:
-        if self.stopping:
+        if self.stopping or self.state.safe_mode:
             return
-        while len(self.state.vms) < self.size - self.state.shed and time.monotonic() >= self.state.next_boot_at:
+        while len(self.state.vms) < self.state.size - self.state.shed and time.monotonic() >= self.state.next_boot_at:
             vm_id = self.new_name()
             # Published before the Supervisor creates the domain: never a zombie.
             self.state.vms[vm_id] = PoolVm(supervisor=None)
@@ -153,6 +188,8 @@ class PoolManager(pykka.ThreadingActor):
 
     def _publish(self) -> None:
         self.view.owned = frozenset(self.state.vms)
+        self.view.states = {vm_id: vm.state for vm_id, vm in self.state.vms.items()}
+        self.view.size = self.state.size
         counts = {s: 0 for s in POOL_STATES}
         for vm in self.state.vms.values():
             counts[vm.state] = counts.get(vm.state, 0) + 1

@@ -4,6 +4,11 @@ Four levels (CRITICAL 0 .. LOW 3), FIFO within a level, a hard depth: a task
 that would make the queue deeper is refused at once with `busy` and nothing
 queued is disturbed. Whenever a task and an available VM meet, the task goes
 to that VM's Supervisor.
+
+In safe mode (an operator's SCRAM) nothing is dispatched: every queued task
+is answered `cancelled_scram` at once, and so is any task that still reaches
+the Scheduler (in flight from Intake, or handed back by a VM) until an
+operator resumes.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from dataclasses import dataclass, field
 import pykka
 
 from actors.directory import Directory, drain_inbox
-from actors.messages import (ChildFailed, InjectFault, Requeue, RunTask, Submit, Task, Tick,
-                             VmAvailable, VmWithdrawn)
+from actors.messages import (ChildFailed, InjectFault, Requeue, ResumeService, RunTask, Scram,
+                             Submit, Task, Tick, VmAvailable, VmWithdrawn)
 from actors.metrics import Metrics
 from actors.timers import Timers
 from protocol.tasks import PRIORITY_NAMES, error_reply
@@ -33,6 +38,7 @@ class SchedulerState:
     queues: list[deque] = field(default_factory=lambda: [deque() for _ in LEVEL_NAMES])
     available: OrderedDict = field(default_factory=OrderedDict)  # vm_id -> Supervisor ref
     queued_bytes: int = 0
+    safe_mode: bool = False
 
 
 def task_bytes(task: Task) -> int:
@@ -45,7 +51,7 @@ def task_bytes(task: Task) -> int:
 class Scheduler(pykka.ThreadingActor):
     def __init__(self, directory: Directory, metrics: Metrics, timers: Timers, max_depth: int,
                  max_queued_bytes: int, max_wait_s: float, retry_after_ms: int = 1000,
-                 state: SchedulerState | None = None):
+                 state: SchedulerState | None = None, safe_mode: bool = False):
         super().__init__()
         self.directory = directory
         self.metrics = metrics
@@ -54,22 +60,31 @@ class Scheduler(pykka.ThreadingActor):
         self.max_queued_bytes = max_queued_bytes
         self.max_wait_s = max_wait_s
         self.retry_after_ms = retry_after_ms
-        self.state = state or SchedulerState()
+        self.state = state or SchedulerState(safe_mode=safe_mode)
 
     @property
     def depth(self) -> int:
         return sum(len(q) for q in self.state.queues)
 
     def on_start(self) -> None:
+        if self.state.safe_mode:  # a successor may inherit tasks its predecessor's inbox held
+            self._flush_for_scram()
         self._publish_depth()
         self._dispatch()
         self.timers.call_later(1.0, self.actor_ref, Tick())
 
     def on_receive(self, message) -> None:
-        if isinstance(message, Submit):
+        if isinstance(message, (Submit, Requeue)) and self.state.safe_mode:
+            self._cancel_for_scram(message.task)
+        elif isinstance(message, Submit):
             self._submit(message.task)
         elif isinstance(message, Requeue):
             self._enqueue(message.task, front=True)
+        elif isinstance(message, Scram):
+            self.state.safe_mode = True
+            self._flush_for_scram()
+        elif isinstance(message, ResumeService):
+            self.state.safe_mode = False
         elif isinstance(message, Tick):
             self._expire_waiting()
             self.timers.call_later(1.0, self.actor_ref, Tick())
@@ -97,6 +112,15 @@ class Scheduler(pykka.ThreadingActor):
         self.directory.answer(task.ticket, error_reply(task.request.task_id, "busy", text,
                                                        retry_after_ms=self.retry_after_ms))
 
+    def _flush_for_scram(self) -> None:
+        while (task := self._take()) is not None:
+            self._cancel_for_scram(task)
+
+    def _cancel_for_scram(self, task: Task) -> None:
+        self.directory.answer(task.ticket, error_reply(
+            task.request.task_id, "cancelled_scram",
+            "an operator stopped corral (SCRAM) before this task ran; retry after it resumes"))
+
     def _enqueue(self, task: Task, front: bool = False) -> None:
         queue = self.state.queues[task.priority]
         queue.appendleft(task) if front else queue.append(task)
@@ -121,7 +145,7 @@ class Scheduler(pykka.ThreadingActor):
                     retry_after_ms=self.retry_after_ms))
 
     def _dispatch(self) -> None:
-        while self.state.available:
+        while self.state.available and not self.state.safe_mode:
             task = self._take()
             if task is None:
                 return

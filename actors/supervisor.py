@@ -11,6 +11,10 @@ destroyed, overlay deleted, the PoolManager told (it boots a replacement),
 and a task that was on it answered with a clear error code. A task whose VM
 died before its command started goes back to the Scheduler instead.
 
+An operator's SCRAM freezes the VM (Freeze): its domain is paused whatever
+it was doing and its deadline stops counting, since a paused guest cannot be
+late; Thaw resumes both. A ready VM is always paused, so Thaw leaves it so.
+
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others. Reading the channel is IOGuard's.
 """
@@ -28,8 +32,8 @@ from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.guest_link import CappedOutput, GuestLink
 from actors.hypervisor import Hypervisor
-from actors.messages import (ChannelFailed, DeadlinePassed, GuestSaid, InjectFault, Requeue,
-                             Retire, RunTask, Task, Unwatch, VmState, Watch)
+from actors.messages import (ChannelFailed, DeadlinePassed, Freeze, GuestSaid, InjectFault,
+                             Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
 from actors.metrics import Metrics
 from actors.timers import Timers
 from protocol import messages as guest
@@ -83,6 +87,8 @@ class Supervisor(pykka.ThreadingActor):
         self.link: GuestLink | None = None
         self.current: RunningTask | None = None
         self.deadline_token = 0
+        self.deadline: tuple[str, float] | None = None  # (phase, monotonic time) armed last
+        self.frozen_at: float | None = None  # monotonic time of the Freeze, while frozen
         self.uses = 0
         self.born = time.monotonic()
         self.retire_reason = ""
@@ -113,6 +119,10 @@ class Supervisor(pykka.ThreadingActor):
             self._guest_said(message.message)
         elif isinstance(message, RunTask):
             self._run_task(message)
+        elif isinstance(message, Freeze):
+            self._freeze()
+        elif isinstance(message, Thaw):
+            self._thaw()
         elif isinstance(message, DeadlinePassed):
             if message.token == self.deadline_token and message.phase == self.state:
                 self._deadline_passed()
@@ -179,7 +189,8 @@ class Supervisor(pykka.ThreadingActor):
 
     def _pause_and_offer(self) -> None:
         try:
-            self.hypervisor.suspend(self.vm_id)
+            if self.frozen_at is None:  # a frozen VM is paused already
+                self.hypervisor.suspend(self.vm_id)
         except CorralError as e:
             log.warning("VM %s: cannot pause: %s", self.vm_id, e)
             return self._end("pause_failed")
@@ -188,7 +199,7 @@ class Supervisor(pykka.ThreadingActor):
         self._set_state("ready")
 
     def _run_task(self, message: RunTask) -> None:
-        if self.state != "ready":
+        if self.state != "ready" or self.frozen_at is not None:
             self._requeue(message.task)
             return
         self.current = RunningTask(message.task, message.assigned_at,
@@ -283,6 +294,33 @@ class Supervisor(pykka.ThreadingActor):
         elif self.state == "resetting":
             self._end("reset_timeout")
 
+    def _freeze(self) -> None:
+        if self.frozen_at is not None:
+            return
+        if self.state != "ready":  # ready VMs are paused already
+            try:
+                self.hypervisor.suspend(self.vm_id)
+            except CorralError as e:
+                # A VM that cannot be paused in an emergency must not run on.
+                return self._fail("vm_lost", f"the VM could not be paused for a SCRAM ({e})")
+        self.frozen_at = time.monotonic()
+        self.deadline_token += 1  # the armed deadline stops counting
+
+    def _thaw(self) -> None:
+        if self.frozen_at is None:
+            return
+        frozen_for = time.monotonic() - self.frozen_at
+        self.frozen_at = None
+        if self.state == "ready":
+            return
+        try:
+            self.hypervisor.resume(self.vm_id)
+        except CorralError as e:
+            return self._fail("vm_lost", f"the VM could not be resumed after a SCRAM ({e})")
+        if self.deadline is not None:
+            phase, at = self.deadline
+            self._arm(phase, at + frozen_for - time.monotonic())
+
     def _inject(self, kind: str) -> None:
         log.warning("VM %s: injected fault %s", self.vm_id, kind)
         if kind == "kill_qemu":
@@ -342,8 +380,10 @@ class Supervisor(pykka.ThreadingActor):
 
     def _arm(self, phase: str, delay_s: float) -> None:
         self.deadline_token += 1
-        self.timers.call_later(max(0.0, delay_s), self.actor_ref,
-                               DeadlinePassed(phase, self.deadline_token))
+        self.deadline = (phase, time.monotonic() + delay_s)
+        if self.frozen_at is None:  # a frozen VM's deadline is armed by Thaw
+            self.timers.call_later(max(0.0, delay_s), self.actor_ref,
+                                   DeadlinePassed(phase, self.deadline_token))
 
     def _tell_pool(self, state: str, reason: str = "") -> None:
         self.directory.tell("pool", VmState(self.vm_id, state, reason))
