@@ -10,6 +10,7 @@ stops taking tasks, answers every task it holds and destroys its VMs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import socket
@@ -48,6 +49,25 @@ def check_endpoint_free(endpoint: str) -> None:
                       "or set daemon.endpoint to another path")
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (daemon.log_format = "json")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "message": record.getMessage(), "thread": record.threadName}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s corrald %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corrald", description="corral host daemon")
     parser.add_argument("--config", type=Path, help="site config (TOML) over config/corral.toml")
@@ -59,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"corrald: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.daemon.log_level.upper(),
-                        format="%(asctime)s corrald %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.daemon.log_level, cfg.daemon.log_format)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     hypervisor = service = None
     try:
         check_endpoint_free(cfg.daemon.endpoint)
+        check_endpoint_free(cfg.control.endpoint)
         hypervisor = hypervisor_from_config(cfg)
         if args.check:  # a check changes nothing
             print(f"corrald: checks passed (accelerator {hypervisor.accelerator}, "
@@ -87,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if service is not None:
-            log.info("stopping: answering every task and destroying VMs")
-            service.stop()
+            log.info("stopping: finishing tasks for up to %g s, then answering the rest "
+                     "and destroying VMs", cfg.daemon.shutdown_grace_s)
+            service.stop(grace_s=0 if service.gave_up.is_set() else cfg.daemon.shutdown_grace_s)
         if hypervisor is not None:
             hypervisor.close()
     log.info("stopped")

@@ -126,8 +126,9 @@ class IntakeServer:
         self.tickets = itertools.count(1)
         self.ledger: dict[int, tuple[bytes, str]] = {}  # ticket -> (identity, task_id)
         self.in_flight: set[tuple[bytes, str]] = set()
-        self.accepting = True
-        self.refusal = ("shutting_down", "corrald is shutting down")
+        # None: accepting. Else (code, message) every new task is refused with:
+        # set from other threads (shutdown, control plane) as one atomic store.
+        self.refusal: tuple[str, str] | None = None
         self._bound = threading.Event()
         self._error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="intake-server", daemon=True)
@@ -225,8 +226,9 @@ class IntakeServer:
         if isinstance(request, StatusRequest):
             return self._send(router, identity, self._status(request.request_id))
         try:
-            if not self.accepting:
-                raise Rejected(*self.refusal)
+            refusal = self.refusal
+            if refusal is not None:
+                raise Rejected(*refusal)
             if (identity, request.task_id) in self.in_flight:
                 raise Rejected("duplicate_task", f"task {request.task_id!r} is already in flight")
             request = validate(request, self.limits)

@@ -7,7 +7,7 @@ Intake reads the gauges to answer `corral status` without asking any actor.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from protocol.tasks import PRIORITY_NAMES
 
@@ -42,6 +42,11 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.run_seconds = Histogram("corral_task_run_seconds", "Command wall time in the guest",
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.safe_mode = Gauge("corral_safe_mode", "1 while corrald is in safe mode after a SCRAM",
+                               registry=r)
+        self.scram_pause_seconds = Gauge(
+            "corral_scram_pause_seconds", "Last SCRAM: time from the command until every VM was paused",
+            registry=r)
         for name in PRIORITY_NAMES:
             self.queue_depth.labels(name)
         for state in POOL_STATES:
@@ -66,6 +71,11 @@ class Metrics:
     def watch_ioguard(self, stats) -> None:
         """IOGuard's own counters, read at scrape time (`stats` returns its totals)."""
         self.registry.register(IoGuardCollector(stats))
+
+    def watch_pool(self, view) -> None:
+        """One series per live VM, read from the PoolView at scrape time, so a
+        VM's series goes when the VM does."""
+        self.registry.register(PoolVmCollector(view))
 
     def gauge_values(self, gauge: Gauge) -> dict[str, int]:
         return {sample.labels[gauge._labelnames[0]]: int(sample.value)
@@ -92,3 +102,15 @@ class IoGuardCollector:
             family = CounterMetricFamily(name, help_text)
             family.add_metric([], float(totals.get(key, 0)))
             yield family
+
+
+class PoolVmCollector:
+    def __init__(self, view):
+        self.view = view
+
+    def collect(self):
+        family = GaugeMetricFamily("corral_vm_state", "1 for each live VM, labelled with its state",
+                                   labels=["vm", "state"])
+        for vm_id, state in sorted(self.view.states.items()):
+            family.add_metric([vm_id, state], 1)
+        yield family

@@ -6,11 +6,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
+from pathlib import Path
 from typing import Callable
 
+from actors.control import ControlServer, Mode, SafeModeFile
 from actors.directory import Directory
 from actors.hypervisor import Hypervisor, hypervisor_from_config
 from actors.intake import Intake, IntakeServer, TaskLimits
+from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard
 from actors.metrics import Metrics
 from actors.pool import PoolManager, PoolView
@@ -63,6 +67,15 @@ class Corral:
         self.directory.answer_fallback = self.server.post
         self.pool_view = PoolView()
         self.root = None
+        control_dir = Path(cfg.control.endpoint[len("ipc://"):]).parent
+        self.safe_mode_file = SafeModeFile(control_dir / f"{cfg.daemon.instance}.safe-mode")
+        self.mode = Mode()
+        self.mode_lock = threading.Lock()
+        held = self.safe_mode_file.read()
+        if held is not None:  # a SCRAM outlives restarts until an operator resumes
+            self._set_mode("safe_mode", held.get("reason", ""), held.get("since", 0))
+        self.control = ControlServer(cfg.control.endpoint, self, cfg.control.faults,
+                                     cfg.control.scram_pause_timeout_s)
 
     # --- factories: name -> callable(salvage) -> ActorRef, in start order ------
 
@@ -77,11 +90,13 @@ class Corral:
             "scheduler": lambda salvage: Scheduler.start(
                 self.directory, self.metrics, self.timers, cfg.tasks.queue_depth,
                 cfg.tasks.max_queued_bytes, cfg.tasks.max_queue_wait_s,
-                retry_after_ms=int(cfg.tasks.busy_retry_after_s * 1000), state=salvage),
+                retry_after_ms=int(cfg.tasks.busy_retry_after_s * 1000), state=salvage,
+                safe_mode=self.in_safe_mode),
             "pool": lambda salvage: PoolManager.start(
                 self.directory, self.metrics, self.timers, self._start_supervisor, self.hypervisor.new_name,
                 self.pool_view, cfg.pool.size,
-                cfg.pool.max_age_s, cfg.pool.boot_backoff_max_s, state=salvage),
+                cfg.pool.max_age_s, cfg.pool.boot_backoff_max_s, state=salvage,
+                safe_mode=self.in_safe_mode),
             "watchdog": lambda salvage: Watchdog.start(
                 self.directory, self.hypervisor, self.timers, self.pool_view,
                 cfg.watchdog.interval_s, cfg.watchdog.min_available_mib),
@@ -104,6 +119,44 @@ class Corral:
         if self.on_give_up is not None:
             self.on_give_up(reason)
 
+    # --- modes (the control plane drives these) ---------------------------------
+
+    @property
+    def in_safe_mode(self) -> bool:
+        return self.mode.name == "safe_mode"
+
+    def _set_mode(self, name: str, reason: str = "", since: float | None = None) -> None:
+        self.mode = Mode(name, reason, time.time() if since is None else since)
+        self.metrics.safe_mode.set(name == "safe_mode")
+        self.server.refusal = {
+            "serving": None,
+            "draining": ("draining", "corrald is draining: it finishes its tasks and takes no new ones"),
+            "safe_mode": ("safe_mode", f"corrald is in safe mode after a SCRAM ({reason}); "
+                                       "an operator must resume it"),
+        }[name]
+        log.warning("mode: %s%s", name, f" ({reason})" if reason else "")
+
+    def enter_safe_mode(self, reason: str) -> None:
+        """SCRAM: persisted first, then new work refused, the queue flushed and
+        every VM frozen (the Scheduler and PoolManager do their part)."""
+        with self.mode_lock:
+            self.safe_mode_file.enter(reason)
+            self._set_mode("safe_mode", reason)
+            self.directory.tell("scheduler", Scram(reason))
+            self.directory.tell("pool", Scram(reason))
+
+    def resume_service(self) -> None:
+        with self.mode_lock:
+            self.safe_mode_file.clear()
+            self._set_mode("serving")
+            self.directory.tell("scheduler", ResumeService())
+            self.directory.tell("pool", ResumeService())
+
+    def drain(self) -> None:
+        with self.mode_lock:
+            if not self.in_safe_mode:  # safe mode already refuses, and more
+                self._set_mode("draining")
+
     # --- life cycle ------------------------------------------------------------
 
     def start(self) -> None:
@@ -111,14 +164,21 @@ class Corral:
         self.server.start()  # binds first: a busy endpoint fails before any VM boots
         self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
         self.metrics.watch_ioguard(self._ioguard_totals)
+        self.metrics.watch_pool(self.pool_view)
         self.root = Root.start(self.directory, self._factories(), self.metrics,
                                self.cfg.supervision.max_restarts, self.cfg.supervision.window_s,
                                self._give_up)
         self.root.proxy().started().get(timeout=30)
+        self.control.start()
 
-    def stop(self) -> None:
-        """Answer everything, destroy every VM, release the endpoint."""
-        self.server.accepting = False
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new tasks; give those accepted up to `grace_s` to finish; then
+        answer the rest `cancelled`, destroy every VM, release the endpoints."""
+        self.server.refusal = ("shutting_down", "corrald is shutting down")
+        deadline = time.monotonic() + grace_s
+        while self.server.unanswered() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.control.stop()
         try:
             if self.root is not None:
                 self.root.proxy().stop_children().get(timeout=600)

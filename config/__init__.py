@@ -41,6 +41,15 @@ class DaemonConfig:
     endpoint: str = field(metadata={"pattern": "endpoint"})
     instance: str = field(metadata={"pattern": "instance"})
     log_level: str = field(metadata=_choices("debug", "info", "warning", "error"))
+    log_format: str = field(metadata=_choices("text", "json"))
+    shutdown_grace_s: float = field(metadata=_range(0, 3600))
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    endpoint: str = field(metadata={"pattern": "ipc_endpoint"})
+    faults: bool = field()
+    scram_pause_timeout_s: float = field(metadata=_range(0.1, 600))
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class Config:
     libvirt_uri: str = field()
     vm: VmConfig = field()
     daemon: DaemonConfig = field()
+    control: ControlConfig = field()
     metrics: MetricsConfig = field()
     pool: PoolConfig = field()
     tasks: TasksConfig = field()
@@ -121,12 +131,19 @@ def _check_endpoint(key: str, value: str) -> None:
         raise ConfigError(f"config: {key} = {value!r} must be an ipc:///path or tcp://host:port endpoint")
 
 
+def _check_ipc_endpoint(key: str, value: str) -> None:
+    if not value.startswith("ipc:///"):
+        raise ConfigError(f"config: {key} = {value!r} must be an ipc:///path endpoint "
+                          "(file permissions decide who is an operator)")
+
+
 def _check_instance(key: str, value: str) -> None:
     if not (1 <= len(value) <= 16 and value.isascii() and value.isalnum() and value.islower()):
         raise ConfigError(f"config: {key} = {value!r} must be 1 to 16 lower-case letters or digits")
 
 
-CHECKS = {"size": _check_size, "endpoint": _check_endpoint, "instance": _check_instance}
+CHECKS = {"size": _check_size, "endpoint": _check_endpoint, "ipc_endpoint": _check_ipc_endpoint,
+          "instance": _check_instance}
 
 
 def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -195,4 +212,6 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
         raise ConfigError("config: tasks.default_timeout_s must not exceed tasks.max_timeout_s")
     if cfg.tasks.default_output_cap > cfg.tasks.max_output_cap:
         raise ConfigError("config: tasks.default_output_cap must not exceed tasks.max_output_cap")
+    if cfg.control.endpoint == cfg.daemon.endpoint:
+        raise ConfigError("config: control.endpoint must differ from daemon.endpoint")
     return cfg
