@@ -1,0 +1,318 @@
+"""Operations end to end: the control socket, SCRAM and safe mode (across a
+restart too), pool size, drain, /metrics through promtool, SIGTERM and
+SIGKILL of a real corrald. Real daemon, real VMs, real sockets."""
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import config
+from protocol import admin
+from protocol.client import Client
+from tests.conftest import STATE_DIR, TEST_INSTANCE
+from tests.test_service import pool_vms, scrape, wait_until
+
+pytestmark = pytest.mark.vm
+POOL_SIZE = 2
+NOBODY = 65534
+
+
+# A second service running beside the module's needs its own instance (and so
+# its own Hypervisor), or each watchdog reaps the other's VMs as zombies.
+OTHER_INSTANCE = (TEST_INSTANCE + "b")[:16]
+
+
+def service_config(tmp: Path, instance: str = TEST_INSTANCE, **sections) -> config.Config:
+    overrides = {"daemon": {"endpoint": f"ipc://{tmp}/corrald.sock", "instance": instance},
+                 "control": {"endpoint": f"ipc://{tmp}/control/control.sock", "faults": True},
+                 "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}}
+    for name, values in sections.items():
+        overrides[name] = {**overrides.get(name, {}), **values}
+    return config.load(overrides=overrides)
+
+
+def start_service(cfg, hypervisor=None):
+    from actors.service import Corral
+
+    svc = Corral(cfg, hypervisor)  # None: its own, for the config's instance
+    svc.start()
+    return svc
+
+
+def wait_ready(svc, count: int = POOL_SIZE, timeout_s: float = 120):
+    wait_until(lambda: list(pool_vms(svc).values()).count("ready") == count, timeout_s,
+               f"{count} ready VMs")
+
+
+def operator(svc, *command: str) -> admin.AdminReply:
+    return admin.request(svc.cfg.control.endpoint, command[0], list(command[1:]))
+
+
+def fields(reply) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in reply.fields}
+
+
+@pytest.fixture(scope="module")
+def service(hypervisor, tmp_path_factory):
+    svc = start_service(service_config(tmp_path_factory.mktemp("ops")), hypervisor)
+    try:
+        wait_ready(svc)
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture
+def client(service):
+    if service.mode.name != "serving":
+        operator(service, "resume")
+    wait_ready(service)
+    with Client(service.cfg.daemon.endpoint) as c:
+        yield c
+
+
+# --- the control socket --------------------------------------------------------
+
+def as_user(uid: int, check, *args) -> str:
+    """Run `check(*args)` in a child process running as `uid`; what it raised, as text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            check(*args)
+            os.write(write_end, b"no error")
+        except BaseException as e:
+            os.write(write_end, str(e).encode()[:4000])
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as f:
+        return f.read().decode()
+
+
+def test_control_socket_is_for_corralds_user_only(service):
+    path = Path(service.cfg.control.endpoint[len("ipc://"):])
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Another local user: the kernel refuses the connection, and the CLI's probe says why.
+    assert "permission denied" in as_user(NOBODY, admin.probe, service.cfg.control.endpoint)
+    # Its callers' socket is not the control socket: an admin request there gets nothing.
+    with pytest.raises(admin.AdminError):
+        admin.request(service.cfg.daemon.endpoint, "status", [], timeout_s=1)
+
+
+def test_admin_status_and_clear_errors(service, client):
+    done = subprocess.run([sys.executable, "-m", "protocol.client", "admin", "--control",
+                           service.cfg.control.endpoint, "status"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("corrald is serving")
+    assert "queue_normal" in done.stdout and "ready" in done.stdout
+    for command, code in ((["launch"], "unknown_command"), (["pool-size", "many"], "invalid_argument"),
+                          (["pool-size"], "invalid_argument"), (["fault", "melt", "x"], "invalid_argument"),
+                          (["fault", "kill_qemu", "corral-nope-000000000000"], "invalid_argument")):
+        reply = operator(service, *command)
+        assert (reply.ok, reply.error_code) == (False, code), command
+
+
+def test_faults_are_refused_unless_enabled(tmp_path):
+    svc = start_service(service_config(tmp_path, OTHER_INSTANCE, pool={"size": 0}, control={"faults": False}))
+    try:
+        reply = operator(svc, "fault", "crash", "scheduler")
+        assert (reply.ok, reply.error_code) == (False, "faults_disabled")
+    finally:
+        svc.stop()
+
+
+def test_fault_through_the_control_plane_heals(service, client):
+    vm = next(iter(pool_vms(service)))
+    reply = operator(service, "fault", "kill_qemu", vm)
+    assert reply.ok, reply.message
+    wait_until(lambda: vm not in pool_vms(service), 30, "the killed VM gone")
+    wait_ready(service)
+    assert client.run(["echo", "healed"]).stdout == b"healed\n"
+
+
+# --- SCRAM ---------------------------------------------------------------------
+
+def test_scram_pauses_flushes_refuses_and_resume_restores(service, client):
+    running = [client.submit(["sh", "-c", "sleep 2; echo survived"], timeout_s=60) for _ in range(POOL_SIZE)]
+    wait_until(lambda: list(pool_vms(service).values()).count("busy") == POOL_SIZE, 30, "pool busy")
+    time.sleep(0.5)  # the commands are running in the guests
+    queued = [client.submit(["echo", "never"], priority=p) for p in ("critical", "normal", "low")]
+    wait_until(lambda: sum(int(v) for _, v in client.status().queue_depth) == 3, 10, "3 queued")
+
+    reply = operator(service, "scram", "drill")
+    assert reply.ok, reply.message
+    assert float(fields(reply)["paused_in_ms"]) < 10_000
+    for future in queued:
+        assert future.result(timeout=10).error_code == "cancelled_scram"
+    states = service.hypervisor.domain_states()
+    assert len(states) == POOL_SIZE and set(states.values()) == {"paused"}
+    refused = client.run(["echo", "refused"])
+    assert refused.error_code == "safe_mode" and "SCRAM" in refused.error_message
+    assert fields(operator(service, "status"))["mode"] == "safe_mode"
+    assert scrape(service)["corral_safe_mode"] == 1
+    time.sleep(3)  # longer than the commands had left: they are frozen, not running
+    assert not any(f.done() for f in running)
+    assert set(service.hypervisor.domain_states().values()) == {"paused"}
+
+    assert operator(service, "resume").ok
+    for future in running:
+        reply = future.result(timeout=60)
+        assert (reply.error_code, reply.exit_code, reply.stdout) == ("", 0, b"survived\n")
+    assert client.run(["echo", "back"]).stdout == b"back\n"
+    assert scrape(service)["corral_safe_mode"] == 0
+
+
+def test_safe_mode_survives_a_restart_until_resumed(tmp_path):
+    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1})
+    svc = start_service(cfg)
+    try:
+        wait_ready(svc, 1)
+        assert operator(svc, "scram", "before restart").ok
+    finally:
+        svc.stop()
+    svc = start_service(cfg)
+    hypervisor = svc.hypervisor
+    try:
+        assert not hypervisor.domain_states()
+        assert svc.mode.name == "safe_mode" and svc.mode.reason == "before restart"
+        with Client(cfg.daemon.endpoint) as c:
+            assert c.run(["echo", "x"]).error_code == "safe_mode"
+        time.sleep(2)
+        assert not hypervisor.domain_states(), "no VM boots in safe mode"
+        assert operator(svc, "resume").ok
+        wait_ready(svc, 1)
+        with Client(cfg.daemon.endpoint) as c:
+            assert c.run(["echo", "serving"]).stdout == b"serving\n"
+    finally:
+        svc.stop()
+    # Resumed means resumed: the next start serves at once.
+    svc = start_service(cfg)
+    try:
+        assert svc.mode.name == "serving"
+    finally:
+        svc.stop()
+
+
+# --- pool size, drain ------------------------------------------------------------
+
+def test_pool_size_shrinks_and_grows(service, client):
+    assert operator(service, "pool-size", "1").ok
+    wait_until(lambda: len(pool_vms(service)) == 1, 30, "one VM left")
+    assert client.run(["echo", "one"]).stdout == b"one\n"
+    assert operator(service, "pool-size", str(POOL_SIZE)).ok
+    wait_ready(service)
+
+
+def test_drain_finishes_tasks_and_refuses_new_ones(service, client):
+    running = client.submit(["sh", "-c", "sleep 1; echo finished"])
+    wait_until(lambda: "busy" in pool_vms(service).values(), 30, "a busy VM")
+    assert operator(service, "drain").ok
+    assert client.run(["echo", "late"]).error_code == "draining"
+    assert running.result(timeout=60).stdout == b"finished\n"
+    assert operator(service, "resume").ok
+    assert client.run(["echo", "again"]).stdout == b"again\n"
+
+
+# --- metrics ---------------------------------------------------------------------
+
+def promtool() -> str:
+    found = shutil.which("promtool") or str(STATE_DIR / "tools" / "promtool")
+    assert os.access(found, os.X_OK), "promtool missing: scripts/setup-host unpacks it"
+    return found
+
+
+def test_metrics_pass_promtool_and_track_vms(service, client):
+    assert client.run(["echo", "x"]).exit_code == 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read()
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = scrape(service)
+    vm_series = {name for name in samples if name.startswith("corral_vm_state{")}
+    assert len(vm_series) == POOL_SIZE
+    gone = next(iter(pool_vms(service)))
+    assert operator(service, "fault", "kill_qemu", gone).ok
+    wait_until(lambda: gone not in pool_vms(service), 30, "the VM gone")
+    assert not any(gone in name for name in scrape(service)), "a gone VM's series must go"
+    wait_ready(service)
+
+
+# --- a real corrald process: SIGTERM and SIGKILL -----------------------------------
+
+def write_site_config(tmp: Path, instance: str) -> Path:
+    site = tmp / "site.toml"
+    site.write_text(textwrap.dedent(f"""\
+        [daemon]
+        endpoint = "ipc://{tmp}/corrald.sock"
+        instance = "{instance}"
+        shutdown_grace_s = 20.0
+        [control]
+        endpoint = "ipc://{tmp}/control/control.sock"
+        [pool]
+        size = 1
+        [metrics]
+        port = 0
+        """))
+    return site
+
+
+def corrald(site: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "actors.daemon", "--config", str(site)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def daemon_ready(endpoint: str, timeout_s: float = 120) -> None:
+    with Client(endpoint) as c:
+        wait_until(lambda: dict(c.status().pool).get(b"ready") == b"1", timeout_s, "corrald's VM ready")
+
+
+def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
+    instance = (TEST_INSTANCE + "k")[:16]
+    site = write_site_config(tmp_path, instance)
+    cfg = config.load(site)
+    overlays = STATE_DIR / "vms"
+    first = corrald(site)
+    try:
+        daemon_ready(cfg.daemon.endpoint)
+        prefix = f"corral-{instance}-"
+        before = [d for d in hypervisor.conn.listAllDomains() if d.name().startswith(prefix)]
+        assert len(before) == 1
+        old = before[0].name()
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert hypervisor.domain_exists(old), "libvirt keeps the domain of a killed corrald"
+        assert list(overlays.glob(old + "*"))
+
+        second = corrald(site)
+        try:
+            daemon_ready(cfg.daemon.endpoint)
+            assert not hypervisor.domain_exists(old)
+            assert not list(overlays.glob(old + "*")) and not list((STATE_DIR / "run").glob(old + "*"))
+            now = [d.name() for d in hypervisor.conn.listAllDomains() if d.name().startswith(prefix)]
+            assert len(now) == 1 and now[0] != old
+            with Client(cfg.daemon.endpoint) as c:
+                in_flight = c.submit(["sh", "-c", "sleep 1; echo done"])
+                time.sleep(0.3)
+                second.send_signal(signal.SIGTERM)  # the grace period lets it finish
+                assert in_flight.result(timeout=60).stdout == b"done\n"
+            assert second.wait(60) == 0, second.stderr.read().decode()
+            assert not [d for d in hypervisor.conn.listAllDomains() if d.name().startswith(prefix)]
+        finally:
+            if second.poll() is None:
+                second.kill()
+    finally:
+        if first.poll() is None:
+            first.kill()
