@@ -13,6 +13,12 @@ I/O thread through an inproc PUSH socket (guarded by a lock). The I/O thread
 sends requests, receives replies and resolves the Futures, so many tasks can
 be in flight at once.
 
+A task in flight when the connection to corrald drops (corrald crashed or
+restarted, or dropped this connection) can no longer be answered: corrald's
+ledger of who waits for what died with it or with the connection. Such a
+task's Future resolves with error code `connection_lost` (its outcome is
+unknown: it may or may not have run) instead of waiting forever.
+
 Replies are checked before they are believed: wrong framing or a payload that
 does not decode is logged and dropped, a reply for an id nobody waits for is
 ignored; neither stops the I/O thread.
@@ -36,7 +42,7 @@ import zmq
 from .errors import ProtocolError
 from .messages import MAX_STDIN, decode, encode, max_payload_size
 from .tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
-                    StatusRequest, TaskReply, TaskRequest)
+                    StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.client")
 
@@ -276,17 +282,45 @@ class Client:
                     f"{reason} before corrald at {self.endpoint} answered {kind} {ident}"))
 
     def _io_loop(self) -> None:
+        monitor = self._dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(self._inbox, zmq.POLLIN)
         poller.register(self._dealer, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        try:
+            while True:
+                poller.modify(self._dealer, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
+                events = dict(poller.poll())
+                if self._inbox in events and not self._drain_wakeups():
+                    return
+                if events.get(self._dealer, 0) & zmq.POLLIN:
+                    self._receive_replies()
+                if monitor in events:
+                    self._connection_dropped(monitor)
+                self._flush_outbox()
+        finally:
+            self._dealer.disable_monitor()
+            monitor.close()
+
+    def _connection_dropped(self, monitor) -> None:
+        """Everything sent and not answered is lost with the connection."""
         while True:
-            poller.modify(self._dealer, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
-            events = dict(poller.poll())
-            if self._inbox in events and not self._drain_wakeups():
-                return
-            if events.get(self._dealer, 0) & zmq.POLLIN:
-                self._receive_replies()
-            self._flush_outbox()
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        unsent = {key for key, _, _ in self._outbox}
+        with self._lock:
+            lost = [(key, future) for key, future in self._pending.items() if key not in unsent]
+            for key, _ in lost:
+                del self._pending[key]
+        text = (f"the connection to corrald at {self.endpoint} dropped while this was in flight "
+                "(corrald stopped or restarted?); its outcome is unknown: resubmit if needed")
+        for (kind, ident), future in lost:
+            if kind == _TASK:
+                future.set_result(error_reply(ident, "connection_lost", text))
+            else:
+                future.set_exception(ClientClosedError(text))
 
     def _drain_wakeups(self) -> bool:
         """Consume wake-ups; False once close() asks to stop."""

@@ -10,6 +10,7 @@ import logging
 import random
 import re
 import threading
+import time
 
 import pytest
 import zmq
@@ -360,3 +361,17 @@ def test_cli_usage_errors_exit_2(capsys):
     assert "run needs a command" in capsys.readouterr().err
     assert main(["run", "--env", "NOEQUALS", "--", "true"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_tasks_in_flight_when_the_daemon_goes_are_answered_connection_lost(tmp_path):
+    fake = FakeDaemon(f"ipc://{tmp_path}/d.sock")
+    with Client(fake.endpoint) as c:
+        in_flight = c.submit(["sleep", "60"], task_id="in-flight")
+        deadline = time.monotonic() + 5
+        while not fake.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.requests, "the request never reached the fake daemon"
+        fake.stop()  # as a crash would: the socket closes with the task unanswered
+        reply = in_flight.result(timeout=5)
+        assert (reply.task_id, reply.error_code) == ("in-flight", "connection_lost")
+        assert "outcome is unknown" in reply.error_message

@@ -285,16 +285,22 @@ def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
     cfg = config.load(site)
     overlays = STATE_DIR / "vms"
     first = corrald(site)
+    watcher = None
     try:
         daemon_ready(cfg.daemon.endpoint)
         prefix = f"corral-{instance}-"
         before = [d for d in hypervisor.conn.listAllDomains() if d.name().startswith(prefix)]
         assert len(before) == 1
         old = before[0].name()
+        watcher = Client(cfg.daemon.endpoint)
+        lost = watcher.submit(["sleep", "60"])
+        wait_until(lambda: dict(watcher.status().pool).get(b"busy") == b"1", 30, "the task running")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert hypervisor.domain_exists(old), "libvirt keeps the domain of a killed corrald"
         assert list(overlays.glob(old + "*"))
+        # A caller whose task was in flight learns that it is lost, at once.
+        assert lost.result(timeout=10).error_code == "connection_lost"
 
         second = corrald(site)
         try:
@@ -316,3 +322,5 @@ def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+        if watcher is not None:
+            watcher.close()
