@@ -1,6 +1,6 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service] [--boots N] [--tasks N]
+    scripts/bench [--only frames|boot|service|scram] [--boots N] [--tasks N]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
   kernel booting a busybox-only initramfs whose init powers off at once
@@ -12,6 +12,9 @@
   p50/p99 with a pool of 2, one task at a time, against `true` over a bare
   GuestLink on a booted VM (what the actors and ZeroMQ add); throughput with pools of 1, 2 and 4 against booting a cold
   VM for every task.
+- scram: through a real corrald with a pool of 2, both VMs running a task:
+  `corral admin scram` until every VM is paused (as the reply reports it and
+  libvirt confirms), against one bare suspend() call on a running VM.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(
             cfg, daemon=dataclasses.replace(cfg.daemon, endpoint=f"ipc://{tmp}/bench.sock"),
+            control=dataclasses.replace(cfg.control, endpoint=f"ipc://{tmp}/control/control.sock"),
             pool=dataclasses.replace(cfg.pool, size=pool_size),
             metrics=dataclasses.replace(cfg.metrics, port=0))
         service = Corral(cfg, hypervisor)
@@ -154,7 +158,7 @@ def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"pool of {pool_size} not ready")
                     time.sleep(0.1)
-                return body(client)
+                return body(client, service)
         finally:
             service.stop()
 
@@ -186,7 +190,7 @@ def bench_service(cfg: config.Config, runs: int) -> None:
         print(f"accelerator: {hypervisor.accelerator}")
         bare = bare_link_true(hypervisor, cfg, runs)
         # A pool of 2: the next task finds a paused VM while the last one resets.
-        end_to_end, acquire = run_service(cfg, hypervisor, 2, lambda c: sequential_true(c, runs))
+        end_to_end, acquire = run_service(cfg, hypervisor, 2, lambda c, _: sequential_true(c, runs))
         print(f"`true` end to end through ZeroMQ:  {latency(end_to_end)}")
         print(f"baseline, `true` over a GuestLink: {latency(bare)}")
         print(f"ratio (p50):                       {percentile(end_to_end, 50) / percentile(bare, 50):.2f}x")
@@ -194,9 +198,48 @@ def bench_service(cfg: config.Config, runs: int) -> None:
         cold_rate = cold_vm_per_task(hypervisor, cfg, 3)
         print(f"baseline, cold VM per task:        {cold_rate:7.2f} tasks/s")
         for size in (1, 2, 4):
-            rate = run_service(cfg, hypervisor, size, lambda c: throughput(c, runs))
+            rate = run_service(cfg, hypervisor, size, lambda c, _: throughput(c, runs))
             print(f"throughput, warm pool of {size}:       {rate:7.2f} tasks/s  "
                   f"({rate / cold_rate:.1f}x cold VM per task)")
+    finally:
+        hypervisor.close()
+
+
+def scram_rounds(service, client, rounds: int) -> list[float]:
+    from protocol import admin
+
+    paused_in = []
+    for _ in range(rounds):
+        running = [client.submit(["sleep", "2"]) for _ in range(2)]
+        while dict(client.status().pool).get(b"busy") != b"2":
+            time.sleep(0.01)
+        time.sleep(0.2)
+        reply = admin.request(service.cfg.control.endpoint, "scram", ["bench"])
+        if not reply.ok:
+            raise RuntimeError(reply.message)
+        paused_in.append(float(dict(reply.fields)[b"paused_in_ms"]) / 1000)
+        admin.request(service.cfg.control.endpoint, "resume", [])
+        for future in running:
+            future.result(timeout=60)
+        while dict(client.status().pool).get(b"ready") != b"2":
+            time.sleep(0.05)
+    return paused_in
+
+
+def bench_scram(cfg: config.Config, rounds: int) -> None:
+    hypervisor = hypervisor_from_config(cfg)
+    try:
+        with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (handle, _, _):
+            suspends = []
+            for _ in range(rounds):
+                started = time.monotonic()
+                hypervisor.suspend(handle.name)
+                suspends.append(time.monotonic() - started)
+                hypervisor.resume(handle.name)
+        paused_in = run_service(cfg, hypervisor, 2, lambda client, service: scram_rounds(service, client, rounds))
+        print(f"SCRAM until 2 busy VMs paused:     {latency(paused_in)}")
+        print(f"baseline, one suspend() call:      {latency(suspends)}")
+        print(f"ratio (p50):                       {percentile(paused_in, 50) / percentile(suspends, 50):.2f}x")
     finally:
         hypervisor.close()
 
@@ -206,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
-    parser.add_argument("--only", choices=("boot", "frames", "service"))
+    parser.add_argument("--only", choices=("boot", "frames", "service", "scram"))
+    parser.add_argument("--scrams", type=int, default=5)
     args = parser.parse_args(argv)
     cfg = config.load()
     if args.only in (None, "frames"):
@@ -215,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_boot(cfg, args.boots)
     if args.only in (None, "service"):
         bench_service(cfg, args.tasks)
+    if args.only in (None, "scram"):
+        bench_scram(cfg, args.scrams)
     return 0
 
 

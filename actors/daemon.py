@@ -13,40 +13,16 @@ import argparse
 import json
 import logging
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
 
 import config
+from actors.endpoint import check_endpoint_free
 from actors.errors import CorralError
 from actors.hypervisor import hypervisor_from_config
 
 log = logging.getLogger("corral.daemon")
-
-
-def check_endpoint_free(endpoint: str) -> None:
-    """An ipc endpoint whose socket answers belongs to a running corrald; a
-    socket file nobody answers on is stale and removed."""
-    if not endpoint.startswith("ipc://"):
-        return
-    path = Path(endpoint[len("ipc://"):])
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    except OSError as e:
-        raise CorralError(f"endpoint {endpoint} is not usable ({e.strerror}); "
-                          "set daemon.endpoint to another path") from None
-    finally:
-        probe.close()
-    raise CorralError(f"endpoint {endpoint} is in use by another corrald; stop it "
-                      "or set daemon.endpoint to another path")
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -86,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     hypervisor = service = None
     try:
         check_endpoint_free(cfg.daemon.endpoint)
-        check_endpoint_free(cfg.control.endpoint)
+        check_endpoint_free(cfg.control.endpoint, "control.endpoint")
         hypervisor = hypervisor_from_config(cfg)
         if args.check:  # a check changes nothing
             print(f"corrald: checks passed (accelerator {hypervisor.accelerator}, "

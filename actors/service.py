@@ -12,6 +12,7 @@ from typing import Callable
 
 from actors.control import ControlServer, Mode, SafeModeFile
 from actors.directory import Directory
+from actors.endpoint import check_endpoint_free
 from actors.hypervisor import Hypervisor, hypervisor_from_config
 from actors.intake import Intake, IntakeServer, TaskLimits
 from actors.messages import ResumeService, Scram
@@ -161,6 +162,8 @@ class Corral:
 
     def start(self) -> None:
         return_large_buffers_to_the_os()
+        check_endpoint_free(self.cfg.daemon.endpoint, "daemon.endpoint")
+        check_endpoint_free(self.cfg.control.endpoint, "control.endpoint")
         self.server.start()  # binds first: a busy endpoint fails before any VM boots
         self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
         self.metrics.watch_ioguard(self._ioguard_totals)

@@ -56,7 +56,9 @@ def service(hypervisor, tmp_path_factory):
     from actors.service import Corral
 
     endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
+    control = f"ipc://{tmp_path_factory.mktemp('control')}/control.sock"
     cfg = config.load(overrides={"daemon": {"endpoint": endpoint, "instance": TEST_INSTANCE},
+                                 "control": {"endpoint": control},
                                  "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
     svc = Corral(cfg, hypervisor)
     svc.start()
