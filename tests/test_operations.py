@@ -324,3 +324,29 @@ def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
             first.kill()
         if watcher is not None:
             watcher.close()
+
+
+# --- host memory pressure ----------------------------------------------------------
+
+def test_memory_pressure_sheds_idle_vms_and_the_pool_regrows(tmp_path):
+    from actors.watchdog import available_mib
+
+    margin_mib = 2000
+    floor = available_mib() - margin_mib  # pressure comes when we take 2 x margin below
+    cfg = service_config(tmp_path, OTHER_INSTANCE, watchdog={"interval_s": 0.5, "min_available_mib": floor})
+    svc = start_service(cfg)
+    try:
+        wait_ready(svc)
+        destroyed = svc.metrics.vms_destroyed.labels("retired_memory")
+        hog = subprocess.Popen([sys.executable, "-c", f"import sys, time; hog = b'x' * ({2 * margin_mib} << 20); "
+                                "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
+        try:
+            assert hog.stdout.readline() == b"held\n"
+            wait_until(lambda: not pool_vms(svc), 30, "every idle VM shed under memory pressure")
+            assert destroyed._value.get() >= POOL_SIZE
+        finally:
+            hog.kill()
+            hog.wait()
+        wait_ready(svc, POOL_SIZE, timeout_s=180)  # memory is back: the pool regrows
+    finally:
+        svc.stop()
