@@ -326,6 +326,41 @@ def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
             watcher.close()
 
 
+def admin_cli(control_endpoint: str, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "protocol.client", "admin", "--control", control_endpoint,
+                           *command], capture_output=True, text=True, timeout=60)
+
+
+def test_real_corrald_restarted_after_scram_stays_in_safe_mode(tmp_path):
+    site = write_site_config(tmp_path, (TEST_INSTANCE + "s")[:16])
+    cfg = config.load(site)
+    first = corrald(site)
+    try:
+        daemon_ready(cfg.daemon.endpoint)
+        assert admin_cli(cfg.control.endpoint, "scram", "drill").returncode == 0
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = corrald(site)
+    try:
+        with Client(cfg.daemon.endpoint) as c:
+            wait_until(lambda: c.status(), 30, "corrald answering")
+            assert c.run(["echo", "x"]).error_code == "safe_mode"
+        status = admin_cli(cfg.control.endpoint, "status")
+        assert "corrald is safe_mode" in status.stdout and "drill" in status.stdout
+        assert admin_cli(cfg.control.endpoint, "resume").returncode == 0
+        daemon_ready(cfg.daemon.endpoint)
+        with Client(cfg.daemon.endpoint) as c:
+            assert c.run(["echo", "resumed"]).stdout == b"resumed\n"
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+
+
 # --- host memory pressure ----------------------------------------------------------
 
 def test_memory_pressure_sheds_idle_vms_and_the_pool_regrows(tmp_path):
