@@ -6,12 +6,22 @@ Every VM is a transient libvirt domain named ``corral-<id>`` with:
   - the agent ISO as a read-only virtio disk (read-only at the hypervisor),
   - one virtio-serial port whose host end is a unix socket QEMU listens on,
   - no network interface unless asked for.
+
+Every call that can block on libvirtd runs on a worker thread and is waited
+for at most `call_timeout_s` (monotonic): a hung libvirtd (or a QEMU monitor
+that never answers) becomes a HypervisorError in the calling Supervisor,
+which then gives its VM up, instead of a Supervisor thread stuck forever with
+a task nobody answers. The stuck call stays on its worker (a daemon thread)
+until libvirt returns; nothing waits for it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import glob
 import logging
+import queue
 import os
 import re
 import subprocess
@@ -211,6 +221,50 @@ def remove_quietly(path: Path) -> None:
 
 # --- libvirt connection ---------------------------------------------------------
 
+class DeadlineCalls:
+    """Runs blocking calls on daemon worker threads, waiting at most timeout_s each."""
+
+    def __init__(self, timeout_s: float, workers: int = 16):
+        self.timeout_s = timeout_s
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._inside = threading.local()
+        for n in range(workers):
+            threading.Thread(target=self._worker, name=f"hypervisor-call-{n}", daemon=True).start()
+
+    def _worker(self) -> None:
+        self._inside.active = True
+        while True:
+            future, fn, args, kwargs = self._work.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def run(self, what: str, fn, *args, **kwargs):
+        if getattr(self._inside, "active", False):  # nested: already under a deadline
+            return fn(*args, **kwargs)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._work.put((future, fn, args, kwargs))
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # if it has not started yet, it never will
+            raise HypervisorError(f"libvirt did not finish {what} within {self.timeout_s:g} s "
+                                  "(is libvirtd hung?)") from None
+
+
+def with_deadline(method):
+    """A Hypervisor method that talks to libvirtd: run it under the call deadline."""
+
+    @functools.wraps(method)
+    def under_deadline(self, *args, **kwargs):
+        return self.calls.run(method.__name__, method, self, *args, **kwargs)
+
+    return under_deadline
+
+
 def _libvirt():
     import libvirt  # imported late so a missing binding is a clear error, not an import crash
     return libvirt
@@ -232,7 +286,7 @@ class Hypervisor:
 
     def __init__(self, uri: str, state_dir: Path, image: GuestImage, accelerator: str,
                  memory_mib: int, vcpus: int, tmpfs_size: str = "50%", console_log: bool = False,
-                 instance: str = "main"):
+                 instance: str = "main", call_timeout_s: float = 30.0):
         missing = image.missing()
         if missing:
             raise HypervisorError(
@@ -250,7 +304,8 @@ class Hypervisor:
         for d in (self.overlay_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._reconnect_lock = threading.Lock()
-        self.conn = self._connect()
+        self.calls = DeadlineCalls(call_timeout_s)
+        self.conn = self.calls.run("connecting", self._connect)
         log.info("hypervisor: %s, accelerator %s", uri, accelerator)
 
     def _connect(self):
@@ -299,9 +354,11 @@ class Hypervisor:
                 log.warning("libvirt connection lost; reconnecting to %s", self.uri)
                 self.conn = self._connect()
 
+    @with_deadline
     def suspend(self, name: str) -> None:
         self._call(name, "suspend")
 
+    @with_deadline
     def resume(self, name: str) -> None:
         self._call(name, "resume")
 
@@ -343,6 +400,7 @@ class Hypervisor:
             channel_socket=socket, network=network, console_log=console,
         )
 
+    @with_deadline
     def create(self, name: str | None = None, network: bool = False,
                memory_mib: int | None = None) -> VmHandle:
         """Overlay, then a transient domain; on any failure nothing is left behind."""
@@ -360,15 +418,18 @@ class Hypervisor:
             raise HypervisorError(f"cannot start VM {name}: {e.get_error_message()}") from None
         return handle
 
+    @with_deadline
     def destroy(self, handle: VmHandle) -> None:
         """Destroy the domain if it still runs, then delete its overlay and socket."""
         self.destroy_by_name(handle.name)
 
+    @with_deadline
     def destroy_by_name(self, name: str) -> None:
         """Domain and files of a VM known only by name (a zombie, a leftover)."""
         self.destroy_domain(name)
         self.discard_files_of(name)
 
+    @with_deadline
     def destroy_domain(self, name: str) -> None:
         libvirt = _libvirt()
         try:
@@ -380,6 +441,7 @@ class Hypervisor:
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN and self.domain_exists(name):
                 raise HypervisorError(f"cannot destroy VM {name}: {e.get_error_message()}") from None
 
+    @with_deadline
     def domain_exists(self, name: str) -> bool:
         try:
             self._domain(name)
@@ -407,10 +469,12 @@ class Hypervisor:
             domains = self.conn.listAllDomains()
         return [d for d in domains if re.fullmatch(re.escape(self.prefix) + r"[0-9a-f]{12}", d.name())]
 
+    @with_deadline
     def corral_domains(self) -> list[str]:
         """Names of this instance's domains."""
         return sorted(d.name() for d in self._instance_domains())
 
+    @with_deadline
     def domain_states(self) -> dict[str, str]:
         """This instance's domains -> running, paused, or another libvirt state."""
         libvirt = _libvirt()
@@ -423,6 +487,7 @@ class Hypervisor:
                 pass  # destroyed since it was listed
         return states
 
+    @with_deadline
     def reap_leftovers(self, keep: frozenset[str] = frozenset()) -> list[str]:
         """Destroy corral domains not in `keep` and delete every overlay, socket
         and console log that no kept VM owns: what a crashed daemon left behind."""
@@ -444,4 +509,4 @@ def hypervisor_from_config(cfg) -> Hypervisor:
     log.info("accelerator: %s (vm.accelerator = %s)", accelerator, cfg.vm.accelerator)
     return Hypervisor(cfg.libvirt_uri, cfg.state_dir, guest_image(cfg.state_dir), accelerator,
                       cfg.vm.memory_mib, cfg.vm.vcpus, cfg.vm.tmpfs_size, cfg.vm.console_log,
-                      cfg.daemon.instance)
+                      cfg.daemon.instance, cfg.vm.libvirt_call_timeout_s)

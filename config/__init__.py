@@ -34,6 +34,7 @@ class VmConfig:
     boot_timeout_s: float = field(metadata=_range(1, 600))
     tmpfs_size: str = field(metadata={"pattern": "size"})
     console_log: bool = field()
+    libvirt_call_timeout_s: float = field(metadata=_range(1, 600))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""A hung libvirtd (SIGSTOPped here) must not wedge corrald: every libvirt
+call has a deadline, the VM whose call ran past it is given up, its task is
+requeued (its command had not started) and runs once libvirtd is back; the
+daemon answers its callers throughout."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from protocol.client import Client
+from tests.test_operations import OTHER_INSTANCE, service_config, start_service, wait_ready
+from tests.test_service import pool_vms, wait_until
+
+pytestmark = pytest.mark.vm
+CALL_TIMEOUT_S = 2.0
+
+
+def libvirtd_pid() -> int:
+    return int(subprocess.run(["pgrep", "-xo", "libvirtd"], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+
+
+def test_hung_libvirtd_loses_no_task_and_heals(tmp_path):
+    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1},
+                         vm={"libvirt_call_timeout_s": CALL_TIMEOUT_S})
+    svc = start_service(cfg)
+    pid = libvirtd_pid()
+    try:
+        wait_ready(svc, 1)
+        hung_vm = next(iter(pool_vms(svc)))
+        with Client(cfg.daemon.endpoint) as client:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                task = client.submit(["echo", "after the hang"])
+                # The resume hangs; past its deadline the Supervisor gives the VM up.
+                wait_until(lambda: hung_vm not in pool_vms(svc), 4 * CALL_TIMEOUT_S + 2,
+                           "the VM with the hung call given up")
+                assert not task.done(), "the task's command never started: it waits, not fails"
+                started = time.monotonic()
+                client.status()  # corrald still answers while libvirtd is stopped
+                assert time.monotonic() - started < 1
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            reply = task.result(timeout=120)
+            assert (reply.error_code, reply.stdout) == ("", b"after the hang\n"), reply
+        # The domain whose destroy timed out is reaped as a zombie once libvirtd answers.
+        wait_until(lambda: not svc.hypervisor.domain_exists(hung_vm), 30, "the hung VM reaped")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        svc.stop()
