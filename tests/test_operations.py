@@ -147,7 +147,7 @@ def test_fault_through_the_control_plane_heals(service, client):
 # --- SCRAM ---------------------------------------------------------------------
 
 def test_scram_pauses_flushes_refuses_and_resume_restores(service, client):
-    running = [client.submit(["sh", "-c", "sleep 2; echo survived"], timeout_s=60) for _ in range(POOL_SIZE)]
+    running = [client.submit(["sh", "-c", "sleep 4; echo survived"], timeout_s=60) for _ in range(POOL_SIZE)]
     wait_until(lambda: list(pool_vms(service).values()).count("busy") == POOL_SIZE, 30, "pool busy")
     time.sleep(0.5)  # the commands are running in the guests
     queued = [client.submit(["echo", "never"], priority=p) for p in ("critical", "normal", "low")]
