@@ -164,7 +164,7 @@ def test_scram_pauses_flushes_refuses_and_resume_restores(service, client):
     assert refused.error_code == "safe_mode" and "SCRAM" in refused.error_message
     assert fields(operator(service, "status"))["mode"] == "safe_mode"
     assert scrape(service)["corral_safe_mode"] == 1
-    time.sleep(3)  # longer than the commands had left: they are frozen, not running
+    time.sleep(5)  # longer than the commands had left: they are frozen, not running
     assert not any(f.done() for f in running)
     assert set(service.hypervisor.domain_states().values()) == {"paused"}
 
