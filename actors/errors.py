@@ -25,3 +25,13 @@ class ChannelClosed(CorralError):
     """The guest's channel closed: the VM is gone (crashed, killed, powered off)."""
 
     code = "vm_lost"
+
+
+class Rejected(Exception):
+    """A request that is not accepted: `code` and a message for the caller, and
+    with refusals that pass (budget_exhausted) the milliseconds to wait."""
+
+    def __init__(self, code: str, message: str, retry_after_ms: int = 0):
+        super().__init__(message)
+        self.code = code
+        self.retry_after_ms = retry_after_ms

@@ -31,7 +31,8 @@ import pykka
 import zmq
 
 from actors.directory import Directory, drain_inbox
-from actors.errors import CorralError
+from actors.errors import CorralError, Rejected
+from actors.identity import Admission
 from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
 from actors.metrics import Metrics
 from protocol import messages
@@ -49,6 +50,7 @@ KNOWN_CAPABILITIES = frozenset({
 UNAVAILABLE_CAPABILITIES = {
     "dev:gpu": "capability 'dev:gpu' is not offered: this host has no GPU passthrough",
 }
+OFFERED_CAPABILITIES = KNOWN_CAPABILITIES - UNAVAILABLE_CAPABILITIES.keys()
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,6 @@ class TaskLimits:
     default_output_cap: int
     max_output_cap: int
     max_request_bytes: int
-
-
-class Rejected(Exception):
-    """A request that is not accepted: `code` and a message for the caller."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def _check_no_nul(what: str, value: bytes) -> None:
@@ -113,11 +107,14 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
 class IntakeServer:
     """The thread that owns the ROUTER socket and the ledger."""
 
-    def __init__(self, endpoint: str, limits: TaskLimits, metrics: Metrics, directory: Directory):
+    def __init__(self, endpoint: str, limits: TaskLimits, metrics: Metrics, directory: Directory,
+                 admission: Admission | None = None):
         self.endpoint = endpoint
         self.limits = limits
         self.metrics = metrics
         self.directory = directory
+        # Who the caller is and what it may ask for (actors/identity.py).
+        self.admission = admission or Admission.unlimited(OFFERED_CAPABILITIES)
         self.context = zmq.Context.instance()
         self.posted: queue.SimpleQueue = queue.SimpleQueue()  # (ticket, TaskReply) or STOP
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -164,10 +161,12 @@ class IntakeServer:
         try:
             router.setsockopt(zmq.LINGER, 1000)
             router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
+            self.admission.secure(router, self.context)
             router.bind(self.endpoint)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, CorralError) as e:
             self._error = e
             router.close(0)
+            self.admission.close()
             self._bound.set()
             return
         self._bound.set()
@@ -187,9 +186,11 @@ class IntakeServer:
                         self._answer_the_rest(router)
                         return
                 if router in events:
-                    self._request(router, router.recv_multipart())
+                    parts = router.recv_multipart(copy=False)
+                    self._request(router, [p.bytes for p in parts], self.admission.user_of(parts))
         finally:
             router.close()
+            self.admission.close()
 
     def _deliver_posted(self, router) -> bool:
         """Send every posted answer; False once STOP was among them."""
@@ -212,7 +213,7 @@ class IntakeServer:
     def _send(self, router, identity: bytes, reply) -> None:
         router.send_multipart([identity, b"", PROTOCOL_TAG, messages.encode(reply)])
 
-    def _request(self, router, frames: list[bytes]) -> None:
+    def _request(self, router, frames: list[bytes], user: bytes | None = None) -> None:
         identity = frames[0]
         if len(frames) != 4 or frames[1] != b"" or frames[2] != PROTOCOL_TAG:
             self.metrics.rejected.labels("invalid_request").inc()
@@ -232,10 +233,11 @@ class IntakeServer:
             if (identity, request.task_id) in self.in_flight:
                 raise Rejected("duplicate_task", f"task {request.task_id!r} is already in flight")
             request = validate(request, self.limits)
+            ticket = next(self.tickets)
+            self.admission.admit(user, request, ticket)
         except Rejected as e:
             self.metrics.rejected.labels(e.code).inc()
-            return self._send(router, identity, error_reply(request.task_id, e.code, str(e)))
-        ticket = next(self.tickets)
+            return self._send(router, identity, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
         self.ledger[ticket] = (identity, request.task_id)
         self.in_flight.add((identity, request.task_id))
         self.metrics.accepted.inc()
@@ -251,6 +253,7 @@ class IntakeServer:
             log.error("second answer for ticket %d dropped", ticket)
             return
         self.in_flight.discard(entry)
+        self.admission.answered(ticket, reply)
         self.metrics.tasks.labels(reply.error_code or "completed").inc()
         router.send_multipart([entry[0], b"", PROTOCOL_TAG, messages.encode(reply)])
 

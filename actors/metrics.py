@@ -40,6 +40,9 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.acquire_seconds = Histogram("corral_vm_acquire_seconds", "Resume until the agent answers",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.handshakes_denied = Counter(
+            "corral_handshakes_denied_total", "Client connections the ZAP handler refused (key not allowed)",
+            registry=r)
         self.run_seconds = Histogram("corral_task_run_seconds", "Command wall time in the guest",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.safe_mode = Gauge("corral_safe_mode", "1 while corrald is in safe mode after a SCRAM",
@@ -76,6 +79,10 @@ class Metrics:
         """One series per live VM, read from the PoolView at scrape time, so a
         VM's series goes when the VM does."""
         self.registry.register(PoolVmCollector(view))
+
+    def watch_budgets(self, snapshot) -> None:
+        """Budgets per identity, read at scrape time (`snapshot` is BudgetLedger.snapshot)."""
+        self.registry.register(BudgetCollector(snapshot))
 
     def gauge_values(self, gauge: Gauge) -> dict[str, int]:
         return {sample.labels[gauge._labelnames[0]]: int(sample.value)
@@ -114,3 +121,26 @@ class PoolVmCollector:
         for vm_id, state in sorted(self.view.states.items()):
             family.add_metric([vm_id, state], 1)
         yield family
+
+
+class BudgetCollector:
+    """Cost budgets per identity: remaining now (it refills between scrapes,
+    so it is computed when asked, not set when spent), charged and refunded."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def collect(self):
+        remaining = GaugeMetricFamily("corral_budget_remaining", "Cost units an identity can spend now",
+                                      labels=["identity"])
+        spent = CounterMetricFamily("corral_budget_spent", "Cost units charged to an identity "
+                                    "(refunds included; see corral_budget_refunded_total)", labels=["identity"])
+        refunded = CounterMetricFamily("corral_budget_refunded", "Cost units given back for tasks that "
+                                       "never reached a VM", labels=["identity"])
+        for name, (left, charged, given_back) in sorted(self.snapshot().items()):
+            remaining.add_metric([name], left)
+            spent.add_metric([name], charged)
+            refunded.add_metric([name], given_back)
+        yield remaining
+        yield spent
+        yield refunded

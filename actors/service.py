@@ -14,7 +14,8 @@ from actors.control import ControlServer, Mode, SafeModeFile
 from actors.directory import Directory
 from actors.endpoint import check_endpoint_free
 from actors.hypervisor import Hypervisor, hypervisor_from_config
-from actors.intake import Intake, IntakeServer, TaskLimits
+from actors.identity import Admission
+from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer, TaskLimits
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard
 from actors.metrics import Metrics
@@ -60,7 +61,8 @@ class Corral:
             default_timeout_ms=int(tasks.default_timeout_s * 1000),
             max_timeout_ms=int(tasks.max_timeout_s * 1000),
             default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
-            max_request_bytes=tasks.max_request_bytes), self.metrics, self.directory)
+            max_request_bytes=tasks.max_request_bytes), self.metrics, self.directory,
+            Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, self.metrics))
         self.vm_settings = VmSettings(
             boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
             reset_timeout_s=cfg.pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,

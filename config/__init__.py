@@ -7,6 +7,7 @@ An error names the key, the bad value and what is allowed, e.g.
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,41 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    # "" : no CurveZMQ on the client socket; every caller is the local identity.
+    server_secret_key: str = field()
+    client_keys_dir: str = field()
+    clients: dict[str, str] = field(metadata={"keys": "name"})  # name -> Z85 public key
+    local_name: str = field(metadata={"pattern": "name"})
+    local_grants: tuple[str, ...] = field()
+    default_grants: tuple[str, ...] = field()
+    grants: dict[str, tuple[str, ...]] = field(metadata={"keys": "name"})
+
+
+@dataclass(frozen=True)
+class PriorityCosts:
+    critical: float = field(metadata=_range(0, 10**9))
+    high: float = field(metadata=_range(0, 10**9))
+    normal: float = field(metadata=_range(0, 10**9))
+    low: float = field(metadata=_range(0, 10**9))
+
+
+@dataclass(frozen=True)
+class BudgetLimits:
+    capacity: float = field(metadata=_range(0, 10**12))
+    refill_per_s: float = field(metadata=_range(0, 10**12))
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    capacity: float = field(metadata=_range(0, 10**12))
+    refill_per_s: float = field(metadata=_range(0, 10**12))
+    priority_costs: PriorityCosts = field()
+    capability_costs: dict[str, float] = field(metadata=_range(0, 10**9))
+    overrides: dict[str, BudgetLimits] = field(metadata={"keys": "name"})
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field()
     libvirt_uri: str = field()
@@ -118,6 +154,8 @@ class Config:
     ioguard: IoGuardConfig = field()
     supervision: SupervisionConfig = field()
     watchdog: WatchdogConfig = field()
+    identity: IdentityConfig = field()
+    budget: BudgetConfig = field()
 
 
 def _check_size(key: str, value: str) -> None:
@@ -143,22 +181,46 @@ def _check_instance(key: str, value: str) -> None:
         raise ConfigError(f"config: {key} = {value!r} must be 1 to 16 lower-case letters or digits")
 
 
+def _check_name(key: str, value: str) -> None:
+    """Identity names: they label metrics and travel as the ZAP User-Id."""
+    if not (1 <= len(value) <= 32 and value.isascii()
+            and all(ch.isalnum() or ch in "-_." for ch in value) and value[0].isalnum()):
+        raise ConfigError(f"config: {key} = {value!r} must be 1 to 32 letters, digits, '-', '_' or '.'")
+
+
 CHECKS = {"size": _check_size, "endpoint": _check_endpoint, "ipc_endpoint": _check_ipc_endpoint,
-          "instance": _check_instance}
+          "instance": _check_instance, "name": _check_name}
 
 
 def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
-    kind = f.type
+    return _convert_value(key, f.type, f.metadata, value)
+
+
+def _convert_value(key: str, kind: Any, meta: dict, value: Any) -> Any:
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ConfigError(f"config: [{key}] must be a table")
         return _build(kind, value, key + ".")
+    if typing.get_origin(kind) is dict:
+        # A table of any names: `meta["keys"]` checks the names, the rest each value.
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: [{key}] must be a table")
+        item_kind = typing.get_args(kind)[1]
+        item_meta = {k: v for k, v in meta.items() if k != "keys"}
+        if "keys" in meta:
+            for name in value:
+                CHECKS[meta["keys"]](f"{key} name", name)
+        return {name: _convert_value(f"{key}.{name}", item_kind, item_meta, item)
+                for name, item in value.items()}
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"config: {key} = {value!r} must be a list of strings")
+        return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     expected = str if kind is Path else kind
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         raise ConfigError(f"config: {key} = {value!r} must be of type {expected.__name__}")
-    meta = f.metadata
     if "range" in meta:
         lo, hi = meta["range"]
         if not lo <= value <= hi:

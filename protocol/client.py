@@ -22,6 +22,15 @@ unknown: it may or may not have run) instead of waiting forever.
 Replies are checked before they are believed: wrong framing or a payload that
 does not decode is logged and dropped, a reply for an id nobody waits for is
 ignored; neither stops the I/O thread.
+
+CurveZMQ (docs/identities.md): given corrald's public key and a client key
+pair, the DEALER connects as a Curve client. A refused handshake never
+produces a reply, so the I/O thread watches the socket's monitor events and
+fails every waiting Future with a HandshakeError whose code says why: key
+not on corrald's allow-list, no key for a server that wants one, a key for a
+server that wants none, or (most likely) the wrong server key. A connection
+whose handshake failed never carried a request, so its end is not a
+`connection_lost`.
 """
 
 from __future__ import annotations
@@ -73,6 +82,57 @@ class ClientClosedError(RuntimeError):
     """The client was closed (or its I/O thread failed) before an answer came."""
 
 
+class HandshakeError(ConnectionError):
+    """corrald refused this connection at its handshake; `code` says why:
+    key_refused, key_missing, curve_not_offered, server_key_mismatch or
+    handshake_failed."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+NO_DETAIL_FAILURES = 3  # handshakes failed in a row without a reason before the client gives one
+MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _z85_key(value: str | bytes | os.PathLike, what: str) -> bytes:
+    """A Z85 public key given as such, or read from a certificate file."""
+    if isinstance(value, (str, bytes)) and len(value) == 40 and not os.path.exists(value):
+        return value.encode() if isinstance(value, str) else value
+    import zmq.auth
+
+    try:
+        public, _ = zmq.auth.load_certificate(value)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {os.fsdecode(value)!r} is neither a Z85 key nor a readable "
+                         f"certificate file: {exc}") from None
+    return public
+
+
+def curve_keys(server_key, client_key) -> tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret) Z85 keys. `server_key`:
+    corrald's public key or its .key file; `client_key`: the client's
+    .key_secret file (corral keygen) or a (public, secret) pair."""
+    if (server_key is None) != (client_key is None):
+        raise ValueError("CurveZMQ needs both the server's public key and a client key pair")
+    server_public = _z85_key(server_key, "server key")
+    if isinstance(client_key, tuple):
+        public, secret = (k.encode() if isinstance(k, str) else k for k in client_key)
+    else:
+        import zmq.auth
+
+        try:
+            public, secret = zmq.auth.load_certificate(client_key)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"client key {os.fsdecode(client_key)!r} cannot be read: {exc}") from None
+        if secret is None:
+            raise ValueError(f"client key {os.fsdecode(client_key)!r} holds no secret key: give the "
+                             ".key_secret file corral keygen wrote")
+    return server_public, public, secret
+
+
 def _default_endpoint(config_path) -> str:
     import config  # here, so importing the client does not read any file
 
@@ -108,8 +168,13 @@ class Client:
     I/O thread: keep them short, or every other reply waits for them.
     """
 
-    def __init__(self, endpoint: str | None = None, *, config_path=None) -> None:
+    def __init__(self, endpoint: str | None = None, *, config_path=None, server_key=None,
+                 client_key=None) -> None:
         self.endpoint = endpoint if endpoint is not None else _default_endpoint(config_path)
+        # Bad key arguments fail here, in the caller (see curve_keys).
+        self._curve = None if server_key is None and client_key is None else curve_keys(server_key, client_key)
+        self._failures_without_detail = 0  # handshakes failed in a row without a reason (I/O thread)
+        self._handshaken = False  # the connection is up: its end loses what was in flight (I/O thread)
         self._lock = threading.Lock()  # guards _pending, _closed and _handoff
         self._pending: dict[tuple[str, str], concurrent.futures.Future] = {}
         # Requests for the I/O thread, oldest first; it also holds those the
@@ -124,6 +189,12 @@ class Client:
             self._dealer.setsockopt(zmq.SNDHWM, SOCKET_HWM)
             self._dealer.setsockopt(zmq.RCVHWM, SOCKET_HWM)
             self._dealer.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_FRAME)
+            if self._curve is not None:
+                self._dealer.setsockopt(zmq.CURVE_SERVERKEY, self._curve[0])
+                self._dealer.setsockopt(zmq.CURVE_PUBLICKEY, self._curve[1])
+                self._dealer.setsockopt(zmq.CURVE_SECRETKEY, self._curve[2])
+            # Before connect, so no handshake's outcome is missed; used by the I/O thread.
+            self._monitor = self._dealer.get_monitor_socket(MONITOR_EVENTS)
             self._dealer.connect(self.endpoint)  # a bad endpoint fails here, in the caller
             # Wake-ups for the I/O thread. Unbounded: submit() must never block
             # on them, and the I/O thread drains them at once.
@@ -282,7 +353,7 @@ class Client:
                     f"{reason} before corrald at {self.endpoint} answered {kind} {ident}"))
 
     def _io_loop(self) -> None:
-        monitor = self._dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = self._monitor
         poller = zmq.Poller()
         poller.register(self._inbox, zmq.POLLIN)
         poller.register(self._dealer, zmq.POLLIN)
@@ -296,19 +367,71 @@ class Client:
                 if events.get(self._dealer, 0) & zmq.POLLIN:
                     self._receive_replies()
                 if monitor in events:
-                    self._connection_dropped(monitor)
+                    self._monitor_events(monitor)
                 self._flush_outbox()
         finally:
             self._dealer.disable_monitor()
             monitor.close()
 
-    def _connection_dropped(self, monitor) -> None:
+    def _monitor_events(self, monitor) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+                self._failures_without_detail = 0
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                if self._handshaken:  # a connection that failed its handshake carried nothing
+                    self._handshaken = False
+                    self._connection_dropped()
+            else:
+                self._handshake_failed(event)
+
+    def _handshake_failed(self, event: dict) -> None:
+        """Fail every waiting Future with the reason, once it is known."""
+        error = self._handshake_error(event)
+        if error is None:
+            return
+        with self._lock:
+            waiting = list(self._pending.values())
+            self._pending.clear()
+        log.debug("handshake with %s failed (%s); failing %d waiting", self.endpoint, error.code, len(waiting))
+        for future in waiting:
+            future.set_exception(error)
+
+    def _handshake_error(self, event: dict) -> HandshakeError | None:
+        """The error an event means, or None while it is not known yet."""
+        kind, value, where = event["event"], event["value"], f"corrald at {self.endpoint}"
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # The peer hung up without saying why: a Curve server that cannot
+            # open our HELLO (wrong server key) always does; a server without
+            # Curve sometimes does too, when it closes before its ERROR is
+            # read, and usually says so on a later attempt (libzmq reconnects
+            # at once): wait for a few.
+            self._failures_without_detail += 1
+            if self._failures_without_detail < NO_DETAIL_FAILURES:
+                return None
+            if self._curve is not None:
+                return HandshakeError("server_key_mismatch", f"the CurveZMQ handshake with {where} failed "
+                                      f"{NO_DETAIL_FAILURES} times without a reason: most likely the server "
+                                      "key given is not corrald's public key (or corrald runs without CurveZMQ)")
+        self._failures_without_detail = 0
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return HandshakeError("key_refused", f"{where} refused this client's key "
+                                  f"{self._curve[1].decode() if self._curve else ''} (status {value}): it is "
+                                  "not on corrald's allow-list (identity.client_keys_dir or identity.clients)")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if self._curve is None:
+                return HandshakeError("key_missing", f"{where} requires CurveZMQ: connect with its public key "
+                                      "and a client key pair (--server-key FILE --key FILE; see corral keygen)")
+            return HandshakeError("curve_not_offered", f"{where} does not use CurveZMQ: connect without "
+                                  "--server-key and --key")
+        return HandshakeError("handshake_failed", f"the handshake with {where} failed "
+                              f"(zmq event {kind:#x}, value {value:#x})")
+
+    def _connection_dropped(self) -> None:
         """Everything sent and not answered is lost with the connection."""
-        while True:
-            try:
-                monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
         unsent = {key for key, _, _ in self._outbox}
         with self._lock:
             lost = [(key, future) for key, future in self._pending.items() if key not in unsent]
@@ -445,6 +568,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="corrald's ZeroMQ endpoint (default: daemon.endpoint from the config)")
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="site config (TOML) over config/corral.toml")
+    common.add_argument("--server-key", default=argparse.SUPPRESS, metavar="FILE",
+                        help="corrald's public key (its .key file, or the Z85 key): connect with CurveZMQ")
+    common.add_argument("--key", default=argparse.SUPPRESS, metavar="FILE",
+                        help="this client's secret key file (NAME.key_secret from corral keygen)")
     parser = argparse.ArgumentParser(prog="corral", parents=[common],
                                      description="Run commands in disposable corral sandbox VMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -477,7 +604,46 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument("--control", metavar="EP", help="control endpoint (default: control.endpoint)")
     admin.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S")
     admin.add_argument("admin_argv", nargs=argparse.REMAINDER, metavar="COMMAND")
+    keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair: NAME.key (public) and "
+                                           "NAME.key_secret (secret, mode 0600)")
+    keygen.add_argument("name", metavar="NAME", help="the identity's name (corrald's own: corrald)")
+    keygen.add_argument("--dir", default=".", metavar="D", help="where to write the files (default: .)")
     return parser
+
+
+def keygen(name: str, directory: str | os.PathLike = ".") -> tuple[str, str]:
+    """Write NAME.key (public, 0644) and NAME.key_secret (secret, 0600) in
+    pyzmq's certificate format; never overwrites. Returns both paths."""
+    import zmq.auth
+
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or not name[0].isalnum():
+        raise ValueError(f"key name {name!r} must be letters, digits, '-', '_' or '.'")
+    os.makedirs(directory, exist_ok=True)
+    public_path, secret_path = (os.path.join(directory, name + suffix) for suffix in (".key", ".key_secret"))
+    for path in (public_path, secret_path):
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} already exists; remove it first to replace the key")
+    # The umask makes the secret file 0600 from its creation on, not after a chmod.
+    old_umask = os.umask(0o077)
+    try:
+        zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(public_path, 0o644)
+    os.chmod(secret_path, 0o600)
+    return public_path, secret_path
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        public_path, secret_path = keygen(args.name, args.dir)
+    except (ValueError, OSError) as exc:
+        _notice(f"keygen: {exc}")
+        return EXIT_CORRAL_ERROR
+    print(f"public key: {public_path}\nsecret key: {secret_path} (mode 0600: keep it to its owner)")
+    return 0
+
+
 
 
 def _read_stdin_file(name: str) -> bytes:
@@ -589,14 +755,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     import config
 
+    if args.command == "keygen":
+        return _cmd_keygen(args)
     # Warnings from the client (e.g. a malformed reply) read as corral notices.
     logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
     if args.command == "admin":
         return _cmd_admin(args)
     endpoint = getattr(args, "endpoint", None)
     try:
-        client = Client(endpoint, config_path=getattr(args, "config", None))
-    except config.ConfigError as exc:  # already names the key and what is allowed
+        client = Client(endpoint, config_path=getattr(args, "config", None),
+                        server_key=getattr(args, "server_key", None), client_key=getattr(args, "key", None))
+    except (config.ConfigError, ValueError) as exc:  # each names the key or argument and what is allowed
         _notice(str(exc))
         return EXIT_USAGE
     except zmq.ZMQError as exc:
@@ -609,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_status(client)
     except (TimeoutError, ClientClosedError) as exc:
         _notice(str(exc))
+        return EXIT_CORRAL_ERROR
+    except HandshakeError as exc:
+        _notice(f"error {exc.code}: {exc}")
         return EXIT_CORRAL_ERROR
     except KeyboardInterrupt:
         _notice("interrupted")
