@@ -133,6 +133,11 @@ def load_client_keys(cfg) -> dict[bytes, str]:
     return by_key
 
 
+def _is_local(endpoint: str) -> bool:
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    return endpoint.startswith("ipc://") or host in ("127.0.0.1", "localhost", "[::1]")
+
+
 class ZapHandler:
     """Answers ZAP requests of one zmq context from a thread of its own:
     CURVE clients whose key is on the allow-list get in under their name,
@@ -248,6 +253,9 @@ class Admission:
                       "identity.server_secret_key: without CurveZMQ no client can be told apart")
             local = Identity(ident.local_name, resolve_grants("identity.local_grants", ident.local_grants,
                                                               known, offered))
+            if not _is_local(cfg.daemon.endpoint):
+                log.warning("%s takes connections from other hosts without CurveZMQ: every caller is "
+                            "identity %r; set identity.server_secret_key", cfg.daemon.endpoint, local.name)
             return cls(local, {local.name: local}, ledger, costs, metrics=metrics)
         server_key = load_server_key(ident.server_secret_key)
         client_keys = load_client_keys(ident)
