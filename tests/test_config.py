@@ -29,6 +29,14 @@ def test_site_file_overrides_defaults(tmp_path):
     ({"vm": {"colour": "red"}}, "config: unknown key vm.colour"),
     ({"vm": 3}, "config: [vm] must be a table"),
     ({"daemon": {"endpoint": "udp://x"}}, "config: daemon.endpoint = 'udp://x' must be an ipc:///path"),
+    ({"identity": {"local_grants": "dev:python"}},
+     "config: identity.local_grants = 'dev:python' must be a list of strings"),
+    ({"identity": {"grants": {"Bad Name": []}}}, "config: identity.grants name = 'Bad Name' must be 1 to 32"),
+    ({"identity": {"grants": []}}, "config: [identity.grants] must be a table"),
+    ({"budget": {"capability_costs": {"net:egress": -1}}},
+     "config: budget.capability_costs.net:egress = -1.0 is out of range (0..1000000000)"),
+    ({"budget": {"overrides": {"a": {"capacity": 5.0}}}}, "config: missing key budget.overrides.a.refill_per_s"),
+    ({"budget": {"priority_costs": {"urgent": 1.0}}}, "config: unknown key budget.priority_costs.urgent"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_range(overrides, message):
     with pytest.raises(config.ConfigError) as error:
