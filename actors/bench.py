@@ -1,6 +1,6 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service|scram] [--boots N] [--tasks N]
+    scripts/bench [--only frames|boot|service|scram|intake] [--boots N] [--tasks N]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
   kernel booting a busybox-only initramfs whose init powers off at once
@@ -15,6 +15,11 @@
 - scram: through a real corrald with a pool of 2, both VMs running a task:
   `corral admin scram` until every VM is paused (as the reply reports it and
   libvirt confirms), against one bare suspend() call on a running VM.
+- intake: what the admission check (identity, grants, budget) costs per
+  request: sequential round trips through the real IntakeServer and client
+  to an actor that answers at once (no VM), with the local identity and its
+  budget and with CurveZMQ + ZAP, against the same server admitting
+  everything unchecked.
 """
 
 from __future__ import annotations
@@ -244,12 +249,82 @@ def bench_scram(cfg: config.Config, rounds: int) -> None:
         hypervisor.close()
 
 
+def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:
+    import pykka
+
+    from actors.directory import Directory
+    from actors.intake import IntakeServer, TaskLimits
+    from actors.messages import Submit
+    from actors.metrics import Metrics
+    from protocol.client import Client
+    from protocol.tasks import error_reply
+
+    class Answerer(pykka.ThreadingActor):
+        def __init__(self, directory: Directory):
+            super().__init__()
+            self.directory = directory
+
+        def on_receive(self, message) -> None:
+            if isinstance(message, Submit):
+                self.directory.answer(message.task.ticket, error_reply(message.task.request.task_id, "", ""))
+
+    directory = Directory()
+    limits = TaskLimits(60_000, 3_600_000, 1 << 20, 16 << 20, 1 << 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = IntakeServer(f"ipc://{tmp}/intake.sock", limits, Metrics(), directory, admission)
+        directory.answer_fallback = server.post
+        server.start()
+        answerer = Answerer.start(directory)
+        directory["scheduler"] = answerer
+        try:
+            with Client(server.endpoint, **client_keys) as client:
+                samples = []
+                for i in range(runs + 50):  # the first 50 warm up
+                    started = time.perf_counter()
+                    reply = client.run(["true"], capabilities=["dev:python"], wait_s=10)
+                    if reply.error_code:
+                        raise RuntimeError(f"{reply.error_code}: {reply.error_message}")
+                    if i >= 50:
+                        samples.append(time.perf_counter() - started)
+                return samples
+        finally:
+            answerer.stop()
+            server.stop()
+
+
+def bench_intake(runs: int) -> None:
+    from actors.identity import Admission
+    from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES
+    from protocol.client import keygen
+
+    with tempfile.TemporaryDirectory() as keys:
+        keygen("corrald", keys)
+        keygen("bench", Path(keys) / "clients")
+        Path(keys, "clients", "bench.key_secret").rename(Path(keys, "bench.key_secret"))
+        budget = {"budget": {"capacity": 1e9, "refill_per_s": 1e9}}
+        local = config.load(overrides=budget)
+        curve = config.load(overrides={**budget, "identity": {
+            "server_secret_key": f"{keys}/corrald.key_secret", "client_keys_dir": f"{keys}/clients"}})
+        modes = [
+            ("baseline, no admission check", Admission.unlimited(OFFERED_CAPABILITIES), {}),
+            ("local identity + budget", Admission.from_config(local, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES), {}),
+            ("CurveZMQ + ZAP + budget", Admission.from_config(curve, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES),
+             {"server_key": f"{keys}/corrald.key", "client_key": f"{keys}/bench.key_secret"}),
+        ]
+        results = {name: intake_round_trips(admission, runs, **client_keys)
+                   for name, admission, client_keys in modes}
+    base = percentile(results[modes[0][0]], 50)
+    for name, samples in results.items():
+        print(f"intake round trip, {name + ':':<31} {latency(samples)}  "
+              f"ratio (p50) {percentile(samples, 50) / base:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
-    parser.add_argument("--only", choices=("boot", "frames", "service", "scram"))
+    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "intake"))
     parser.add_argument("--scrams", type=int, default=5)
     args = parser.parse_args(argv)
     cfg = config.load()
@@ -261,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_service(cfg, args.tasks)
     if args.only in (None, "scram"):
         bench_scram(cfg, args.scrams)
+    if args.only in (None, "intake"):
+        bench_intake(max(args.tasks, 1000))
     return 0
 
 
