@@ -179,7 +179,14 @@ class ZapHandler:
         try:
             while not self._stop.is_set():
                 if socket.poll(200):
-                    socket.send_multipart(self.answer(socket.recv_multipart()))
+                    request = socket.recv_multipart()
+                    try:
+                        reply = self.answer(request)
+                    except Exception:  # this thread must live: libzmq waits on it for every handshake
+                        log.exception("ZAP handler failed on a request; denying it")
+                        reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"internal error",
+                                 b"", b""]
+                    socket.send_multipart(reply)
         finally:
             socket.close(0)
 
