@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ log = logging.getLogger("corral.identity")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP RFC (27/ZAP)
 ZAP_DOMAIN = b"corral"
 ALL_OFFERED = "*"
+BIND_RETRY_S = 2.0
 MAX_LOGGED_KEYS = 1000  # unknown keys logged once each, up to this many
 
 
@@ -167,14 +169,21 @@ class ZapHandler:
 
     def _run(self) -> None:
         socket = self.context.socket(zmq.REP)
-        try:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.bind(ZAP_ENDPOINT)
-        except zmq.ZMQError as e:
-            self._error = e
-            socket.close(0)
-            self._ready.set()
-            return
+        socket.setsockopt(zmq.LINGER, 0)
+        deadline = time.monotonic() + BIND_RETRY_S
+        while True:
+            try:
+                socket.bind(ZAP_ENDPOINT)
+                break
+            except zmq.ZMQError as e:
+                # A handler that just stopped may still hold the address until
+                # libzmq's reaper closes its socket.
+                if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    self._error = e
+                    socket.close(0)
+                    self._ready.set()
+                    return
+                time.sleep(0.01)
         self._ready.set()
         try:
             while not self._stop.is_set():
@@ -188,6 +197,7 @@ class ZapHandler:
                                  b"", b""]
                     socket.send_multipart(reply)
         finally:
+            socket.unbind(ZAP_ENDPOINT)
             socket.close(0)
 
     def answer(self, frames: list[bytes]) -> list[bytes]:
