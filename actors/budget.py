@@ -11,7 +11,7 @@ be, or `cost_over_capacity` when no wait would ever be enough.
 Charging at acceptance is the only point where the daemon knows the task
 will run: the identity cannot queue more work than it can pay for. A task
 answered without ever reaching a VM (queue full, scheduler restarting,
-corrald refusing new work) is refunded, so being told "busy" costs nothing;
+flushed from the queue by a SCRAM) is refunded, so being told "busy" costs nothing;
 a task that reached a VM is not, whatever its outcome, since it used the VM
 (a caller could otherwise crash its own VM to run for free). Budgets live in
 memory: a restart of corrald refills every bucket.
@@ -32,7 +32,7 @@ from actors.errors import Rejected
 from protocol.tasks import PRIORITY_NAMES, TaskRequest
 
 # Answers that mean the task never reached a VM: its charge is given back.
-REFUNDED_CODES = frozenset({"busy", "unavailable", "shutting_down"})
+REFUNDED_CODES = frozenset({"busy", "unavailable", "cancelled_scram"})
 NEVER_MS = 0xFFFF_FFFF  # retry_after_ms when a bucket does not refill at all
 
 
