@@ -92,7 +92,7 @@ class HandshakeError(ConnectionError):
         self.code = code
 
 
-NO_DETAIL_FAILURES = 3  # handshakes failed in a row without a reason before the client gives one
+NO_DETAIL_FAILURES = 5  # handshakes failed in a row without a reason before the client gives one
 MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -404,18 +404,20 @@ class Client:
         """The error an event means, or None while it is not known yet."""
         kind, value, where = event["event"], event["value"], f"corrald at {self.endpoint}"
         if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            # The peer hung up without saying why: a Curve server that cannot
-            # open our HELLO (wrong server key) always does; a server without
-            # Curve sometimes does too, when it closes before its ERROR is
-            # read, and usually says so on a later attempt (libzmq reconnects
-            # at once): wait for a few.
+            # The peer hung up without saying why. Without keys that can only be
+            # a server wanting a mechanism we lack (it closed before its ERROR was
+            # read). With keys, a Curve server that cannot open our HELLO (wrong
+            # server key) always does so, and a server without Curve sometimes
+            # does before it says so on a later attempt (libzmq reconnects every
+            # 100 ms): wait for a few.
+            if self._curve is None:
+                return self._key_missing(where)
             self._failures_without_detail += 1
             if self._failures_without_detail < NO_DETAIL_FAILURES:
                 return None
-            if self._curve is not None:
-                return HandshakeError("server_key_mismatch", f"the CurveZMQ handshake with {where} failed "
-                                      f"{NO_DETAIL_FAILURES} times without a reason: most likely the server "
-                                      "key given is not corrald's public key (or corrald runs without CurveZMQ)")
+            return HandshakeError("server_key_mismatch", f"the CurveZMQ handshake with {where} failed "
+                                  f"{NO_DETAIL_FAILURES} times without a reason: most likely the server "
+                                  "key given is not corrald's public key (or corrald runs without CurveZMQ)")
         self._failures_without_detail = 0
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return HandshakeError("key_refused", f"{where} refused this client's key "
@@ -423,12 +425,16 @@ class Client:
                                   "not on corrald's allow-list (identity.client_keys_dir or identity.clients)")
         if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             if self._curve is None:
-                return HandshakeError("key_missing", f"{where} requires CurveZMQ: connect with its public key "
-                                      "and a client key pair (--server-key FILE --key FILE; see corral keygen)")
+                return self._key_missing(where)
             return HandshakeError("curve_not_offered", f"{where} does not use CurveZMQ: connect without "
                                   "--server-key and --key")
         return HandshakeError("handshake_failed", f"the handshake with {where} failed "
                               f"(zmq event {kind:#x}, value {value:#x})")
+
+    @staticmethod
+    def _key_missing(where: str) -> HandshakeError:
+        return HandshakeError("key_missing", f"{where} requires CurveZMQ: connect with its public key "
+                              "and a client key pair (--server-key FILE --key FILE; see corral keygen)")
 
     def _connection_dropped(self) -> None:
         """Everything sent and not answered is lost with the connection."""
