@@ -303,6 +303,9 @@ class Hypervisor:
         self.run_dir = Path(state_dir) / "run"
         for d in (self.overlay_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # Appended to every VM's kernel command line. Tests only (e.g. the hostile
+        # agent's corral.hostile=<attack>); no config key reaches it.
+        self.extra_cmdline = ""
         self._reconnect_lock = threading.Lock()
         self.calls = DeadlineCalls(call_timeout_s)
         self.conn = self.calls.run("connecting", self._connect)
@@ -388,6 +391,8 @@ class Hypervisor:
         cmdline += " console=ttyS0" if console else " quiet"
         if network:
             cmdline += " corral.net=1"
+        if self.extra_cmdline:
+            cmdline += " " + self.extra_cmdline
         return DomainSpec(
             name=name, accelerator=self.accelerator, memory_mib=memory_mib or self.memory_mib,
             vcpus=self.vcpus, kernel=self.image.kernel, initrd=self.image.initrd, cmdline=cmdline,

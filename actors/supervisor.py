@@ -130,9 +130,10 @@ class Supervisor(pykka.ThreadingActor):
             if message.violation:
                 self.metrics.violations.labels(message.code).inc()
                 log.warning("VM %s violated the protocol: %s", self.vm_id, message.detail)
-                self._fail("protocol_violation", f"the VM broke the channel protocol ({message.code})")
+                self._fail("protocol_violation", f"the VM broke the channel protocol ({message.code})",
+                           reason=self._boot_failed())
             else:
-                self._fail("vm_lost", f"the VM died ({message.detail})")
+                self._fail("vm_lost", f"the VM died ({message.detail})", reason=self._boot_failed())
         elif isinstance(message, Retire):
             self.retire_reason = message.reason
             if self.state in ("ready", "booting"):
@@ -165,7 +166,8 @@ class Supervisor(pykka.ThreadingActor):
         if type(message) not in ALLOWED[self.state]:
             self.metrics.violations.labels("unexpected_message").inc()
             self._fail("protocol_violation",
-                       f"the VM sent {type(message).__name__} while {self.state}")
+                       f"the VM sent {type(message).__name__} while {self.state}",
+                       reason=self._boot_failed())
             return
         if isinstance(message, guest.Hello):
             self.metrics.boot_seconds.observe(time.monotonic() - self.born)
@@ -384,6 +386,11 @@ class Supervisor(pykka.ThreadingActor):
         if self.frozen_at is None:  # a frozen VM's deadline is armed by Thaw
             self.timers.call_later(max(0.0, delay_s), self.actor_ref,
                                    DeadlinePassed(phase, self.deadline_token))
+
+    def _boot_failed(self) -> str | None:
+        """A VM that fails before its Hello is a failed boot, whatever broke: the
+        pool backs off instead of boot-looping on a broken (or hostile) image."""
+        return "boot_failed" if self.state == "booting" else None
 
     def _tell_pool(self, state: str, reason: str = "") -> None:
         self.directory.tell("pool", VmState(self.vm_id, state, reason))

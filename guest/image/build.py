@@ -38,6 +38,10 @@ AGENT_FILES = (
     "protocol/frame.py",
     "protocol/messages.py",
 )
+# Test-only: the same ISO layout with guest/hostile_agent.py in the agent's place,
+# so the unchanged initramfs starts it as PID 1. Only tests attach it (they build a
+# Hypervisor with this ISO); corrald's config has no way to name it.
+HOSTILE_AGENT_SOURCE = "guest/hostile_agent.py"
 DEFAULT_STATE_DIR = Path("/var/lib/corral")
 # Where the initramfs mounts the agent ISO in the guest (see init).
 AGENT_MOUNT = "/opt/corral"
@@ -75,17 +79,24 @@ def recipe_hash() -> str:
     return _hash_files([(name, RECIPE_DIR / name) for name in RECIPE_FILES])
 
 
-def agent_hash() -> str:
+def agent_sources(hostile: bool = False) -> list[tuple[str, Path]]:
+    """(path on the ISO, source in this checkout) of each file the agent ISO holds."""
+    return [(name, REPO_DIR / (HOSTILE_AGENT_SOURCE if hostile and name == "guest/agent.py" else name))
+            for name in AGENT_FILES]
+
+
+def agent_hash(hostile: bool = False) -> str:
     # This file too: it decides what else goes on the ISO (the bytecode, for one).
-    return _hash_files([(name, REPO_DIR / name) for name in (*AGENT_FILES, "guest/image/build.py")])
+    return _hash_files([*agent_sources(hostile), ("guest/image/build.py", RECIPE_DIR / "build.py")])
 
 
 def gold_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "images" / f"gold-{recipe_hash()}"
 
 
-def agent_iso_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "images" / f"agent-{agent_hash()}" / "agent.iso"
+def agent_iso_path(state_dir: Path, hostile: bool = False) -> Path:
+    kind = "hostile-agent" if hostile else "agent"
+    return Path(state_dir) / "images" / f"{kind}-{agent_hash(hostile)}" / "agent.iso"
 
 
 def guest_image(state_dir: Path) -> GuestImage:
@@ -382,17 +393,18 @@ def compile_for_guest(source: Path, guest_path: str) -> None:
                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 
 
-def build_agent_iso(state_dir: Path, force: bool = False) -> Path:
-    iso = agent_iso_path(state_dir)
+def build_agent_iso(state_dir: Path, force: bool = False, hostile: bool = False) -> Path:
+    """The agent ISO (cached by hash); hostile=True: the test-only hostile agent's."""
+    iso = agent_iso_path(state_dir, hostile)
     if iso.is_file() and not force:
         print(f"[guest-image] agent ISO {iso.parent.name} is up to date")
         return iso
     staging = iso.parent.with_name(iso.parent.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     tree = staging / "tree"
-    for name in AGENT_FILES:
+    for name, source in agent_sources(hostile):
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_DIR / name, tree / name)
+        shutil.copy2(source, tree / name)
         compile_for_guest(tree / name, f"{AGENT_MOUNT}/{name}")
     run(["xorriso", "-as", "mkisofs", "-quiet", "-R", "-V", "CORRAL_AGENT", "-o",
          str(staging / "agent.iso"), str(tree)], "agent ISO (xorriso)", capture_output=True)

@@ -1,0 +1,172 @@
+"""Test-only hostile guest agent: breaks the SecureChannel on purpose.
+
+Shipped only on the hostile agent ISO (guest/image/build.py, hostile=True), where
+it sits at guest/agent.py so the unchanged initramfs starts it as PID 1. Only
+tests attach that ISO, by building a Hypervisor with it; corrald's config cannot
+name it, so no client of a real corrald ever reaches this code.
+
+Which attack, and when:
+  - kernel command line ``corral.hostile=<attack>`` (set by the test through
+    Hypervisor.extra_cmdline): the attack replaces the Hello, at boot;
+  - otherwise the agent behaves until an Exec arrives and then performs the
+    attack its argv[0] names. ``ok`` is a well-behaved command (prints "ok").
+
+It runs as root (PID 1), so it also stands for a task that got root: it can
+panic the kernel, power off, reboot or simply die. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+from protocol import messages
+from protocol.frame import HEADER, MAGIC, FrameDecoder, FrameEncoder
+
+PORT_NAME = "org.corral.agent.0"
+NO_HOST_RETRY_S = 0.005
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+LINUX_REBOOT_CMD_RESTART = 0x01234567
+
+
+def find_port(name: str = PORT_NAME, wait_s: float = 5.0) -> str:
+    """No udev in the guest: find /dev/vportNpM by the port name in sysfs."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            for entry in os.listdir("/sys/class/virtio-ports"):
+                with open(f"/sys/class/virtio-ports/{entry}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{entry}"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-serial port {name} not found")
+        time.sleep(0.01)
+
+
+def reboot_syscall(command: int) -> None:
+    import ctypes
+    os.sync()
+    ctypes.CDLL(None).reboot(command)
+
+
+class HostileAgent:
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.encoder = FrameEncoder(zlib.crc32)
+        self.decoder = FrameDecoder(zlib.crc32)
+        self.last_frame = b""
+
+    # --- writing, well-formed or not -----------------------------------------
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def frame(self, payload: bytes) -> bytes:
+        self.last_frame = self.encoder.encode(payload)
+        return self.last_frame
+
+    def send(self, message: messages.Message) -> None:
+        self.write(self.frame(messages.encode(message)))
+
+    def hello(self) -> messages.Hello:
+        return messages.Hello(agent_version="hostile", boot_id="hostile", kernel=os.uname().release)
+
+    # --- the attacks ------------------------------------------------------------
+
+    def attack(self, name: str, exec_id: int) -> None:
+        """Break the channel as `name` says, then wait for the host to end the VM."""
+        seq = self.encoder.next_seq
+        output = messages.encode(messages.Output(exec_id=exec_id, stream=messages.STDOUT, data=b"x"))
+        if name == "bad_magic":
+            self.write(HEADER.pack(0x0BADF00D, 0, 0, seq))
+        elif name == "oversize":  # a length far over any cap, then nothing
+            self.write(HEADER.pack(MAGIC, 0xFFFFFFFF, 0, seq))
+        elif name == "crc_mismatch":
+            header = HEADER.pack(MAGIC, len(output), zlib.crc32(output) ^ 1, seq)
+            self.write(header + output)
+        elif name == "seq_gap":
+            self.encoder.next_seq += 1
+            self.write(self.frame(output))
+        elif name == "replay":  # the last good frame again, byte for byte
+            if not self.last_frame:  # at boot: Hello twice in one write, so both arrive before a pause
+                self.write(self.frame(messages.encode(self.hello())) * 2)
+            else:
+                self.write(self.last_frame)
+        elif name == "unknown_type":
+            self.write(self.frame(bytes([200])))
+        elif name == "malformed":  # stream 7: neither stdout nor stderr
+            self.write(self.frame(output[:5] + b"\x07" + output[6:]))
+        elif name == "field_too_long":  # Output.data declares 2 MiB, over its 1 MiB bound
+            self.write(self.frame(output[:6] + (2 << 20).to_bytes(4, "big") + b"x"))
+        elif name == "host_message":  # a message only the host may send
+            self.send(messages.Reset(reset_id=1))
+        elif name == "wrong_state":  # Hello while running; HeartbeatAck instead of Hello
+            self.send(self.hello() if exec_id else messages.HeartbeatAck(nonce=0))
+        elif name == "truncated_eof":  # half a header, then the VM powers off: EOF
+            self.write(HEADER.pack(MAGIC, 1, 0, seq)[:7])
+            time.sleep(0.2)
+            reboot_syscall(LINUX_REBOOT_CMD_POWER_OFF)
+        elif name == "panic":
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write("c")
+        elif name == "poweroff":
+            reboot_syscall(LINUX_REBOOT_CMD_POWER_OFF)
+        elif name == "reboot":
+            reboot_syscall(LINUX_REBOOT_CMD_RESTART)
+        elif name == "die":  # PID 1 exits: the kernel panics
+            os._exit(1)
+        elif name != "silent":
+            self.send(messages.Error(code="hostile", message=f"unknown attack {name!r}"))
+        while True:  # the host decides what happens next
+            time.sleep(3600)
+
+    # --- behaving until told to attack ------------------------------------------
+
+    def serve(self) -> None:
+        self.send(self.hello())
+        while True:
+            data = os.read(self.fd, 65536)
+            if not data:  # no host connected (after a restore, or not yet)
+                time.sleep(NO_HOST_RETRY_S)
+                continue
+            for payload in self.decoder.feed(data):
+                self.handle(messages.decode(payload, messages.HOST_TO_GUEST))
+
+    def handle(self, message: messages.Message) -> None:
+        if isinstance(message, messages.Heartbeat):
+            self.send(messages.HeartbeatAck(nonce=message.nonce))
+        elif isinstance(message, messages.Reset):
+            self.send(messages.ResetDone(reset_id=message.reset_id, ok=True, detail=""))
+        elif isinstance(message, messages.Exec):
+            name = message.argv[0].decode(errors="replace")
+            if name != "ok":
+                self.attack(name, message.exec_id)
+            self.send(messages.Output(exec_id=message.exec_id, stream=messages.STDOUT, data=b"ok\n"))
+            self.send(messages.Exit(exec_id=message.exec_id, exit_code=0, signal=0, timed_out=False,
+                                    stdout_truncated=False, stderr_truncated=False, wall_ms=1,
+                                    user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))
+
+
+def boot_attack() -> str:
+    with open("/proc/cmdline") as f:
+        for arg in f.read().split():
+            if arg.startswith("corral.hostile="):
+                return arg.partition("=")[2]
+    return ""
+
+
+def main() -> None:
+    agent = HostileAgent(os.open(find_port(), os.O_RDWR))
+    name = boot_attack()
+    if name:
+        agent.attack(name, exec_id=0)
+    agent.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""A hostile guest on the real virtio-serial channel, against the real daemon.
+
+VMs here boot the test-only hostile agent ISO (guest/hostile_agent.py, built by
+guest/image/build.py like the real one). It behaves until an Exec names an
+attack in argv[0], or attacks instead of its Hello when the test puts
+corral.hostile=<attack> on the kernel command line. Every attack must end in:
+the VM destroyed and replaced, the violation counted by kind, the task (if
+any) answered once with a clear code, and corrald still serving.
+"""
+
+import dataclasses
+import time
+
+import pytest
+
+import config
+from actors.hypervisor import Hypervisor, detect_accelerator
+from guest.image.build import build_agent_iso, guest_image
+from protocol.client import Client
+from tests.conftest import STATE_DIR, TEST_INSTANCE
+from tests.test_service import POOL_SIZE, counter, pool_vms, wait_pool_ready, wait_until
+
+pytestmark = pytest.mark.vm
+INSTANCE = f"{TEST_INSTANCE}h"[:16]  # its own VMs: no other service reaps them, nor they others'
+
+
+@pytest.fixture(scope="module")
+def hostile_hypervisor(cfg):
+    iso = build_agent_iso(STATE_DIR, hostile=True)
+    image = dataclasses.replace(guest_image(STATE_DIR), agent_iso=iso)
+    hv = Hypervisor(cfg.libvirt_uri, cfg.state_dir, image, detect_accelerator(cfg.vm.accelerator),
+                    memory_mib=256, vcpus=1, tmpfs_size=cfg.vm.tmpfs_size, instance=INSTANCE)
+    yield hv
+    hv.close()
+
+
+@pytest.fixture(scope="module")
+def service(hostile_hypervisor, tmp_path_factory):
+    from actors.service import Corral
+
+    endpoint = f"ipc://{tmp_path_factory.mktemp('hostile')}/corrald.sock"
+    cfg = config.load(overrides={"state_dir": str(STATE_DIR),
+                                 "daemon": {"endpoint": endpoint, "instance": INSTANCE},
+                                 "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
+    svc = Corral(cfg, hostile_hypervisor)
+    svc.start()
+    try:
+        wait_pool_ready(svc)
+        yield svc
+    finally:
+        svc.stop()
+    assert hostile_hypervisor.corral_domains() == []  # nothing left behind
+
+
+@pytest.fixture
+def client(service):
+    wait_pool_ready(service, 180)  # each test starts from a healed pool
+    with Client(service.cfg.daemon.endpoint) as c:
+        yield c
+
+
+def no_stray_domains(service) -> None:
+    """Every domain of this instance belongs to a VM the pool knows."""
+    wait_until(lambda: set(service.hypervisor.corral_domains()) <= set(pool_vms(service)), 15,
+               "no domain outside the pool")
+
+
+def test_the_hostile_agent_behaves_until_told_otherwise(client):
+    reply = client.run(["ok"], timeout_s=10)
+    assert (reply.error_code, reply.stdout, reply.exit_code) == ("", b"ok\n", 0)
+
+
+# attack named in the Exec -> the violation kind the host must count
+EXEC_ATTACKS = [
+    ("bad_magic", "bad_magic"),
+    ("oversize", "frame_too_large"),
+    ("crc_mismatch", "crc_mismatch"),
+    ("seq_gap", "bad_sequence"),
+    ("replay", "bad_sequence"),
+    ("unknown_type", "unknown_message_type"),
+    ("malformed", "malformed_payload"),
+    ("field_too_long", "field_too_long"),
+    ("host_message", "unexpected_message"),
+    ("wrong_state", "unexpected_message"),  # Hello while running
+    ("truncated_eof", "truncated_frame"),  # half a header, then the VM powers off
+]
+
+
+@pytest.mark.parametrize("attack, kind", EXEC_ATTACKS)
+def test_channel_attack_mid_task_ends_the_vm_and_answers_protocol_violation(service, client, attack, kind):
+    metrics = service.metrics
+    violations_before = counter(metrics.violations, kind=kind)
+    destroyed_before = counter(metrics.vms_destroyed, reason="protocol_violation")
+    before = set(pool_vms(service))
+    reply = client.run([attack], timeout_s=20, wait_s=60)
+    assert reply.error_code == "protocol_violation", reply
+    assert reply.error_message and reply.stdout == b""
+    assert counter(metrics.violations, kind=kind) == violations_before + 1
+    wait_until(lambda: counter(metrics.vms_destroyed, reason="protocol_violation") == destroyed_before + 1,
+               10, "the pool to count the destroyed VM")
+    gone = wait_until(lambda: before - set(pool_vms(service)), 10, "the violating VM gone")
+    for vm in gone:
+        assert not service.hypervisor.domain_exists(vm)
+        assert not (service.hypervisor.overlay_dir / f"{vm}.qcow2").exists()
+    no_stray_domains(service)
+    wait_pool_ready(service, 180)
+    assert client.run(["ok"], timeout_s=10).stdout == b"ok\n"
+    assert counter(metrics.duplicate_answers) == 0
+
+
+# What a task that got root could do to its VM; the hostile agent is root (PID 1).
+@pytest.mark.parametrize("attack", ["panic", "poweroff", "reboot", "die"])
+def test_vm_killed_from_inside_mid_task_answers_vm_lost_and_heals(service, client, attack):
+    lost_before = counter(service.metrics.vms_destroyed, reason="vm_lost")
+    started = time.monotonic()
+    reply = client.run([attack], timeout_s=30, wait_s=60)
+    answered = time.monotonic() - started
+    assert reply.error_code == "vm_lost", reply
+    wait_until(lambda: counter(service.metrics.vms_destroyed, reason="vm_lost") == lost_before + 1,
+               10, "the pool to count the lost VM")
+    no_stray_domains(service)
+    wait_pool_ready(service, 180)
+    healed = time.monotonic() - started
+    print(f"FIGURE {attack}: answered vm_lost after {answered:.2f} s, pool full again after {healed:.1f} s")
+    assert client.run(["ok"], timeout_s=10).stdout == b"ok\n"
+
+
+def test_silent_guest_mid_task_is_killed_by_the_deadman_switch(service, client):
+    kills_before = counter(service.metrics.deadman_kills)
+    started = time.monotonic()
+    reply = client.run(["silent"], timeout_s=2, wait_s=60)
+    assert reply.error_code == "timeout", reply
+    assert time.monotonic() - started <= 2 + service.cfg.tasks.deadman_grace_s + 2
+    assert counter(service.metrics.deadman_kills) == kills_before + 1
+    no_stray_domains(service)
+
+
+# attack instead of the Hello -> violation kind (None: no violation, a lost VM or a timeout)
+HELLO_ATTACKS = [
+    ("bad_magic", "bad_magic"),
+    # (A replayed Hello is not here: the host reads frame by frame, so the Hello is
+    # taken, the VM counts as booted, and the replay is a violation of a ready VM.
+    # test_channel_attack_mid_task... covers replay.)
+    ("wrong_state", "unexpected_message"),  # HeartbeatAck before any Hello
+    ("unknown_type", "unknown_message_type"),
+    ("truncated_eof", "truncated_frame"),
+    ("die", None),  # PID 1 exits at boot: kernel panic, QEMU gone
+    ("silent", None),  # never says Hello: the boot deadline ends it
+]
+
+
+@pytest.mark.parametrize("attack, kind", HELLO_ATTACKS)
+def test_boot_stage_attack_is_a_failed_boot_and_the_pool_backs_off_then_heals(service, client, attack, kind):
+    metrics = service.metrics
+    hv = service.hypervisor
+    failed_before = counter(metrics.vms_destroyed, reason="boot_failed")
+    violations_before = counter(metrics.violations, kind=kind) if kind else 0
+    hv.extra_cmdline = f"corral.hostile={attack}"
+    try:
+        # One VM goes; its replacement boots with the attack.
+        assert client.run(["die"], timeout_s=30, wait_s=60).error_code == "vm_lost"
+        wait_until(lambda: counter(metrics.vms_destroyed, reason="boot_failed") > failed_before,
+                   service.cfg.vm.boot_timeout_s + 60, f"a boot failed by {attack}")
+        # The failed boot is backed off (>= 1 s), not retried in a tight loop.
+        assert service.directory.get("pool").proxy().state.get(timeout=5).boot_failures >= 1
+    finally:
+        hv.extra_cmdline = ""
+    if kind:
+        assert counter(metrics.violations, kind=kind) >= violations_before + 1
+    # Meanwhile the other VM still serves.
+    assert client.run(["ok"], timeout_s=10, wait_s=60).stdout == b"ok\n"
+    wait_pool_ready(service, 180)
+    no_stray_domains(service)
+    assert counter(metrics.duplicate_answers) == 0
