@@ -21,29 +21,12 @@ import os
 import time
 import zlib
 
+from guest.honest_agent import NO_HOST_RETRY_S, find_port  # the real agent, beside this one on the ISO
 from protocol import messages
 from protocol.frame import HEADER, MAGIC, FrameDecoder, FrameEncoder
 
-PORT_NAME = "org.corral.agent.0"
-NO_HOST_RETRY_S = 0.005
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
-
-
-def find_port(name: str = PORT_NAME, wait_s: float = 5.0) -> str:
-    """No udev in the guest: find /dev/vportNpM by the port name in sysfs."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            for entry in os.listdir("/sys/class/virtio-ports"):
-                with open(f"/sys/class/virtio-ports/{entry}/name") as f:
-                    if f.read().strip() == name:
-                        return f"/dev/{entry}"
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"virtio-serial port {name} not found")
-        time.sleep(0.01)
 
 
 def reboot_syscall(command: int) -> None:

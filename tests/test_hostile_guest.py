@@ -13,12 +13,11 @@ import time
 
 import pytest
 
-import config
 from actors.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import build_agent_iso, guest_image
 from protocol.client import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
-from tests.test_service import POOL_SIZE, counter, pool_vms, wait_pool_ready, wait_until
+from tests.test_service import counter, pool_vms, running_service, wait_pool_ready, wait_until
 
 pytestmark = pytest.mark.vm
 INSTANCE = f"{TEST_INSTANCE}h"[:16]  # its own VMs: no other service reaps them, nor they others'
@@ -36,19 +35,8 @@ def hostile_hypervisor(cfg):
 
 @pytest.fixture(scope="module")
 def service(hostile_hypervisor, tmp_path_factory):
-    from actors.service import Corral
-
-    endpoint = f"ipc://{tmp_path_factory.mktemp('hostile')}/corrald.sock"
-    cfg = config.load(overrides={"state_dir": str(STATE_DIR),
-                                 "daemon": {"endpoint": endpoint, "instance": INSTANCE},
-                                 "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
-    svc = Corral(cfg, hostile_hypervisor)
-    svc.start()
-    try:
-        wait_pool_ready(svc)
+    with running_service(hostile_hypervisor, tmp_path_factory.mktemp("hostile"), INSTANCE) as svc:
         yield svc
-    finally:
-        svc.stop()
     assert hostile_hypervisor.corral_domains() == []  # nothing left behind
 
 

@@ -3,6 +3,7 @@ TCG here), real ZeroMQ sockets, the real client and CLI. Faults are injected by
 sending actors messages, as an operator's test harness would."""
 
 import concurrent.futures
+import contextlib
 import gc
 import os
 import subprocess
@@ -51,14 +52,14 @@ def counter(metric, **labels) -> float:
     return metric.labels(**labels)._value.get() if labels else metric._value.get()
 
 
-@pytest.fixture(scope="module")
-def service(hypervisor, tmp_path_factory):
+@contextlib.contextmanager
+def running_service(hypervisor, socket_dir, instance: str = TEST_INSTANCE):
+    """corrald's supervision tree on `hypervisor`, its pool full, stopped on the way out."""
     from actors.service import Corral
 
-    endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
-    control = f"ipc://{tmp_path_factory.mktemp('control')}/control.sock"
-    cfg = config.load(overrides={"daemon": {"endpoint": endpoint, "instance": TEST_INSTANCE},
-                                 "control": {"endpoint": control},
+    cfg = config.load(overrides={"daemon": {"endpoint": f"ipc://{socket_dir}/corrald.sock",
+                                            "instance": instance},
+                                 "control": {"endpoint": f"ipc://{socket_dir}/control.sock"},
                                  "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
     svc = Corral(cfg, hypervisor)
     svc.start()
@@ -67,6 +68,12 @@ def service(hypervisor, tmp_path_factory):
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(hypervisor, tmp_path_factory):
+    with running_service(hypervisor, tmp_path_factory.mktemp("corrald")) as svc:
+        yield svc
 
 
 @pytest.fixture

@@ -80,9 +80,12 @@ def recipe_hash() -> str:
 
 
 def agent_sources(hostile: bool = False) -> list[tuple[str, Path]]:
-    """(path on the ISO, source in this checkout) of each file the agent ISO holds."""
-    return [(name, REPO_DIR / (HOSTILE_AGENT_SOURCE if hostile and name == "guest/agent.py" else name))
-            for name in AGENT_FILES]
+    """(path on the ISO, source in this checkout) of each file the agent ISO holds.
+    The hostile ISO keeps the real agent as guest/honest_agent.py for its helpers."""
+    if not hostile:
+        return [(name, REPO_DIR / name) for name in AGENT_FILES]
+    return [(name, REPO_DIR / (HOSTILE_AGENT_SOURCE if name == "guest/agent.py" else name))
+            for name in AGENT_FILES] + [("guest/honest_agent.py", REPO_DIR / "guest/agent.py")]
 
 
 def agent_hash(hostile: bool = False) -> str:
