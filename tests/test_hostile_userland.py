@@ -127,3 +127,10 @@ def test_root_panic_mid_exec_is_a_lost_channel_and_a_gone_domain(cfg):
     finally:
         vm.destroy()
         own.close()
+
+
+def test_invalid_utf8_in_argv_and_env_reaches_the_command_unchanged(service, client):  # noqa: F811
+    """argv and env are bytes end to end: nothing on the way decodes them."""
+    reply = client.run([SH, "-c", b'printf "%s|%s" "$1" "$X"', b"sh", b"\xff\xfe\x80"],
+                       env={b"X": b"\xc3\x28\xf5"}, timeout_s=30)
+    assert (reply.error_code, reply.stdout) == ("", b"\xff\xfe\x80|\xc3\x28\xf5"), reply
