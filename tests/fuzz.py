@@ -198,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Fuzz corral's frame and request decoders.")
     parser.add_argument("--seconds", type=float, default=60.0, help="per target")
-    parser.add_argument("targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("targets", nargs="*", help=f"any of {', '.join(TARGETS)} (default: all)")
     args = parser.parse_args(argv)
-    for name in args.targets:
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(sorted(unknown))}; known: {', '.join(TARGETS)}")
+    for name in args.targets or list(TARGETS):
         tally, took = fuzz(name, args.seconds)
         print(f"{name}: {tally.examples} examples in {took:.0f} s ({tally.examples / took:.0f}/s), "
               f"{tally.errors_seen} ended in a protocol error or refusal, 0 property failures", flush=True)
