@@ -37,6 +37,8 @@ def hostile_hypervisor(cfg):
 def service(hostile_hypervisor, tmp_path_factory):
     with running_service(hostile_hypervisor, tmp_path_factory.mktemp("hostile"), INSTANCE) as svc:
         yield svc
+        # Every attack ended a VM, never an actor of the host.
+        assert svc.metrics.counter_total(svc.metrics.actor_restarts) == 0 and not svc.gave_up.is_set()
     assert hostile_hypervisor.corral_domains() == []  # nothing left behind
 
 
