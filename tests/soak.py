@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = free_port()
     (work / "site.toml").write_text(
         f'[daemon]\nendpoint = "{endpoint}"\ninstance = "{args.instance}"\nlog_level = "warning"\n'
+        f'[control]\nendpoint = "ipc://{work}/control.sock"\n'
         f'[metrics]\nport = {metrics_port}\n[pool]\nsize = {args.pool_size}\n')
     log = open(work / "corrald.log", "wb")
     daemon = subprocess.Popen([str(REPO / ".venv/bin/corrald"), "--config", str(work / "site.toml")],
