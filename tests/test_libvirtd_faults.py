@@ -1,12 +1,18 @@
-"""A hung libvirtd (SIGSTOPped here) must not wedge corrald: every libvirt
-call has a deadline, the VM whose call ran past it is given up, its task is
-requeued (its command had not started) and runs once libvirtd is back; the
-daemon answers its callers throughout."""
+"""libvirtd misbehaving under a running corrald.
+
+Hung (SIGSTOPped): every libvirt call has a deadline, the VM whose call ran
+past it is given up, its task is requeued (its command had not started) and
+runs once libvirtd is back; the daemon answers its callers throughout.
+
+Restarted mid-task: the task's channel is QEMU's socket, not libvirtd's, so
+the command finishes and is answered; corrald reconnects on its next call,
+and the domains are found again by name."""
 
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,4 +56,32 @@ def test_hung_libvirtd_loses_no_task_and_heals(tmp_path):
         wait_until(lambda: not svc.hypervisor.domain_exists(hung_vm), 30, "the hung VM reaped")
     finally:
         os.kill(pid, signal.SIGCONT)
+        svc.stop()
+
+
+def restart_libvirtd() -> None:
+    pid = libvirtd_pid()
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd stopped")
+    subprocess.run(["libvirtd", "-d"], check=True)
+    wait_until(lambda: subprocess.run(["virsh", "-q", "-c", "qemu:///system", "version"],
+                                      capture_output=True).returncode == 0, 30, "libvirtd answering")
+
+
+def test_libvirtd_restarted_mid_task_loses_nothing(tmp_path):
+    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1})
+    svc = start_service(cfg)
+    try:
+        wait_ready(svc, 1)
+        with Client(cfg.daemon.endpoint) as client:
+            task = client.submit(["sh", "-c", "sleep 3; echo through"])
+            wait_until(lambda: "busy" in pool_vms(svc).values(), 30, "the task running")
+            restart_libvirtd()
+            reply = task.result(timeout=60)
+            assert (reply.error_code, reply.stdout) == ("", b"through\n"), reply
+            wait_ready(svc, 1)
+            assert client.run(["echo", "after"]).stdout == b"after\n"
+        # Whatever VM had to be given up while libvirtd was away is gone again.
+        wait_until(lambda: len(svc.hypervisor.domain_states()) == 1, 30, "one domain, the pool's")
+    finally:
         svc.stop()
