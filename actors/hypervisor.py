@@ -380,6 +380,17 @@ class Hypervisor:
         except (OSError, ValueError) as e:
             raise HypervisorError(f"cannot kill QEMU of {name}: {e}") from None
 
+    @with_deadline
+    def throttle_vcpus(self, name: str, quota_us: int, period_us: int = 1_000_000) -> None:
+        """Fault injection: the VM's vCPUs get `quota_us` of host CPU time per
+        `period_us` (CPU bandwidth in the domain's cgroup): a guest made very slow."""
+        libvirt = _libvirt()
+        try:
+            self._domain(name).setSchedulerParametersFlags(
+                {"vcpu_period": period_us, "vcpu_quota": quota_us}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"cannot throttle VM {name}: {e.get_error_message()}") from None
+
     def spec_for(self, name: str, overlay: Path, socket: Path, network: bool = False,
                  memory_mib: int | None = None) -> DomainSpec:
         console = self.run_dir / f"{name}.console.log" if self.console_log else None
