@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import pykka
 import zmq
 
+from actors.artifacts import check_files_in, check_paths
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError, Rejected
 from actors.identity import Admission
@@ -60,6 +61,7 @@ class TaskLimits:
     default_output_cap: int
     max_output_cap: int
     max_request_bytes: int
+    max_put_bytes: int = 0  # files_in, all files of one task
 
 
 def _check_no_nul(what: str, value: bytes) -> None:
@@ -90,6 +92,13 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
     if output_cap > limits.max_output_cap:
         raise Rejected("invalid_request",
                        f"output cap {output_cap} is over the maximum of {limits.max_output_cap} bytes")
+    try:
+        check_files_in(request.files_in, limits.max_put_bytes)
+        check_paths("collect", request.collect)
+    except OverflowError as e:
+        raise Rejected("files_too_large", str(e)) from None
+    except ValueError as e:
+        raise Rejected("invalid_request", str(e)) from None
     seen = set()
     for raw in request.capabilities:
         name = raw.decode("ascii", errors="replace")

@@ -45,7 +45,8 @@ def task_bytes(task: Task) -> int:
     """What a queued task holds in memory, near enough to bound the queue by."""
     request = task.request
     return (len(request.stdin) + sum(map(len, request.argv))
-            + sum(len(k) + len(v) for k, v in request.env) + len(request.cwd))
+            + sum(len(k) + len(v) for k, v in request.env) + len(request.cwd)
+            + sum(len(path) + len(data) for path, _, data in request.files_in))
 
 
 class Scheduler(pykka.ThreadingActor):

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from actors.control import ControlServer, Mode, SafeModeFile
+from actors import signing
+from actors.artifacts import FileSettings
 from actors.directory import Directory
 from actors.endpoint import check_endpoint_free
 from actors.hypervisor import Hypervisor, hypervisor_from_config
@@ -61,12 +63,17 @@ class Corral:
             default_timeout_ms=int(tasks.default_timeout_s * 1000),
             max_timeout_ms=int(tasks.max_timeout_s * 1000),
             default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
-            max_request_bytes=tasks.max_request_bytes), self.metrics, self.directory,
+            max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes),
+            self.metrics, self.directory,
             Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, self.metrics))
+        self.signer = signing.load_or_create(cfg.artifacts.key_path(cfg.state_dir))
         self.vm_settings = VmSettings(
             boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
             reset_timeout_s=cfg.pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
-            max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict)
+            max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict,
+            files=FileSettings(max_put_bytes=cfg.artifacts.max_put_bytes,
+                               max_collect_bytes=cfg.artifacts.max_collect_bytes,
+                               collect_timeout_s=cfg.artifacts.collect_timeout_s, signer=self.signer))
         self.directory.answer_fallback = self.server.post
         self.pool_view = PoolView()
         self.root = None

@@ -21,6 +21,7 @@ hypervisor stalls one VM, never the others. Reading the channel is IOGuard's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 import pykka
 
+from actors.artifacts import Collection, FileSettings, files_out
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.guest_link import CappedOutput, GuestLink
@@ -37,6 +39,7 @@ from actors.messages import (ChannelFailed, DeadlinePassed, Freeze, GuestSaid, I
 from actors.metrics import Metrics
 from actors.timers import Timers
 from protocol import messages as guest
+from protocol import outcomes
 from protocol.tasks import TaskReply, error_reply
 
 log = logging.getLogger("corral.supervisor")
@@ -47,6 +50,7 @@ ALLOWED = {
     "ready": frozenset(),
     "acquiring": frozenset({guest.HeartbeatAck}),
     "running": frozenset({guest.Output, guest.Exit, guest.Error}),
+    "collecting": frozenset({guest.Collected}),
     # Output and Exit of a command the reset killed may still be in flight.
     "resetting": frozenset({guest.ResetDone, guest.Output, guest.Exit}),
 }
@@ -61,6 +65,7 @@ class VmSettings:
     max_uses: int
     max_age_s: float
     strict: bool  # one task per VM, never reused
+    files: FileSettings | None = None  # caps and signer for files in and out
 
 
 @dataclass
@@ -70,6 +75,8 @@ class RunningTask:
     output: CappedOutput
     exec_id: int = 0
     acquired_at: float = 0.0
+    reply: TaskReply | None = None  # the command's result while its files are collected
+    collection: Collection | None = None
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -182,6 +189,12 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, guest.Exit):
             if self.state == "running":
                 self._finished(message)
+        elif isinstance(message, guest.Collected):
+            self._collected(message)
+        elif isinstance(message, guest.Error) and message.code == "put_failed":
+            self._answer(error_reply(self.current.task.request.task_id, "put_failed",
+                                     f"a file could not be put into the VM: {message.message}"))
+            self._after_task(timed_out=False)
         elif isinstance(message, guest.Error):
             self._fail("guest_error", f"the guest agent failed: {message.code}: {message.message}")
         elif isinstance(message, guest.ResetDone):
@@ -227,6 +240,8 @@ class Supervisor(pykka.ThreadingActor):
         self._set_state("running", deadman_at - time.monotonic())
         timeout_left_ms = request.timeout_ms - _ms(running.acquired_at - running.assigned_at)
         try:
+            for path, mode, data in request.files_in:  # the agent answers a failed put at the Exec
+                self.link.send(guest.PutFile(path=path, mode=mode, data=data))
             self.link.send(guest.Exec(
                 exec_id=running.exec_id, argv=request.argv, env=request.env, cwd=request.cwd,
                 stdin=request.stdin, timeout_ms=max(1, timeout_left_ms),
@@ -250,7 +265,11 @@ class Supervisor(pykka.ThreadingActor):
         request = running.task.request
         exit_message = running.output.flag(exit_message)
         timed_out = exit_message.timed_out
-        self._answer(TaskReply(
+        outcome = outcomes.classify(
+            timed_out=timed_out, oom_killed=exit_message.oom_killed, signal=exit_message.signal,
+            exit_code=exit_message.exit_code,
+            truncated=exit_message.stdout_truncated or exit_message.stderr_truncated)
+        running.reply = TaskReply(
             task_id=request.task_id,
             error_code="timeout" if timed_out else "",
             error_message=f"the command ran past its timeout of {request.timeout_ms / 1000:g} s "
@@ -263,7 +282,43 @@ class Supervisor(pykka.ThreadingActor):
             acquire_ms=_ms(running.acquired_at - running.assigned_at),
             run_ms=exit_message.wall_ms, user_cpu_ms=exit_message.user_cpu_ms,
             sys_cpu_ms=exit_message.sys_cpu_ms, max_rss_kib=exit_message.max_rss_kib,
-            retry_after_ms=0))
+            retry_after_ms=0, outcome=outcome)
+        if request.collect:
+            files = self.settings.files
+            running.collection = Collection(self._new_id(), request.collect, files.max_collect_bytes)
+            self._set_state("collecting", files.collect_timeout_s)
+            try:
+                self.link.send(guest.Collect(collect_id=running.collection.collect_id,
+                                             paths=request.collect, max_bytes=files.max_collect_bytes))
+            except CorralError:
+                self._collect_ended("the VM stopped taking input", vm_gone=True)
+            return
+        self._answer(running.reply)
+        self._after_task(timed_out)
+
+    def _collected(self, message: guest.Collected) -> None:
+        violation = self.current.collection.add(message)
+        if violation:
+            self.metrics.violations.labels("bad_collect").inc()
+            return self._fail("protocol_violation", violation)
+        if self.current.collection.done:
+            self._collect_ended("")
+
+    def _collect_ended(self, reason: str, vm_gone: bool = False) -> None:
+        """Answer with the command's result and its files (those missing get `reason`)."""
+        running = self.current
+        running.collection.give_up(reason)
+        reply, request = running.reply, running.task.request
+        signer = self.settings.files.signer
+        self._answer(dataclasses.replace(reply, files_out=files_out(
+            running.collection.results, signer, request.task_id, request.argv, reply.outcome,
+            reply.exit_code, reply.signal)))
+        if vm_gone or reason:
+            return self._end("collect_failed")
+        self._after_task(reply.timed_out)
+
+    def _after_task(self, timed_out: bool) -> None:
+        """The task is answered: reset the VM for the next one, or end it."""
         self.uses += 1
         worn = (self.uses >= self.settings.max_uses
                 or time.monotonic() - self.born >= self.settings.max_age_s)
@@ -293,6 +348,8 @@ class Supervisor(pykka.ThreadingActor):
             self._fail("timeout", f"no answer from the VM within the timeout ({timeout_s:g} s) "
                                   f"+ {self.settings.deadman_grace_s:g} s; the VM was destroyed",
                        reason="deadman")
+        elif self.state == "collecting":
+            self._collect_ended(f"not collected within {self.settings.files.collect_timeout_s:g} s")
         elif self.state == "resetting":
             self._end("reset_timeout")
 
@@ -343,7 +400,8 @@ class Supervisor(pykka.ThreadingActor):
                 self._requeue(self.current.task)
                 self.current = None
             else:
-                self._answer(error_reply(self.current.task.request.task_id, code, text))
+                self._answer(error_reply(self.current.task.request.task_id, code, text,
+                                         outcome=outcomes.for_error(code, command_started=True)))
         self._end(reason or code, stop=stop)
 
     def _answer(self, reply: TaskReply) -> None:
@@ -376,7 +434,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _set_state(self, state: str, deadline_s: float | None = None) -> None:
         self.state = state
-        self._tell_pool({"acquiring": "busy", "running": "busy"}.get(state, state))
+        self._tell_pool({"acquiring": "busy", "running": "busy", "collecting": "busy"}.get(state, state))
         if deadline_s is not None:
             self._arm(state, deadline_s)
 

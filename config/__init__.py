@@ -87,6 +87,18 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class ArtifactsConfig:
+    # One PutFile must fit the guest's frame; one reply's files its 16 MiB bound.
+    max_put_bytes: int = field(metadata=_range(0, 12 << 20))
+    max_collect_bytes: int = field(metadata=_range(0, 16 << 20))
+    collect_timeout_s: float = field(metadata=_range(1, 3600))
+    key_file: str = field()
+
+    def key_path(self, state_dir: Path) -> Path:
+        return Path(self.key_file) if self.key_file else state_dir / "keys" / "receipt.key"
+
+
+@dataclass(frozen=True)
 class IoGuardConfig:
     burst_bytes: int = field(metadata=_range(4096, 1 << 30))
     rate_bytes_per_s: int = field(metadata=_range(1024, 1 << 30))
@@ -151,6 +163,7 @@ class Config:
     metrics: MetricsConfig = field()
     pool: PoolConfig = field()
     tasks: TasksConfig = field()
+    artifacts: ArtifactsConfig = field()
     ioguard: IoGuardConfig = field()
     supervision: SupervisionConfig = field()
     watchdog: WatchdogConfig = field()
@@ -277,4 +290,7 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
         raise ConfigError("config: tasks.default_output_cap must not exceed tasks.max_output_cap")
     if cfg.control.endpoint == cfg.daemon.endpoint:
         raise ConfigError("config: control.endpoint must differ from daemon.endpoint")
+    if cfg.artifacts.max_put_bytes > cfg.tasks.max_request_bytes:
+        raise ConfigError("config: artifacts.max_put_bytes must not exceed tasks.max_request_bytes "
+                          "(files to put travel in the request)")
     return cfg

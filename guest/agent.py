@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protocol import messages
+from guest import files
 from protocol.errors import ProtocolError
 from protocol.frame import FrameDecoder, FrameEncoder
 
@@ -161,6 +162,15 @@ def empty_directory(path: str) -> None:
         remove_contents(fd)
     finally:
         os.close(fd)
+
+
+def oom_kills() -> int:
+    """How many processes the kernel's OOM killer has killed since boot."""
+    with open("/proc/vmstat", "rb") as f:
+        for line in f:
+            if line.startswith(b"oom_kill "):
+                return int(line.split()[1])
+    return 0
 
 
 def executable_candidates(name: bytes, env: dict[bytes, bytes]) -> list[bytes]:
@@ -301,6 +311,7 @@ class Task:
         self.timed_out = False
         self.exited_at: float | None = None
         self.status: tuple[int, object] | None = None  # (wait status, rusage) once reaped
+        self.oom_kills_before = oom_kills()
 
     def poll_fds(self) -> list[tuple[int, int]]:
         fds = [(fd, POLLIN) for fd in self.streams]
@@ -407,6 +418,7 @@ class Task:
             wall_ms=int((time.monotonic() - self.started) * 1000),
             user_cpu_ms=int(usage.ru_utime * 1000), sys_cpu_ms=int(usage.ru_stime * 1000),
             max_rss_kib=usage.ru_maxrss,
+            oom_killed=oom_kills() > self.oom_kills_before,
         )
 
 
@@ -418,6 +430,7 @@ class Agent:
         if self.task_account.pw_uid == 0 or self.task_account.pw_gid == 0:
             raise RuntimeError(f"task user {TASK_USER} must not be root")
         self.root_account = pwd.getpwuid(0)
+        self.put_error = ""  # the first failed PutFile since the last Exec or Reset
 
     def hello(self) -> messages.Hello:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -505,14 +518,56 @@ class Agent:
                 self.channel.send(messages.Error(code="busy", message="an exec is already running"))
             else:
                 self.start(message)
+        elif isinstance(message, messages.PutFile):
+            self.put(message)
+        elif isinstance(message, messages.Collect):
+            self.collect(message)
         elif isinstance(message, messages.Reset):
+            self.put_error = ""
             ok, detail = self.reset()
             self.channel.send(messages.ResetDone(reset_id=message.reset_id, ok=ok, detail=detail))
         else:
             self.channel.send(messages.Error(code="unexpected", message=type(message).__name__))
 
+    def put(self, request: messages.PutFile) -> None:
+        if self.put_error:
+            return  # the Exec will not run anyway
+        try:
+            files.put_file(self.task_account, request.path, request.mode, request.data)
+        except (files.FileRefused, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self.put_error = f"{os.fsdecode(request.path)}: {reason}"[:messages.MAX_ERROR_MESSAGE_LEN]
+
+    def collect(self, request: messages.Collect) -> None:
+        """Each path in order, as Collected chunks; a file that cannot be read is
+        one Collected with its error."""
+        budget = request.max_bytes
+        for index, path in enumerate(request.paths):
+            try:
+                data = files.read_file(self.task_account, path, budget) if self.task is None else None
+                if data is None:
+                    raise files.FileRefused("a command is still running")
+            except (files.FileRefused, OSError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                self.channel.send(messages.Collected(
+                    collect_id=request.collect_id, index=index, data=b"", last=True,
+                    error=reason.encode()[:messages.MAX_FILE_ERROR_LEN].decode(errors="ignore")))
+                continue
+            budget -= len(data)
+            view = memoryview(data)
+            while True:
+                chunk, view = view[:messages.MAX_OUTPUT_CHUNK], view[messages.MAX_OUTPUT_CHUNK:]
+                self.channel.send(messages.Collected(collect_id=request.collect_id, index=index,
+                                                     data=bytes(chunk), last=not view, error=""))
+                if not view:
+                    break
+
     def start(self, request: messages.Exec) -> None:
         started = time.monotonic()
+        if self.put_error:  # a file the command needs is missing: do not run it
+            error, self.put_error = self.put_error, ""
+            self.channel.send(messages.Error(code="put_failed", message=error))
+            return
         try:
             account = self.root_account if request.as_root else self.task_account
             home = account.pw_dir.encode()

@@ -9,6 +9,7 @@ schema order, big-endian, with nothing after the last field. Field types:
     str                  u32 length + UTF-8                 (bounded byte length)
     bytes_list           u16 count + each item as bytes     (bounded count, item length)
     pairs                u16 count + each (key, value) as two bytes fields
+    records              u16 count + each item as a fixed tuple of bytes/integer fields
 
 Each message is a frozen dataclass whose field annotations carry their wire
 type (``Annotated[int, U32]``); ``@message`` turns them into the class's
@@ -59,6 +60,12 @@ STDOUT = 1
 STDERR = 2
 
 MAX_RESET_DETAIL_LEN = 1024
+# Files put into the guest before a run and collected after it (protocol/tasks.py
+# carries them from the caller; config caps the totals far below these bounds).
+MAX_FILES = 64
+MAX_PATH_LEN = 4096
+MAX_FILE_IN = 12 * MiB  # one PutFile must fit one frame with room to spare
+MAX_FILE_ERROR_LEN = 512
 MAX_ERROR_CODE_LEN = 64
 MAX_ERROR_MESSAGE_LEN = 4096
 
@@ -303,6 +310,26 @@ class Pairs(_CountedItems):
         return values[0], values[1]
 
 
+class Records(_CountedItems):
+    """u16 count + each item as a fixed tuple of fields (bytes, str or integers);
+    e.g. files as (path, mode, data). Items decode to tuples."""
+
+    __slots__ = ()
+
+    def __init__(self, max_count: int, *parts: WireType) -> None:
+        super().__init__(f"records[<={max_count} x ({', '.join(map(repr, parts))})]", max_count, parts)
+        # Integers have a fixed size; bytes and str need at least their length prefix.
+        self._min_item_size = sum(p.max_size if isinstance(p, Integer) else _LENGTH.size for p in parts)
+
+    def _item_parts(self, item: Any) -> tuple[Any, ...]:
+        if not isinstance(item, (tuple, list)) or len(item) != len(self._parts):
+            raise TypeError(f"{self.label} items must be {len(self._parts)}-tuples, got {item!r:.80}")
+        return item
+
+    def _make_item(self, values: list) -> tuple:
+        return tuple(values)
+
+
 U8 = Integer("u8", "!B", 0, 0xFF)
 U16 = Integer("u16", "!H", 0, 0xFFFF)
 U32 = Integer("u32", "!I", 0, 0xFFFFFFFF)
@@ -404,6 +431,8 @@ class Exit(Message):
     user_cpu_ms: Annotated[int, U32]
     sys_cpu_ms: Annotated[int, U32]
     max_rss_kib: Annotated[int, U32]
+    # The kernel's OOM killer killed a process during the run (/proc/vmstat oom_kill rose).
+    oom_killed: Annotated[bool, BOOL] = False
 
 
 @message(5, _HOST)
@@ -447,6 +476,41 @@ class Error(Message):
 
     code: Annotated[str, Str(MAX_ERROR_CODE_LEN)]
     message: Annotated[str, Str(MAX_ERROR_MESSAGE_LEN)]
+
+
+@message(10, _HOST)
+@dataclasses.dataclass(frozen=True, slots=True)
+class PutFile(Message):
+    """Before an Exec: write a file as the task user (new file, parents made).
+    A failure is reported as Error put_failed in answer to the next Exec."""
+
+    path: Annotated[bytes, Bytes(MAX_PATH_LEN)]
+    mode: Annotated[int, U16]  # permission bits, at most 0o777
+    data: Annotated[bytes, Bytes(MAX_FILE_IN)]
+
+
+@message(11, _HOST)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Collect(Message):
+    """After an Exit: read these files as the task user, at most `max_bytes` in
+    all; answered by Collected chunks, file by file in order."""
+
+    collect_id: Annotated[int, U32]
+    paths: Annotated[tuple[bytes, ...], BytesList(MAX_FILES, MAX_PATH_LEN, min_count=1)]
+    max_bytes: Annotated[int, U32]
+
+
+@message(12, _GUEST)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Collected(Message):
+    """A chunk of collected file `index`; `last` ends that file. A file that
+    cannot be collected is one Collected with `error` set, no data, last."""
+
+    collect_id: Annotated[int, U32]
+    index: Annotated[int, U16]
+    data: Annotated[bytes, Bytes(MAX_OUTPUT_CHUNK)]
+    last: Annotated[bool, BOOL]
+    error: Annotated[str, Str(MAX_FILE_ERROR_LEN)]
 
 
 ALL_MESSAGES: frozenset[type[Message]] = frozenset(_BY_TYPE_ID.values())

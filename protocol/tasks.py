@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from .messages import (BOOL, I32, U8, U32, Bytes, BytesList, Message, Pairs, Str,
-                       MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS,
+from .messages import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str,
+                       MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN, MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS,
                        MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN, MAX_STDIN, message)
 
 PROTOCOL_TAG = b"corral/1"
@@ -28,6 +28,8 @@ MAX_CAPABILITIES = 16
 MAX_CAPABILITY_LEN = 32
 MAX_REPLY_OUTPUT = 16 * 1024 * 1024
 MAX_ERROR_TEXT = 4096
+MAX_COLLECTED = 16 * 1024 * 1024  # all collected files of one reply (config caps it lower)
+MAX_RECEIPT = 8192
 
 CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
 PRIORITY_NAMES = {"critical": CRITICAL, "high": HIGH, "normal": NORMAL, "low": LOW}
@@ -47,6 +49,10 @@ class TaskRequest(Message):
     timeout_ms: Annotated[int, U32]  # 0: the configured default
     output_cap: Annotated[int, U32]  # bytes per stream; 0: the configured default
     capabilities: Annotated[tuple[bytes, ...], BytesList(MAX_CAPABILITIES, MAX_CAPABILITY_LEN)]
+    # (path, mode, data) written as the task user before the run; totals capped in config.
+    files_in: Annotated[tuple[tuple[bytes, int, bytes], ...],
+                        Records(MAX_FILES, Bytes(MAX_PATH_LEN), U16, Bytes(MAX_FILE_IN))] = ()
+    collect: Annotated[tuple[bytes, ...], BytesList(MAX_FILES, MAX_PATH_LEN)] = ()  # read after the run
 
 
 @message(33, DAEMON)
@@ -71,6 +77,11 @@ class TaskReply(Message):
     sys_cpu_ms: Annotated[int, U32]
     max_rss_kib: Annotated[int, U32]
     retry_after_ms: Annotated[int, U32]  # with busy-like errors: when to try again
+    outcome: Annotated[str, Str(32)] = "not_run"  # protocol.outcomes: one word for what happened
+    # One per collect path, in order: (path, error, data, receipt); error "" when collected.
+    files_out: Annotated[tuple[tuple[bytes, str, bytes, bytes], ...],
+                         Records(MAX_FILES, Bytes(MAX_PATH_LEN), Str(MAX_FILE_ERROR_LEN),
+                                 Bytes(MAX_COLLECTED), Bytes(MAX_RECEIPT))] = ()
 
 
 @message(34, CLIENT)
@@ -97,11 +108,12 @@ CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest})
 DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply})
 
 
-def error_reply(task_id: str, code: str, text: str, retry_after_ms: int = 0) -> TaskReply:
+def error_reply(task_id: str, code: str, text: str, retry_after_ms: int = 0,
+                outcome: str = "not_run") -> TaskReply:
     """A reply for a task that did not run (or whose VM failed under it)."""
     return TaskReply(task_id=task_id, error_code=code,
                      error_message=text.encode()[:MAX_ERROR_TEXT].decode(errors="ignore"),
                      exit_code=-1, signal=0, timed_out=False, stdout=b"", stderr=b"",
                      stdout_truncated=False, stderr_truncated=False, queued_ms=0, acquire_ms=0,
                      run_ms=0, user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0,
-                     retry_after_ms=retry_after_ms)
+                     retry_after_ms=retry_after_ms, outcome=outcome)

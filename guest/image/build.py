@@ -33,6 +33,7 @@ RECIPE_FILES = ("recipe.toml", "init", "build.py")
 AGENT_FILES = (
     "guest/__init__.py",
     "guest/agent.py",
+    "guest/files.py",
     "protocol/__init__.py",
     "protocol/errors.py",
     "protocol/frame.py",

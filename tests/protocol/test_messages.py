@@ -149,12 +149,12 @@ def test_known_encoding():
     payload = m.encode(m.Output(exec_id=7, stream=m.STDERR, data=b"hi"))
     assert payload == bytes.fromhex("03" "00000007" "02" "00000002") + b"hi"
     exit_payload = m.encode(m.Exit(1, -1, 9, True, False, True, 2, 3, 4, 5))
-    assert exit_payload == bytes.fromhex("04 00000001 ffffffff 09 01 00 01 00000002 00000003 00000004 00000005")
+    assert exit_payload == bytes.fromhex("04 00000001 ffffffff 09 01 00 01 00000002 00000003 00000004 00000005 00")
 
 
 def test_every_message_is_a_frozen_slotted_dataclass_with_a_docstring():
     ids = [cls.TYPE_ID for cls in MESSAGES]
-    assert ids == list(range(1, 10))
+    assert ids == list(range(1, 13))
     for cls in MESSAGES:
         msg = minimal_message(cls)
         assert not hasattr(msg, "__dict__")
@@ -164,8 +164,9 @@ def test_every_message_is_a_frozen_slotted_dataclass_with_a_docstring():
 
 
 def test_directions():
-    assert m.HOST_TO_GUEST == {m.Exec, m.Reset, m.Heartbeat, m.Error}
-    assert m.GUEST_TO_HOST == {m.Hello, m.Output, m.Exit, m.ResetDone, m.HeartbeatAck, m.Error}
+    assert m.HOST_TO_GUEST == {m.Exec, m.Reset, m.Heartbeat, m.Error, m.PutFile, m.Collect}
+    assert m.GUEST_TO_HOST == {m.Hello, m.Output, m.Exit, m.ResetDone, m.HeartbeatAck, m.Error,
+                               m.Collected}
     assert m.HOST_TO_GUEST | m.GUEST_TO_HOST == m.ALL_MESSAGES
 
 
@@ -222,9 +223,10 @@ def test_output_stream_is_stdout_or_stderr(stream):
         m.encode(m.Output(1, stream, b""))
 
 
-def test_guest_to_host_max_payload_is_the_largest_output():
-    biggest = m.Output(0xFFFFFFFF, m.STDOUT, b"o" * m.MAX_OUTPUT_CHUNK)
-    assert len(m.encode(biggest)) == m.GUEST_TO_HOST_MAX_PAYLOAD == m.MAX_OUTPUT_CHUNK + 10
+def test_guest_to_host_max_payload_is_the_largest_collected_chunk():
+    biggest = m.Collected(0xFFFFFFFF, 0xFFFF, b"o" * m.MAX_OUTPUT_CHUNK, True, "e" * m.MAX_FILE_ERROR_LEN)
+    assert len(m.encode(biggest)) == m.GUEST_TO_HOST_MAX_PAYLOAD
+    assert m.GUEST_TO_HOST_MAX_PAYLOAD == m.MAX_OUTPUT_CHUNK + m.MAX_FILE_ERROR_LEN + 16  # ~1 MiB per VM
     for cls in m.GUEST_TO_HOST:
         largest = cls(**{name: _largest_value(wire) for name, wire in cls.SCHEMA})
         assert len(m.encode(largest)) == m.max_payload_size([cls])
@@ -263,7 +265,7 @@ def test_invalid_utf8(cls, name, bad):
         m.decode(raw_payload(cls, **{name: bad}))
 
 
-@pytest.mark.parametrize("type_id", [0, 10, 0x80, 0xFF])
+@pytest.mark.parametrize("type_id", [0, 13, 0x80, 0xFF])
 def test_unknown_type_id(type_id):
     with pytest.raises(UnknownMessageType):
         m.decode(bytes([type_id]) + b"\0" * 8)
