@@ -221,8 +221,14 @@ class Client:
     def submit(self, argv: Iterable[str | bytes], *, priority: str | int = "normal",
                capabilities: Iterable[str | bytes] = (), env: Mapping | Iterable | None = None,
                cwd: str | bytes = b"", stdin: bytes = b"", timeout_s: float | None = None,
-               output_cap: int = 0, task_id: str | None = None) -> concurrent.futures.Future:
+               output_cap: int = 0, task_id: str | None = None,
+               files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
+               collect: Iterable[str | bytes] = ()) -> concurrent.futures.Future:
         """Send one task; the Future resolves with its TaskReply.
+
+        ``files_in``: (guest path, data, mode) written as the task user before
+        the run; ``collect``: guest paths read after it, returned in the
+        reply's ``files_out`` as (path, error, data, receipt).
 
         Raises TypeError/ValueError for arguments the protocol cannot carry,
         ValueError for a task_id already in flight, ClientClosedError after close().
@@ -242,7 +248,10 @@ class Client:
             stdin=bytes(memoryview(stdin)),  # bytes-like only (bytes(5) is five NULs)
             timeout_ms=0 if timeout_s is None else max(1, round(timeout_s * 1000)),  # 0: daemon default
             output_cap=output_cap,
-            capabilities=tuple(_as_bytes(cap, "capability") for cap in capabilities))
+            capabilities=tuple(_as_bytes(cap, "capability") for cap in capabilities),
+            files_in=tuple((_as_bytes(path, "file path"), mode, bytes(memoryview(data)))
+                           for path, data, mode in files_in),
+            collect=tuple(_as_bytes(path, "collect path") for path in collect))
         key = (_TASK, task_id)
         return self._send(key, encode(request))
 
@@ -601,6 +610,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", type=_positive_float, metavar="S",
                      help=f"give up without an answer after S seconds (default: timeout + "
                           f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
+    run.add_argument("--put", type=_put_item, action="append", default=[], metavar="LOCAL:GUEST[:MODE]",
+                     help="copy file LOCAL into the VM at GUEST (octal MODE, default 644) before the run "
+                          "(repeatable)")
+    run.add_argument("--collect", action="append", default=[], metavar="GUEST",
+                     help="bring file GUEST back after the run (repeatable), saved in --out with a signed "
+                          "receipt beside it (NAME.receipt)")
+    run.add_argument("--out", default=".", metavar="DIR", help="where collected files go (default: .)")
     run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD")
     sub.add_parser("status", parents=[common], help="queue depth, pool VMs and task counts")
     admin = sub.add_parser(
@@ -614,6 +630,16 @@ def _parser() -> argparse.ArgumentParser:
                                            "NAME.key_secret (secret, mode 0600)")
     keygen.add_argument("name", metavar="NAME", help="the identity's name (corrald's own: corrald)")
     keygen.add_argument("--dir", default=".", metavar="D", help="where to write the files (default: .)")
+    verify = sub.add_parser(
+        "verify", parents=[common], help="check a collected file against its signed receipt, offline",
+        description="Check that RECEIPT (default ARTIFACT.receipt) is a valid signature by corrald's host "
+                    "key over ARTIFACT. Exits 0 when it is, 1 when it is not (the reason on stderr).")
+    verify.add_argument("artifact", metavar="ARTIFACT")
+    verify.add_argument("receipt", nargs="?", metavar="RECEIPT")
+    verify.add_argument("--host-key", metavar="PUB", help="corrald's receipt-signing public key (PEM; "
+                                                          "default: <artifacts key_file>.pub from the config)")
+    verify.add_argument("--expect-exit", type=int, metavar="N",
+                        help="also reject unless the task exited with status N")
     return parser
 
 
@@ -650,6 +676,15 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _put_item(text: str) -> tuple[str, str, int]:
+    local, sep, rest = text.partition(":")
+    guest, _, mode = rest.partition(":")
+    if not (sep and local and guest):
+        raise argparse.ArgumentTypeError(f"expected LOCAL:GUEST[:MODE], got {text!r}")
+    try:
+        return local, guest, int(mode or "644", 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mode {mode!r} is not octal") from None
 
 
 def _read_stdin_file(name: str) -> bytes:
@@ -667,8 +702,11 @@ def _report_task(reply: TaskReply, requested_timeout_s: float | None) -> int:
         reply.timed_out or reply.stdout or reply.stderr or reply.signal)
     if not (ran or timed_out_with_result):
         retry = f"; retry after {reply.retry_after_ms / 1000:g} s" if reply.retry_after_ms > 0 else ""
-        _notice(f"error {_printable(reply.error_code)}: {_printable(reply.error_message)}{retry}")
+        outcome = f" (outcome {_printable(reply.outcome)})" if reply.outcome != "not_run" else ""
+        _notice(f"error {_printable(reply.error_code)}: {_printable(reply.error_message)}{retry}{outcome}")
         return EXIT_CORRAL_ERROR
+    if reply.outcome == "oom_killed":
+        _notice("outcome oom_killed: the guest kernel's out-of-memory killer killed a process of the command")
     _write_raw(sys.stdout, reply.stdout)
     _write_raw(sys.stderr, reply.stderr)
     for stream, truncated in (("stdout", reply.stdout_truncated), ("stderr", reply.stderr_truncated)):
@@ -691,6 +729,29 @@ def _report_task(reply: TaskReply, requested_timeout_s: float | None) -> int:
     return EXIT_CORRAL_ERROR
 
 
+def _save_collected(reply: TaskReply, out_dir: str) -> None:
+    """Each collected file as OUT/<name> with OUT/<name>.receipt; errors as notices."""
+    used = set()
+    for path, error, data, receipt in reply.files_out:
+        shown = _printable(path)
+        if error:
+            _notice(f"collect {shown}: {_printable(error)}")
+            continue
+        name = os.path.basename(os.fsdecode(path)) or "file"
+        base, n = name, 1
+        while name in used:
+            n += 1
+            name = f"{base}.{n}"
+        used.add(name)
+        target = os.path.join(out_dir, name)
+        with open(target, "wb") as f:
+            f.write(data)
+        if receipt:
+            with open(target + ".receipt", "wb") as f:
+                f.write(receipt)
+        _notice(f"collected {shown} -> {target}{' (+ .receipt)' if receipt else ' (unsigned)'}")
+
+
 def _cmd_run(client: Client, args: argparse.Namespace) -> int:
     command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
     if not command:
@@ -706,14 +767,66 @@ def _cmd_run(client: Client, args: argparse.Namespace) -> int:
         if len(stdin) > MAX_STDIN:
             _notice(f"stdin is over the limit of {MAX_STDIN} bytes")
             return EXIT_CORRAL_ERROR
+    files_in = []
+    for local, guest, mode in args.put:
+        try:
+            with open(local, "rb") as f:
+                files_in.append((guest, f.read(), mode))
+        except OSError as exc:
+            _notice(f"cannot read --put file {local}: {exc.strerror}")
+            return EXIT_CORRAL_ERROR
+    if args.collect and not os.path.isdir(args.out):
+        _notice(f"--out {args.out} is not a directory")
+        return EXIT_CORRAL_ERROR
     try:
         reply = client.run(command, priority=args.priority, capabilities=args.capabilities,
                            env=args.env, cwd=args.cwd, stdin=stdin, timeout_s=args.timeout,
-                           output_cap=args.output_cap, wait_s=args.wait)
+                           output_cap=args.output_cap, wait_s=args.wait, files_in=files_in,
+                           collect=args.collect)
     except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too long)
         _notice(f"cannot send this task: {exc}")
         return EXIT_CORRAL_ERROR
-    return _report_task(reply, args.timeout)
+    code = _report_task(reply, args.timeout)
+    try:
+        _save_collected(reply, args.out)
+    except OSError as exc:
+        _notice(f"cannot save a collected file: {exc}")
+        return EXIT_CORRAL_ERROR
+    return code
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Offline: no corrald needed, only the host's public key."""
+    from . import receipts  # cryptography only for this command
+
+    key_path = args.host_key
+    if key_path is None:
+        import config
+
+        cfg = config.load(getattr(args, "config", None))
+        key_path = str(cfg.artifacts.key_path(cfg.state_dir)) + ".pub"
+    receipt_path = args.receipt or args.artifact + ".receipt"
+    try:
+        with open(args.artifact, "rb") as f:
+            artifact = f.read()
+        with open(receipt_path, "rb") as f:
+            receipt = f.read(receipts.MAX_RECEIPT + 1)
+        body = receipts.verify(artifact, receipt, receipts.load_public_key(key_path))
+        if args.expect_exit is not None and (body.signal or body.exit_code != args.expect_exit):
+            raise receipts.ReceiptInvalid(
+                f"the task's exit status was {body.exit_code} (signal {body.signal}, outcome {body.outcome}), "
+                f"not {args.expect_exit}")
+    except OSError as exc:
+        _notice(f"REJECTED {args.artifact}: cannot read {exc.filename}: {exc.strerror}")
+        return 1
+    except receipts.ReceiptInvalid as exc:
+        _notice(f"REJECTED {args.artifact}: {exc}")
+        return 1
+    command = " ".join(_printable(a) for a in body.command)
+    print(f"verified {args.artifact}: {_printable(body.path)} from task {_printable(body.task_id)} "
+          f"({command}), outcome {body.outcome}, exit {body.exit_code}, signal {body.signal}, "
+          f"sha256 {body.sha256.hex()}")
+    return 0
 
 
 def _cmd_status(client: Client) -> int:
@@ -763,6 +876,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "keygen":
         return _cmd_keygen(args)
+    if args.command == "verify":
+        try:
+            return _cmd_verify(args)
+        except config.ConfigError as exc:
+            _notice(str(exc))
+            return EXIT_USAGE
     # Warnings from the client (e.g. a malformed reply) read as corral notices.
     logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
     if args.command == "admin":
