@@ -2,8 +2,8 @@
 one task at a time; enforces the dead-man's switch.
 
 Life of a VM:  booting --Hello--> ready (paused) --RunTask--> acquiring
-(resumed, Heartbeat sent) --HeartbeatAck--> running (Exec sent) --Exit-->
-resetting (Reset sent) --ResetDone--> ready ... and from anywhere: gone.
+(resumed, Heartbeat sent) --HeartbeatAck--> running (PutFiles, Exec sent) --Exit-->
+[collecting (Collect sent) --last Collected-->] resetting (Reset sent) --ResetDone--> ready ... and from anywhere: gone.
 
 Every state has an allow-list of what the guest may send (default deny) and
 a deadline. A violation, a deadline passed or a lost channel ends the VM:
