@@ -6,16 +6,15 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
 import config
-from actors.messages import InjectFault
 from protocol import receipts
 from protocol.client import Client
 from tests.conftest import TEST_INSTANCE
-from tests.test_service import busy_vm, wait_until
+from tests.test_service import kill_qemu_when_busy, wait_until
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
@@ -103,22 +102,14 @@ def test_outcome_timed_out(client):
 
 def test_outcome_vm_crashed(service, client):
     future = client.submit(["sleep", "60"], timeout_s=90)
-    vm = busy_vm(service)
-    time.sleep(0.5)
-    service.directory.get("pool").tell(InjectFault("kill_qemu", vm))
+    kill_qemu_when_busy(service)
     reply = future.result(timeout=60)
     assert (reply.outcome, reply.error_code) == ("vm_crashed", "vm_lost"), reply
 
 
 def test_cli_shows_the_outcome_of_a_crashed_vm(service):
-    def kill_when_busy():
-        vm = busy_vm(service)
-        time.sleep(0.5)
-        service.directory.get("pool").tell(InjectFault("kill_qemu", vm))
-
     wait_until(lambda: pool_ready(service), 120, "a ready VM")
-    import threading
-    killer = threading.Thread(target=kill_when_busy)
+    killer = threading.Thread(target=kill_qemu_when_busy, args=(service,))
     killer.start()
     done = corral_cli(service, "run", "--timeout", "90", "--", "sleep", "60")
     killer.join()

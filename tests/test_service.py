@@ -48,6 +48,14 @@ def busy_vm(service, timeout_s: float = 30) -> str:
                       timeout_s, "a busy VM")
 
 
+def kill_qemu_when_busy(service) -> str:
+    """Kill the QEMU of the VM that takes the next task, once it runs it."""
+    vm = busy_vm(service)
+    time.sleep(0.5)
+    service.directory.get("pool").tell(InjectFault("kill_qemu", vm))
+    return vm
+
+
 def counter(metric, **labels) -> float:
     return metric.labels(**labels)._value.get() if labels else metric._value.get()
 
@@ -205,9 +213,7 @@ def test_hung_guest_is_killed_by_the_deadman_switch(service, client):
 
 def test_killed_qemu_answers_vm_lost_and_heals(service, client):
     future = client.submit(["sleep", "30"], timeout_s=60)
-    vm = busy_vm(service)
-    time.sleep(0.5)
-    service.directory.get("pool").tell(InjectFault("kill_qemu", vm))
+    kill_qemu_when_busy(service)
     reply = future.result(timeout=30)
     assert reply.error_code == "vm_lost", reply
     wait_pool_ready(service)
