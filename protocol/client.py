@@ -48,6 +48,7 @@ from typing import Iterable, Mapping
 
 import zmq
 
+from . import outcomes
 from .errors import ProtocolError
 from .messages import MAX_STDIN, decode, encode, max_payload_size
 from .tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
@@ -456,7 +457,7 @@ class Client:
                 "(corrald stopped or restarted?); its outcome is unknown: resubmit if needed")
         for (kind, ident), future in lost:
             if kind == _TASK:
-                future.set_result(error_reply(ident, "connection_lost", text))
+                future.set_result(error_reply(ident, "connection_lost", text, outcome=outcomes.UNKNOWN))
             else:
                 future.set_exception(ClientClosedError(text))
 

@@ -18,10 +18,11 @@ EXITED_NONZERO = "exited_nonzero"
 OUTPUT_TRUNCATED = "output_truncated"  # exited 0, but stdout or stderr went over the cap
 COMPLETED = "completed"
 NOT_RUN = "not_run"  # refused, cancelled, or no result: the command never produced one
+UNKNOWN = "unknown"  # set by the client library alone: the connection dropped before the answer
 
 PRECEDENCE = (VM_CRASHED, TIMED_OUT, OOM_KILLED, KILLED_BY_SIGNAL, EXITED_NONZERO,
               OUTPUT_TRUNCATED, COMPLETED)
-ALL = PRECEDENCE + (NOT_RUN,)
+ALL = PRECEDENCE + (NOT_RUN, UNKNOWN)
 
 # Errors answered after the command started, by outcome (others are NOT_RUN).
 _ERROR_OUTCOMES = {"vm_lost": VM_CRASHED, "protocol_violation": VM_CRASHED,

@@ -373,5 +373,5 @@ def test_tasks_in_flight_when_the_daemon_goes_are_answered_connection_lost(tmp_p
         assert fake.requests, "the request never reached the fake daemon"
         fake.stop()  # as a crash would: the socket closes with the task unanswered
         reply = in_flight.result(timeout=5)
-        assert (reply.task_id, reply.error_code) == ("in-flight", "connection_lost")
+        assert (reply.task_id, reply.error_code, reply.outcome) == ("in-flight", "connection_lost", "unknown")
         assert "outcome is unknown" in reply.error_message
