@@ -264,6 +264,7 @@ class IntakeServer:
         self.in_flight.discard(entry)
         self.admission.answered(ticket, reply)
         self.metrics.tasks.labels(reply.error_code or "completed").inc()
+        self.metrics.outcomes.labels(reply.outcome).inc()
         router.send_multipart([entry[0], b"", PROTOCOL_TAG, messages.encode(reply)])
 
     def _status(self, request_id: str) -> StatusReply:

@@ -22,6 +22,8 @@ class Metrics:
         self.queue_depth = Gauge("corral_queue_depth", "Tasks waiting, by priority", ["priority"], registry=r)
         self.pool_vms = Gauge("corral_pool_vms", "VMs in the pool, by state", ["state"], registry=r)
         self.tasks = Counter("corral_tasks_total", "Answered tasks, by outcome", ["outcome"], registry=r)
+        self.outcomes = Counter("corral_task_outcomes_total",
+                                "Answered tasks, by outcome class (docs/artifacts.md)", ["outcome"], registry=r)
         self.rejected = Counter("corral_requests_rejected_total", "Requests refused before acceptance, by code",
                                 ["code"], registry=r)
         self.accepted = Counter("corral_tasks_accepted_total", "Tasks accepted by Intake", registry=r)

@@ -100,6 +100,12 @@ def test_outcome_timed_out(client):
     assert (reply.outcome, reply.error_code, reply.timed_out) == ("timed_out", "timeout", True)
 
 
+def test_outcome_counts_reach_prometheus(service, client):
+    before = service.metrics.outcomes.labels("exited_nonzero")._value.get()
+    assert client.run(["false"]).outcome == "exited_nonzero"
+    assert service.metrics.outcomes.labels("exited_nonzero")._value.get() == before + 1
+
+
 def test_outcome_vm_crashed(service, client):
     future = client.submit(["sleep", "60"], timeout_s=90)
     kill_qemu_when_busy(service)
@@ -133,6 +139,13 @@ def test_files_are_put_as_the_task_user_and_collected_with_receipts(client, publ
     body = receipts.verify(d1, r1, public_key)
     assert (body.task_id, body.path, body.outcome, body.exit_code) == (reply.task_id, p1, "completed", 0)
     receipts.verify(d2, r2, public_key)
+
+
+def test_files_up_to_the_put_cap_arrive_whole(client):
+    data = os.urandom(2 * MiB - 100)
+    reply = client.run(["sh", "-c", "sha256sum < /tmp/blob; wc -c < /home/task/tiny"],
+                       files_in=[("/tmp/blob", data, 0o600), ("/home/task/tiny", b"x" * 100, 0o600)])
+    assert reply.stdout == f"{hashlib.sha256(data).hexdigest()}  -\n100\n".encode(), reply.stderr
 
 
 def test_oversized_put_is_refused_naming_the_file(client):
