@@ -41,15 +41,9 @@ def load_or_create(key_file: Path) -> Signer:
     key_file = Path(key_file)
     try:
         key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            key = _load(key_file)
-        else:
-            key = Ed25519PrivateKey.generate()
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+        if not key_file.exists():
+            _create(key_file)
+        key = _load(key_file)
         pub = public_key_file(key_file)
         pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -61,6 +55,27 @@ def load_or_create(key_file: Path) -> Signer:
     except OSError as e:
         raise CorralError(f"signing key {key_file}: {e.strerror or e}") from None
     return Signer(key, key_file)
+
+
+def _create(key_file: Path) -> None:
+    """Write a new key whole to a private temporary file, then link it into
+    place: a concurrent start finds either no key or a complete one, and the
+    first link wins."""
+    key = Ed25519PrivateKey.generate()
+    tmp = key_file.with_name(f".{key_file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, key_file)
+        except FileExistsError:
+            pass  # another start made one first: use that
+    finally:
+        tmp.unlink()
 
 
 def _load(key_file: Path) -> Ed25519PrivateKey:

@@ -738,7 +738,9 @@ def _save_collected(reply: TaskReply, out_dir: str) -> None:
         if error:
             _notice(f"collect {shown}: {_printable(error)}")
             continue
-        name = os.path.basename(os.fsdecode(path)) or "file"
+        name = os.path.basename(os.fsdecode(path))
+        if name in ("", ".", ".."):  # never from a valid request: do not write outside --out
+            name = "file"
         base, n = name, 1
         while name in used:
             n += 1
