@@ -95,9 +95,14 @@ def test_outcome_oom_killed(client):
     assert client.run(["true"]).outcome == "completed"
 
 
-def test_outcome_timed_out(client):
-    reply = client.run(["sleep", "600"], timeout_s=2)
+def test_outcome_timed_out_and_its_files_still_come_back_signed_as_such(client, public_key):
+    reply = client.run(["sh", "-c", "echo partial > /tmp/log; exec sleep 600"], timeout_s=2,
+                       collect=["/tmp/log"])
     assert (reply.outcome, reply.error_code, reply.timed_out) == ("timed_out", "timeout", True)
+    _, error, data, receipt = reply.files_out[0]
+    assert (error, data) == ("", b"partial\n")
+    facts = receipts.verify(data, receipt, public_key)
+    assert (facts.outcome, facts.signal) == ("timed_out", 9)
 
 
 def test_outcome_counts_reach_prometheus(service, client):
