@@ -33,6 +33,7 @@ def service(hypervisor, tmp_path_factory):
     base = tmp_path_factory.mktemp("artifacts")
     cfg = config.load(overrides={
         "daemon": {"endpoint": f"ipc://{base}/corrald.sock", "instance": TEST_INSTANCE},
+        "control": {"endpoint": f"ipc://{base}/control.sock"},
         "pool": {"size": 1}, "metrics": {"port": 0},
         "artifacts": {"max_put_bytes": 2 * MiB, "max_collect_bytes": COLLECT_CAP,
                       "key_file": str(base / "keys" / "receipt.key")}})
