@@ -53,7 +53,7 @@ AGENT_MOUNT = "/opt/corral"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 MODULE_SIG_MAGIC = b"~Module signature appended~\n"
 # The busybox applets init runs, as symlinks: cheaper than `busybox --install` at boot.
-INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "usleep", "poweroff", "switch_root", "linux64")
+INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "usleep", "poweroff", "switch_root", "linux64", "ip", "rm")
 
 
 class BuildError(Exception):
