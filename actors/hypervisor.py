@@ -39,7 +39,10 @@ log = logging.getLogger("corral.hypervisor")
 DOMAIN_PREFIX = "corral-"
 AGENT_PORT_NAME = "org.corral.agent.0"
 ROOT_DISK_SERIAL = "corral-root"
-CPU_PERIOD_US = 100_000  # the CFS period the vCPU quota is a share of
+# The CFS period the vCPU quota is a share of: the longest libvirt allows (1 s), so
+# a throttled VM still runs a short task (a `true`, a reset) at full speed and only
+# sustained CPU use is held to the quota.
+CPU_PERIOD_US = 1_000_000
 AGENT_DISK_SERIAL = "corral-agent"
 # Measured to shorten TCG boots (GUEST-NOTES.md).
 FAST_BOOT_CMDLINE = (

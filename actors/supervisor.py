@@ -70,8 +70,8 @@ class VmSettings:
     files: FileSettings | None = None  # caps and signer for files in and out
     default_soft_bits: int = 0  # soft capabilities every task holds unasked (tasks.default_capabilities)
     large_memory_mib: int = 4096  # the res:large_mem tier's memory
-    cpu: tuple[int, int] = (512, 50)  # (shares, quota %) of default tasks
-    high_cpu: tuple[int, int] = (2048, 0)  # ... of res:high_cpu tasks
+    cpu: tuple[int, int] = (1024, 50)  # (shares, quota %) of default tasks
+    high_cpu: tuple[int, int] = (4096, 0)  # ... of res:high_cpu tasks
 
 
 @dataclass
