@@ -571,7 +571,13 @@ class Agent:
         if self.put_error:
             return  # the Exec will not run anyway
         try:
-            files.put_file(self.task_account, request.path, request.mode, request.data)
+            # The caller's input files may go to /tmp whatever the task may write
+            # there itself: the put holds the fs:write_tmp group, the task only if granted.
+            os.setgroups([capabilities.SOFT[capabilities.FS_WRITE_TMP][2]])
+            try:
+                files.put_file(self.task_account, request.path, request.mode, request.data)
+            finally:
+                os.setgroups([])
         except (files.FileRefused, OSError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self.put_error = f"{os.fsdecode(request.path)}: {reason}"[:messages.MAX_ERROR_MESSAGE_LEN]
