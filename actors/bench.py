@@ -1,6 +1,6 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service|scram|intake] [--boots N] [--tasks N]
+    scripts/bench [--only frames|boot|service|scram|intake|capabilities] [--boots N] [--tasks N] [--instance NAME]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
   kernel booting a busybox-only initramfs whose init powers off at once
@@ -20,6 +20,10 @@
   to an actor that answers at once (no VM), with the local identity and its
   budget and with CurveZMQ + ZAP, against the same server admitting
   everything unchecked.
+- capabilities: through a real corrald with a default pool of 1 and the rare
+  tiers booted on demand: `true` with net:egress, res:large_mem (the first
+  one waits for its VM to boot, the rest find it warm) and res:high_cpu (CPU
+  set live before the resume), against default `true` in the same run.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def cold_vm_per_task(hypervisor: Hypervisor, cfg: config.Config, tasks: int) -> 
     return tasks / (time.monotonic() - started)
 
 
-def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body):
+def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body, tier_max: int = 2):
     from actors.service import Corral
     from protocol.client import Client
 
@@ -152,7 +156,7 @@ def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body
         cfg = dataclasses.replace(
             cfg, daemon=dataclasses.replace(cfg.daemon, endpoint=f"ipc://{tmp}/bench.sock"),
             control=dataclasses.replace(cfg.control, endpoint=f"ipc://{tmp}/control/control.sock"),
-            pool=dataclasses.replace(cfg.pool, size=pool_size),
+            pool=dataclasses.replace(cfg.pool, size=pool_size, tier_size=0, tier_max=tier_max),
             metrics=dataclasses.replace(cfg.metrics, port=0))
         service = Corral(cfg, hypervisor)
         service.start()
@@ -247,6 +251,33 @@ def bench_scram(cfg: config.Config, rounds: int) -> None:
         print(f"ratio (p50):                       {percentile(paused_in, 50) / percentile(suspends, 50):.2f}x")
     finally:
         hypervisor.close()
+def capability_latencies(client, runs: int) -> dict:
+    """name -> (first task's latency, later tasks' latencies), `true` each time."""
+    figures = {}
+    for name, capabilities in (("default", ()), ("net:egress", ("net:egress",)),
+                               ("res:large_mem", ("res:large_mem",)),
+                               ("res:high_cpu", ("res:high_cpu",))):
+        samples = []
+        for _ in range(runs + 1):
+            started = time.monotonic()
+            reply = client.run(["true"], capabilities=capabilities, wait_s=120)
+            samples.append(time.monotonic() - started)
+            if reply.error_code or reply.exit_code:
+                raise RuntimeError(f"`true` with {name} failed: {reply.error_code} {reply.error_message}")
+        figures[name] = (samples[0], samples[1:])
+    return figures
+
+
+def bench_capabilities(cfg: config.Config, runs: int) -> None:
+    hypervisor = hypervisor_from_config(cfg)
+    try:
+        figures = run_service(cfg, hypervisor, 1, lambda client, _: capability_latencies(client, runs), tier_max=1)
+    finally:
+        hypervisor.close()
+    base = percentile(figures["default"][1], 50)
+    for name, (first, later) in figures.items():
+        print(f"`true` with {name:14s} first {first * 1000:8.1f} ms, then {latency(later)}  "
+              f"ratio (p50 / default p50) {percentile(later, 50) / base:.2f}x")
 
 
 def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:
@@ -324,10 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
-    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "intake"))
+    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "intake", "capabilities"))
     parser.add_argument("--scrams", type=int, default=5)
+    parser.add_argument("--instance", help="names the VMs (default: daemon.instance of the config)")
     args = parser.parse_args(argv)
-    cfg = config.load()
+    cfg = config.load(overrides={"daemon": {"instance": args.instance}} if args.instance else None)
     if args.only in (None, "frames"):
         bench_frames(args.frames_mib)
     if args.only in (None, "boot"):
@@ -338,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_scram(cfg, args.scrams)
     if args.only in (None, "intake"):
         bench_intake(max(args.tasks, 1000))
+    if args.only in (None, "capabilities"):
+        bench_capabilities(cfg, min(args.tasks, 8))  # under pool.max_uses: no retirement mid-run
     return 0
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from actors.errors import ChannelClosed, GuestTimeout
 from protocol import messages
+from protocol.capabilities import ALL_SOFT_BITS
 from protocol.errors import UnexpectedMessage
 from protocol.frame import FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
@@ -143,13 +144,18 @@ class GuestLink:
 
     def run(self, argv: list[bytes], deadline: float, *, env: dict[bytes, bytes] | None = None,
             cwd: bytes = b"", stdin: bytes = b"", timeout_ms: int = 0,
-            output_cap: int = 1 << 20, as_root: bool = False) -> ExecResult:
+            output_cap: int = 1 << 20, as_root: bool = False,
+            capabilities: int = ALL_SOFT_BITS) -> ExecResult:
         """Run one command to completion. Output past `output_cap` per stream is
-        dropped and flagged here too: the host does not trust the guest to truncate."""
+        dropped and flagged here too: the host does not trust the guest to truncate.
+        `capabilities`: soft capability bits; by default all of them, the task
+        rights the guest gave before capabilities were enforced. A missing one
+        that argv[0] needs raises UnexpectedMessage (the agent's Error)."""
         exec_id = next(self.ids)
         self.send(messages.Exec(
             exec_id=exec_id, argv=tuple(argv), env=tuple((env or {}).items()), cwd=cwd,
-            stdin=stdin, timeout_ms=timeout_ms, output_cap=output_cap, as_root=as_root))
+            stdin=stdin, timeout_ms=timeout_ms, output_cap=output_cap, as_root=as_root,
+            capabilities=capabilities))
         allowed = frozenset({messages.Output, messages.Exit, messages.Error})
         output = CappedOutput(output_cap)
         while True:

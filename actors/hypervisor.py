@@ -39,6 +39,10 @@ log = logging.getLogger("corral.hypervisor")
 DOMAIN_PREFIX = "corral-"
 AGENT_PORT_NAME = "org.corral.agent.0"
 ROOT_DISK_SERIAL = "corral-root"
+# The CFS period the vCPU quota is a share of: the longest libvirt allows (1 s), so
+# a throttled VM still runs a short task (a `true`, a reset) at full speed and only
+# sustained CPU use is held to the quota.
+CPU_PERIOD_US = 1_000_000
 AGENT_DISK_SERIAL = "corral-agent"
 # Measured to shorten TCG boots (GUEST-NOTES.md).
 FAST_BOOT_CMDLINE = (
@@ -371,6 +375,26 @@ class Hypervisor:
             getattr(self._domain(name), method)()
         except libvirt.libvirtError as e:
             raise HypervisorError(f"cannot {method} VM {name}: {e.get_error_message()}") from None
+
+    @with_deadline
+    def set_cpu(self, name: str, shares: int, quota_pct: int) -> None:
+        """CPU shares and vCPU quota (% of one CPU, 0: no quota) of a running or
+        paused VM, live: they apply from its next instruction (res:high_cpu)."""
+        libvirt = _libvirt()
+        quota = CPU_PERIOD_US * quota_pct // 100 if quota_pct else -1  # negative: unlimited
+        params = {"cpu_shares": shares, "vcpu_period": CPU_PERIOD_US, "vcpu_quota": quota}
+        try:
+            self._domain(name).setSchedulerParametersFlags(params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"cannot set the CPU of VM {name}: {e.get_error_message()}") from None
+
+    @with_deadline
+    def cpu_setting(self, name: str) -> dict:
+        """The VM's live scheduler parameters as libvirt reads them from its cgroup."""
+        try:
+            return self._domain(name).schedulerParametersFlags(_libvirt().VIR_DOMAIN_AFFECT_LIVE)
+        except _libvirt().libvirtError as e:
+            raise HypervisorError(f"cannot read the CPU of VM {name}: {e.get_error_message()}") from None
 
     def kill_qemu(self, name: str) -> None:
         """Fault injection: SIGKILL the VM's QEMU process, as a crash would."""

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from actors.tiers import DEFAULT_TIER, Tier
 from protocol import messages as guest
 from protocol.tasks import TaskReply, TaskRequest
 
@@ -61,6 +62,15 @@ class VmAvailable:
 
     vm_id: str
     supervisor: Any  # pykka ActorRef of the VM's Supervisor
+    tier: Tier = DEFAULT_TIER  # the hard capabilities it was booted with
+
+
+@dataclass(frozen=True)
+class TierDemand:
+    """Scheduler -> PoolManager: tasks waiting per hardware tier other than the
+    default, ((tier, count), ...), sent when it changes; the pool boots VMs for them."""
+
+    waiting: tuple
 
 
 @dataclass(frozen=True)

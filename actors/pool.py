@@ -6,6 +6,13 @@ and replaces every VM that goes, with exponential backoff while boots fail.
 
 In safe mode (SCRAM) it freezes every VM (each Supervisor pauses its domain)
 and boots nothing; resuming thaws them and refills the pool.
+
+VMs come in hardware tiers (actors/tiers.py). `size` VMs of the default tier
+are kept warm; each hard-capability tier (NIC, large memory) keeps
+`tiers.warm` warm (0 by default: those tasks are rare) and boots VMs for the
+tasks the Scheduler says are waiting for it (TierDemand), up to `tiers.max`,
+retiring them after `tiers.idle_s` idle. The default tier's warm path is
+untouched by the others.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import pykka
 
 from actors.directory import Directory, drain_inbox, send
 from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault,
-                             ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, VmAvailable,
-                             VmState, VmWithdrawn)
+                             ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, TierDemand,
+                             VmAvailable, VmState, VmWithdrawn)
 from actors.metrics import POOL_STATES, Metrics
+from actors.tiers import DEFAULT_TIER, RARE_TIERS, Tier
 from actors.timers import Timers
 
 log = logging.getLogger("corral.pool")
@@ -29,9 +37,19 @@ TICK_S = 1.0
 SHUTDOWN_S = 60.0
 
 
+@dataclass(frozen=True)
+class TierSizes:
+    """VMs of each hard-capability tier: kept warm, at most, idle before retiring."""
+
+    warm: int = 0
+    max: int = 2
+    idle_s: float = 120.0
+
+
 @dataclass
 class PoolVm:
     supervisor: Any
+    tier: Tier = DEFAULT_TIER
     state: str = "booting"
     since: float = field(default_factory=time.monotonic)
     born: float = field(default_factory=time.monotonic)
@@ -58,14 +76,15 @@ class PoolState:
     shed: int = 0  # VMs given up for host memory
     safe_mode: bool = False
     size: int | None = None  # set by an operator; None: the configured size
+    demand: dict = field(default_factory=dict)  # tier -> tasks waiting for it (from the Scheduler)
 
 
 class PoolManager(pykka.ThreadingActor):
     def __init__(self, directory: Directory, metrics: Metrics, timers: Timers,
-                 start_supervisor: Callable[[str], Any], new_name: Callable[[], str],
+                 start_supervisor: Callable[[str, Tier], Any], new_name: Callable[[], str],
                  view: PoolView, size: int,
                  max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None,
-                 safe_mode: bool = False):
+                 safe_mode: bool = False, tiers: TierSizes = TierSizes()):
         super().__init__()
         self.directory = directory
         self.metrics = metrics
@@ -78,6 +97,7 @@ class PoolManager(pykka.ThreadingActor):
         self.state = state or PoolState(safe_mode=safe_mode)
         if self.state.size is None:
             self.state.size = size
+        self.tiers = tiers
         self.stopping = False
 
     def on_start(self) -> None:
@@ -90,6 +110,9 @@ class PoolManager(pykka.ThreadingActor):
         elif isinstance(message, Tick):
             self._tick()
         elif isinstance(message, BackoffOver):
+            self._fill()
+        elif isinstance(message, TierDemand):
+            self.state.demand = dict(message.waiting)
             self._fill()
         elif isinstance(message, HostMemory):
             if message.short:
@@ -137,16 +160,25 @@ class PoolManager(pykka.ThreadingActor):
         if message.state == "ready":
             if vm.state == "booting":
                 self.state.boot_failures = 0
-            self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor))
+            self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor, vm.tier))
         vm.state = message.state
         vm.since = time.monotonic()
 
     def _tick(self) -> None:
         now = time.monotonic()
+        idle_of_tier = {tier: self._count(tier) - self.tiers.warm for tier in RARE_TIERS}
         for vm_id, vm in self.state.vms.items():
-            if vm.state == "ready" and now - vm.born > self.max_age_s:
-                self.directory.tell("scheduler", VmWithdrawn(vm_id))
-                send(vm.supervisor, Retire("age"))
+            if vm.state != "ready":
+                continue
+            if now - vm.born > self.max_age_s:
+                reason = "age"
+            elif vm.tier != DEFAULT_TIER and idle_of_tier[vm.tier] > 0 and now - vm.since > self.tiers.idle_s:
+                idle_of_tier[vm.tier] -= 1
+                reason = "idle"
+            else:
+                continue
+            self.directory.tell("scheduler", VmWithdrawn(vm_id))
+            send(vm.supervisor, Retire(reason))
         self._fill()
         if not self.stopping:
             self.timers.call_later(TICK_S, self.actor_ref, Tick())
@@ -157,9 +189,11 @@ class PoolManager(pykka.ThreadingActor):
 
     def _shrink(self) -> None:
         """Over the wanted size: idle VMs retire (oldest first); busy ones count
-        until their task ends and are then not replaced."""
-        extra = len(self.state.vms) - self.state.size
-        idle = sorted((vm.born, vm_id) for vm_id, vm in self.state.vms.items() if vm.state == "ready")
+        until their task ends and are then not replaced. The size is the default
+        tier's; the other tiers keep their own sizes."""
+        extra = self._count(DEFAULT_TIER) - self.state.size
+        idle = sorted((vm.born, vm_id) for vm_id, vm in self.state.vms.items()
+                      if vm.state == "ready" and vm.tier == DEFAULT_TIER)
         for _, vm_id in idle[:max(0, extra)]:
             self.directory.tell("scheduler", VmWithdrawn(vm_id))
             send(self.state.vms[vm_id].supervisor, Retire("pool_size"))
@@ -174,17 +208,33 @@ class PoolManager(pykka.ThreadingActor):
             send(self.state.vms[vm_id].supervisor, Retire("memory"))
             self.state.shed += 1
 
+    def _count(self, tier: Tier, states: tuple[str, ...] | None = None) -> int:
+        return sum(1 for vm in self.state.vms.values()
+                   if vm.tier == tier and (states is None or vm.state in states))
+
+    def _wanted(self, tier: Tier) -> bool:
+        """Should one more VM of `tier` boot now?"""
+        if tier == DEFAULT_TIER:
+            return self._count(tier) < self.state.size - self.state.shed
+        count = self._count(tier)
+        if count < self.tiers.warm:
+            return True
+        # Tasks waiting beyond the VMs that will be free for them soon.
+        waiting = self.state.demand.get(tier, 0)
+        return count < self.tiers.max and waiting > self._count(tier, ("booting", "ready"))
+
     def _fill(self) -> None:
         if self.stopping or self.state.safe_mode:
             return
-        while len(self.state.vms) < self.state.size - self.state.shed and time.monotonic() >= self.state.next_boot_at:
-            vm_id = self.new_name()
-            # Published before the Supervisor creates the domain: never a zombie.
-            self.state.vms[vm_id] = PoolVm(supervisor=None)
-            self.view.owned = frozenset(self.state.vms)
-            self.state.vms[vm_id].supervisor = self.start_supervisor(vm_id)
-            if self.state.boot_failures:
-                break  # while boots fail, try one at a time
+        for tier in (DEFAULT_TIER, *RARE_TIERS):
+            while self._wanted(tier) and time.monotonic() >= self.state.next_boot_at:
+                vm_id = self.new_name()
+                # Published before the Supervisor creates the domain: never a zombie.
+                self.state.vms[vm_id] = PoolVm(supervisor=None, tier=tier)
+                self.view.owned = frozenset(self.state.vms)
+                self.state.vms[vm_id].supervisor = self.start_supervisor(vm_id, tier)
+                if self.state.boot_failures:
+                    return  # while boots fail, try one at a time
 
     def _publish(self) -> None:
         self.view.owned = frozenset(self.state.vms)

@@ -2,8 +2,11 @@
 
 Four levels (CRITICAL 0 .. LOW 3), FIFO within a level, a hard depth: a task
 that would make the queue deeper is refused at once with `busy` and nothing
-queued is disturbed. Whenever a task and an available VM meet, the task goes
-to that VM's Supervisor.
+queued is disturbed. Whenever a task and an available VM of its hardware tier
+(actors/tiers.py) meet, the task goes to that VM's Supervisor: the first task
+in priority order whose tier has a free VM, so a task waiting for a rare tier
+never holds up the default tasks behind it. Tasks waiting for a rare tier are
+counted to the PoolManager (TierDemand), which boots VMs for them.
 
 In safe mode (an operator's SCRAM) nothing is dispatched: every queued task
 is answered `cancelled_scram` at once, and so is any task that still reaches
@@ -22,8 +25,9 @@ import pykka
 
 from actors.directory import Directory, drain_inbox
 from actors.messages import (ChildFailed, InjectFault, Requeue, ResumeService, RunTask, Scram,
-                             Submit, Task, Tick, VmAvailable, VmWithdrawn)
+                             Submit, Task, Tick, TierDemand, VmAvailable, VmWithdrawn)
 from actors.metrics import Metrics
+from actors.tiers import DEFAULT_TIER, tier_of
 from actors.timers import Timers
 from protocol.tasks import PRIORITY_NAMES, error_reply
 
@@ -37,8 +41,10 @@ class SchedulerState:
 
     queues: list[deque] = field(default_factory=lambda: [deque() for _ in LEVEL_NAMES])
     available: OrderedDict = field(default_factory=OrderedDict)  # vm_id -> Supervisor ref
+    tiers: dict = field(default_factory=dict)  # vm_id -> Tier, of the available VMs
     queued_bytes: int = 0
     safe_mode: bool = False
+    demand: tuple = ()  # the last TierDemand sent
 
 
 def task_bytes(task: Task) -> int:
@@ -89,10 +95,8 @@ class Scheduler(pykka.ThreadingActor):
         elif isinstance(message, Tick):
             self._expire_waiting()
             self.timers.call_later(1.0, self.actor_ref, Tick())
-        elif isinstance(message, VmAvailable):
-            self.state.available[message.vm_id] = message.supervisor
-        elif isinstance(message, VmWithdrawn):
-            self.state.available.pop(message.vm_id, None)
+        elif isinstance(message, (VmAvailable, VmWithdrawn)):
+            self._vm_news(message)
         elif isinstance(message, InjectFault) and message.kind == "crash":
             raise RuntimeError("injected fault: scheduler crash")
         else:
@@ -100,6 +104,15 @@ class Scheduler(pykka.ThreadingActor):
             return
         self._dispatch()
         self._publish_depth()
+        self._publish_demand()
+
+    def _vm_news(self, message: VmAvailable | VmWithdrawn) -> None:
+        if isinstance(message, VmAvailable):
+            self.state.available[message.vm_id] = message.supervisor
+            self.state.tiers[message.vm_id] = message.tier
+        else:
+            self.state.available.pop(message.vm_id, None)
+            self.state.tiers.pop(message.vm_id, None)
 
     def _submit(self, task: Task) -> None:
         if self.depth >= self.max_depth:
@@ -133,6 +146,20 @@ class Scheduler(pykka.ThreadingActor):
             self.state.queued_bytes -= task_bytes(task)
         return task
 
+    def _match(self) -> tuple[Task, str] | None:
+        """The first task in priority order with a free VM of its tier, and that VM."""
+        free = {}
+        for vm_id in self.state.available:
+            free.setdefault(self.state.tiers.get(vm_id, DEFAULT_TIER), vm_id)
+        for queue in self.state.queues:
+            for task in queue:
+                vm_id = free.get(tier_of(task.request.capabilities))
+                if vm_id is not None:
+                    queue.remove(task)
+                    self.state.queued_bytes -= task_bytes(task)
+                    return task, vm_id
+        return None
+
     def _expire_waiting(self) -> None:
         """No VM for too long (boots failing, pool shed): answer rather than hold forever."""
         now = time.monotonic()
@@ -147,14 +174,28 @@ class Scheduler(pykka.ThreadingActor):
 
     def _dispatch(self) -> None:
         while self.state.available and not self.state.safe_mode:
-            task = self._take()
-            if task is None:
+            match = self._match()
+            if match is None:
                 return
-            vm_id, supervisor = self.state.available.popitem(last=False)
+            task, vm_id = match
+            supervisor = self.state.available.pop(vm_id)
+            self.state.tiers.pop(vm_id, None)
             try:
                 supervisor.tell(RunTask(task, assigned_at=time.monotonic()))
             except pykka.ActorDeadError:
                 self._enqueue(task, front=True)  # that VM is gone; try the next
+
+    def _publish_demand(self) -> None:
+        """Tell the pool how many tasks wait per rare tier, when that changed."""
+        waiting: dict = {}
+        for queue in self.state.queues:
+            for task in queue:
+                tier = tier_of(task.request.capabilities)
+                if tier != DEFAULT_TIER:
+                    waiting[tier] = waiting.get(tier, 0) + 1
+        demand = tuple(sorted(waiting.items()))
+        if demand != self.state.demand and self.directory.tell("pool", TierDemand(demand)):
+            self.state.demand = demand
 
     def _publish_depth(self) -> None:
         for level, name in LEVEL_NAMES.items():
@@ -177,7 +218,5 @@ class Scheduler(pykka.ThreadingActor):
         for message in drain_inbox(self):
             if isinstance(message, (Submit, Requeue)):
                 self._enqueue(message.task, front=isinstance(message, Requeue))
-            elif isinstance(message, VmAvailable):
-                self.state.available[message.vm_id] = message.supervisor
-            elif isinstance(message, VmWithdrawn):
-                self.state.available.pop(message.vm_id, None)
+            elif isinstance(message, (VmAvailable, VmWithdrawn)):
+                self._vm_news(message)

@@ -21,14 +21,16 @@ from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, Inta
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard
 from actors.metrics import Metrics
-from actors.pool import PoolManager, PoolView
+from actors.pool import PoolManager, PoolView, TierSizes
 from actors.root import Root
 from actors.scheduler import Scheduler
 from actors.supervisor import Supervisor, VmSettings
+from actors.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from actors.watchdog import Watchdog
 
 import config
+from protocol.capabilities import soft_bits
 
 log = logging.getLogger("corral.service")
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -73,7 +75,11 @@ class Corral:
             max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict,
             files=FileSettings(max_put_bytes=cfg.artifacts.max_put_bytes,
                                max_collect_bytes=cfg.artifacts.max_collect_bytes,
-                               collect_timeout_s=cfg.artifacts.collect_timeout_s, signer=self.signer))
+                               collect_timeout_s=cfg.artifacts.collect_timeout_s, signer=self.signer),
+            default_soft_bits=soft_bits(tasks.default_capabilities),
+            large_memory_mib=cfg.vm.large_memory_mib,
+            cpu=(cfg.vm.cpu_shares, cfg.vm.cpu_quota_pct),
+            high_cpu=(cfg.vm.high_cpu_shares, cfg.vm.high_cpu_quota_pct))
         self.directory.answer_fallback = self.server.post
         self.pool_view = PoolView()
         self.root = None
@@ -106,15 +112,16 @@ class Corral:
                 self.directory, self.metrics, self.timers, self._start_supervisor, self.hypervisor.new_name,
                 self.pool_view, cfg.pool.size,
                 cfg.pool.max_age_s, cfg.pool.boot_backoff_max_s, state=salvage,
-                safe_mode=self.in_safe_mode),
+                safe_mode=self.in_safe_mode,
+                tiers=TierSizes(cfg.pool.tier_size, cfg.pool.tier_max, cfg.pool.tier_idle_s)),
             "watchdog": lambda salvage: Watchdog.start(
                 self.directory, self.hypervisor, self.timers, self.pool_view,
                 cfg.watchdog.interval_s, cfg.watchdog.min_available_mib),
         }
 
-    def _start_supervisor(self, vm_id: str):
+    def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER):
         return Supervisor.start(vm_id, self.directory, self.hypervisor, self.timers, self.metrics,
-                                self.vm_settings)
+                                self.vm_settings, tier)
 
     def _ioguard_totals(self) -> dict:
         ioguard = self.directory.get("ioguard")

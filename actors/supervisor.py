@@ -37,9 +37,11 @@ from actors.hypervisor import Hypervisor
 from actors.messages import (ChannelFailed, DeadlinePassed, Freeze, GuestSaid, InjectFault,
                              Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
 from actors.metrics import Metrics
+from actors.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
 from protocol import messages as guest
 from protocol import outcomes
+from protocol.capabilities import soft_bits
 from protocol.tasks import TaskReply, error_reply
 
 log = logging.getLogger("corral.supervisor")
@@ -66,6 +68,10 @@ class VmSettings:
     max_age_s: float
     strict: bool  # one task per VM, never reused
     files: FileSettings | None = None  # caps and signer for files in and out
+    default_soft_bits: int = 0  # soft capabilities every task holds unasked (tasks.default_capabilities)
+    large_memory_mib: int = 4096  # the res:large_mem tier's memory
+    cpu: tuple[int, int] = (1024, 50)  # (shares, quota %) of default tasks
+    high_cpu: tuple[int, int] = (4096, 0)  # ... of res:high_cpu tasks
 
 
 @dataclass
@@ -81,9 +87,11 @@ class RunningTask:
 
 class Supervisor(pykka.ThreadingActor):
     def __init__(self, vm_id: str, directory: Directory, hypervisor: Hypervisor, timers: Timers,
-                 metrics: Metrics, settings: VmSettings):
+                 metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER):
         super().__init__()
         self.vm_id = vm_id
+        self.tier = tier
+        self.cpu: tuple[int, int] | None = None  # as last set live; None: as booted
         self.directory = directory
         self.hypervisor = hypervisor
         self.timers = timers
@@ -106,7 +114,9 @@ class Supervisor(pykka.ThreadingActor):
     def on_start(self) -> None:
         self._tell_pool("booting")
         try:
-            self.handle = self.hypervisor.create(name=self.vm_id)
+            self.handle = self.hypervisor.create(
+                name=self.vm_id, network=self.tier.network,
+                memory_mib=self.settings.large_memory_mib if self.tier.large_mem else None)
             self.link = GuestLink(self.handle.socket)
             self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
             self.link.sock.settimeout(SEND_TIMEOUT_S)
@@ -195,6 +205,8 @@ class Supervisor(pykka.ThreadingActor):
             self._answer(error_reply(self.current.task.request.task_id, "put_failed",
                                      f"a file could not be put into the VM: {message.message}"))
             self._after_task(timed_out=False)
+        elif isinstance(message, guest.Error) and message.code == "missing_capability":
+            self._refused_in_guest(message.message)
         elif isinstance(message, guest.Error):
             self._fail("guest_error", f"the guest agent failed: {message.code}: {message.message}")
         elif isinstance(message, guest.ResetDone):
@@ -206,6 +218,9 @@ class Supervisor(pykka.ThreadingActor):
         try:
             if self.frozen_at is None:  # a frozen VM is paused already
                 self.hypervisor.suspend(self.vm_id)
+            # Booted unthrottled (a faster boot); paused with the default CPU, so
+            # a default task's acquire makes no libvirt call but the resume.
+            self._set_cpu(self.settings.cpu)
         except CorralError as e:
             log.warning("VM %s: cannot pause: %s", self.vm_id, e)
             return self._end("pause_failed")
@@ -224,6 +239,8 @@ class Supervisor(pykka.ThreadingActor):
             # Queued in the socket before the resume: the agent finds it the
             # moment it runs again, with no round trip after the resume call.
             self.link.send(guest.Heartbeat(nonce=self._new_id()))
+            if wants_high_cpu(message.task.request.capabilities):
+                self._set_cpu(self.settings.high_cpu)  # before the resume: live from the first instruction
             self.hypervisor.resume(self.vm_id)
         except CorralError as e:
             self._fail("vm_lost", f"the VM could not be resumed ({e})")
@@ -245,9 +262,16 @@ class Supervisor(pykka.ThreadingActor):
             self.link.send(guest.Exec(
                 exec_id=running.exec_id, argv=request.argv, env=request.env, cwd=request.cwd,
                 stdin=request.stdin, timeout_ms=max(1, timeout_left_ms),
-                output_cap=request.output_cap, as_root=False))
+                output_cap=request.output_cap, as_root=False,
+                capabilities=soft_bits(request.capabilities) | self.settings.default_soft_bits))
         except CorralError as e:
             self._fail("vm_lost", f"the VM stopped taking input ({e})")
+
+    def _refused_in_guest(self, text: str) -> None:
+        """The agent refused to start the command (argv[0] needs a soft capability
+        the task lacks): nothing ran, so the VM is reset and reused as usual."""
+        self._answer(error_reply(self.current.task.request.task_id, "missing_capability", text))
+        self._after_task(timed_out=False)
 
     def _output(self, message: guest.Output) -> None:
         running = self.current
@@ -449,6 +473,11 @@ class Supervisor(pykka.ThreadingActor):
         """A VM that fails before its Hello is a failed boot, whatever broke: the
         pool backs off instead of boot-looping on a broken (or hostile) image."""
         return "boot_failed" if self.state == "booting" else None
+
+    def _set_cpu(self, cpu: tuple[int, int]) -> None:
+        if cpu != self.cpu:
+            self.hypervisor.set_cpu(self.vm_id, *cpu)
+            self.cpu = cpu
 
     def _tell_pool(self, state: str, reason: str = "") -> None:
         self.directory.tell("pool", VmState(self.vm_id, state, reason))

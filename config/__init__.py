@@ -36,6 +36,13 @@ class VmConfig:
     tmpfs_size: str = field(metadata={"pattern": "size"})
     console_log: bool = field()
     libvirt_call_timeout_s: float = field(metadata=_range(1, 600))
+    # Hard capabilities (docs/capabilities.md): the res:large_mem tier's memory, and
+    # the CPU shares and vCPU quota (% of one CPU; 0: none) of default and res:high_cpu tasks.
+    large_memory_mib: int = field(metadata=_range(128, 1 << 20))
+    cpu_shares: int = field(metadata=_range(2, 262144))
+    cpu_quota_pct: int = field(metadata=_range(0, 100))
+    high_cpu_shares: int = field(metadata=_range(2, 262144))
+    high_cpu_quota_pct: int = field(metadata=_range(0, 100))
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,11 @@ class PoolConfig:
     acquire_timeout_s: float = field(metadata=_range(0.1, 600))
     reset_timeout_s: float = field(metadata=_range(0.1, 600))
     boot_backoff_max_s: float = field(metadata=_range(0.1, 3600))
+    # VMs of a hard-capability tier (net:egress, res:large_mem): kept warm, at most
+    # booted for waiting tasks, and how long one may idle before it is retired.
+    tier_size: int = field(metadata=_range(0, 256))
+    tier_max: int = field(metadata=_range(1, 256))
+    tier_idle_s: float = field(metadata=_range(1, 86400))
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,8 @@ class TasksConfig:
     max_request_bytes: int = field(metadata=_range(4096, (16 << 20) - (64 << 10)))
     max_queued_bytes: int = field(metadata=_range(1 << 20, 1 << 40))
     max_queue_wait_s: float = field(metadata=_range(1, 86400))
+    # Soft capabilities every task holds without asking for them.
+    default_capabilities: list = field(metadata={"pattern": "soft_capabilities"})
 
 
 @dataclass(frozen=True)
@@ -201,8 +215,19 @@ def _check_name(key: str, value: str) -> None:
         raise ConfigError(f"config: {key} = {value!r} must be 1 to 32 letters, digits, '-', '_' or '.'")
 
 
+def _check_soft_capabilities(key: str, value: list) -> None:
+    from protocol.capabilities import SOFT
+
+    for name in value:
+        if name not in SOFT:
+            raise ConfigError(f"config: {key} has {name!r}, not a soft capability "
+                              f"(one of {', '.join(SOFT)})")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"config: {key} names a capability twice")
+
+
 CHECKS = {"size": _check_size, "endpoint": _check_endpoint, "ipc_endpoint": _check_ipc_endpoint,
-          "instance": _check_instance, "name": _check_name}
+          "instance": _check_instance, "name": _check_name, "soft_capabilities": _check_soft_capabilities}
 
 
 def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -293,4 +318,6 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
     if cfg.artifacts.max_put_bytes > cfg.tasks.max_request_bytes:
         raise ConfigError("config: artifacts.max_put_bytes must not exceed tasks.max_request_bytes "
                           "(files to put travel in the request)")
+    if cfg.pool.tier_size > cfg.pool.tier_max:
+        raise ConfigError("config: pool.tier_size must not exceed pool.tier_max")
     return cfg

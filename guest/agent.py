@@ -36,7 +36,7 @@ import _signal
 if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protocol import messages
+from protocol import capabilities, messages
 from guest import files
 from protocol.errors import ProtocolError
 from protocol.frame import FrameDecoder, FrameEncoder
@@ -61,6 +61,7 @@ SIGKILL = _signal.SIGKILL
 # Python starts with these ignored; a task gets them back at their defaults, as
 # subprocess's restore_signals did.
 RESTORED_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ)
+PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
 POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
 
@@ -173,6 +174,22 @@ def oom_kills() -> int:
     return 0
 
 
+def missing_capability(candidates: list[bytes], bits: int) -> str | None:
+    """The soft capability the first existing candidate needs and `bits` lacks.
+    Only a courtesy (an early, named refusal): the kernel enforces the same rule
+    through the file's group and mode, whoever runs the file."""
+    for path in candidates:
+        try:
+            gid = os.stat(path).st_gid
+        except OSError:
+            continue
+        name = capabilities.capability_of_gid(gid)
+        if name is not None and not bits & capabilities.SOFT[name][0]:
+            return name
+        return None
+    return None
+
+
 def executable_candidates(name: bytes, env: dict[bytes, bytes]) -> list[bytes]:
     """Where execvpe would look for `name`, in order (the task's PATH, as subprocess did)."""
     if b"/" in name:
@@ -182,7 +199,7 @@ def executable_candidates(name: bytes, env: dict[bytes, bytes]) -> list[bytes]:
 
 
 def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes,
-          account: pwd.struct_passwd | None) -> tuple[int, int, int, int]:
+          account: pwd.struct_passwd | None, groups: list[int] = ()) -> tuple[int, int, int, int]:
     """Start `argv` in a new session, with fresh pipes as its stdin, stdout and
     stderr, as `account` (None: as root). Returns (pid, stdin, stdout, stderr),
     the agent's ends of the pipes. OSError if it cannot start.
@@ -191,8 +208,9 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes,
     uid/gid its real ones before the exec, and the exec copies them to the saved
     ids. So the agent's real ids are the task's just around the call (its
     effective ids, and so its capabilities, stay root's): the task then runs
-    with uid, euid and suid of the task user (gid likewise), no supplementary
-    groups (PID 1 has none) and no capabilities, as setuid() in a forked child
+    with uid, euid and suid of the task user (gid likewise), the supplementary
+    `groups` of its soft capabilities (PID 1 holds them just around the call
+    too, otherwise none) and no capabilities, as setuid() in a forked child
     gave. The agent has no signal handlers, so the kernel keeps refusing task
     signals to PID 1 during that window too.
     """
@@ -209,7 +227,7 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes,
         candidates = executable_candidates(argv[0], env)
         os.chdir(cwd)  # as root, like subprocess's child did; the task inherits it
         try:
-            pid = _spawn_first(candidates, argv, env, actions, account)
+            pid = _spawn_first(candidates, argv, env, actions, account, groups)
         except OSError as e:  # name the command as given, not the PATH entry tried last
             raise OSError(e.errno, e.strerror, argv[0]) from None
         finally:
@@ -225,7 +243,7 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes,
 
 
 def _spawn_first(candidates: list[bytes], argv: list[bytes], env: dict[bytes, bytes],
-                 actions: list, account: pwd.struct_passwd | None) -> int:
+                 actions: list, account: pwd.struct_passwd | None, groups: list[int]) -> int:
     """Spawn the first candidate that execs; report the first error that is not
     'not found', like execvpe (and subprocess) do."""
     first_error = last_error = None
@@ -239,6 +257,7 @@ def _spawn_first(candidates: list[bytes], argv: list[bytes], env: dict[bytes, by
             pass  # let the exec itself say what is wrong, as the task user
         try:
             if account is not None:
+                os.setgroups(groups)
                 os.setresgid(account.pw_gid, 0, 0)
                 os.setresuid(account.pw_uid, 0, 0)
             return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
@@ -258,6 +277,7 @@ def _back_to_root() -> None:
     try:
         os.setresuid(0, 0, 0)
         os.setresgid(0, 0, 0)
+        os.setgroups([])
     except OSError as e:  # never carry on with a task's ids
         log(f"cannot restore root ids: {e!r}; powering off")
         power_off()
@@ -431,6 +451,24 @@ class Agent:
             raise RuntimeError(f"task user {TASK_USER} must not be root")
         self.root_account = pwd.getpwuid(0)
         self.put_error = ""  # the first failed PutFile since the last Exec or Reset
+        self.ptrace_scope = -1  # as last written; -1: not yet
+        self.set_ptrace_scope(capabilities.PTRACE_SCOPE_DENIED)
+        self.share_tmp_dirs()
+
+    def share_tmp_dirs(self) -> None:
+        """The image sets /tmp and /var/tmp; /dev/shm is made at boot. Listable by
+        every task, writable by fs:write_tmp tasks only (protocol/capabilities.py)."""
+        gid = capabilities.SOFT[capabilities.FS_WRITE_TMP][2]
+        for directory in capabilities.SHARED_TMP_DIRS:
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                os.chown(directory, 0, gid)
+                os.chmod(directory, capabilities.SHARED_TMP_MODE)
+
+    def set_ptrace_scope(self, scope: int) -> None:
+        if scope != self.ptrace_scope:
+            with open(PTRACE_SCOPE, "w") as f:
+                f.write(str(scope))
+            self.ptrace_scope = scope
 
     def hello(self) -> messages.Hello:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -533,7 +571,13 @@ class Agent:
         if self.put_error:
             return  # the Exec will not run anyway
         try:
-            files.put_file(self.task_account, request.path, request.mode, request.data)
+            # The caller's input files may go to /tmp whatever the task may write
+            # there itself: the put holds the fs:write_tmp group, the task only if granted.
+            os.setgroups([capabilities.SOFT[capabilities.FS_WRITE_TMP][2]])
+            try:
+                files.put_file(self.task_account, request.path, request.mode, request.data)
+            finally:
+                os.setgroups([])
         except (files.FileRefused, OSError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self.put_error = f"{os.fsdecode(request.path)}: {reason}"[:messages.MAX_ERROR_MESSAGE_LEN]
@@ -574,11 +618,25 @@ class Agent:
             user = account.pw_name.encode()
             env = {b"PATH": DEFAULT_PATH, b"HOME": home, b"USER": user, b"LOGNAME": user,
                    b"LANG": b"C.UTF-8"}
+            bits = request.capabilities
+            if not request.as_root and not bits & capabilities.SOFT[capabilities.FS_WRITE_TMP][0]:
+                env[b"TMPDIR"] = home  # /tmp is read-only for this task; compilers need scratch
             env.update(request.env)
+            if not request.as_root:
+                needed = missing_capability(executable_candidates(request.argv[0], env), bits)
+                if needed is not None:
+                    self.channel.send(messages.Error(
+                        code="missing_capability",
+                        message=f"{os.fsdecode(request.argv[0])} needs capability {needed}, "
+                                "which this task does not hold"))
+                    return
+                self.set_ptrace_scope(capabilities.PTRACE_SCOPE_ALLOWED
+                                      if bits & capabilities.SOFT[capabilities.SYS_PTRACE][0]
+                                      else capabilities.PTRACE_SCOPE_DENIED)
             try:
                 pid, stdin_fd, stdout_fd, stderr_fd = spawn(
                     list(request.argv), env, request.cwd or home,
-                    None if request.as_root else account)
+                    None if request.as_root else account, capabilities.groups_for(bits))
             except OSError as e:
                 self._spawn_failed(request, e, started)
                 return

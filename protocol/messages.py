@@ -404,6 +404,7 @@ class Exec(Message):
     timeout_ms: Annotated[int, U32]
     output_cap: Annotated[int, U32]  # bytes kept per stream; the rest is dropped and flagged
     as_root: Annotated[bool, BOOL]  # host-internal diagnostics only; never settable by clients
+    capabilities: Annotated[int, U16]  # soft capability bits (protocol/capabilities.py)
 
 
 @message(3, _GUEST)

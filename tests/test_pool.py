@@ -9,9 +9,10 @@ import pykka
 import pytest
 
 from actors.directory import Directory
-from actors.messages import HostMemory, Retire, VmAvailable, VmState, VmWithdrawn
+from actors.messages import HostMemory, Retire, TierDemand, VmAvailable, VmState, VmWithdrawn
 from actors.metrics import Metrics
-from actors.pool import PoolManager, PoolView
+from actors.pool import PoolManager, PoolView, TierSizes
+from actors.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from tests.test_scheduler import Recorder, wait_for
 
@@ -22,21 +23,24 @@ def pool_parts():
     scheduler = Recorder.start()
     directory["scheduler"] = scheduler
     started = {}
+    tiers = {}
 
-    def start_supervisor(vm_id):
+    def start_supervisor(vm_id, tier):
         started[vm_id] = Recorder.start()
+        tiers[vm_id] = tier
         return started[vm_id]
 
     timers = Timers()
     view = PoolView()
 
-    def make(size=2, max_age_s=300.0):
+    def make(size=2, max_age_s=300.0, tier_sizes=TierSizes()):
         pool = PoolManager.start(directory, Metrics(), timers, start_supervisor,
                                  lambda: f"corral-test-{uuid.uuid4().hex[:12]}", view, size, max_age_s,
-                                 backoff_max_s=30.0)
+                                 backoff_max_s=30.0, tiers=tier_sizes)
         directory["pool"] = pool
         return pool
 
+    make.tiers = tiers
     yield make, directory, scheduler, started, view
     pykka.ActorRegistry.stop_all()
     timers.stop()
@@ -104,3 +108,41 @@ def test_idle_vms_past_their_age_are_retired(pool_parts):
     pool.tell(VmState(vm_id, "ready"))
     retire = wait_for(started[vm_id], 1, timeout_s=5)[0]
     assert retire == Retire("age")
+
+
+NET = Tier(network=True)
+BIG = Tier(large_mem=True)
+
+
+def test_rare_tiers_boot_on_demand_up_to_their_max_and_offer_with_their_tier(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1, tier_sizes=TierSizes(warm=0, max=2, idle_s=60))
+    time.sleep(0.1)
+    assert list(make.tiers.values()) == [DEFAULT_TIER]  # no rare-tier VM while nothing waits
+    pool.tell(TierDemand(((NET, 3), (BIG, 1))))
+    time.sleep(0.2)
+    assert sorted(make.tiers.values()) == sorted([DEFAULT_TIER, NET, NET, BIG])  # NET capped at 2
+    net_vm = next(v for v, t in make.tiers.items() if t == NET)
+    pool.tell(VmState(net_vm, "ready"))
+    offer = next(m for m in wait_for(scheduler, 1) if isinstance(m, VmAvailable))
+    assert offer.vm_id == net_vm and offer.tier == NET
+    pool.tell(TierDemand(()))  # demand gone: nothing more boots, nothing is killed
+    time.sleep(0.2)
+    assert len(make.tiers) == 4
+
+
+def test_idle_rare_tier_vms_are_retired_but_warm_ones_kept(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=0, tier_sizes=TierSizes(warm=1, max=2, idle_s=1))
+    time.sleep(0.1)
+    assert sorted(make.tiers.values()) == sorted([NET, BIG, Tier(network=True, large_mem=True)])
+    pool.tell(TierDemand(((NET, 2),)))
+    time.sleep(0.2)
+    nets = [v for v, t in make.tiers.items() if t == NET]
+    assert len(nets) == 2
+    pool.tell(TierDemand(()))
+    for vm_id in nets:
+        pool.tell(VmState(vm_id, "ready"))
+    time.sleep(2.5)  # idle_s plus a tick
+    retired = [v for v in nets if any(isinstance(m, Retire) for m in started[v].proxy().seen.get())]
+    assert len(retired) == 1  # one above the warm size of 1

@@ -10,9 +10,10 @@ import pykka
 import pytest
 
 from actors.directory import Directory
-from actors.messages import Answer, Requeue, RunTask, Submit, Task, VmAvailable
+from actors.messages import Answer, Requeue, RunTask, Submit, Task, TierDemand, VmAvailable
 from actors.metrics import Metrics
 from actors.scheduler import Scheduler
+from actors.tiers import Tier
 from actors.timers import Timers
 from protocol.tasks import CRITICAL, LOW, NORMAL, TaskRequest
 
@@ -135,3 +136,27 @@ def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):
     (answer,) = wait_for(intake, 1, timeout_s=5)
     assert answer.ticket == 7 and answer.reply.error_code == "unavailable"
     assert impatient.proxy().depth.get() == 0
+
+
+def test_tasks_go_to_vms_of_their_tier_and_rare_ones_never_block_default_ones(actors):
+    directory, scheduler, intake, vm = actors
+    pool = Recorder.start()
+    directory["pool"] = pool
+    net = Tier(network=True)
+    net_task = dataclasses.replace(task(1, CRITICAL), request=dataclasses.replace(
+        task(1).request, priority=CRITICAL, capabilities=(b"net:egress", b"dev:python")))
+    scheduler.tell(Submit(net_task))
+    scheduler.tell(Submit(task(2, LOW)))
+    # The pool hears that one task waits for the net tier.
+    (demand,) = wait_for(pool, 1)
+    assert isinstance(demand, TierDemand) and demand.waiting == ((net, 1),)
+    # A default VM takes the LOW default task, not the CRITICAL net one.
+    scheduler.tell(VmAvailable("vm-default", vm))
+    (run,) = wait_for(vm, 1)
+    assert run.task.ticket == 2
+    net_vm = Recorder.start()
+    scheduler.tell(VmAvailable("vm-net", net_vm, net))
+    (run,) = wait_for(net_vm, 1)
+    assert run.task.ticket == 1
+    demand = wait_for(pool, 2)[-1]
+    assert demand.waiting == ()

@@ -19,6 +19,7 @@ import lzma
 import os
 import py_compile
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -29,12 +30,15 @@ from pathlib import Path
 RECIPE_DIR = Path(__file__).resolve().parent
 REPO_DIR = RECIPE_DIR.parent.parent
 RECIPE_FILES = ("recipe.toml", "init", "build.py")
+# The capability table sets groups and file modes in the image: part of its recipe.
+CAPABILITY_TABLE = "protocol/capabilities.py"
 # What goes on the agent ISO: the agent and the stdlib-only protocol modules it speaks.
 AGENT_FILES = (
     "guest/__init__.py",
     "guest/agent.py",
     "guest/files.py",
     "protocol/__init__.py",
+    "protocol/capabilities.py",
     "protocol/errors.py",
     "protocol/frame.py",
     "protocol/messages.py",
@@ -49,7 +53,7 @@ AGENT_MOUNT = "/opt/corral"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 MODULE_SIG_MAGIC = b"~Module signature appended~\n"
 # The busybox applets init runs, as symlinks: cheaper than `busybox --install` at boot.
-INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "usleep", "poweroff", "switch_root", "linux64")
+INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "usleep", "poweroff", "switch_root", "linux64", "ip", "rm")
 
 
 class BuildError(Exception):
@@ -77,7 +81,8 @@ def _hash_files(paths: list[tuple[str, Path]]) -> str:
 
 
 def recipe_hash() -> str:
-    return _hash_files([(name, RECIPE_DIR / name) for name in RECIPE_FILES])
+    return _hash_files([(name, RECIPE_DIR / name) for name in RECIPE_FILES]
+                       + [(CAPABILITY_TABLE, REPO_DIR / CAPABILITY_TABLE)])
 
 
 def agent_sources(hostile: bool = False) -> list[tuple[str, Path]]:
@@ -326,6 +331,53 @@ def build_rootfs(recipe: dict, rootdir: Path) -> None:
         f"deb {host_mirror(rootfs['suite'])} {rootfs['suite']} main",
     ]
     run(cmd, "rootfs (mmdebstrap)", stdin=subprocess.DEVNULL)
+    restrict_to_capabilities(rootdir)
+
+
+def _load_capability_table():
+    spec = importlib.util.spec_from_file_location("corral_capabilities", REPO_DIR / CAPABILITY_TABLE)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+def restrict_to_capabilities(rootdir: Path) -> None:
+    """Soft capabilities in the image (protocol/capabilities.py): a group per
+    capability, every executable file of its packages root:<group> 0750 (o-rwx, so
+    a task without the group can neither run nor copy it), and the shared
+    temporary directories root:<fs:write_tmp group> 1775."""
+    table = _load_capability_table()
+    for name, (_, group, gid, packages) in table.SOFT.items():
+        if group is None:
+            continue
+        run(["chroot", str(rootdir), "groupadd", "--system", "--gid", str(gid), group],
+            f"group for {name}", capture_output=True)
+        restricted = 0
+        for package in packages:
+            lists = list((rootdir / "var/lib/dpkg/info").glob(f"{package}.list")) + \
+                list((rootdir / "var/lib/dpkg/info").glob(f"{package}:*.list"))
+            if not lists:
+                raise BuildError(f"capability {name}: package {package} is not in the image")
+            for line in lists[0].read_text().splitlines():
+                path = rootdir / line.lstrip("/")
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:  # e.g. a path excluded by exclude_paths
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                    os.chown(path, 0, gid)
+                    # chown clears setuid/setgid bits; none of these packages has any.
+                    os.chmod(path, (st.st_mode & 0o7770) | 0o010)
+                    restricted += 1
+        if packages and not restricted:
+            raise BuildError(f"capability {name}: no executable found in {packages}")
+        print(f"[guest-image] {name}: {restricted} executables restricted to group {group}", flush=True)
+    _, _, tmp_gid, _ = table.SOFT[table.FS_WRITE_TMP]
+    for directory in table.SHARED_TMP_DIRS:
+        path = rootdir / directory.lstrip("/")
+        if path.is_dir() and not path.is_symlink():
+            os.chown(path, 0, tmp_gid)
+            os.chmod(path, table.SHARED_TMP_MODE)
 
 
 def build_disk(recipe: dict, rootdir: Path, raw: Path, qcow2: Path) -> None:

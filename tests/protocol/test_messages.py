@@ -196,7 +196,7 @@ def _replace(msg, name, value):
 def test_bound_is_checked_before_the_bytes_are_there():
     # A declared 4 GiB stdin in a tiny payload: the bound speaks first.
     payload = raw_payload(m.Exec)
-    stdin_at = len(payload) - (4 + 4 + 4 + 1)  # stdin's length, timeout_ms, output_cap, as_root
+    stdin_at = len(payload) - (4 + 4 + 4 + 1 + 2)  # stdin's length, timeout_ms, output_cap, as_root, capabilities
     lying = payload[:stdin_at] + struct.pack("!I", 0xFFFFFFFF)
     with pytest.raises(FieldTooLong, match="Exec.stdin"):
         m.decode(lying)
@@ -322,10 +322,10 @@ def test_allowed_filter():
     (m.Error("\ud800", ""), ValueError),
     (m.Output(1, 1, "text"), TypeError),
     (m.Output(1, 1, bytearray(b"x")), TypeError),
-    (m.Exec(1, [b"ls", "-l"], (), b"/", b"", 0, 0, False), TypeError),
-    (m.Exec(1, b"ls", (), b"/", b"", 0, 0, False), TypeError),
-    (m.Exec(1, (b"ls",), ((b"K",),), b"/", b"", 0, 0, False), TypeError),
-    (m.Exec(1, (b"ls",), {b"K": b"V"}, b"/", b"", 0, 0, False), TypeError),
+    (m.Exec(1, [b"ls", "-l"], (), b"/", b"", 0, 0, False, 0), TypeError),
+    (m.Exec(1, b"ls", (), b"/", b"", 0, 0, False, 0), TypeError),
+    (m.Exec(1, (b"ls",), ((b"K",),), b"/", b"", 0, 0, False, 0), TypeError),
+    (m.Exec(1, (b"ls",), {b"K": b"V"}, b"/", b"", 0, 0, False, 0), TypeError),
 ], ids=repr)
 def test_encode_rejects_wrong_types_and_ranges(msg, error):
     with pytest.raises(error):
@@ -333,7 +333,7 @@ def test_encode_rejects_wrong_types_and_ranges(msg, error):
 
 
 def test_encode_accepts_lists_and_decodes_tuples():
-    msg = m.Exec(1, [b"ls", b"-l"], [(b"K", b"V")], b"/", b"", 0, 0, False)
+    msg = m.Exec(1, [b"ls", b"-l"], [(b"K", b"V")], b"/", b"", 0, 0, False, 0)
     decoded = m.decode(m.encode(msg))
     assert decoded.argv == (b"ls", b"-l") and decoded.env == ((b"K", b"V"),)
 
