@@ -36,7 +36,7 @@ from actors.errors import CorralError, Rejected
 from actors.identity import Admission
 from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
 from actors.metrics import Metrics
-from protocol import messages
+from protocol import capabilities, messages
 from protocol.errors import ProtocolError
 from protocol.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, StatusReply,
                             StatusRequest, TaskReply, TaskRequest, error_reply)
@@ -44,10 +44,7 @@ from protocol.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, Stat
 log = logging.getLogger("corral.intake")
 STOP = None  # posted instead of an answer: the server answers what is left and ends
 
-KNOWN_CAPABILITIES = frozenset({
-    "base:execute", "dev:compiler", "dev:python", "fs:write_tmp", "sys:ptrace",
-    "net:egress", "res:high_cpu", "res:large_mem", "dev:gpu",
-})
+KNOWN_CAPABILITIES = frozenset(capabilities.ALL)  # protocol/capabilities.py: the one table
 UNAVAILABLE_CAPABILITIES = {
     "dev:gpu": "capability 'dev:gpu' is not offered: this host has no GPU passthrough",
 }
