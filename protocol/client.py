@@ -176,6 +176,9 @@ class Client:
         self._curve = None if server_key is None and client_key is None else curve_keys(server_key, client_key)
         self._failures_without_detail = 0  # handshakes failed in a row without a reason (I/O thread)
         self._handshaken = False  # the connection is up: its end loses what was in flight (I/O thread)
+        # The last handshake's verdict, kept: libzmq may not try again after a
+        # refusal, so a request made after the failure event gets it too (I/O thread).
+        self._handshake_refused: HandshakeError | None = None
         self._lock = threading.Lock()  # guards _pending, _closed and _handoff
         self._pending: dict[tuple[str, str], concurrent.futures.Future] = {}
         # Requests for the I/O thread, oldest first; it also holds those the
@@ -390,6 +393,7 @@ class Client:
             event = recv_monitor_message(monitor)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
+                self._handshake_refused = None
                 self._failures_without_detail = 0
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 if self._handshaken:  # a connection that failed its handshake carried nothing
@@ -403,6 +407,7 @@ class Client:
         error = self._handshake_error(event)
         if error is None:
             return
+        self._handshake_refused = error
         with self._lock:
             waiting = list(self._pending.values())
             self._pending.clear()
@@ -473,6 +478,12 @@ class Client:
     def _flush_outbox(self) -> None:
         # Only this thread pops; callers append. Both are atomic on a deque.
         outbox = self._outbox
+        if self._handshake_refused is not None:
+            while outbox:
+                key, future, _ = outbox.popleft()
+                if self._take(key) is future:
+                    future.set_exception(self._handshake_refused)
+            return
         while outbox:
             key, future, payload = outbox[0]
             if self._pending.get(key) is not future:
