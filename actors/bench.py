@@ -12,6 +12,9 @@
   p50/p99 with a pool of 2, one task at a time, against `true` over a bare
   GuestLink on a booted VM (what the actors and ZeroMQ add); throughput with pools of 1, 2 and 4 against booting a cold
   VM for every task.
+- acquire: what a warm acquire is made of, on one bare VM: libvirt resume()
+  then the agent's heartbeat answer, against QEMU's own QMP `cont` (a second
+  monitor socket added for the benchmark only) then the same answer.
 - scram: through a real corrald with a pool of 2, both VMs running a task:
   `corral admin scram` until every VM is paused (as the reply reports it and
   libvirt confirms), against one bare suspend() call on a running VM.
@@ -29,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import concurrent.futures
 import dataclasses
 import statistics
@@ -350,12 +354,90 @@ def bench_intake(runs: int) -> None:
               f"ratio (p50) {percentile(samples, 50) / base:.2f}x")
 
 
+def _qmp_domain(hypervisor: Hypervisor, qmp_dir: Path):
+    """A VM like the pool's plus a QMP socket of our own (benchmark only)."""
+    import pwd
+    import xml.etree.ElementTree as ET
+
+    from actors.hypervisor import create_overlay
+
+    user = pwd.getpwnam("libvirt-qemu")  # QEMU creates the socket as libvirt's qemu user
+    qmp_dir.mkdir(mode=0o750, exist_ok=True)
+    os.chown(qmp_dir, user.pw_uid, user.pw_gid)
+    name = hypervisor.new_name()
+    overlay, channel = hypervisor.overlay_dir / f"{name}.qcow2", hypervisor.run_dir / f"{name}.sock"
+    qmp_path = qmp_dir / f"{name}.qmp"
+    ns = "http://libvirt.org/schemas/domain/qemu/1.0"
+    ET.register_namespace("qemu", ns)
+    domain = ET.fromstring(hypervisor.spec_for(name, overlay, channel).to_xml())
+    commandline = ET.SubElement(domain, f"{{{ns}}}commandline")
+    for arg in ("-qmp", f"unix:{qmp_path},server=on,wait=off"):
+        ET.SubElement(commandline, f"{{{ns}}}arg", value=arg)
+    create_overlay(hypervisor.image.disk, overlay)
+    hypervisor.conn.createXML(ET.tostring(domain, encoding="unicode"), 0)
+    return name, channel, qmp_path
+
+
+def bench_acquire(cfg: config.Config, rounds: int) -> None:
+    import json
+    import socket
+
+    from actors.guest_link import GuestLink
+    from protocol import messages
+
+    hypervisor = hypervisor_from_config(cfg)
+    name = None
+    try:
+        name, channel, qmp_path = _qmp_domain(hypervisor, cfg.state_dir / "bench-qmp")
+        link = GuestLink(str(channel))
+        deadline = time.monotonic() + cfg.vm.boot_timeout_s
+        link.connect(deadline)
+        link.wait_hello(deadline)
+        qmp = socket.socket(socket.AF_UNIX)
+        qmp.connect(str(qmp_path))
+        qmp_file = qmp.makefile("rwb")
+
+        def qmp_execute(command: str) -> None:
+            qmp_file.write(json.dumps({"execute": command}).encode() + b"\n")
+            qmp_file.flush()
+            while not {"return", "error"} & json.loads(qmp_file.readline()).keys():
+                pass  # an event: read on
+
+        qmp_file.readline()  # the greeting
+        qmp_execute("qmp_capabilities")
+        resumes = {"libvirt": ([], []), "qmp": ([], [])}
+        for nonce in range(1, rounds + 1):
+            for way, resume in (("libvirt", lambda: hypervisor.resume(name)), ("qmp", lambda: qmp_execute("cont"))):
+                hypervisor.suspend(name)
+                link.send(messages.Heartbeat(nonce=nonce))
+                started = time.monotonic()
+                resume()
+                resumed = time.monotonic()
+                link.receive(frozenset({messages.HeartbeatAck}), resumed + 5)
+                resumes[way][0].append(resumed - started)
+                resumes[way][1].append(time.monotonic() - started)
+                # libvirt learns of a QMP `cont` only from QEMU's RESUME event: until it
+                # has, its own suspend() races it (a reason the bypass needs care).
+                while hypervisor.domain_states().get(name) != "running":
+                    time.sleep(0.001)
+        for way, label in (("libvirt", "libvirt resume()"), ("qmp", "QMP cont")):
+            alone, answered = resumes[way]
+            print(f"{label + ' + heartbeat answer:':34} {latency(answered)}")
+            print(f"{'  of which ' + label + ':':34} {latency(alone)}")
+        ratio = percentile(resumes["qmp"][1], 50) / percentile(resumes["libvirt"][1], 50)
+        print(f"ratio (p50, QMP / libvirt):        {ratio:.2f}x")
+    finally:
+        if name is not None:
+            hypervisor.destroy_by_name(name)
+        hypervisor.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
-    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "intake", "capabilities"))
+    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "acquire", "intake", "capabilities"))
     parser.add_argument("--scrams", type=int, default=5)
     parser.add_argument("--instance", help="names the VMs (default: daemon.instance of the config)")
     args = parser.parse_args(argv)
@@ -366,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_boot(cfg, args.boots)
     if args.only in (None, "service"):
         bench_service(cfg, args.tasks)
+    if args.only in (None, "acquire"):
+        bench_acquire(cfg, 30)
     if args.only in (None, "scram"):
         bench_scram(cfg, args.scrams)
     if args.only in (None, "intake"):
