@@ -27,8 +27,8 @@ from pathlib import Path
 
 import zmq
 
-from actors.errors import CorralError
-from actors.messages import InjectFault, ResumeService, Scram, SetPoolSize
+from actors.endpoint import SocketThread
+from actors.messages import InjectFault, SetPoolSize
 from protocol import messages
 from protocol.control import (COMMANDS, CONTROL_TAG, OPERATOR_TO_DAEMON, AdminReply, AdminRequest,
                               admin_reply)
@@ -89,15 +89,11 @@ class ControlServer:
         self.scram_pause_timeout_s = scram_pause_timeout_s
         self.context = zmq.Context.instance()
         self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="control-server", daemon=True)
+        self._thread = SocketThread(self._run, "control-server",
+                                    f"cannot listen for operators on {endpoint}")
 
     def start(self) -> None:
         self._thread.start()
-        self._bound.wait(10)
-        if self._error is not None:
-            raise CorralError(f"cannot listen for operators on {self.endpoint}: {self._error}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,11 +114,10 @@ class ControlServer:
             router.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
             self._bind(router)
         except (zmq.ZMQError, OSError) as e:
-            self._error = e
             router.close(0)
-            self._bound.set()
+            self._thread.ready(e)
             return
-        self._bound.set()
+        self._thread.ready()
         log.info("operators' socket on %s", self.endpoint)
         try:
             while not self._stop.is_set():

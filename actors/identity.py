@@ -37,6 +37,7 @@ from zmq.utils import z85
 
 import config
 from actors.budget import REFUNDED_CODES, BudgetLedger, TaskCosts
+from actors.endpoint import SocketThread
 from actors.errors import CorralError, Rejected
 from protocol.tasks import TaskReply, TaskRequest
 
@@ -151,16 +152,11 @@ class ZapHandler:
         self.keys = keys
         self.metrics = metrics
         self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._error: Exception | None = None
         self._logged: set[bytes] = set()
-        self._thread = threading.Thread(target=self._run, name="intake-zap", daemon=True)
+        self._thread = SocketThread(self._run, "intake-zap", "cannot start the ZAP handler")
 
     def start(self) -> None:
         self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            raise CorralError(f"cannot start the ZAP handler: {self._error}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,12 +175,11 @@ class ZapHandler:
                 # A handler that just stopped may still hold the address until
                 # libzmq's reaper closes its socket.
                 if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    self._error = e
                     socket.close(0)
-                    self._ready.set()
+                    self._thread.ready(e)
                     return
                 time.sleep(0.01)
-        self._ready.set()
+        self._thread.ready()
         try:
             while not self._stop.is_set():
                 if socket.poll(200):

@@ -23,7 +23,6 @@ import itertools
 import logging
 import queue
 import socket
-import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -32,6 +31,7 @@ import zmq
 
 from actors.artifacts import check_files_in, check_paths
 from actors.directory import Directory, drain_inbox
+from actors.endpoint import SocketThread
 from actors.errors import CorralError, Rejected
 from actors.identity import Admission
 from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
@@ -132,15 +132,10 @@ class IntakeServer:
         # None: accepting. Else (code, message) every new task is refused with:
         # set from other threads (shutdown, control plane) as one atomic store.
         self.refusal: tuple[str, str] | None = None
-        self._bound = threading.Event()
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="intake-server", daemon=True)
+        self._thread = SocketThread(self._run, "intake-server", f"cannot listen on {endpoint}")
 
     def start(self) -> None:
         self._thread.start()
-        self._bound.wait(10)
-        if self._error is not None:
-            raise CorralError(f"cannot listen on {self.endpoint}: {self._error}")
 
     def post(self, ticket: int, reply: TaskReply) -> None:
         """Hand an answer to the server thread; callable from any thread."""
@@ -170,12 +165,11 @@ class IntakeServer:
             self.admission.secure(router, self.context)
             router.bind(self.endpoint)
         except (zmq.ZMQError, CorralError) as e:
-            self._error = e
             router.close(0)
             self.admission.close()
-            self._bound.set()
+            self._thread.ready(e)
             return
-        self._bound.set()
+        self._thread.ready()
         log.info("listening on %s", self.endpoint)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
