@@ -56,6 +56,9 @@ ALLOWED = {
     # Output and Exit of a command the reset killed may still be in flight.
     "resetting": frozenset({guest.ResetDone, guest.Output, guest.Exit}),
 }
+# Guest errors that mean "this command was not started" (code -> text before the
+# agent's message): the task is answered with the code, the VM lives on.
+REFUSED_IN_GUEST = {"put_failed": "a file could not be put into the VM: ", "missing_capability": ""}
 
 
 @dataclass(frozen=True)
@@ -201,12 +204,8 @@ class Supervisor(pykka.ThreadingActor):
                 self._finished(message)
         elif isinstance(message, guest.Collected):
             self._collected(message)
-        elif isinstance(message, guest.Error) and message.code == "put_failed":
-            self._answer(error_reply(self.current.task.request.task_id, "put_failed",
-                                     f"a file could not be put into the VM: {message.message}"))
-            self._after_task(timed_out=False)
-        elif isinstance(message, guest.Error) and message.code == "missing_capability":
-            self._refused_in_guest(message.message)
+        elif isinstance(message, guest.Error) and message.code in REFUSED_IN_GUEST:
+            self._refused_in_guest(message.code, REFUSED_IN_GUEST[message.code] + message.message)
         elif isinstance(message, guest.Error):
             self._fail("guest_error", f"the guest agent failed: {message.code}: {message.message}")
         elif isinstance(message, guest.ResetDone):
@@ -267,10 +266,11 @@ class Supervisor(pykka.ThreadingActor):
         except CorralError as e:
             self._fail("vm_lost", f"the VM stopped taking input ({e})")
 
-    def _refused_in_guest(self, text: str) -> None:
-        """The agent refused to start the command (argv[0] needs a soft capability
-        the task lacks): nothing ran, so the VM is reset and reused as usual."""
-        self._answer(error_reply(self.current.task.request.task_id, "missing_capability", text))
+    def _refused_in_guest(self, code: str, text: str) -> None:
+        """The agent refused to start the command (a file could not be put, or
+        argv[0] needs a soft capability the task lacks): nothing ran, so the VM
+        is reset and reused as usual."""
+        self._answer(error_reply(self.current.task.request.task_id, code, text))
         self._after_task(timed_out=False)
 
     def _output(self, message: guest.Output) -> None:
