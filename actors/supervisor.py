@@ -16,7 +16,9 @@ it was doing and its deadline stops counting, since a paused guest cannot be
 late; Thaw resumes both. A ready VM is always paused, so Thaw leaves it so.
 
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
-hypervisor stalls one VM, never the others. Reading the channel is IOGuard's.
+hypervisor stalls one VM, never the others. So do pause and resume, through
+the VM's own QMP connection where it has one (actors/qmp.py). Reading the
+channel is IOGuard's.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Supervisor(pykka.ThreadingActor):
         self.settings = settings
         self.state = "booting"
         self.handle = None
+        self.run_control = None  # pauses and resumes the domain (QMP or libvirt)
         self.link: GuestLink | None = None
         self.current: RunningTask | None = None
         self.deadline_token = 0
@@ -120,6 +123,7 @@ class Supervisor(pykka.ThreadingActor):
             self.handle = self.hypervisor.create(
                 name=self.vm_id, network=self.tier.network,
                 memory_mib=self.settings.large_memory_mib if self.tier.large_mem else None)
+            self.run_control = self.hypervisor.run_control(self.handle)
             self.link = GuestLink(self.handle.socket)
             self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
             self.link.sock.settimeout(SEND_TIMEOUT_S)
@@ -216,7 +220,7 @@ class Supervisor(pykka.ThreadingActor):
     def _pause_and_offer(self) -> None:
         try:
             if self.frozen_at is None:  # a frozen VM is paused already
-                self.hypervisor.suspend(self.vm_id)
+                self.run_control.pause()
             # Booted unthrottled (a faster boot); paused with the default CPU, so
             # a default task's acquire makes no libvirt call but the resume.
             self._set_cpu(self.settings.cpu)
@@ -240,7 +244,7 @@ class Supervisor(pykka.ThreadingActor):
             self.link.send(guest.Heartbeat(nonce=self._new_id()))
             if wants_high_cpu(message.task.request.capabilities):
                 self._set_cpu(self.settings.high_cpu)  # before the resume: live from the first instruction
-            self.hypervisor.resume(self.vm_id)
+            self.run_control.resume()
         except CorralError as e:
             self._fail("vm_lost", f"the VM could not be resumed ({e})")
 
@@ -382,7 +386,7 @@ class Supervisor(pykka.ThreadingActor):
             return
         if self.state != "ready":  # ready VMs are paused already
             try:
-                self.hypervisor.suspend(self.vm_id)
+                self.run_control.pause()
             except CorralError as e:
                 # A VM that cannot be paused in an emergency must not run on.
                 return self._fail("vm_lost", f"the VM could not be paused for a SCRAM ({e})")
@@ -397,7 +401,7 @@ class Supervisor(pykka.ThreadingActor):
         if self.state == "ready":
             return
         try:
-            self.hypervisor.resume(self.vm_id)
+            self.run_control.resume()
         except CorralError as e:
             return self._fail("vm_lost", f"the VM could not be resumed after a SCRAM ({e})")
         if self.deadline is not None:
@@ -409,7 +413,7 @@ class Supervisor(pykka.ThreadingActor):
         if kind == "kill_qemu":
             self.hypervisor.kill_qemu(self.vm_id)
         elif kind == "hang_guest":
-            self.hypervisor.suspend(self.vm_id)  # the guest stops answering; deadlines do the rest
+            self.run_control.pause()  # the guest stops answering; deadlines do the rest
         elif kind == "drop_libvirt":
             self.hypervisor.drop_connection()
         elif kind == "crash":
@@ -446,6 +450,8 @@ class Supervisor(pykka.ThreadingActor):
         self.directory.tell("ioguard", Unwatch(self.vm_id))
         if self.link is not None:
             self.link.close()
+        if self.run_control is not None:
+            self.run_control.close()
         if self.handle is not None:
             try:
                 self.hypervisor.destroy(self.handle)

@@ -36,6 +36,7 @@ class VmConfig:
     tmpfs_size: str = field(metadata={"pattern": "size"})
     console_log: bool = field()
     libvirt_call_timeout_s: float = field(metadata=_range(1, 600))
+    fast_resume: bool = field()
     # Hard capabilities (docs/capabilities.md): the res:large_mem tier's memory, and
     # the CPU shares and vCPU quota (% of one CPU; 0: none) of default and res:high_cpu tasks.
     large_memory_mib: int = field(metadata=_range(128, 1 << 20))
