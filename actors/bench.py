@@ -8,16 +8,19 @@
   and agent start add on top of the bare kernel.
 - frame decode: FrameDecoder throughput against raw zlib.crc32 over the same bytes.
 - service: through a real corrald (actors, ZeroMQ, warm pool): warm acquire
-  (resume + agent answer, from the replies) and end-to-end latency of `true`
+  (assignment to the agent's answer after the resume, from corrald's acquire
+  histogram), tasks back to back and 0.1 s apart, against the same service
+  resuming through libvirt instead of QMP; end-to-end latency of `true`
   p50/p99 with a pool of 2, one task at a time, against `true` over a bare
   GuestLink on a booted VM (what the actors and ZeroMQ add); throughput with pools of 1, 2 and 4 against booting a cold
   VM for every task.
-- acquire: what a warm acquire is made of, on one bare VM: libvirt resume()
-  then the agent's heartbeat answer, against QEMU's own QMP `cont` (a second
-  monitor socket added for the benchmark only) then the same answer.
+- acquire: what a warm acquire is made of, on one bare VM paused 0.1 s:
+  QMP `cont` on corral's own monitor socket (vm.fast_resume) then the agent's
+  heartbeat answer, against libvirt's resume() then the same answer.
 - scram: through a real corrald with a pool of 2, both VMs running a task:
   `corral admin scram` until every VM is paused (as the reply reports it and
-  libvirt confirms), against one bare suspend() call on a running VM.
+  libvirt confirms), against one bare pause of a running VM (as a Supervisor
+  pauses: QMP `stop`, or libvirt suspend() without vm.fast_resume).
 - intake: what the admission check (identity, grants, budget) costs per
   request: sequential round trips through the real IntakeServer and client
   to an actor that answers at once (no VM), with the local identity and its
@@ -86,7 +89,7 @@ def boot_busybox_to_poweroff(hypervisor: Hypervisor, initrd: Path, timeout_s: fl
 
     name = hypervisor.prefix + "bench" + format(time.monotonic_ns() % 16**7, "07x")
     spec = hypervisor.spec_for(name, overlay=Path("/nonexistent"), socket=None)
-    spec = dataclasses.replace(spec, initrd=initrd, disks=(), channel_socket=None)
+    spec = dataclasses.replace(spec, initrd=initrd, disks=(), channel_socket=None, monitor_socket=None)
     started = time.monotonic()
     domain = hypervisor.conn.createXML(spec.to_xml(), 0)
     while time.monotonic() - started < timeout_s:
@@ -176,16 +179,36 @@ def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body
             service.stop()
 
 
-def sequential_true(client, runs: int) -> tuple[list[float], list[float]]:
+def acquire_total_s(service) -> float:
+    """Every warm acquire so far, summed (the acquire histogram's sum): with one
+    task at a time, the difference is that task's acquire, unrounded."""
+    for metric in service.metrics.acquire_seconds.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                return sample.value
+    raise RuntimeError("corral_vm_acquire_seconds has no _sum")
+
+
+def sequential_true(client, service, runs: int, gap_s: float = 0.0) -> tuple[list[float], list[float]]:
+    """`true` one task at a time, `gap_s` after the last answer: (end to end, acquire)."""
     end_to_end, acquire = [], []
     for _ in range(runs):
+        time.sleep(gap_s)
+        acquired_before = acquire_total_s(service)
         started = time.monotonic()
         reply = client.run(["true"], wait_s=60)
         end_to_end.append(time.monotonic() - started)
         if reply.error_code or reply.exit_code:
             raise RuntimeError(f"`true` failed: {reply.error_code} {reply.error_message}")
-        acquire.append(reply.acquire_ms / 1000)
+        acquire.append(acquire_total_s(service) - acquired_before)
     return end_to_end, acquire
+
+
+def sequential_true_both_ways(client, service, runs: int) -> dict:
+    """Back to back (the next task meets one VM paused, the other resetting), and
+    0.1 s apart (every VM paused and idle, as between an agent's tool calls)."""
+    return {"back to back": sequential_true(client, service, runs),
+            "0.1 s apart": sequential_true(client, service, runs, gap_s=0.1)}
 
 
 def throughput(client, tasks: int) -> float:
@@ -199,15 +222,25 @@ def throughput(client, tasks: int) -> float:
 
 def bench_service(cfg: config.Config, runs: int) -> None:
     hypervisor = hypervisor_from_config(cfg)
+    # The same service pausing and resuming through libvirt: the acquire's baseline.
+    through_libvirt = hypervisor_from_config(
+        dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, fast_resume=False)))
     try:
-        print(f"accelerator: {hypervisor.accelerator}")
+        print(f"accelerator: {hypervisor.accelerator}; "
+              f"pause/resume through {'QMP' if hypervisor.fast_resume else 'libvirt'}")
         bare = bare_link_true(hypervisor, cfg, runs)
-        # A pool of 2: the next task finds a paused VM while the last one resets.
-        end_to_end, acquire = run_service(cfg, hypervisor, 2, lambda c, _: sequential_true(c, runs))
+        # A pool of 2: a task sent at once after the last finds a paused VM while the other resets.
+        figures = run_service(cfg, hypervisor, 2, lambda c, s: sequential_true_both_ways(c, s, runs))
+        baseline = run_service(cfg, through_libvirt, 2, lambda c, s: sequential_true_both_ways(c, s, runs))
+        end_to_end = figures["back to back"][0]
         print(f"`true` end to end through ZeroMQ:  {latency(end_to_end)}")
         print(f"baseline, `true` over a GuestLink: {latency(bare)}")
         print(f"ratio (p50):                       {percentile(end_to_end, 50) / percentile(bare, 50):.2f}x")
-        print(f"warm acquire (resume + answer):    {latency(acquire)}")
+        for spacing in figures:
+            acquire, libvirt_acquire = figures[spacing][1], baseline[spacing][1]
+            print(f"warm acquire, {spacing + ':':21}{latency(acquire)}")
+            print(f"  baseline, libvirt resume():      {latency(libvirt_acquire)}  "
+                  f"ratio (p50) {percentile(acquire, 50) / percentile(libvirt_acquire, 50):.2f}x")
         cold_rate = cold_vm_per_task(hypervisor, cfg, 3)
         print(f"baseline, cold VM per task:        {cold_rate:7.2f} tasks/s")
         for size in (1, 2, 4):
@@ -216,6 +249,7 @@ def bench_service(cfg: config.Config, runs: int) -> None:
                   f"({rate / cold_rate:.1f}x cold VM per task)")
     finally:
         hypervisor.close()
+        through_libvirt.close()
 
 
 def scram_rounds(service, client, rounds: int) -> list[float]:
@@ -243,16 +277,18 @@ def bench_scram(cfg: config.Config, rounds: int) -> None:
     hypervisor = hypervisor_from_config(cfg)
     try:
         with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (handle, _, _):
-            suspends = []
+            control = hypervisor.run_control(handle)  # as a Supervisor pauses its VM
+            pauses = []
             for _ in range(rounds):
                 started = time.monotonic()
-                hypervisor.suspend(handle.name)
-                suspends.append(time.monotonic() - started)
-                hypervisor.resume(handle.name)
+                control.pause()
+                pauses.append(time.monotonic() - started)
+                control.resume()
+            control.close()
         paused_in = run_service(cfg, hypervisor, 2, lambda client, service: scram_rounds(service, client, rounds))
         print(f"SCRAM until 2 busy VMs paused:     {latency(paused_in)}")
-        print(f"baseline, one suspend() call:      {latency(suspends)}")
-        print(f"ratio (p50):                       {percentile(paused_in, 50) / percentile(suspends, 50):.2f}x")
+        print(f"baseline, one pause of a VM:        {latency(pauses)}")
+        print(f"ratio (p50):                       {percentile(paused_in, 50) / percentile(pauses, 50):.2f}x")
     finally:
         hypervisor.close()
 def capability_latencies(client, runs: int) -> dict:
@@ -354,81 +390,42 @@ def bench_intake(runs: int) -> None:
               f"ratio (p50) {percentile(samples, 50) / base:.2f}x")
 
 
-def _qmp_domain(hypervisor: Hypervisor, qmp_dir: Path):
-    """A VM like the pool's plus a QMP socket of our own (benchmark only)."""
-    import pwd
-    import xml.etree.ElementTree as ET
-
-    from actors.hypervisor import create_overlay
-
-    user = pwd.getpwnam("libvirt-qemu")  # QEMU creates the socket as libvirt's qemu user
-    qmp_dir.mkdir(mode=0o750, exist_ok=True)
-    os.chown(qmp_dir, user.pw_uid, user.pw_gid)
-    name = hypervisor.new_name()
-    overlay, channel = hypervisor.overlay_dir / f"{name}.qcow2", hypervisor.run_dir / f"{name}.sock"
-    qmp_path = qmp_dir / f"{name}.qmp"
-    ns = "http://libvirt.org/schemas/domain/qemu/1.0"
-    ET.register_namespace("qemu", ns)
-    domain = ET.fromstring(hypervisor.spec_for(name, overlay, channel).to_xml())
-    commandline = ET.SubElement(domain, f"{{{ns}}}commandline")
-    for arg in ("-qmp", f"unix:{qmp_path},server=on,wait=off"):
-        ET.SubElement(commandline, f"{{{ns}}}arg", value=arg)
-    create_overlay(hypervisor.image.disk, overlay)
-    hypervisor.conn.createXML(ET.tostring(domain, encoding="unicode"), 0)
-    return name, channel, qmp_path
-
-
-def bench_acquire(cfg: config.Config, rounds: int) -> None:
-    import json
-    import socket
-
-    from actors.guest_link import GuestLink
+def bench_acquire(cfg: config.Config, rounds: int, idle_s: float = 0.1) -> None:
+    from actors.hypervisor import LibvirtRunControl
     from protocol import messages
 
     hypervisor = hypervisor_from_config(cfg)
-    name = None
     try:
-        name, channel, qmp_path = _qmp_domain(hypervisor, cfg.state_dir / "bench-qmp")
-        link = GuestLink(str(channel))
-        deadline = time.monotonic() + cfg.vm.boot_timeout_s
-        link.connect(deadline)
-        link.wait_hello(deadline)
-        qmp = socket.socket(socket.AF_UNIX)
-        qmp.connect(str(qmp_path))
-        qmp_file = qmp.makefile("rwb")
-
-        def qmp_execute(command: str) -> None:
-            qmp_file.write(json.dumps({"execute": command}).encode() + b"\n")
-            qmp_file.flush()
-            while not {"return", "error"} & json.loads(qmp_file.readline()).keys():
-                pass  # an event: read on
-
-        qmp_file.readline()  # the greeting
-        qmp_execute("qmp_capabilities")
-        resumes = {"libvirt": ([], []), "qmp": ([], [])}
-        for nonce in range(1, rounds + 1):
-            for way, resume in (("libvirt", lambda: hypervisor.resume(name)), ("qmp", lambda: qmp_execute("cont"))):
-                hypervisor.suspend(name)
-                link.send(messages.Heartbeat(nonce=nonce))
-                started = time.monotonic()
-                resume()
-                resumed = time.monotonic()
-                link.receive(frozenset({messages.HeartbeatAck}), resumed + 5)
-                resumes[way][0].append(resumed - started)
-                resumes[way][1].append(time.monotonic() - started)
-                # libvirt learns of a QMP `cont` only from QEMU's RESUME event: until it
-                # has, its own suspend() races it (a reason the bypass needs care).
-                while hypervisor.domain_states().get(name) != "running":
-                    time.sleep(0.001)
-        for way, label in (("libvirt", "libvirt resume()"), ("qmp", "QMP cont")):
-            alone, answered = resumes[way]
-            print(f"{label + ' + heartbeat answer:':34} {latency(answered)}")
-            print(f"{'  of which ' + label + ':':34} {latency(alone)}")
-        ratio = percentile(resumes["qmp"][1], 50) / percentile(resumes["libvirt"][1], 50)
+        if not hypervisor.fast_resume:
+            print("acquire: vm.fast_resume is off on this host (see the log): nothing to compare")
+            return
+        with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (handle, link, _):
+            ways = {"QMP cont": hypervisor.run_control(handle),
+                    "libvirt resume()": LibvirtRunControl(hypervisor, handle.name)}
+            resumes = {way: ([], []) for way in ways}
+            for nonce in range(1, rounds + 1):
+                for way, control in ways.items():
+                    # Paused the same way, and only once libvirt has caught up with
+                    # the last QMP `cont` (it learns of it from QEMU's RESUME event).
+                    while hypervisor.domain_states().get(handle.name) != "running":
+                        time.sleep(0.001)
+                    control.pause()
+                    time.sleep(idle_s)  # a pool VM waits paused for its task
+                    link.send(messages.Heartbeat(nonce=nonce))
+                    started = time.monotonic()
+                    control.resume()
+                    resumed = time.monotonic()
+                    link.receive(frozenset({messages.HeartbeatAck}), resumed + 5)
+                    resumes[way][0].append(resumed - started)
+                    resumes[way][1].append(time.monotonic() - started)
+            ways["QMP cont"].close()
+        print(f"one VM, paused {idle_s * 1000:.0f} ms before each resume:")
+        for way, (alone, answered) in resumes.items():
+            print(f"{way + ' + heartbeat answer:':34} {latency(answered)}")
+            print(f"{'  of which ' + way + ':':34} {latency(alone)}")
+        ratio = percentile(resumes["QMP cont"][1], 50) / percentile(resumes["libvirt resume()"][1], 50)
         print(f"ratio (p50, QMP / libvirt):        {ratio:.2f}x")
     finally:
-        if name is not None:
-            hypervisor.destroy_by_name(name)
         hypervisor.close()
 
 
