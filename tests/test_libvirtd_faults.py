@@ -1,8 +1,11 @@
 """libvirtd misbehaving under a running corrald.
 
-Hung (SIGSTOPped): every libvirt call has a deadline, the VM whose call ran
-past it is given up, its task is requeued (its command had not started) and
-runs once libvirtd is back; the daemon answers its callers throughout.
+Hung (SIGSTOPped): a warm pool keeps serving, since a default task's acquire
+and release go through QEMU's monitor (vm.fast_resume), not libvirtd. Where a
+libvirt call is on the path (here: resuming through libvirt), it has a
+deadline: the VM whose call ran past it is given up, its task is requeued (its
+command had not started) and runs once libvirtd is back; the daemon answers
+its callers throughout.
 
 Restarted mid-task: the task's channel is QEMU's socket, not libvirtd's, so
 the command finishes and is answered; corrald reconnects on its next call,
@@ -29,9 +32,34 @@ def libvirtd_pid() -> int:
                               check=True).stdout.split()[0])
 
 
-def test_hung_libvirtd_loses_no_task_and_heals(tmp_path):
+def test_a_warm_pool_serves_on_while_libvirtd_hangs(tmp_path):
     cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1},
                          vm={"libvirt_call_timeout_s": CALL_TIMEOUT_S})
+    svc = start_service(cfg)
+    pid = libvirtd_pid()
+    try:
+        wait_ready(svc, 1)
+        vm = next(iter(pool_vms(svc)))
+        with Client(cfg.daemon.endpoint) as client:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for n in range(3):  # each one resumes, runs, resets and pauses the same VM
+                    reply = client.run(["echo", f"task {n}"], wait_s=30)
+                    assert (reply.error_code, reply.stdout) == ("", f"task {n}\n".encode()), reply
+                    wait_until(lambda: pool_vms(svc).get(vm) == "ready", 10, "the VM back in the pool")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        # libvirtd, back, catches up with QEMU's events: the pool's VM is paused.
+        wait_until(lambda: svc.hypervisor.domain_states().get(vm) == "paused", 10, "libvirt sees it paused")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        svc.stop()
+
+
+def test_hung_libvirtd_loses_no_task_and_heals(tmp_path):
+    # Resuming through libvirt puts a libvirt call on every acquire.
+    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1},
+                         vm={"libvirt_call_timeout_s": CALL_TIMEOUT_S, "fast_resume": False})
     svc = start_service(cfg)
     pid = libvirtd_pid()
     try:
