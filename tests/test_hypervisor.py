@@ -75,6 +75,7 @@ def test_domain_xml_structure(tmp_path):
     assert root_disk.find("backingStore/format").get("type") == "qcow2"
     assert root_disk.find("readonly") is None
     assert iso.find("readonly") is not None and iso.findtext("serial") == "corral-agent"
+    assert root.find("devices/controller[@type='virtio-serial']").get("ports") == "2"
     channel = root.find("devices/channel")
     assert channel.get("type") == "unix"
     assert channel.find("source").get("mode") == "bind"
