@@ -378,10 +378,15 @@ class Hypervisor:
                         "creating corral's QMP socket; pausing and resuming through libvirt "
                         "(~3 ms slower per acquire)", confining)
             return False
-        self.monitor_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.monitor_dir, 0o700)
-        if owner is not None:
-            os.chown(self.monitor_dir, *owner)
+        try:
+            self.monitor_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.monitor_dir, 0o700)
+            if owner is not None:
+                os.chown(self.monitor_dir, *owner)
+        except OSError as e:
+            log.warning("vm.fast_resume is off: cannot give %s to QEMU's user (%s); pausing and "
+                        "resuming through libvirt", self.monitor_dir, e)
+            return False
         return True
 
     def run_control(self, handle: VmHandle):

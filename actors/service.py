@@ -72,6 +72,7 @@ class Corral:
         self.vm_settings = VmSettings(
             boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
             reset_timeout_s=cfg.pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
+            settle_s=cfg.pool.settle_ms / 1000,
             max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict,
             files=FileSettings(max_put_bytes=cfg.artifacts.max_put_bytes,
                                max_collect_bytes=cfg.artifacts.max_collect_bytes,

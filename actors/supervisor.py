@@ -1,9 +1,12 @@
 """Supervisor: one per VM. Owns its libvirt domain, overlay and channel; runs
 one task at a time; enforces the dead-man's switch.
 
-Life of a VM:  booting --Hello--> ready (paused) --RunTask--> acquiring
-(resumed, Heartbeat sent) --HeartbeatAck--> running (PutFiles, Exec sent) --Exit-->
-[collecting (Collect sent) --last Collected-->] resetting (Reset sent) --ResetDone--> ready ... and from anywhere: gone.
+Life of a VM:  booting --Hello--> settling --settle time--> ready (paused) --RunTask-->
+acquiring (resumed, Heartbeat sent) --HeartbeatAck--> running (PutFiles, Exec sent) --Exit-->
+[collecting (Collect sent) --last Collected-->] resetting (Reset sent) --ResetDone--> settling
+... and from anywhere: gone. Settling lets the guest finish the clean-up its
+boot or reset queued before it is paused, so that work does not slow the
+next acquire (pool.settle_ms).
 
 Every state has an allow-list of what the guest may send (default deny) and
 a deadline. A violation, a deadline passed or a lost channel ends the VM:
@@ -57,6 +60,7 @@ ALLOWED = {
     "collecting": frozenset({guest.Collected}),
     # Output and Exit of a command the reset killed may still be in flight.
     "resetting": frozenset({guest.ResetDone, guest.Output, guest.Exit}),
+    "settling": frozenset(),
 }
 # Guest errors that mean "this command was not started" (code -> text before the
 # agent's message): the task is answered with the code, the VM lives on.
@@ -72,6 +76,7 @@ class VmSettings:
     max_uses: int
     max_age_s: float
     strict: bool  # one task per VM, never reused
+    settle_s: float = 0.0  # runs idle this long after Hello or Reset before it is paused
     files: FileSettings | None = None  # caps and signer for files in and out
     default_soft_bits: int = 0  # soft capabilities every task holds unasked (tasks.default_capabilities)
     large_memory_mib: int = 4096  # the res:large_mem tier's memory
@@ -196,7 +201,7 @@ class Supervisor(pykka.ThreadingActor):
         if isinstance(message, guest.Hello):
             self.metrics.boot_seconds.observe(time.monotonic() - self.born)
             log.info("VM %s booted in %.2f s", self.vm_id, time.monotonic() - self.born)
-            self._pause_and_offer()
+            self._settle()
         elif isinstance(message, guest.HeartbeatAck):
             if message.nonce != self.next_id:
                 return self._fail("protocol_violation", "heartbeat answered with a wrong nonce")
@@ -215,7 +220,15 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, guest.ResetDone):
             if message.reset_id != self.next_id or not message.ok:
                 return self._end("reset_failed")
-            self._pause_and_offer()
+            self._settle()
+
+    def _settle(self) -> None:
+        if self.settings.settle_s <= 0:
+            return self._pause_and_offer()
+        # Not offered yet: the pool still sees it booting or resetting. Its
+        # deadline is the way on (and stops counting, like any, while frozen).
+        self.state = "settling"
+        self._arm("settling", self.settings.settle_s)
 
     def _pause_and_offer(self) -> None:
         try:
@@ -237,7 +250,7 @@ class Supervisor(pykka.ThreadingActor):
             return
         self.current = RunningTask(message.task, message.assigned_at,
                                    CappedOutput(message.task.request.output_cap))
-        self._set_state("acquiring", self.settings.acquire_timeout_s)
+        self.state = "acquiring"
         try:
             # Queued in the socket before the resume: the agent finds it the
             # moment it runs again, with no round trip after the resume call.
@@ -246,7 +259,10 @@ class Supervisor(pykka.ThreadingActor):
                 self._set_cpu(self.settings.high_cpu)  # before the resume: live from the first instruction
             self.run_control.resume()
         except CorralError as e:
-            self._fail("vm_lost", f"the VM could not be resumed ({e})")
+            return self._fail("vm_lost", f"the VM could not be resumed ({e})")
+        # Telling the pool and arming the deadline wait until the guest runs:
+        # they are off the acquire's path, and the answer cannot be read before.
+        self._set_state("acquiring", self.settings.acquire_timeout_s)
 
     def _start_command(self) -> None:
         running = self.current
@@ -380,6 +396,8 @@ class Supervisor(pykka.ThreadingActor):
             self._collect_ended(f"not collected within {self.settings.files.collect_timeout_s:g} s")
         elif self.state == "resetting":
             self._end("reset_timeout")
+        elif self.state == "settling":
+            self._pause_and_offer()
 
     def _freeze(self) -> None:
         if self.frozen_at is not None:

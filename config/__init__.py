@@ -77,6 +77,7 @@ class PoolConfig:
     acquire_timeout_s: float = field(metadata=_range(0.1, 600))
     reset_timeout_s: float = field(metadata=_range(0.1, 600))
     boot_backoff_max_s: float = field(metadata=_range(0.1, 3600))
+    settle_ms: int = field(metadata=_range(0, 5000))
     # VMs of a hard-capability tier (net:egress, res:large_mem): kept warm, at most
     # booted for waiting tasks, and how long one may idle before it is retired.
     tier_size: int = field(metadata=_range(0, 256))

@@ -176,6 +176,37 @@ def test_scram_pauses_flushes_refuses_and_resume_restores(service, client):
     assert scrape(service)["corral_safe_mode"] == 0
 
 
+def test_a_released_vm_settles_running_then_is_paused_and_offered(tmp_path):
+    """pool.settle_ms: after its reset a VM runs on, not offered, then is paused
+    and offered; a SCRAM while it settles pauses it too, and resume carries on."""
+    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1, "settle_ms": 1500})
+    svc = start_service(cfg)
+    try:
+        wait_ready(svc, 1)
+        (vm,) = pool_vms(svc)
+        assert svc.hypervisor.domain_states()[vm] == "paused", "after its boot's settle"
+        with Client(cfg.daemon.endpoint) as client:
+            assert client.run(["echo", "one"]).stdout == b"one\n"
+            wait_until(lambda: svc.hypervisor.domain_states()[vm] == "running"
+                       and pool_vms(svc)[vm] == "resetting", 1, "the VM settling")
+            time.sleep(0.5)
+            assert (pool_vms(svc)[vm], svc.hypervisor.domain_states()[vm]) == ("resetting", "running")
+            wait_until(lambda: pool_vms(svc)[vm] == "ready", 5, "the VM offered")
+            assert svc.hypervisor.domain_states()[vm] == "paused"
+
+            assert client.run(["echo", "two"]).stdout == b"two\n"
+            wait_until(lambda: svc.hypervisor.domain_states()[vm] == "running", 1, "settling again")
+            assert operator(svc, "scram", "drill").ok  # answers once every VM is paused
+            assert svc.hypervisor.domain_states()[vm] == "paused"
+            time.sleep(2)  # past the settle time: frozen, its clock stopped
+            assert pool_vms(svc)[vm] == "resetting"
+            assert operator(svc, "resume").ok
+            wait_until(lambda: pool_vms(svc)[vm] == "ready", 5, "offered after the resume")
+            assert client.run(["echo", "three"]).stdout == b"three\n"
+    finally:
+        svc.stop()
+
+
 def test_safe_mode_survives_a_restart_until_resumed(tmp_path):
     cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1})
     svc = start_service(cfg)
