@@ -1,12 +1,13 @@
 """Supervisor: one per VM. Owns its libvirt domain, overlay and channel; runs
 one task at a time; enforces the dead-man's switch.
 
-Life of a VM:  booting --Hello--> settling --settle time--> ready (paused) --RunTask-->
-acquiring (resumed, Heartbeat sent) --HeartbeatAck--> running (PutFiles, Exec sent) --Exit-->
-[collecting (Collect sent) --last Collected-->] resetting (Reset sent) --ResetDone--> settling
-... and from anywhere: gone. Settling lets the guest finish the clean-up its
-boot or reset queued before it is paused, so that work does not slow the
-next acquire (pool.settle_ms).
+Life of a VM:  booting --Hello--> settling (offered, running) --settle time--> ready
+(offered, paused) --RunTask--> acquiring (resumed, Heartbeat sent) --HeartbeatAck-->
+running (PutFiles, Exec sent) --Exit--> [collecting (Collect sent) --last Collected-->]
+resetting (Reset sent) --ResetDone--> settling ... and from anywhere: gone. A
+RunTask also takes a settling VM, without a resume. Settling lets the guest
+finish the clean-up its boot or reset queued before it is paused, so that work
+does not slow the next acquire (pool.settle_ms).
 
 Every state has an allow-list of what the guest may send (default deny) and
 a deadline. A violation, a deadline passed or a lost channel ends the VM:
@@ -165,7 +166,7 @@ class Supervisor(pykka.ThreadingActor):
                 self._fail("vm_lost", f"the VM died ({message.detail})", reason=self._boot_failed())
         elif isinstance(message, Retire):
             self.retire_reason = message.reason
-            if self.state in ("ready", "booting"):
+            if self.state in ("ready", "settling", "booting"):
                 self._end("retired_" + message.reason)
         elif isinstance(message, InjectFault):
             self._inject(message.kind)
@@ -201,7 +202,7 @@ class Supervisor(pykka.ThreadingActor):
         if isinstance(message, guest.Hello):
             self.metrics.boot_seconds.observe(time.monotonic() - self.born)
             log.info("VM %s booted in %.2f s", self.vm_id, time.monotonic() - self.born)
-            self._settle()
+            self._offer()
         elif isinstance(message, guest.HeartbeatAck):
             if message.nonce != self.next_id:
                 return self._fail("protocol_violation", "heartbeat answered with a wrong nonce")
@@ -220,34 +221,43 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, guest.ResetDone):
             if message.reset_id != self.next_id or not message.ok:
                 return self._end("reset_failed")
-            self._settle()
+            self._offer()
 
-    def _settle(self) -> None:
-        if self.settings.settle_s <= 0:
-            return self._pause_and_offer()
-        # Not offered yet: the pool still sees it booting or resetting. Its
-        # deadline is the way on (and stops counting, like any, while frozen).
-        self.state = "settling"
-        self._arm("settling", self.settings.settle_s)
-
-    def _pause_and_offer(self) -> None:
+    def _offer(self) -> None:
+        """After its Hello or a Reset: offered to the Scheduler, settling first if
+        pool.settle_ms, so the guest does the clean-up that step queued now and
+        not during the next acquire. A task that comes while it settles takes it
+        running; otherwise it is paused when the settle time is up."""
         try:
-            if self.frozen_at is None:  # a frozen VM is paused already
-                self.run_control.pause()
-            # Booted unthrottled (a faster boot); paused with the default CPU, so
+            # Booted unthrottled (a faster boot); offered with the default CPU, so
             # a default task's acquire makes no libvirt call but the resume.
             self._set_cpu(self.settings.cpu)
         except CorralError as e:
-            log.warning("VM %s: cannot pause: %s", self.vm_id, e)
+            log.warning("VM %s: cannot set its CPU: %s", self.vm_id, e)
             return self._end("pause_failed")
         if self.retire_reason:
             return self._end("retired_" + self.retire_reason)
-        self._set_state("ready")
+        if self.settings.settle_s > 0:
+            self._set_state("settling", self.settings.settle_s)
+        elif self._pause():
+            self._set_state("ready")
+
+    def _pause(self) -> bool:
+        """Pause the VM to wait for a task; False if it had to end instead."""
+        try:
+            if self.frozen_at is None:  # a frozen VM is paused already
+                self.run_control.pause()
+        except CorralError as e:
+            log.warning("VM %s: cannot pause: %s", self.vm_id, e)
+            self._end("pause_failed")
+            return False
+        return True
 
     def _run_task(self, message: RunTask) -> None:
-        if self.state != "ready" or self.frozen_at is not None:
+        if self.state not in ("ready", "settling") or self.frozen_at is not None:
             self._requeue(message.task)
             return
+        paused = self.state == "ready"
         self.current = RunningTask(message.task, message.assigned_at,
                                    CappedOutput(message.task.request.output_cap))
         self.state = "acquiring"
@@ -257,7 +267,8 @@ class Supervisor(pykka.ThreadingActor):
             self.link.send(guest.Heartbeat(nonce=self._new_id()))
             if wants_high_cpu(message.task.request.capabilities):
                 self._set_cpu(self.settings.high_cpu)  # before the resume: live from the first instruction
-            self.run_control.resume()
+            if paused:  # a settling VM still runs
+                self.run_control.resume()
         except CorralError as e:
             return self._fail("vm_lost", f"the VM could not be resumed ({e})")
         # Telling the pool and arming the deadline wait until the guest runs:
@@ -396,8 +407,8 @@ class Supervisor(pykka.ThreadingActor):
             self._collect_ended(f"not collected within {self.settings.files.collect_timeout_s:g} s")
         elif self.state == "resetting":
             self._end("reset_timeout")
-        elif self.state == "settling":
-            self._pause_and_offer()
+        elif self.state == "settling" and self._pause():
+            self.state = "ready"  # offered already, as it began to settle
 
     def _freeze(self) -> None:
         if self.frozen_at is not None:
@@ -482,7 +493,9 @@ class Supervisor(pykka.ThreadingActor):
 
     def _set_state(self, state: str, deadline_s: float | None = None) -> None:
         self.state = state
-        self._tell_pool({"acquiring": "busy", "running": "busy", "collecting": "busy"}.get(state, state))
+        # Settling is ready to the pool: offered, only not yet paused.
+        self._tell_pool({"acquiring": "busy", "running": "busy", "collecting": "busy",
+                         "settling": "ready"}.get(state, state))
         if deadline_s is not None:
             self._arm(state, deadline_s)
 

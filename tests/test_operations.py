@@ -176,33 +176,38 @@ def test_scram_pauses_flushes_refuses_and_resume_restores(service, client):
     assert scrape(service)["corral_safe_mode"] == 0
 
 
-def test_a_released_vm_settles_running_then_is_paused_and_offered(tmp_path):
-    """pool.settle_ms: after its reset a VM runs on, not offered, then is paused
-    and offered; a SCRAM while it settles pauses it too, and resume carries on."""
+def test_a_released_vm_is_offered_settling_then_paused(tmp_path):
+    """pool.settle_ms: after its reset a VM is offered while it runs on; a task
+    that comes then takes it without a resume; otherwise it is paused when the
+    settle time is up. A SCRAM while it settles pauses it, and resume carries on."""
     cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1, "settle_ms": 1500})
     svc = start_service(cfg)
+
+    def vm_is(pool_state, domain_state):
+        return pool_vms(svc)[vm] == pool_state and svc.hypervisor.domain_states()[vm] == domain_state
+
     try:
         wait_ready(svc, 1)
         (vm,) = pool_vms(svc)
-        assert svc.hypervisor.domain_states()[vm] == "paused", "after its boot's settle"
+        wait_until(lambda: vm_is("ready", "paused"), 5, "paused after its boot's settle")
         with Client(cfg.daemon.endpoint) as client:
             assert client.run(["echo", "one"]).stdout == b"one\n"
-            wait_until(lambda: svc.hypervisor.domain_states()[vm] == "running"
-                       and pool_vms(svc)[vm] == "resetting", 1, "the VM settling")
+            wait_until(lambda: vm_is("ready", "running"), 1, "offered, settling")
             time.sleep(0.5)
-            assert (pool_vms(svc)[vm], svc.hypervisor.domain_states()[vm]) == ("resetting", "running")
-            wait_until(lambda: pool_vms(svc)[vm] == "ready", 5, "the VM offered")
-            assert svc.hypervisor.domain_states()[vm] == "paused"
+            assert vm_is("ready", "running")
+            assert client.run(["echo", "two"]).stdout == b"two\n", "taken while settling"
+            wait_until(lambda: vm_is("ready", "paused"), 5, "paused once settled")
 
-            assert client.run(["echo", "two"]).stdout == b"two\n"
-            wait_until(lambda: svc.hypervisor.domain_states()[vm] == "running", 1, "settling again")
+            assert client.run(["echo", "three"]).stdout == b"three\n"
+            wait_until(lambda: vm_is("ready", "running"), 1, "settling again")
             assert operator(svc, "scram", "drill").ok  # answers once every VM is paused
             assert svc.hypervisor.domain_states()[vm] == "paused"
             time.sleep(2)  # past the settle time: frozen, its clock stopped
-            assert pool_vms(svc)[vm] == "resetting"
+            assert svc.hypervisor.domain_states()[vm] == "paused"
             assert operator(svc, "resume").ok
-            wait_until(lambda: pool_vms(svc)[vm] == "ready", 5, "offered after the resume")
-            assert client.run(["echo", "three"]).stdout == b"three\n"
+            wait_until(lambda: vm_is("ready", "running"), 2, "settling on after the resume")
+            wait_until(lambda: vm_is("ready", "paused"), 5, "then paused")
+            assert client.run(["echo", "four"]).stdout == b"four\n"
     finally:
         svc.stop()
 
