@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,59 +33,55 @@ def libvirtd_pid() -> int:
                               check=True).stdout.split()[0])
 
 
-def test_a_warm_pool_serves_on_while_libvirtd_hangs(tmp_path):
+@contextmanager
+def one_vm_service(tmp_path, **vm):
+    """A corrald with one ready VM, paused (past its settle time), and a client:
+    (service, client, the VM, libvirtd's pid). libvirtd is let go again whatever
+    happens."""
     cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1},
-                         vm={"libvirt_call_timeout_s": CALL_TIMEOUT_S})
+                         vm={"libvirt_call_timeout_s": CALL_TIMEOUT_S, **vm})
     svc = start_service(cfg)
     pid = libvirtd_pid()
     try:
         wait_ready(svc, 1)
         vm = next(iter(pool_vms(svc)))
+        wait_until(lambda: svc.hypervisor.domain_states().get(vm) == "paused", 10, "the VM paused")
         with Client(cfg.daemon.endpoint) as client:
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                for n in range(3):  # each one resumes, runs, resets and pauses the same VM
-                    reply = client.run(["echo", f"task {n}"], wait_s=30)
-                    assert (reply.error_code, reply.stdout) == ("", f"task {n}\n".encode()), reply
-                    wait_until(lambda: pool_vms(svc).get(vm) == "ready", 10, "the VM back in the pool")
-            finally:
-                os.kill(pid, signal.SIGCONT)
-        # libvirtd, back, catches up with QEMU's events: the pool's VM is paused.
-        wait_until(lambda: svc.hypervisor.domain_states().get(vm) == "paused", 10, "libvirt sees it paused")
+            yield svc, client, vm, pid
     finally:
         os.kill(pid, signal.SIGCONT)
         svc.stop()
+
+
+def test_a_warm_pool_serves_on_while_libvirtd_hangs(tmp_path):
+    with one_vm_service(tmp_path) as (svc, client, vm, libvirtd):
+        os.kill(libvirtd, signal.SIGSTOP)
+        for n in range(3):  # each one resumes, runs, resets and pauses the same VM
+            reply = client.run(["echo", f"task {n}"], wait_s=30)
+            assert (reply.error_code, reply.stdout) == ("", f"task {n}\n".encode()), reply
+            wait_until(lambda: pool_vms(svc).get(vm) == "ready", 10, "the VM back in the pool")
+        os.kill(libvirtd, signal.SIGCONT)
+        # libvirtd, back, catches up with QEMU's events: the pool's VM is paused.
+        wait_until(lambda: svc.hypervisor.domain_states().get(vm) == "paused", 10, "libvirt sees it paused")
 
 
 def test_hung_libvirtd_loses_no_task_and_heals(tmp_path):
     # Resuming through libvirt puts a libvirt call on every acquire.
-    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1},
-                         vm={"libvirt_call_timeout_s": CALL_TIMEOUT_S, "fast_resume": False})
-    svc = start_service(cfg)
-    pid = libvirtd_pid()
-    try:
-        wait_ready(svc, 1)
-        hung_vm = next(iter(pool_vms(svc)))
-        with Client(cfg.daemon.endpoint) as client:
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                task = client.submit(["echo", "after the hang"])
-                # The resume hangs; past its deadline the Supervisor gives the VM up.
-                wait_until(lambda: hung_vm not in pool_vms(svc), 4 * CALL_TIMEOUT_S + 2,
-                           "the VM with the hung call given up")
-                assert not task.done(), "the task's command never started: it waits, not fails"
-                started = time.monotonic()
-                client.status()  # corrald still answers while libvirtd is stopped
-                assert time.monotonic() - started < 1
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            reply = task.result(timeout=120)
-            assert (reply.error_code, reply.stdout) == ("", b"after the hang\n"), reply
+    with one_vm_service(tmp_path, fast_resume=False) as (svc, client, hung_vm, libvirtd):
+        os.kill(libvirtd, signal.SIGSTOP)
+        task = client.submit(["echo", "after the hang"])
+        # The resume hangs; past its deadline the Supervisor gives the VM up.
+        wait_until(lambda: hung_vm not in pool_vms(svc), 4 * CALL_TIMEOUT_S + 2,
+                   "the VM with the hung call given up")
+        assert not task.done(), "the task's command never started: it waits, not fails"
+        started = time.monotonic()
+        client.status()  # corrald still answers while libvirtd is stopped
+        assert time.monotonic() - started < 1
+        os.kill(libvirtd, signal.SIGCONT)
+        reply = task.result(timeout=120)
+        assert (reply.error_code, reply.stdout) == ("", b"after the hang\n"), reply
         # The domain whose destroy timed out is reaped as a zombie once libvirtd answers.
         wait_until(lambda: not svc.hypervisor.domain_exists(hung_vm), 30, "the hung VM reaped")
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        svc.stop()
 
 
 def restart_libvirtd() -> None:
