@@ -228,13 +228,16 @@ def qemu_confinement(capabilities_xml: str, accelerator: str) -> tuple[str | Non
     host = ET.fromstring(capabilities_xml).find("host")
     models = [m.text for m in host.iterfind("secmodel/model")]
     confining = next((m for m in models if m not in ("none", "dac")), None)
-    label = host.find(f"secmodel/baselabel[@type='{'kvm' if accelerator == 'kvm' else 'qemu'}']")
-    if label is None or label.text is None:
+    if confining:
         return confining, None
+    kind = "kvm" if accelerator == "kvm" else "qemu"
+    label = host.find(f"secmodel[model='dac']/baselabel[@type='{kind}']")
+    if label is None or label.text is None:
+        return None, None
     user, _, group = label.text.partition(":")  # "+64055:+64055", or names
     uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
     gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
-    return confining, (uid, gid)
+    return None, (uid, gid)
 
 
 # --- overlays ----------------------------------------------------------------------
@@ -372,7 +375,12 @@ class Hypervisor:
     def _prepare_monitor_dir(self) -> bool:
         """Make the directory QEMU creates our QMP sockets in: its user's alone.
         False where libvirt confines QEMU to the files of its domain XML."""
-        confining, owner = qemu_confinement(self.conn.getCapabilities(), self.accelerator)
+        try:
+            confining, owner = qemu_confinement(self.conn.getCapabilities(), self.accelerator)
+        except (KeyError, ValueError) as e:  # a DAC label naming no user or group here
+            log.warning("vm.fast_resume is off: cannot tell which user QEMU runs as (%s); "
+                        "pausing and resuming through libvirt", e)
+            return False
         if confining:
             log.warning("vm.fast_resume is off: libvirt's %s security driver would stop QEMU from "
                         "creating corral's QMP socket; pausing and resuming through libvirt "

@@ -52,10 +52,13 @@ class QmpMonitor:
                 os.unlink(self.path)
             except OSError:
                 pass
-        if "QMP" not in self._read_message(deadline):
+        try:
+            if "QMP" not in self._read_message(deadline):
+                raise HypervisorError("QEMU's monitor did not greet with QMP")
+            self.execute("qmp_capabilities", deadline=deadline)
+        except HypervisorError:
             self.close()
-            raise HypervisorError("QEMU's monitor did not greet with QMP")
-        self.execute("qmp_capabilities")
+            raise
 
     def pause(self) -> None:
         self.execute("stop")
@@ -63,11 +66,12 @@ class QmpMonitor:
     def resume(self) -> None:
         self.execute("cont")
 
-    def execute(self, command: str, arguments: dict | None = None) -> dict:
+    def execute(self, command: str, arguments: dict | None = None, deadline: float | None = None) -> dict:
         """Run one command; its `return` value, or HypervisorError."""
         if self.sock is None:
             raise HypervisorError(f"QEMU's monitor is closed ({command})")
-        deadline = time.monotonic() + self.timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
         self._next_id += 1
         request = {"execute": command, "id": self._next_id}
         if arguments:

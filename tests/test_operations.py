@@ -176,10 +176,15 @@ def test_scram_pauses_flushes_refuses_and_resume_restores(service, client):
     assert scrape(service)["corral_safe_mode"] == 0
 
 
-def test_a_released_vm_is_offered_settling_then_paused(tmp_path):
+def test_a_released_vm_is_offered_settling_then_paused(tmp_path, monkeypatch):
     """pool.settle_ms: after its reset a VM is offered while it runs on; a task
     that comes then takes it without a resume; otherwise it is paused when the
     settle time is up. A SCRAM while it settles pauses it, and resume carries on."""
+    from actors.qmp import QmpMonitor
+
+    resumes = []
+    real_resume = QmpMonitor.resume
+    monkeypatch.setattr(QmpMonitor, "resume", lambda monitor: resumes.append(1) or real_resume(monitor))
     cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1, "settle_ms": 1500})
     svc = start_service(cfg)
 
@@ -195,10 +200,13 @@ def test_a_released_vm_is_offered_settling_then_paused(tmp_path):
             wait_until(lambda: vm_is("ready", "running"), 1, "offered, settling")
             time.sleep(0.5)
             assert vm_is("ready", "running")
-            assert client.run(["echo", "two"]).stdout == b"two\n", "taken while settling"
+            resumed_before = len(resumes)
+            assert client.run(["echo", "two"]).stdout == b"two\n"
+            assert len(resumes) == resumed_before, "a settling VM is taken running, not resumed"
             wait_until(lambda: vm_is("ready", "paused"), 5, "paused once settled")
 
             assert client.run(["echo", "three"]).stdout == b"three\n"
+            assert len(resumes) == resumed_before + 1, "a paused VM is resumed"
             wait_until(lambda: vm_is("ready", "running"), 1, "settling again")
             assert operator(svc, "scram", "drill").ok  # answers once every VM is paused
             assert svc.hypervisor.domain_states()[vm] == "paused"
