@@ -37,8 +37,9 @@ class QmpMonitor:
         self._next_id = 0
 
     def connect(self) -> None:
-        """Connect, take the greeting, leave negotiation mode; then unlink the
-        socket's path: from here on this connection is the only way in."""
+        """Connect and unlink the socket's path at once (from here on this
+        connection is the only way in), then take the greeting and leave
+        negotiation mode, all within one timeout."""
         deadline = time.monotonic() + self.timeout_s
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
