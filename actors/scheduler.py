@@ -40,8 +40,7 @@ class SchedulerState:
     """What a restarted Scheduler takes over from the one that crashed."""
 
     queues: list[deque] = field(default_factory=lambda: [deque() for _ in LEVEL_NAMES])
-    available: OrderedDict = field(default_factory=OrderedDict)  # vm_id -> Supervisor ref
-    tiers: dict = field(default_factory=dict)  # vm_id -> Tier, of the available VMs
+    available: OrderedDict = field(default_factory=OrderedDict)  # vm_id -> (Supervisor ref, Tier)
     queued_bytes: int = 0
     safe_mode: bool = False
     demand: tuple = ()  # the last TierDemand sent
@@ -108,11 +107,9 @@ class Scheduler(pykka.ThreadingActor):
 
     def _vm_news(self, message: VmAvailable | VmWithdrawn) -> None:
         if isinstance(message, VmAvailable):
-            self.state.available[message.vm_id] = message.supervisor
-            self.state.tiers[message.vm_id] = message.tier
+            self.state.available[message.vm_id] = (message.supervisor, message.tier)
         else:
             self.state.available.pop(message.vm_id, None)
-            self.state.tiers.pop(message.vm_id, None)
 
     def _submit(self, task: Task) -> None:
         if self.depth >= self.max_depth:
@@ -149,8 +146,8 @@ class Scheduler(pykka.ThreadingActor):
     def _match(self) -> tuple[Task, str] | None:
         """The first task in priority order with a free VM of its tier, and that VM."""
         free = {}
-        for vm_id in self.state.available:
-            free.setdefault(self.state.tiers.get(vm_id, DEFAULT_TIER), vm_id)
+        for vm_id, (_, tier) in self.state.available.items():
+            free.setdefault(tier, vm_id)
         for queue in self.state.queues:
             for task in queue:
                 vm_id = free.get(tier_of(task.request.capabilities))
@@ -178,8 +175,7 @@ class Scheduler(pykka.ThreadingActor):
             if match is None:
                 return
             task, vm_id = match
-            supervisor = self.state.available.pop(vm_id)
-            self.state.tiers.pop(vm_id, None)
+            supervisor, _ = self.state.available.pop(vm_id)
             try:
                 supervisor.tell(RunTask(task, assigned_at=time.monotonic()))
             except pykka.ActorDeadError:
