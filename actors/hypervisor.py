@@ -374,28 +374,28 @@ class Hypervisor:
 
     def _prepare_monitor_dir(self) -> bool:
         """Make the directory QEMU creates our QMP sockets in: its user's alone.
-        False where libvirt confines QEMU to the files of its domain XML."""
+        False (with a warning saying why) where that cannot work."""
+        why_not = self._why_no_monitor_dir()
+        if why_not:
+            log.warning("vm.fast_resume is off: %s; pausing and resuming through libvirt "
+                        "(~3 ms slower per acquire)", why_not)
+        return not why_not
+
+    def _why_no_monitor_dir(self) -> str:
         try:
             confining, owner = qemu_confinement(self.conn.getCapabilities(), self.accelerator)
         except (KeyError, ValueError) as e:  # a DAC label naming no user or group here
-            log.warning("vm.fast_resume is off: cannot tell which user QEMU runs as (%s); "
-                        "pausing and resuming through libvirt", e)
-            return False
+            return f"cannot tell which user QEMU runs as ({e})"
         if confining:
-            log.warning("vm.fast_resume is off: libvirt's %s security driver would stop QEMU from "
-                        "creating corral's QMP socket; pausing and resuming through libvirt "
-                        "(~3 ms slower per acquire)", confining)
-            return False
+            return f"libvirt's {confining} security driver would stop QEMU from creating corral's QMP socket"
         try:
             self.monitor_dir.mkdir(mode=0o700, exist_ok=True)
             os.chmod(self.monitor_dir, 0o700)
             if owner is not None:
                 os.chown(self.monitor_dir, *owner)
         except OSError as e:
-            log.warning("vm.fast_resume is off: cannot give %s to QEMU's user (%s); pausing and "
-                        "resuming through libvirt", self.monitor_dir, e)
-            return False
-        return True
+            return f"cannot give {self.monitor_dir} to QEMU's user ({e})"
+        return ""
 
     def run_control(self, handle: VmHandle):
         """What pauses and resumes this VM: our QMP connection to its QEMU
