@@ -107,7 +107,10 @@ ACQUIRE_TIMEOUT_S = 2.0
 DEADMAN_GRACE_S = 5.0  # the design's figure
 PERIOD_US = 1_000_000
 # A CPU-bound command: well inside its timeout on a healthy VM, hopeless on a throttled one.
-CPU_WORK = ["sh", "-c", "i=0; while [ $i -lt 10000 ]; do i=$((i+1)); done; echo done"]
+# Sized for this machine's range of speeds: ~0.8 s of vCPU when it is fast (20x that
+# at a 5 % quota, far past the timeout; 10 000 rounds, ~0.3 s, could finish in it)
+# and ~2 s when it is slow (~3.5 s at the default 50 % quota, inside the timeout).
+CPU_WORK = ["sh", "-c", "i=0; while [ $i -lt 25000 ]; do i=$((i+1)); done; echo done"]
 TASK_TIMEOUT_S = 6.0
 
 
