@@ -4,11 +4,16 @@ makes every accepted task answered exactly once.
 The ROUTER socket lives in a thread of its own (IntakeServer): zmq sockets
 are never shared between threads. It decodes and validates each request,
 refuses bad ones at once with a clear code, records accepted ones in the
-ledger (ticket -> caller identity) and hands them to the Scheduler. Answers
-come to the Intake actor from any other actor; it forwards them to the
-server thread over an inproc socket, where the ledger entry is removed as the
-reply goes out: a second answer for the same ticket finds no entry and is
-dropped (and counted).
+ledger (ticket -> the connection that asked) and hands them to the
+Scheduler. Answers come to the Intake actor from any other actor; it forwards
+them to the server thread over an inproc socket, where the ledger entry is
+removed as the reply goes out: a second answer for the same ticket finds no
+entry and is dropped (and counted).
+
+An answer goes back over the connection the request came on, and only while
+it lives (actors/connections.py): a caller that went away is not answered,
+and whoever connects with its routing id gets nothing. The same guard sheds
+connections past daemon.max_connections.
 
 The server thread outlives a crash of the Intake actor: the Root restarts the
 actor around the same server, so the ledger and the socket are never lost.
@@ -30,6 +35,7 @@ import pykka
 import zmq
 
 from actors.artifacts import check_files_in, check_paths
+from actors.connections import Connection, ConnectionGuard, caller_of
 from actors.directory import Directory, drain_inbox
 from actors.endpoint import SocketThread
 from actors.errors import CorralError, Rejected
@@ -43,12 +49,21 @@ from protocol.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, Stat
 
 log = logging.getLogger("corral.intake")
 STOP = None  # posted instead of an answer: the server answers what is left and ends
+READ_BATCH = 256  # requests read per turn, so answers and the monitor get turns in a flood
+ENDPOINT_LABEL = "client"
 
 KNOWN_CAPABILITIES = frozenset(capabilities.ALL)  # protocol/capabilities.py: the one table
 UNAVAILABLE_CAPABILITIES = {
     "dev:gpu": "capability 'dev:gpu' is not offered: this host has no GPU passthrough",
 }
 OFFERED_CAPABILITIES = KNOWN_CAPABILITIES - UNAVAILABLE_CAPABILITIES.keys()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    conn: Connection  # the only connection the answer may go to
+    routing_id: bytes
+    task_id: str
 
 
 @dataclass(frozen=True)
@@ -114,7 +129,7 @@ class IntakeServer:
     """The thread that owns the ROUTER socket and the ledger."""
 
     def __init__(self, endpoint: str, limits: TaskLimits, metrics: Metrics, directory: Directory,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, max_connections: int = 1024):
         self.endpoint = endpoint
         self.limits = limits
         self.metrics = metrics
@@ -127,8 +142,13 @@ class IntakeServer:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self.tickets = itertools.count(1)
-        self.ledger: dict[int, tuple[bytes, str]] = {}  # ticket -> (identity, task_id)
-        self.in_flight: set[tuple[bytes, str]] = set()
+        self.ledger: dict[int, LedgerEntry] = {}
+        self.in_flight: set[tuple[int, str]] = set()  # (connection id, task_id)
+        # routing id -> (connection, caller, unanswered tasks) while any is unanswered:
+        # a request from another connection with that id is a reuse attempt.
+        self.routing_ids: dict[bytes, tuple[Connection, str, int]] = {}
+        self.max_connections = max_connections
+        self.guard: ConnectionGuard | None = None
         # None: accepting. Else (code, message) every new task is refused with:
         # set from other threads (shutdown, control plane) as one atomic store.
         self.refusal: tuple[str, str] | None = None
@@ -159,20 +179,26 @@ class IntakeServer:
 
     def _run(self) -> None:
         router = self.context.socket(zmq.ROUTER)
+        guard = None
         try:
             router.setsockopt(zmq.LINGER, 1000)
             router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
             self.admission.secure(router, self.context)
+            guard = self.guard = ConnectionGuard(router, ENDPOINT_LABEL, self.max_connections, self.metrics)
             router.bind(self.endpoint)
+            guard.bound(router.getsockopt_string(zmq.LAST_ENDPOINT))
         except (zmq.ZMQError, CorralError) as e:
+            if guard is not None:
+                guard.close()
             router.close(0)
             self.admission.close()
             self._thread.ready(e)
             return
         self._thread.ready()
-        log.info("listening on %s", self.endpoint)
+        log.info("listening on %s (at most %d connections)", self.endpoint, self.max_connections)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        poller.register(guard.monitor, zmq.POLLIN)
         poller.register(self._wake_reader, zmq.POLLIN)
         try:
             while True:
@@ -185,12 +211,28 @@ class IntakeServer:
                     if not self._deliver_posted(router):
                         self._answer_the_rest(router)
                         return
-                if router in events:
-                    parts = router.recv_multipart(copy=False)
-                    self._request(router, [p.bytes for p in parts], self.admission.user_of(parts))
+                if router in events or guard.monitor in events:
+                    guard.pump(lambda: self._read_requests(router))
         finally:
+            guard.close()
             router.close()
             self.admission.close()
+
+    def _read_requests(self, router) -> bool:
+        """Handle up to READ_BATCH requests; True if the ROUTER is read empty."""
+        for _ in range(READ_BATCH):
+            try:
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            conn = self.guard.connection_of(parts[-1])
+            if conn is None:  # libzmq announced no such connection: nothing can answer it safely
+                log.error("a request from a connection the monitor never announced (fd %s): dropped",
+                          parts[-1].get(zmq.SRCFD))
+                continue
+            self._request(router, [p.bytes for p in parts], self.admission.user_of(parts), conn,
+                          caller_of(parts[-1], self.admission.curve))
+        return False
 
     def _deliver_posted(self, router) -> bool:
         """Send every posted answer; False once STOP was among them."""
@@ -206,40 +248,48 @@ class IntakeServer:
 
     def _answer_the_rest(self, router) -> None:
         """At shutdown: what no actor answered is answered here, once."""
-        for ticket, (_, task_id) in list(self.ledger.items()):
+        for ticket, entry in list(self.ledger.items()):
             self._deliver(router, ticket, error_reply(
-                task_id, "cancelled", "corrald stopped before this task finished"))
+                entry.task_id, "cancelled", "corrald stopped before this task finished"))
 
-    def _send(self, router, identity: bytes, reply) -> None:
-        router.send_multipart([identity, b"", PROTOCOL_TAG, messages.encode(reply)])
+    def _send(self, conn: Connection, routing_id: bytes, reply) -> None:
+        """`reply` over `conn` only; if it is gone, nowhere (counted)."""
+        if not self.guard.send(conn, [routing_id, b"", PROTOCOL_TAG, messages.encode(reply)]):
+            self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
+            log.info("an answer (%s) for a caller that has gone was dropped",
+                     getattr(reply, "task_id", None) or "status")
 
-    def _request(self, router, frames: list[bytes], user: bytes | None = None) -> None:
+    def _request(self, router, frames: list[bytes], user: bytes | None, conn: Connection,
+                 caller: str = "") -> None:
         identity = frames[0]
+        self._check_routing_id(identity, conn, caller)
         if len(frames) != 4 or frames[1] != b"" or frames[2] != PROTOCOL_TAG:
             self.metrics.rejected.labels("invalid_request").inc()
-            return self._send(router, identity, error_reply(
+            return self._send(conn, identity, error_reply(
                 "", "invalid_request", f"expected [empty, {PROTOCOL_TAG.decode()}, payload] frames"))
         try:
             request = messages.decode(frames[3], CLIENT_TO_DAEMON)
         except ProtocolError as e:
             self.metrics.rejected.labels("invalid_request").inc()
-            return self._send(router, identity, error_reply("", "invalid_request", f"undecodable request: {e}"))
+            return self._send(conn, identity, error_reply("", "invalid_request", f"undecodable request: {e}"))
         if isinstance(request, StatusRequest):
-            return self._send(router, identity, self._status(request.request_id))
+            return self._send(conn, identity, self._status(request.request_id))
         try:
             refusal = self.refusal
             if refusal is not None:
                 raise Rejected(*refusal)
-            if (identity, request.task_id) in self.in_flight:
+            if (conn.id, request.task_id) in self.in_flight:
                 raise Rejected("duplicate_task", f"task {request.task_id!r} is already in flight")
             request = validate(request, self.limits)
             ticket = next(self.tickets)
             self.admission.admit(user, request, ticket)
         except Rejected as e:
             self.metrics.rejected.labels(e.code).inc()
-            return self._send(router, identity, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
-        self.ledger[ticket] = (identity, request.task_id)
-        self.in_flight.add((identity, request.task_id))
+            return self._send(conn, identity, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
+        self.ledger[ticket] = LedgerEntry(conn, identity, request.task_id)
+        self.in_flight.add((conn.id, request.task_id))
+        holder = self.routing_ids.get(identity)
+        self.routing_ids[identity] = (holder[0], holder[1], holder[2] + 1) if holder else (conn, caller, 1)
         self.metrics.accepted.inc()
         if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
             self._deliver(router, ticket, error_reply(
@@ -252,11 +302,24 @@ class IntakeServer:
             self.metrics.duplicate_answers.inc()
             log.error("second answer for ticket %d dropped", ticket)
             return
-        self.in_flight.discard(entry)
+        self.in_flight.discard((entry.conn.id, entry.task_id))
+        holder = self.routing_ids.pop(entry.routing_id, None)
+        if holder is not None and holder[2] > 1:
+            self.routing_ids[entry.routing_id] = (holder[0], holder[1], holder[2] - 1)
         self.admission.answered(ticket, reply)
         self.metrics.tasks.labels(reply.error_code or "completed").inc()
         self.metrics.outcomes.labels(reply.outcome).inc()
-        router.send_multipart([entry[0], b"", PROTOCOL_TAG, messages.encode(reply)])
+        self._send(entry.conn, entry.routing_id, reply)
+
+    def _check_routing_id(self, routing_id: bytes, conn: Connection, caller: str) -> None:
+        """Count a request whose routing id another connection's unanswered tasks use."""
+        holder = self.routing_ids.get(routing_id)
+        if holder is None or holder[0] is conn:
+            return
+        same = "same" if holder[1] == caller else "other"
+        self.metrics.routing_id_reuse.labels(ENDPOINT_LABEL, same).inc()
+        log.warning("routing id %s, still awaited by connection %d (%s), is used by connection %d (%s): "
+                    "it gets none of those answers", routing_id.hex(), holder[0].id, holder[1], conn.id, caller)
 
     def _status(self, request_id: str) -> StatusReply:
         depth = self.metrics.gauge_values(self.metrics.queue_depth)

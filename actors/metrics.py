@@ -47,6 +47,19 @@ class Metrics:
             registry=r)
         self.run_seconds = Histogram("corral_task_run_seconds", "Command wall time in the guest",
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.connections = Gauge("corral_connections", "Connections open on a corrald socket, by endpoint "
+                                 "(client, control); shed ones until libzmq has closed them", ["endpoint"],
+                                 registry=r)
+        self.connections_refused = Counter(
+            "corral_connections_refused_total", "Connections shed on arrival because the endpoint was at "
+            "its limit (daemon.max_connections, control.max_connections)", ["endpoint"], registry=r)
+        self.answers_undeliverable = Counter(
+            "corral_answers_undeliverable_total", "Answers not sent because the connection that asked is "
+            "gone (never to whoever holds its routing id now)", ["endpoint"], registry=r)
+        self.routing_id_reuse = Counter(
+            "corral_routing_id_reuse_total", "Requests from a connection using the routing id of another "
+            "connection's unanswered requests, by whether the caller is the same identity", ["endpoint", "identity"],
+            registry=r)
         self.safe_mode = Gauge("corral_safe_mode", "1 while corrald is in safe mode after a SCRAM",
                                registry=r)
         self.scram_pause_seconds = Gauge(
