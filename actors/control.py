@@ -27,6 +27,7 @@ from pathlib import Path
 
 import zmq
 
+from actors.connections import ConnectionGuard
 from actors.endpoint import SocketThread
 from actors.messages import InjectFault, SetPoolSize
 from protocol import messages
@@ -42,6 +43,7 @@ VM_FAULTS = ("kill_qemu", "hang_guest", "drop_libvirt", "crash")
 CHANNEL_FAULTS = ("corrupt_frame",)
 CRASHABLE_ACTORS = ("intake", "scheduler", "pool", "ioguard", "watchdog")
 PAUSE_POLL_S = 0.002
+ENDPOINT_LABEL = "control"
 
 
 class SafeModeFile:
@@ -81,8 +83,11 @@ class Mode:
 class ControlServer:
     """The thread that owns the operators' ROUTER socket."""
 
-    def __init__(self, endpoint: str, service, faults_enabled: bool, scram_pause_timeout_s: float):
+    def __init__(self, endpoint: str, service, faults_enabled: bool, scram_pause_timeout_s: float,
+                 max_connections: int = 16):
         self.endpoint = endpoint
+        self.max_connections = max_connections
+        self.guard: ConnectionGuard | None = None
         self.path = Path(endpoint[len("ipc://"):])
         self.service = service
         self.faults_enabled = faults_enabled
@@ -109,25 +114,50 @@ class ControlServer:
 
     def _run(self) -> None:
         router = self.context.socket(zmq.ROUTER)
+        guard = None
         try:
             router.setsockopt(zmq.LINGER, 1000)
             router.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
+            guard = self.guard = ConnectionGuard(router, ENDPOINT_LABEL, self.max_connections,
+                                                 self.service.metrics)
             self._bind(router)
+            guard.bound(self.endpoint)
         except (zmq.ZMQError, OSError) as e:
+            if guard is not None:
+                guard.close()
             router.close(0)
             self._thread.ready(e)
             return
         self._thread.ready()
         log.info("operators' socket on %s", self.endpoint)
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(guard.monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if router.poll(200):
-                    frames = router.recv_multipart()
-                    reply = self._handle(frames)
-                    router.send_multipart([frames[0], b"", CONTROL_TAG, messages.encode(reply)])
+                if poller.poll(200):
+                    guard.pump(lambda: self._read_requests(router))
         finally:
+            guard.close()
             router.close()
             self.path.unlink(missing_ok=True)
+
+    def _read_requests(self, router) -> bool:
+        """Answer what the ROUTER holds, each over the connection it came on;
+        True once it is read empty."""
+        for _ in range(64):
+            try:
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            conn = self.guard.connection_of(parts[-1])
+            frames = [p.bytes for p in parts]
+            reply = self._handle(frames)
+            if not self.guard.send(conn, [frames[0], b"", CONTROL_TAG, messages.encode(reply)]):
+                self.service.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
+                log.warning("the reply to an operator's %r went nowhere: the connection is gone",
+                            reply.request_id)
+        return False
 
     def _handle(self, frames: list[bytes]) -> AdminReply:
         if len(frames) != 4 or frames[1] != b"" or frames[2] != CONTROL_TAG:
@@ -194,6 +224,7 @@ class ControlServer:
                        if state != "paused"]
             if not running or time.monotonic() >= deadline:
                 return running
+            self.guard.read_events()  # keep shedding a flood meanwhile: libzmq waits on this monitor
             time.sleep(PAUSE_POLL_S)
 
     def _resume(self) -> tuple[str, dict]:

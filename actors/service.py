@@ -13,6 +13,7 @@ from typing import Callable
 from actors.control import ControlServer, Mode, SafeModeFile
 from actors import signing
 from actors.artifacts import FileSettings
+from actors.connections import plan_fd_budget
 from actors.directory import Directory
 from actors.endpoint import check_endpoint_free
 from actors.hypervisor import Hypervisor, hypervisor_from_config
@@ -25,7 +26,7 @@ from actors.pool import PoolManager, PoolView, TierSizes
 from actors.root import Root
 from actors.scheduler import Scheduler
 from actors.supervisor import Supervisor, VmSettings
-from actors.tiers import DEFAULT_TIER, Tier
+from actors.tiers import DEFAULT_TIER, RARE_TIERS, Tier
 from actors.timers import Timers
 from actors.watchdog import Watchdog
 
@@ -61,13 +62,16 @@ class Corral:
         self.give_up_reason = ""
         self.on_give_up = on_give_up
         tasks = cfg.tasks
+        self.fd_budget = plan_fd_budget(cfg.daemon.max_connections, cfg.control.max_connections,
+                                        cfg.pool.size + cfg.pool.tier_max * len(RARE_TIERS))
         self.server = IntakeServer(cfg.daemon.endpoint, TaskLimits(
             default_timeout_ms=int(tasks.default_timeout_s * 1000),
             max_timeout_ms=int(tasks.max_timeout_s * 1000),
             default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
             max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes),
             self.metrics, self.directory,
-            Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, self.metrics))
+            Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, self.metrics),
+            max_connections=self.fd_budget.client)
         self.signer = signing.load_or_create(cfg.artifacts.key_path(cfg.state_dir))
         self.vm_settings = VmSettings(
             boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
@@ -92,7 +96,7 @@ class Corral:
         if held is not None:  # a SCRAM outlives restarts until an operator resumes
             self._set_mode("safe_mode", held.get("reason", ""), held.get("since", 0))
         self.control = ControlServer(cfg.control.endpoint, self, cfg.control.faults,
-                                     cfg.control.scram_pause_timeout_s)
+                                     cfg.control.scram_pause_timeout_s, self.fd_budget.control)
 
     # --- factories: name -> callable(salvage) -> ActorRef, in start order ------
 

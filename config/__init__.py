@@ -53,6 +53,8 @@ class DaemonConfig:
     log_level: str = field(metadata=_choices("debug", "info", "warning", "error"))
     log_format: str = field(metadata=_choices("text", "json"))
     shutdown_grace_s: float = field(metadata=_range(0, 3600))
+    # Callers connected at once; past it new connections are shed (actors/connections.py).
+    max_connections: int = field(metadata=_range(1, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ControlConfig:
     endpoint: str = field(metadata={"pattern": "ipc_endpoint"})
     faults: bool = field()
     scram_pause_timeout_s: float = field(metadata=_range(0.1, 600))
+    max_connections: int = field(metadata=_range(1, 100_000))  # operators' connections at once
 
 
 @dataclass(frozen=True)

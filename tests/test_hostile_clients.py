@@ -10,22 +10,35 @@ tests/test_hostile_userland.py.)
 """
 
 import collections
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import pykka
 import pytest
 import zmq
 
+import config
 from actors.directory import Directory
 from actors.intake import Intake, IntakeServer
 from actors.metrics import Metrics
 from actors.scheduler import Scheduler
 from actors.timers import Timers
-from protocol import messages
+from protocol import admin, messages
 from protocol.client import Client
 from protocol.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest)
+from tests.conftest import TEST_INSTANCE
 from tests.test_intake import LIMITS
 from tests.test_scheduler import Recorder, wait_for
 
@@ -207,3 +220,146 @@ def test_invalid_utf8_capability_is_refused_by_name(world, dealer):
     (reply,) = replies(sock, 1)
     assert reply.error_code == "unknown_capability" and "dev:" in reply.error_message
     assert server.unanswered() == 0
+
+
+# --- connection floods against a real corrald (issue 16, section 1) ------------------------------------
+
+FLOOD_NOFILE = 4096  # corrald's open-file limit in these tests: cheap to reach
+FLOOD_SECONDS = 12.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def metric_samples(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def limit_nofile():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FLOOD_NOFILE, FLOOD_NOFILE))
+
+
+def process_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def process_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def start_flooders(targets: list[tuple[str, str, int]], seconds: float) -> list[subprocess.Popen]:
+    # Niced: on two cores, three busy flooders would otherwise starve the VM's
+    # TCG thread, and the figure would measure the machine, not corrald.
+    return [subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.flood", endpoint, mode, str(hold),
+                              str(seconds)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+            for endpoint, mode, hold in targets]
+
+
+def flood_results(flooders: list[subprocess.Popen]) -> list[dict]:
+    return [json.loads(f.communicate(timeout=120)[0]) for f in flooders]
+
+
+def true_p50_ms(client: Client, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        reply = client.run(["true"], wait_s=60)
+        assert reply.error_code == "" and reply.exit_code == 0, reply
+        times.append((time.monotonic() - t0) * 1000)
+    return statistics.median(times)
+
+
+@pytest.mark.vm
+def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_served(tmp_path):
+    """corrald under `ulimit -n 4096` with 64 client and 8 control connections
+    allowed; three processes keep thousands of connections coming at its two
+    sockets (idle ones, finished NULL handshakes, and on the control socket
+    both) for 12 s, each one shed replaced at once."""
+    instance = (TEST_INSTANCE + "f")[:16]
+    metrics_port = free_port()
+    site = tmp_path / "site.toml"
+    site.write_text(textwrap.dedent(f"""\
+        [daemon]
+        endpoint = "ipc://{tmp_path}/corrald.sock"
+        instance = "{instance}"
+        max_connections = 64
+        [control]
+        endpoint = "ipc://{tmp_path}/control/control.sock"
+        max_connections = 8
+        [pool]
+        size = 1
+        [metrics]
+        port = {metrics_port}
+        """))
+    cfg = config.load(site)
+    log = tmp_path / "corrald.log"
+    with open(log, "wb") as log_file:
+        daemon = subprocess.Popen([sys.executable, "-m", "actors.daemon", "--config", str(site)],
+                                  stdout=subprocess.DEVNULL, stderr=log_file, preexec_fn=limit_nofile,
+                                  cwd=Path(__file__).parent.parent)
+    try:
+        with Client(cfg.daemon.endpoint) as caller:
+            deadline = time.monotonic() + 180
+            while dict(caller.status(wait_s=10).pool).get(b"ready") != b"1":
+                assert daemon.poll() is None and time.monotonic() < deadline, "corrald's VM never got ready"
+                time.sleep(0.2)
+            idle_ms = true_p50_ms(caller, 15)
+            fds_before, rss_before = process_fds(daemon.pid), process_rss_mib(daemon.pid)
+            flooders = start_flooders([(cfg.daemon.endpoint, "idle", 3000), (cfg.daemon.endpoint, "null", 3000),
+                                       (cfg.control.endpoint, "null", 1500)], FLOOD_SECONDS)
+            time.sleep(2)  # the flood is under way
+            most_fds, most_rss = 0, 0.0
+            during = []
+            slow = caller.submit(["sh", "-c", "sleep 1; echo survived"], timeout_s=30)
+            while any(f.poll() is None for f in flooders):
+                assert daemon.poll() is None, "corrald died under the flood: " + log.read_text()[-2000:]
+                most_fds = max(most_fds, process_fds(daemon.pid))
+                most_rss = max(most_rss, process_rss_mib(daemon.pid))
+                if len(during) < 15:
+                    during.append(true_p50_ms(caller, 1))
+                else:
+                    time.sleep(0.1)
+            counts = flood_results(flooders)
+            assert slow.result(timeout=60).stdout == b"survived\n"
+            assert daemon.poll() is None
+            flood_ms = statistics.median(during)
+            samples = metric_samples(metrics_port)
+            refused = {e: samples.get(f'corral_connections_refused_total{{endpoint="{e}"}}', 0)
+                       for e in ("client", "control")}
+            # A new caller and an operator are served once the flood is over.
+            with Client(cfg.daemon.endpoint) as newcomer:
+                assert newcomer.run(["echo", "after"], wait_s=60).stdout == b"after\n"
+            assert admin.request(cfg.control.endpoint, "status", []).error_code == ""
+            time.sleep(2)
+            fds_after, rss_after = process_fds(daemon.pid), process_rss_mib(daemon.pid)
+    except BaseException:
+        print(log.read_text()[-5000:])
+        raise
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+    opened = sum(c["opened"] for c in counts)
+    print(f"FIGURE connection flood: {opened} connections opened in {FLOOD_SECONDS:g} s "
+          f"({[c['opened'] for c in counts]} client idle/NULL, control), refused {refused['client']:.0f} client "
+          f"{refused['control']:.0f} control; corrald fds {fds_before} before, at most {most_fds} during "
+          f"(limit {FLOOD_NOFILE}), {fds_after} after")
+    print(f"FIGURE connection flood: `true` p50 {idle_ms:.0f} ms idle, {flood_ms:.0f} ms during the flood")
+    print(f"FIGURE connection flood: corrald RSS {rss_before:.0f} MiB before, at most {most_rss:.0f} MiB "
+          f"during, {rss_after:.0f} MiB after")
+    assert opened > FLOOD_NOFILE, "the flood must open more connections than corrald has fds"
+    assert refused["client"] > 0 and refused["control"] > 0
+    assert most_fds < FLOOD_NOFILE - 256
+    assert flood_ms <= 2 * idle_ms + 50, f"`true` p50 {flood_ms:.0f} ms under the flood vs {idle_ms:.0f} ms idle"
+    assert daemon.returncode == 0
