@@ -13,11 +13,13 @@ import collections
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -38,9 +40,10 @@ from protocol import admin, messages
 from protocol.client import Client
 from protocol.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest)
-from tests.conftest import TEST_INSTANCE
+from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_intake import LIMITS
 from tests.test_scheduler import Recorder, wait_for
+from tests.test_service import wait_until
 
 QUEUE_DEPTH = 1000
 
@@ -363,3 +366,98 @@ def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_serv
     assert most_fds < FLOOD_NOFILE - 256
     assert flood_ms <= 2 * idle_ms + 50, f"`true` p50 {flood_ms:.0f} ms under the flood vs {idle_ms:.0f} ms idle"
     assert daemon.returncode == 0
+
+
+# --- answers follow the connection, not the routing id (issue 16, section 4) ------------------------------
+
+NOBODY = 65534
+
+
+def listen_as(uid: int, endpoint: str, routing_id: bytes, first: bytes, listen_s: float) -> list[list[bytes]]:
+    """In a child running as `uid`: connect with `routing_id`, send `first`,
+    and return every message received within `listen_s`."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            context = zmq.Context()
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+            sock.connect(endpoint)
+            sock.send_multipart([b"", PROTOCOL_TAG, first])
+            got = []
+            deadline = time.monotonic() + listen_s
+            while (left := deadline - time.monotonic()) > 0:
+                if sock.poll(int(left * 1000)):
+                    got.append([frame.hex() for frame in sock.recv_multipart()])
+            sock.close()
+            os.write(write_end, json.dumps(got).encode())
+        except BaseException as e:
+            os.write(write_end, json.dumps({"error": repr(e)}).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    got = json.loads(text)
+    assert isinstance(got, list), got
+    return [[bytes.fromhex(frame) for frame in message] for message in got]
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("attacker_uid, identity", [(NOBODY, "other"), (0, "same")])
+def test_a_routing_id_taken_over_after_its_caller_left_gets_none_of_its_answers(hypervisor, attacker_uid,
+                                                                                 identity):
+    """A victim submits `sleep 3; echo secret` with a known routing id and
+    disconnects; then a caller (another local user, or the same one) connects
+    with that routing id while the task runs. It gets its own status reply and
+    nothing else; the victim's answer is dropped, once, and counted."""
+    from actors.service import Corral
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"corral-{TEST_INSTANCE}-"))
+    run_dir.chmod(0o755)  # another local user may reach the socket: the case under test
+    cfg = config.load(overrides={
+        "state_dir": str(STATE_DIR),
+        "daemon": {"endpoint": f"ipc://{run_dir}/corrald.sock", "instance": TEST_INSTANCE},
+        "control": {"endpoint": f"ipc://{run_dir}/control/control.sock"},
+        "pool": {"size": 1}, "metrics": {"port": 0}})
+    svc = Corral(cfg, hypervisor)
+    svc.start()
+    try:
+        (run_dir / "corrald.sock").chmod(0o777)
+        with Client(cfg.daemon.endpoint) as c:
+            deadline = time.monotonic() + 180
+            while dict(c.status(wait_s=10).pool).get(b"ready") != b"1":
+                assert time.monotonic() < deadline, "the VM never got ready"
+                time.sleep(0.2)
+        routing_id = b"victim-" + identity.encode()
+        victim = zmq.Context.instance().socket(zmq.DEALER)
+        victim.setsockopt(zmq.LINGER, 0)
+        victim.setsockopt(zmq.ROUTING_ID, routing_id)
+        victim.connect(cfg.daemon.endpoint)
+        secret = request("victim", argv=(b"sh", b"-c", b"sleep 3; echo secret"), timeout_ms=30_000)
+        victim.send_multipart([b"", PROTOCOL_TAG, messages.encode(secret)])
+        wait_until(lambda: svc.server.unanswered() == 1, 10, "the victim's task accepted")
+        victim.close()
+        time.sleep(0.3)
+        got = listen_as(attacker_uid, cfg.daemon.endpoint, routing_id,
+                        messages.encode(StatusRequest("attacker")), listen_s=8.0)
+        wait_until(lambda: svc.server.unanswered() == 0, 30, "the victim's task answered")
+        metrics = svc.metrics
+        undeliverable = metrics.counter_total(metrics.answers_undeliverable)
+        reuse = {s.labels["identity"]: s.value for m in metrics.routing_id_reuse.collect() for s in m.samples
+                 if s.name.endswith("_total")}
+        completed = metrics.counter_total(metrics.tasks)
+    finally:
+        svc.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    replies_got = [messages.decode(m[2], DAEMON_TO_CLIENT) for m in got if len(m) == 3]
+    assert len(got) == 1 and len(replies_got) == 1, f"the attacker received {got}"
+    assert isinstance(replies_got[0], StatusReply) and replies_got[0].request_id == "attacker"
+    assert undeliverable == 1 and completed >= 1
+    assert reuse.get(identity) == 1, reuse
+    print(f"FIGURE routing id takeover ({identity} identity): the attacker got 1 message (its own status), "
+          f"0 of the victim's; answers undeliverable {undeliverable:.0f}, reuse attempts counted {reuse}")
