@@ -29,6 +29,8 @@ def test_site_file_overrides_defaults(tmp_path):
     ({"vm": {"colour": "red"}}, "config: unknown key vm.colour"),
     ({"vm": 3}, "config: [vm] must be a table"),
     ({"daemon": {"endpoint": "udp://x"}}, "config: daemon.endpoint = 'udp://x' must be an ipc:///path"),
+    ({"daemon": {"max_connections": 0}}, "config: daemon.max_connections = 0 is out of range (1..1000000)"),
+    ({"control": {"max_connections": 0}}, "config: control.max_connections = 0 is out of range (1..100000)"),
     ({"identity": {"local_grants": "dev:python"}},
      "config: identity.local_grants = 'dev:python' must be a list of strings"),
     ({"identity": {"grants": {"Bad Name": []}}}, "config: identity.grants name = 'Bad Name' must be 1 to 32"),

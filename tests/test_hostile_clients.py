@@ -32,7 +32,8 @@ import zmq
 
 import config
 from actors.directory import Directory
-from actors.intake import Intake, IntakeServer
+from actors.identity import Admission
+from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
 from actors.metrics import Metrics
 from actors.scheduler import Scheduler
 from actors.timers import Timers
@@ -461,3 +462,77 @@ def test_a_routing_id_taken_over_after_its_caller_left_gets_none_of_its_answers(
     assert reuse.get(identity) == 1, reuse
     print(f"FIGURE routing id takeover ({identity} identity): the attacker got 1 message (its own status), "
           f"0 of the victim's; answers undeliverable {undeliverable:.0f}, reuse attempts counted {reuse}")
+
+
+@pytest.mark.parametrize("mode", ["curve", "idle"])
+def test_a_tcp_flood_of_stalled_curve_handshakes_is_shed_and_a_key_holder_is_served(tmp_path, mode):
+    """CurveZMQ over tcp: connections that offer CURVE and stall (or say
+    nothing) count against daemon.max_connections from their accept on, are
+    shed past it, and an allowed key holder is still answered."""
+    from tests.test_identity import curve_config, keygen
+
+    keys_dir = tmp_path / "keys"
+    keygen("corrald", keys_dir / "server")
+    keygen("alice", keys_dir / "alice")
+    (keys_dir / "clients").mkdir()
+    (keys_dir / "clients" / "alice.key").write_bytes((keys_dir / "alice" / "alice.key").read_bytes())
+    cfg = curve_config({"server_secret": str(keys_dir / "server" / "corrald.key_secret"),
+                        "clients": str(keys_dir / "clients")})
+    metrics = Metrics()
+    directory = Directory()
+    admission = Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, metrics)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = IntakeServer(endpoint, LIMITS, metrics, directory, admission, max_connections=32)
+    server.start()
+    alice = Client(endpoint, server_key=str(keys_dir / "server" / "corrald.key"),
+                   client_key=str(keys_dir / "alice" / "alice.key_secret"))
+    try:
+        assert alice.status(wait_s=10).request_id
+        fds_before = process_fds(os.getpid())
+        (flooder,) = start_flooders([(endpoint, mode, 2000)], 6.0)
+        most_fds, answered = 0, 0
+        while flooder.poll() is None:
+            most_fds = max(most_fds, process_fds(os.getpid()))
+            assert alice.status(wait_s=10).request_id
+            answered += 1
+        (counts,) = flood_results([flooder])
+        assert alice.status(wait_s=10).request_id  # and after it
+        refused = metrics.counter_total(metrics.connections_refused)
+    finally:
+        alice.close()
+        server.stop()
+    print(f"FIGURE tcp {mode} flood: {counts['opened']} connections in 6 s, {refused} shed, "
+          f"this process's fds {fds_before} -> at most {most_fds}; {answered} status round trips answered meanwhile")
+    assert counts["opened"] > 4 * 32 and refused > 0 and answered > 0
+    assert most_fds < fds_before + 32 + 1200  # the limit, plus what the monitor may hold unread
+
+
+@pytest.mark.parametrize("nofile, outcome", [
+    (20000, "client 1024 control 16"),
+    (3000, "client 686 control 16"),  # 3000 - 2 x 1001 (accept bursts) - 5 VMs x 8 - 256 = 702 for both
+    (2200, "CorralError: the open-file limit (2200) leaves no room for callers"),
+])
+def test_the_connection_limits_are_fitted_into_the_open_file_limit(nofile, outcome):
+    """At start-up the soft limit is raised to the hard one, and limits that
+    do not fit beside the VMs and the accept bursts are lowered, or refused."""
+    script = textwrap.dedent("""\
+        import logging, resource
+        from actors.connections import plan_fd_budget
+        from actors.errors import CorralError
+        logging.basicConfig(level="WARNING", format="%(message)s")
+        try:
+            budget = plan_fd_budget(1024, 16, 5)
+            print(f"client {budget.client} control {budget.control} nofile {budget.nofile}")
+        except CorralError as e:
+            print(f"CorralError: {e}")
+        """)
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, nofile))
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limits, cwd=Path(__file__).parent.parent)
+    assert done.stdout.startswith(outcome), done.stdout + done.stderr
+    if "CorralError" not in outcome:
+        assert f"nofile {nofile}" in done.stdout  # raised from 256 to the hard limit
+    assert ("fits" in done.stderr) == (nofile == 3000), done.stderr
