@@ -62,9 +62,9 @@ HANDSHAKE_IVL_MS = 10_000
 _connection_ids = itertools.count(1)
 # Each connection costs libzmq ~27 KiB. glibc keeps what a burst freed (RSS
 # ratcheted to 406 MiB after 10k connections came and went, and grew with each
-# burst) until malloc_trim() gives it back: done after this many acceptances,
-# at most once a second.
-TRIM_AFTER_ACCEPTS = 2048
+# burst) until malloc_trim() gives it back: done after this many connections
+# came or went, at most once a second (a trim owed is done by tick()).
+TRIM_AFTER_EVENTS = 2048
 TRIM_INTERVAL_S = 1.0
 
 
@@ -100,7 +100,7 @@ class ConnectionGuard:
         self._bound: dict[int, Connection] = {}  # fd -> the connection messages are bound to
         self._admitted = 0  # open and not shed: what the limit counts
         self._to_shed: list[Connection] = []
-        self._accepts_since_trim = 0
+        self._events_since_trim = 0
         self._last_trim = 0.0
         self.refused = metrics.connections_refused.labels(name)
         metrics.connections.labels(name).set_function(lambda: len(self._latest))
@@ -141,15 +141,23 @@ class ConnectionGuard:
                 if not conn.closed:  # read its DISCONNECTED since: the fd may be another's
                     self._shut_down(conn)
             self._to_shed.clear()
-        if self._accepts_since_trim >= TRIM_AFTER_ACCEPTS and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
-            self._accepts_since_trim = 0
+        self.tick()
+        return got
+
+    def tick(self) -> None:
+        """Trim freed memory if a burst of connections owes it and it is time."""
+        if self._events_since_trim >= TRIM_AFTER_EVENTS and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
+            self._events_since_trim = 0
             self._last_trim = time.monotonic()
             trim_freed_memory()
-        return got
+
+    def poll_timeout_ms(self) -> int | None:
+        """How long its server may wait for sockets before calling tick()."""
+        return None if self._events_since_trim < TRIM_AFTER_EVENTS else int(TRIM_INTERVAL_S * 1000)
 
     def _accepted(self, fd: int) -> None:
         conn = Connection(next(_connection_ids), fd)
-        self._accepts_since_trim += 1
+        self._events_since_trim += 1
         self._latest[fd] = conn
         self._pending.append((True, conn))
         if self._admitted >= self.limit:
@@ -164,6 +172,7 @@ class ConnectionGuard:
         if conn is None:
             return
         conn.closed = True
+        self._events_since_trim += 1
         if not conn.shed:
             self._admitted -= 1
         self._pending.append((False, conn))
@@ -271,7 +280,7 @@ def caller_of(frame: zmq.Frame, curve: bool) -> str:
 # fds corrald needs besides its callers: Python, libvirt, zmq's own sockets,
 # the metrics server, logs and files, with room to spare.
 BASE_FDS = 256
-FDS_PER_VM = 8  # its channel and QMP sockets, console log, timers; measured 3-4
+FDS_PER_VM = 8  # its channel and QMP sockets (measured: 2 each), with room for a console log and more
 MIN_CONNECTIONS = 4
 
 

@@ -137,6 +137,8 @@ class ControlServer:
             while not self._stop.is_set():
                 if poller.poll(200):
                     guard.pump(lambda: self._read_requests(router))
+                else:
+                    guard.tick()
         finally:
             guard.close()
             router.close()

@@ -202,7 +202,9 @@ class IntakeServer:
         poller.register(self._wake_reader, zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll())
+                events = dict(poller.poll(guard.poll_timeout_ms()))
+                if not events:
+                    guard.tick()
                 if self._wake_reader.fileno() in events:
                     try:
                         self._wake_reader.recv(4096)

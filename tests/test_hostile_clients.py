@@ -536,3 +536,28 @@ def test_the_connection_limits_are_fitted_into_the_open_file_limit(nofile, outco
     if "CorralError" not in outcome:
         assert f"nofile {nofile}" in done.stdout  # raised from 256 to the hard limit
     assert ("fits" in done.stderr) == (nofile == 3000), done.stderr
+
+
+def test_memory_of_connection_bursts_is_given_back(world):
+    """Three bursts of 4000 idle callers (finished NULL handshakes) against the
+    real ROUTER with no limit in the way: RSS grows by the connections held
+    and returns near where it was once they leave (glibc alone would keep it)."""
+    directory, server, metrics = world
+    server.guard.limit = 100_000
+    rss = [process_rss_mib(os.getpid())]
+    held = []
+    for _ in range(3):
+        (flooder,) = start_flooders([(server.endpoint, "null", 4000)], 4.0)
+        peak = 0.0
+        while flooder.poll() is None:
+            peak = max(peak, process_rss_mib(os.getpid()))
+            time.sleep(0.1)
+        (counts,) = flood_results([flooder])
+        assert counts["most_held"] == 4000 and counts["cut"] == 0, counts
+        time.sleep(2.5)  # the disconnects read, and the trim they owe done
+        held.append(peak)
+        rss.append(process_rss_mib(os.getpid()))
+    print(f"FIGURE connection bursts: 3 x 4000 connections; RSS {rss[0]:.0f} MiB before, peaks "
+          f"{', '.join(f'{p:.0f}' for p in held)} MiB, after each {', '.join(f'{r:.0f}' for r in rss[1:])} MiB")
+    assert held[0] - rss[0] > 50, "the premise: 4000 connections cost memory"
+    assert rss[-1] < rss[0] + 40, f"RSS did not come back: {rss}"
