@@ -50,7 +50,7 @@ import zmq
 
 log = logging.getLogger("corral.connections")
 
-EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _EVENT = struct.Struct("=HI")  # monitor frame 1: event id, value (the fd)
 # Monitor events libzmq queues before its io thread blocks: its own socket's
 # send high-water mark (1000) plus ours (1). Each unread ACCEPTED is a
@@ -74,8 +74,11 @@ class Connection:
 
     id: int
     fd: int
+    handshakes_before: int = 0  # handshakes the monitor had reported when it was accepted
     closed: bool = False  # its DISCONNECTED has been read
+    mute: bool = False  # closed with no handshake reported in its lifetime: it sent no message
     shed: bool = False  # over the limit: shut down on acceptance
+    routing_id: bytes | None = None  # of its first message: fixed for a connection's life
 
 
 class ConnectionGuard:
@@ -102,6 +105,7 @@ class ConnectionGuard:
         self._to_shed: list[Connection] = []
         self._events_since_trim = 0
         self._last_trim = 0.0
+        self._handshakes = 0  # HANDSHAKE_SUCCEEDED events read (their value is not the fd)
         self.refused = metrics.connections_refused.labels(name)
         metrics.connections.labels(name).set_function(lambda: len(self._latest))
 
@@ -136,6 +140,8 @@ class ConnectionGuard:
                 self._accepted(fd)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._disconnected(fd)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshakes += 1
         if self._to_shed:
             for conn in self._to_shed:
                 if not conn.closed:  # read its DISCONNECTED since: the fd may be another's
@@ -156,7 +162,7 @@ class ConnectionGuard:
         return None if self._events_since_trim < TRIM_AFTER_EVENTS else int(TRIM_INTERVAL_S * 1000)
 
     def _accepted(self, fd: int) -> None:
-        conn = Connection(next(_connection_ids), fd)
+        conn = Connection(next(_connection_ids), fd, self._handshakes)
         self._events_since_trim += 1
         self._latest[fd] = conn
         self._pending.append((True, conn))
@@ -172,6 +178,7 @@ class ConnectionGuard:
         if conn is None:
             return
         conn.closed = True
+        conn.mute = self._handshakes == conn.handshakes_before
         self._events_since_trim += 1
         if not conn.shed:
             self._admitted -= 1
@@ -226,19 +233,29 @@ class ConnectionGuard:
             while self._pending and self._pending[0][0]:
                 self._apply(1)
 
-    def connection_of(self, frame: zmq.Frame) -> Connection | None:
-        """The connection a received message came from (the oldest it can be)."""
+    def connection_of(self, frame: zmq.Frame, routing_id: bytes) -> Connection | None:
+        """The connection a received message came from: the oldest it can be.
+        Passed over: a connection that closed with no handshake reported
+        between its ACCEPTED and its DISCONNECTED (it sent nothing: a client's
+        probe of the socket just before it connects on the same fd), and one
+        whose messages had another routing id."""
         fd = frame.get(zmq.SRCFD)
+
+        def could_have_sent(conn: Connection | None) -> bool:
+            return conn is not None and not conn.mute and conn.routing_id in (None, routing_id)
+
         conn = self._bound.get(fd)
-        if conn is not None:
-            return conn
-        for attempt in range(2):  # its ACCEPTED was emitted before it: read or still in the monitor
-            for accepted, pending in self._pending:
-                if accepted and pending.fd == fd:
-                    return pending
-            if attempt == 0:
+        if not could_have_sent(conn):
+            conn = None
+            for attempt in range(2):  # its ACCEPTED was emitted before it: read or still in the monitor
+                conn = next((pending for accepted, pending in self._pending
+                             if accepted and pending.fd == fd and could_have_sent(pending)), None)
+                if conn is not None or attempt:
+                    break
                 self.read_events()
-        return None
+        if conn is not None and conn.routing_id is None:
+            conn.routing_id = routing_id
+        return conn
 
     def send(self, conn: Connection | None, frames: list[bytes]) -> bool:
         """Send `frames` (routing id first) only over `conn`; False if it is gone."""

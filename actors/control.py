@@ -152,7 +152,7 @@ class ControlServer:
                 parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return True
-            conn = self.guard.connection_of(parts[-1])
+            conn = self.guard.connection_of(parts[-1], parts[0].bytes)
             frames = [p.bytes for p in parts]
             reply = self._handle(frames)
             if not self.guard.send(conn, [frames[0], b"", CONTROL_TAG, messages.encode(reply)]):

@@ -227,7 +227,7 @@ class IntakeServer:
                 parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return True
-            conn = self.guard.connection_of(parts[-1])
+            conn = self.guard.connection_of(parts[-1], parts[0].bytes)
             if conn is None:  # libzmq announced no such connection: nothing can answer it safely
                 log.error("a request from a connection the monitor never announced (fd %s): dropped",
                           parts[-1].get(zmq.SRCFD))
