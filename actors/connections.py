@@ -106,6 +106,9 @@ class ConnectionGuard:
         self._events_since_trim = 0
         self._last_trim = 0.0
         self._handshakes = 0  # HANDSHAKE_SUCCEEDED events read (their value is not the fd)
+        # fds are handed out lowest first: an accepted one this high means the
+        # process is short of fds whatever the count says (a leak elsewhere).
+        self._fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - MONITOR_SLACK - FD_MARGIN
         self.refused = metrics.connections_refused.labels(name)
         metrics.connections.labels(name).set_function(lambda: len(self._latest))
 
@@ -125,9 +128,11 @@ class ConnectionGuard:
 
     # --- the monitor -------------------------------------------------------------
 
-    def read_events(self) -> bool:
+    def read_events(self, settle: bool = True) -> bool:
         """Take every event the monitor holds (freeing libzmq's io thread) and
-        shed what is over the limit; True if there were any."""
+        shed what is over the limit; True if there were any. `settle`: if the
+        ROUTER holds no message now, none can be from before these events,
+        so they are applied at once."""
         got = False
         while True:
             try:
@@ -147,6 +152,8 @@ class ConnectionGuard:
                 if not conn.closed:  # read its DISCONNECTED since: the fd may be another's
                     self._shut_down(conn)
             self._to_shed.clear()
+        if settle and self._pending and not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._apply(len(self._pending))
         self.tick()
         return got
 
@@ -166,7 +173,7 @@ class ConnectionGuard:
         self._events_since_trim += 1
         self._latest[fd] = conn
         self._pending.append((True, conn))
-        if self._admitted >= self.limit:
+        if self._admitted >= self.limit or fd >= self._fd_ceiling:
             conn.shed = True
             self._to_shed.append(conn)
             self.refused.inc()
@@ -244,15 +251,14 @@ class ConnectionGuard:
         def could_have_sent(conn: Connection | None) -> bool:
             return conn is not None and not conn.mute and conn.routing_id in (None, routing_id)
 
-        conn = self._bound.get(fd)
-        if not could_have_sent(conn):
-            conn = None
-            for attempt in range(2):  # its ACCEPTED was emitted before it: read or still in the monitor
+        for attempt in range(2):  # its ACCEPTED was emitted before it: read or still in the monitor
+            conn = self._bound.get(fd)
+            if not could_have_sent(conn):
                 conn = next((pending for accepted, pending in self._pending
                              if accepted and pending.fd == fd and could_have_sent(pending)), None)
-                if conn is not None or attempt:
-                    break
-                self.read_events()
+            if conn is not None or attempt:
+                break
+            self.read_events(settle=False)  # this message is out of the ROUTER: nothing may be applied
         if conn is not None and conn.routing_id is None:
             conn.routing_id = routing_id
         return conn
@@ -299,6 +305,7 @@ def caller_of(frame: zmq.Frame, curve: bool) -> str:
 BASE_FDS = 256
 FDS_PER_VM = 8  # its channel and QMP sockets (measured: 2 each), with room for a console log and more
 MIN_CONNECTIONS = 4
+FD_MARGIN = 64  # kept free below the open-file limit besides MONITOR_SLACK
 
 
 @dataclass(frozen=True)
