@@ -44,6 +44,7 @@ from protocol.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusR
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_intake import LIMITS
 from tests.test_scheduler import Recorder, wait_for
+from tests.test_operations import as_user, write_site_config
 from tests.test_service import wait_until
 
 QUEUE_DEPTH = 1000
@@ -289,21 +290,9 @@ def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_serv
     both) for 12 s, each one shed replaced at once."""
     instance = (TEST_INSTANCE + "f")[:16]
     metrics_port = free_port()
-    site = tmp_path / "site.toml"
-    site.write_text(textwrap.dedent(f"""\
-        [daemon]
-        endpoint = "ipc://{tmp_path}/corrald.sock"
-        instance = "{instance}"
-        max_connections = 64
-        [control]
-        endpoint = "ipc://{tmp_path}/control/control.sock"
-        max_connections = 8
-        [pool]
-        size = 1
-        max_uses = 1000  # no retirement and cold boot in the middle of the figures
-        [metrics]
-        port = {metrics_port}
-        """))
+    site = write_site_config(tmp_path, instance, daemon={"max_connections": 64}, control={"max_connections": 8},
+                             pool={"max_uses": 1000},  # no retirement and cold boot in the middle of the figures
+                             metrics={"port": metrics_port})
     cfg = config.load(site)
     log = tmp_path / "corrald.log"
     with open(log, "wb") as log_file:
@@ -373,38 +362,21 @@ def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_serv
 NOBODY = 65534
 
 
-def listen_as(uid: int, endpoint: str, routing_id: bytes, first: bytes, listen_s: float) -> list[list[bytes]]:
-    """In a child running as `uid`: connect with `routing_id`, send `first`,
-    and return every message received within `listen_s`."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            context = zmq.Context()
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, routing_id)
-            sock.connect(endpoint)
-            sock.send_multipart([b"", PROTOCOL_TAG, first])
-            got = []
-            deadline = time.monotonic() + listen_s
-            while (left := deadline - time.monotonic()) > 0:
-                if sock.poll(int(left * 1000)):
-                    got.append([frame.hex() for frame in sock.recv_multipart()])
-            sock.close()
-            os.write(write_end, json.dumps(got).encode())
-        except BaseException as e:
-            os.write(write_end, json.dumps({"error": repr(e)}).encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    got = json.loads(text)
-    assert isinstance(got, list), got
-    return [[bytes.fromhex(frame) for frame in message] for message in got]
+def listen(endpoint: str, routing_id: bytes, first: bytes, listen_s: float) -> str:
+    """Connect with `routing_id`, send `first`; every message received within
+    `listen_s`, as JSON (run in a child as another user by as_user)."""
+    sock = zmq.Context().socket(zmq.DEALER)  # a new context: this is a forked child
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.connect(endpoint)
+    sock.send_multipart([b"", PROTOCOL_TAG, first])
+    got = []
+    deadline = time.monotonic() + listen_s
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000)):
+            got.append([frame.hex() for frame in sock.recv_multipart()])
+    sock.close()
+    return json.dumps(got)
 
 
 @pytest.mark.vm
@@ -443,8 +415,9 @@ def test_a_routing_id_taken_over_after_its_caller_left_gets_none_of_its_answers(
         wait_until(lambda: svc.server.unanswered() == 1, 10, "the victim's task accepted")
         victim.close()
         time.sleep(0.3)
-        got = listen_as(attacker_uid, cfg.daemon.endpoint, routing_id,
-                        messages.encode(StatusRequest("attacker")), listen_s=8.0)
+        text = as_user(attacker_uid, listen, cfg.daemon.endpoint, routing_id,
+                       messages.encode(StatusRequest("attacker")), 8.0)
+        got = [[bytes.fromhex(frame) for frame in message] for message in json.loads(text)]
         wait_until(lambda: svc.server.unanswered() == 0, 30, "the victim's task answered")
         metrics = svc.metrics
         undeliverable = metrics.counter_total(metrics.answers_undeliverable)

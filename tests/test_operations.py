@@ -2,6 +2,7 @@
 restart too), pool size, drain, /metrics through promtool, SIGTERM and
 SIGKILL of a real corrald. Real daemon, real VMs, real sockets."""
 
+import json
 import os
 import shutil
 import signal
@@ -83,15 +84,16 @@ def client(service):
 # --- the control socket --------------------------------------------------------
 
 def as_user(uid: int, check, *args) -> str:
-    """Run `check(*args)` in a child process running as `uid`; what it raised, as text."""
+    """Run `check(*args)` in a child process running as `uid`; what it raised,
+    or the text it returned ("no error" for None)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
             os.setgid(uid)
             os.setuid(uid)
-            check(*args)
-            os.write(write_end, b"no error")
+            result = check(*args)
+            os.write(write_end, b"no error" if result is None else result.encode())
         except BaseException as e:
             os.write(write_end, str(e).encode()[:4000])
         os._exit(0)
@@ -296,20 +298,16 @@ def test_metrics_pass_promtool_and_track_vms(service, client):
 
 # --- a real corrald process: SIGTERM and SIGKILL -----------------------------------
 
-def write_site_config(tmp: Path, instance: str) -> Path:
+def write_site_config(tmp: Path, instance: str, **sections) -> Path:
+    """A site file for a corrald in `tmp`; `sections` add or change keys (name={key: value})."""
+    tables = {"daemon": {"endpoint": f"ipc://{tmp}/corrald.sock", "instance": instance, "shutdown_grace_s": 20.0},
+              "control": {"endpoint": f"ipc://{tmp}/control/control.sock"},
+              "pool": {"size": 1}, "metrics": {"port": 0}}
+    for name, values in sections.items():
+        tables[name] = {**tables.get(name, {}), **values}
     site = tmp / "site.toml"
-    site.write_text(textwrap.dedent(f"""\
-        [daemon]
-        endpoint = "ipc://{tmp}/corrald.sock"
-        instance = "{instance}"
-        shutdown_grace_s = 20.0
-        [control]
-        endpoint = "ipc://{tmp}/control/control.sock"
-        [pool]
-        size = 1
-        [metrics]
-        port = 0
-        """))
+    site.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+                            for name, values in tables.items()))
     return site
 
 
