@@ -604,4 +604,3 @@ class _IOLoop:
                 self._end_pause(ch, now)
             if ch.vm_id not in self.waiting:
                 self._resume_reading(ch, "cannot watch the channel again")
-

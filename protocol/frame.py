@@ -298,10 +298,6 @@ class FrameClock:
             return None
         return self._deadline
 
-    @property
-    def held(self) -> bool:
-        return self._held_since is not None
-
     def update(self, decoder: FrameDecoder, now: float) -> None:
         """Start, size or clear the clock from the decoder's state after a feed."""
         if not decoder.in_frame:
