@@ -17,6 +17,7 @@ from actors.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import build_agent_iso, guest_image
 from protocol.client import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
+from tests.test_operations import operator
 from tests.test_service import counter, pool_vms, running_service, wait_pool_ready, wait_until
 
 pytestmark = pytest.mark.vm
@@ -93,6 +94,29 @@ def test_a_frame_that_stalls_mid_task_is_a_violation_within_seconds_not_the_time
     assert answered < 20, answered
     print(f"FIGURE stall_frame (1 MiB declared, 10 bytes sent): answered protocol_violation "
           f"(stalled_frame) {answered:.2f} s after submit (task timeout 60 s)")
+
+
+def test_a_scram_stops_the_clock_of_a_frame_in_progress(service, client):
+    # Paused by the host mid-frame, a guest cannot send: that time is not its
+    # fault. The frame (10 bytes of 1 MiB, then nothing) is ended only after
+    # the resume, with what was left of its 2 s.
+    ioguard = service.directory.get("ioguard").proxy()
+    future = client.submit(["stall_frame", "10"], timeout_s=60)
+    wait_until(lambda: ioguard.stats().get(timeout=5)["total"]["partial_bytes"] == 1 << 20, 30,
+               "the 1 MiB frame admitted")
+    assert operator(service, "scram", "frame in progress").ok
+    time.sleep(4)  # twice the frame's deadline
+    assert not future.done()
+    resumed = time.monotonic()
+    assert operator(service, "resume").ok
+    reply = future.result(timeout=30)
+    answered = time.monotonic() - resumed
+    assert reply.error_code == "protocol_violation" and "stalled_frame" in reply.error_message, reply
+    assert answered < 10, answered
+    print(f"FIGURE stall_frame across a 4 s SCRAM: not ended while paused; answered {answered:.2f} s "
+          f"after the resume")
+    wait_pool_ready(service, 180)
+    no_stray_domains(service)
 
 
 def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s) -> float:
