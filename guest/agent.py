@@ -845,30 +845,33 @@ class Agent:
                 path = f"{prefix}/{entry.name}"
                 if path == home:
                     continue
-                st = entry.stat(follow_symlinks=False)
-                if is_whiteout(st):  # a deletion: it holds no data
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if path in self.overlay_baseline:
+                    if is_dir:
+                        descend(upper_fd, merged_fd, entry.name, path)
+                    continue
+                if is_whiteout(entry.stat(follow_symlinks=False)):  # a deletion: it holds no data
                     continue
                 try:
                     lower_mode = os.lstat(OVERLAY_LOWER + path).st_mode
                 except FileNotFoundError:
-                    lower_mode = None
-                if stat.S_ISDIR(st.st_mode) and (
-                        path in self.overlay_baseline or (lower_mode and stat.S_ISDIR(lower_mode))):
-                    upper_child = open_directory(entry.name, upper_fd)
-                    try:
-                        merged_child = open_directory(entry.name, merged_fd)
-                        try:
-                            sweep(upper_child, merged_child, path)
-                        finally:
-                            os.close(merged_child)
-                    finally:
-                        os.close(upper_child)
-                elif path in self.overlay_baseline:
+                    remove_entry(entry.name, merged_fd)  # new since boot
                     continue
-                elif lower_mode is not None:
-                    modified.append(path)
+                if is_dir and stat.S_ISDIR(lower_mode):
+                    descend(upper_fd, merged_fd, entry.name, path)  # an image directory, copied up
                 else:
-                    remove_entry(entry.name, merged_fd)
+                    modified.append(path)
+
+        def descend(upper_fd: int, merged_fd: int, name: str, path: str) -> None:
+            upper_child = open_directory(name, upper_fd)
+            try:
+                merged_child = open_directory(name, merged_fd)
+                try:
+                    sweep(upper_child, merged_child, path)
+                finally:
+                    os.close(merged_child)
+            finally:
+                os.close(upper_child)
 
         upper = open_directory(OVERLAY_UPPER)
         try:
