@@ -4,7 +4,8 @@ Runs from the read-only agent ISO (standard library only). It speaks the
 SecureChannel protocol to the host over one virtio-serial port: says Hello,
 then runs Exec requests as the unprivileged task user, streams Output, reports
 Exit with resource use, answers Heartbeat, and on Reset kills every process of
-the task user and wipes its writable places.
+the task user and removes whatever it left: files anywhere in the root overlay,
+message queues, SysV IPC objects, keys.
 
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the

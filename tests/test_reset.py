@@ -93,6 +93,10 @@ keys["user_has_keys"] = user_has_keys()
 for flag in ("-M", "-S", "-Q"):  # SysV shared memory, a semaphore set, a message queue
     subprocess.run(["ipcmk", flag, "4096" if flag == "-M" else "1"], check=True, capture_output=True)
 seen["mq_open"] = result(librt.mq_open(b"/" + MARKER.encode(), os.O_CREAT | os.O_RDWR, 0o600, None))
+# setuid programs that write image files for the user (/etc/passwd); a change that
+# got through would fail the reset, which cannot undo it.
+seen["setuid"] = [subprocess.run(argv, input="", capture_output=True).returncode
+                  for argv in (["chfn", "-f", MARKER], ["chsh", "-s", "/bin/sh"])]
 print(json.dumps(seen))
 ''' % MARKER
 
@@ -158,6 +162,7 @@ def test_nothing_a_task_plants_anywhere_reaches_the_next_task(vm):
     assert all(isinstance(keys[k], str) for k in (
         "user", "session", "user_session", "key_in_persistent", "link_into_persistent")), keys
     assert planted["mq_open"] >= 0
+    assert 0 not in planted["setuid"], planted["setuid"]  # the task user has no password to give
     print(f"FIGURE reset sweep: the task planted in {len(places)} writable places: {places}")
 
     for round in (1, 2):  # the issue: still there two tasks later
@@ -205,3 +210,59 @@ def test_a_reset_that_cannot_undo_a_change_fails(hypervisor, cfg):
         assert vm.run("ls", "/etc/new-file").exit.exit_code != 0
     finally:
         vm.destroy()
+
+
+# The issue's reproduction through corrald: a pool of one VM, so every task after
+# the first runs in the VM the first one used (each prints its boot_id to show it).
+PLANT_THROUGH_CORRALD = r'''
+import ctypes, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+librt = ctypes.CDLL("librt.so.1", use_errno=True)
+print(open("/proc/sys/kernel/random/boot_id").read().strip())
+for path in ("/tmp/planted", "/var/tmp/planted", os.path.expanduser("~/planted"), "/run/lock/planted"):
+    try:
+        open(path, "w").write("x")
+    except OSError as e:
+        print(path, e.strerror)
+for keyring in (-4, -5, -3):  # user, user session, session
+    if libc.syscall(248, b"user", b"planted", b"secret", 6, keyring) < 0:
+        print("add_key", keyring, os.strerror(ctypes.get_errno()))
+subprocess.run(["ipcmk", "-M", "4096"], check=True, capture_output=True)
+librt.mq_open(b"/planted", os.O_CREAT | os.O_RDWR, 0o600, None)
+'''
+LOOK_THROUGH_CORRALD = r'''
+import ctypes, os
+librt = ctypes.CDLL("librt.so.1", use_errno=True)
+print(open("/proc/sys/kernel/random/boot_id").read().strip())
+print([p for p in ("/tmp/planted", "/var/tmp/planted", os.path.expanduser("~/planted"), "/run/lock/planted")
+       if os.path.exists(p)])
+print([line.split(":")[0].strip() for line in open("/proc/key-users")])
+print(open("/proc/sysvipc/shm").read().count("\n") - 1, librt.mq_open(b"/planted", os.O_RDWR, 0, None))
+'''
+CAPS = ["dev:python", "fs:write_tmp", "base:execute"]
+
+
+def test_through_corrald_with_a_pool_of_one_the_next_tasks_find_nothing(tmp_path):
+    from protocol.client import Client
+    from tests.conftest import TEST_INSTANCE
+    from tests.test_operations import service_config, start_service, wait_ready
+
+    # Its own instance: starting corrald reaps its instance's VMs (the module's VM among them).
+    cfg = service_config(tmp_path, instance=f"{TEST_INSTANCE}s"[:16], pool={"size": 1})
+    service = start_service(cfg)
+    try:
+        wait_ready(service, 1, 180)
+        with Client(cfg.daemon.endpoint) as client:
+            planted = client.run(["python3", "-c", PLANT_THROUGH_CORRALD], capabilities=CAPS, timeout_s=60)
+            assert planted.exit_code == 0, planted
+            boot_id, *refused = planted.stdout.decode().splitlines()
+            # /run/lock is root's now, and the key quota refuses every keyring.
+            # (ENOKEY: the kernel cannot make the user keyrings these resolve to.)
+            assert refused == ["/run/lock/planted Permission denied"] + [
+                f"add_key {k} Required key not available" for k in (-4, -5, -3)], refused
+            for later in (1, 2):
+                wait_ready(service, 1, 60)
+                seen = client.run(["python3", "-c", LOOK_THROUGH_CORRALD], capabilities=CAPS, timeout_s=60)
+                assert seen.stdout.decode().splitlines() == [boot_id, "[]", "['0']", "0 -1"], (later, seen)
+    finally:
+        service.stop()
