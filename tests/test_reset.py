@@ -165,14 +165,14 @@ def test_nothing_a_task_plants_anywhere_reaches_the_next_task(vm):
     assert 0 not in planted["setuid"], planted["setuid"]  # the task user has no password to give
     print(f"FIGURE reset sweep: the task planted in {len(places)} writable places: {places}")
 
-    for round in (1, 2):  # the issue: still there two tasks later
+    for later in (1, 2):  # the issue: still there two tasks later
         reset(vm)
         after = python(vm, LOOK)
         assert after["markers"] == [], after["markers"]
         assert after["user_had_keys"] is False, after
         assert after["mq_open"] == "ENOENT" and after["sysvipc"] == 0, after
         # No new place to write appeared, and none of the image's went missing.
-        assert after["writable"] == fresh["writable"], (round, after["writable"], fresh["writable"])
+        assert after["writable"] == fresh["writable"], (later, after["writable"], fresh["writable"])
 
     # Root's view, down to the overlay's upper layer and every mount.
     root = python(vm, ROOT_LOOK, as_root=True)
