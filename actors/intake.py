@@ -188,6 +188,9 @@ class IntakeServer:
                 if router in events:
                     parts = router.recv_multipart(copy=False)
                     self._request(router, [p.bytes for p in parts], self.admission.user_of(parts))
+                    # Frames cache their bytes: held until the next request, a 16 MiB
+                    # one would stay twice in memory (the message and its copy).
+                    del parts
         finally:
             router.close()
             self.admission.close()
