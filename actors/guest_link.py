@@ -2,8 +2,10 @@
 
 Verify then parse (protocol.frame), then a strict per-state allow-list of what
 the guest may send (default deny). Every wait has a deadline on the monotonic
-clock. The host never holds more than the frame cap plus a task's output cap for
-one guest. Any violation raises a ProtocolError and the VM's owner destroys it:
+clock, and so has every frame in progress (protocol.frame.FrameClock, as in
+IOGuard): a frame that stalls is a StalledFrame long before the caller's
+deadline. The host never holds more than the frame cap (grown as bytes arrive)
+plus a task's output cap for one guest. Any violation raises a ProtocolError and the VM's owner destroys it:
 there is no resynchronising on garbage.
 """
 
@@ -20,12 +22,15 @@ from actors.errors import ChannelClosed, GuestTimeout
 from protocol import messages
 from protocol.capabilities import ALL_SOFT_BITS
 from protocol.errors import UnexpectedMessage
-from protocol.frame import FrameDecoder, FrameEncoder
+from protocol.frame import FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
 
 READ_CHUNK = 64 * 1024
 # The largest frame a guest may send: its largest message (an Output chunk).
 GUEST_FRAME_CAP = messages.GUEST_TO_HOST_MAX_PAYLOAD
+# A frame's time (FrameClock): the defaults of config [ioguard] frame_stall_s and rate_bytes_per_s.
+FRAME_STALL_S = 1.0
+FRAME_RATE_BYTES_PER_S = 1024 * 1024
 
 
 class CappedOutput:
@@ -69,11 +74,13 @@ class ExecResult:
 class GuestLink:
     """One connection to one guest agent. Not thread-safe: its owner's thread uses it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, frame_stall_s: float = FRAME_STALL_S,
+                 frame_rate_bytes_per_s: float = FRAME_RATE_BYTES_PER_S):
         self.path = str(path)
         self.sock: socket.socket | None = None
         self.encoder = FrameEncoder(crc32)
         self.decoder = FrameDecoder(crc32, max_payload=GUEST_FRAME_CAP)
+        self.clock = FrameClock(frame_stall_s, frame_rate_bytes_per_s)
         self.pending: list = []  # decoded guest messages not yet consumed
         self.ids = itertools.count(1)
 
@@ -108,14 +115,17 @@ class GuestLink:
     def receive(self, allowed: frozenset, deadline: float):
         """The next guest message, which must be of a type in `allowed`."""
         while not self.pending:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            self.clock.check(self.decoder, now)  # a frame that stalled is the guest's fault
+            remaining = deadline - now
             if remaining <= 0:
                 raise GuestTimeout("guest did not answer in time")
-            self.sock.settimeout(remaining)
+            stall_at = self.clock.deadline
+            self.sock.settimeout(remaining if stall_at is None else min(remaining, stall_at - now))
             try:
                 data = self.sock.recv(min(READ_CHUNK, max(self.decoder.wanted, 1)))
             except socket.timeout:
-                raise GuestTimeout("guest did not answer in time") from None
+                continue  # the caller's deadline or the frame's: the top of the loop says which
             except OSError as e:
                 raise ChannelClosed(f"channel to guest failed: {e}") from None
             if not data:
@@ -123,6 +133,7 @@ class GuestLink:
                 raise ChannelClosed("guest channel closed (VM gone)")
             for payload in self.decoder.feed(data):
                 self.pending.append(messages.decode(payload, messages.GUEST_TO_HOST))
+            self.clock.update(self.decoder, time.monotonic())
         message = self.pending.pop(0)
         if type(message) not in allowed:
             raise UnexpectedMessage(

@@ -99,6 +99,53 @@ def detect_accelerator(choice: str = "auto", cpuinfo_path: str = "/proc/cpuinfo"
     return "kvm" if hardware and usable else "tcg"
 
 
+def qemu_user_can_open(path: str, uid: int, gid: int) -> bool:
+    """Whether a process of uid (primary group gid, plus that user's supplementary
+    groups) may open `path` read-write, by its owner, group and mode."""
+    st = os.stat(path)
+    if uid == 0:
+        return True
+    try:
+        groups = {g.gr_gid for g in grp.getgrall() if pwd.getpwuid(uid).pw_name in g.gr_mem} | {gid}
+    except KeyError:  # no such user in the passwd database: its primary group only
+        groups = {gid}
+    if st.st_uid == uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid in groups:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & 0o6 == 0o6
+
+
+def warn_if_kvm_closed_to_qemu(owner: tuple[int, int] | None, kvm_path: str = "/dev/kvm") -> bool:
+    """One warning when /dev/kvm exists but QEMU's user cannot open it: libvirtd
+    then re-probes QEMU at every domain start (GUEST-NOTES.md). True if warned."""
+    if owner is None or not os.path.exists(kvm_path) or qemu_user_can_open(kvm_path, *owner):
+        return False
+    st = os.stat(kvm_path)
+    log.warning("%s is %s:%s %o and QEMU's user (uid %d) cannot open it: libvirtd then re-probes "
+                "QEMU at every domain start (2-4 s each, also under TCG). Fix it as udev would: "
+                "chgrp kvm %s; chmod 0660 %s (scripts/setup-host does this)",
+                kvm_path, _user_name(st.st_uid), _group_name(st.st_gid), st.st_mode & 0o7777,
+                owner[0], kvm_path, kvm_path)
+    return True
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 # --- domain definition as typed data --------------------------------------------
 
 @dataclass(frozen=True)
@@ -125,6 +172,11 @@ class DomainSpec:
     network: bool = False
     console_log: Path | None = None
     monitor_socket: Path | None = None  # corral's own QMP socket, QEMU listening
+    # QEMU's (uid, gid) under libvirt's DAC driver. Given, QEMU runs as that user and
+    # libvirt relabels no file: the shared gold image, agent ISO, kernel and initrd
+    # stay root's (a QEMU escape cannot chmod them writable), and the Hypervisor
+    # hands the VM's own files (its overlay) to that user itself.
+    qemu_owner: tuple[int, int] | None = None
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def to_xml(self) -> str:
@@ -149,6 +201,9 @@ class DomainSpec:
         if self.accelerator == "kvm":
             _sub(domain, "cpu", mode="host-passthrough")
         _sub(domain, "clock", offset="utc")
+        if self.qemu_owner is not None:
+            seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
+            _sub(seclabel, "label", "+{}:+{}".format(*self.qemu_owner))
         # A guest that powers off, reboots or crashes is gone: the host replaces it.
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             _sub(domain, event, "destroy")
@@ -368,6 +423,10 @@ class Hypervisor:
         self._reconnect_lock = threading.Lock()
         self.calls = DeadlineCalls(call_timeout_s)
         self.conn = self.calls.run("connecting", self._connect)
+        self._confinement = self.calls.run("reading host capabilities", self._read_confinement)
+        self.qemu_owner = self._keep_images_root_owned()
+        if not isinstance(self._confinement, str):
+            warn_if_kvm_closed_to_qemu(self._confinement[1])
         self.fast_resume = fast_resume and self.calls.run("preparing QMP sockets", self._prepare_monitor_dir)
         log.info("hypervisor: %s, accelerator %s, pause/resume through %s", uri, accelerator,
                  "QEMU's monitor" if self.fast_resume else "libvirt")
@@ -381,11 +440,35 @@ class Hypervisor:
                         "(~3 ms slower per acquire)", why_not)
         return not why_not
 
-    def _why_no_monitor_dir(self) -> str:
+    def _read_confinement(self) -> tuple[str | None, tuple[int, int] | None] | str:
+        """qemu_confinement() of this host, or why QEMU's user cannot be told."""
         try:
-            confining, owner = qemu_confinement(self.conn.getCapabilities(), self.accelerator)
+            return qemu_confinement(self.conn.getCapabilities(), self.accelerator)
         except (KeyError, ValueError) as e:  # a DAC label naming no user or group here
             return f"cannot tell which user QEMU runs as ({e})"
+
+    def _keep_images_root_owned(self) -> tuple[int, int] | None:
+        """QEMU's (uid, gid) where VMs are to run as it with no file relabelled
+        (DomainSpec.qemu_owner), after giving the shared image files back to root
+        (an older corrald let libvirt chown them to QEMU's user). None where
+        libvirt's own labelling stays: another security driver confines QEMU, or
+        QEMU's user is unknown or root."""
+        if isinstance(self._confinement, str) or self._confinement[0] or self._confinement[1] is None:
+            return None
+        owner = self._confinement[1]
+        if owner[0] == 0:
+            return None
+        for path in (self.image.kernel, self.image.initrd, self.image.disk, self.image.agent_iso):
+            st = path.stat()
+            if (st.st_uid, st.st_gid) != (0, 0):
+                os.chown(path, 0, 0)
+                log.warning("gave %s back to root (it belonged to uid %d): QEMU only reads it", path, st.st_uid)
+        return owner
+
+    def _why_no_monitor_dir(self) -> str:
+        if isinstance(self._confinement, str):
+            return self._confinement
+        confining, owner = self._confinement
         if confining:
             return f"libvirt's {confining} security driver would stop QEMU from creating corral's QMP socket"
         try:
@@ -530,6 +613,7 @@ class Hypervisor:
                      target="vdb", readonly=True),
             ),
             channel_socket=socket, network=network, console_log=console, monitor_socket=monitor,
+            qemu_owner=self.qemu_owner,
         )
 
     @with_deadline
@@ -544,10 +628,15 @@ class Hypervisor:
                           console_log=spec.console_log, spec=spec, monitor=spec.monitor_socket)
         create_overlay(self.image.disk, overlay)
         try:
+            if spec.qemu_owner is not None:  # libvirt relabels nothing: the overlay is QEMU's to write
+                os.chown(overlay, *spec.qemu_owner)
             self.conn.createXML(spec.to_xml(), 0)
         except _libvirt().libvirtError as e:
             self.discard_files_of(name)
             raise HypervisorError(f"cannot start VM {name}: {e.get_error_message()}") from None
+        except OSError as e:
+            self.discard_files_of(name)
+            raise HypervisorError(f"cannot give VM {name}'s overlay to QEMU's user: {e}") from None
         return handle
 
     @with_deadline

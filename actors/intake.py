@@ -234,6 +234,9 @@ class IntakeServer:
                 continue
             self._request(router, [p.bytes for p in parts], self.admission.user_of(parts), conn,
                           caller_of(parts[-1], self.admission.curve))
+            # Frames cache their bytes: held until the next request, a 16 MiB
+            # one would stay twice in memory (the message and its copy).
+            del parts
         return False
 
     def _deliver_posted(self, router) -> bool:

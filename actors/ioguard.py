@@ -22,9 +22,21 @@ readable that poll returns at once, as nothing else reads the socket.)
 The Supervisor must Unwatch before it closes the socket; if it closes first,
 IOGuard sees fileno -1 or EBADF and reports vm_lost, never reading a reused fd.
 
-Memory per VM: the decoder holds at most one frame (<= max_payload, checked
-against the header before anything is allocated) plus one read of at most
-READ_CHUNK bytes.
+Memory: a channel's decoder holds the part of one frame received so far
+(<= max_payload, checked against the header; grown as bytes arrive, not
+allocated as declared) plus one read of at most READ_CHUNK bytes. Across all
+channels, frames in progress may hold at most `max_partial_bytes`: once a
+frame's header is in, its declared length is admitted against that cap, and
+while it does not fit the channel is not read (first come, first admitted) and
+nothing more is held for it. An admitted frame always gets to finish (or is
+ended by its deadline), so room always frees and no channel waits for ever.
+
+Stalls: each frame in progress has a deadline (protocol.frame.FrameClock):
+`frame_stall_s` from its first byte plus its declared length at
+`rate_bytes_per_s`, counted only while the host is willing to read it, that is
+not while its buckets are empty, nor while it waits for room under the cap,
+nor while the host has the VM paused (`ChannelHold`). Past it the channel
+ends as a violation, `stalled_frame`, long before any task timeout.
 """
 
 from __future__ import annotations
@@ -41,10 +53,10 @@ from typing import Any, Callable
 
 import pykka
 
-from actors.messages import ChannelFailed, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
+from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
 from protocol import messages
-from protocol.errors import ProtocolError
-from protocol.frame import HEADER_SIZE, FrameDecoder
+from protocol.errors import ProtocolError, StalledFrame
+from protocol.frame import HEADER_SIZE, FrameClock, FrameDecoder
 from protocol.hostcrc import crc32
 
 log = logging.getLogger("corral.ioguard")
@@ -121,33 +133,46 @@ class _Channel:
     decoder: FrameDecoder
     byte_bucket: TokenBucket
     frame_bucket: TokenBucket
+    clock: FrameClock
     registered: bool = False
     rearm_at: float = 0.0  # while throttled: when to look at the buckets again
     throttled_since: float = 0.0
     corrupt_next: bool = False  # InjectFault corrupt_frame armed
     bytes_fed: int = 0  # bytes given to the decoder (to find frame boundaries)
+    holds: set = field(default_factory=set)  # why the frame clock stands: "tokens", "room", "paused"
+    admitted: int | None = None  # decoder.frames_decoded when its frame in progress was admitted
+    reserved: int = 0  # bytes of max_partial_bytes admitted to that frame
+    held: int = 0  # bytes its decoder holds (after the last read)
     stats: dict = field(default_factory=lambda: _zero_stats())
 
 
 def _zero_stats() -> dict:
-    return {"bytes_read": 0, "frames_read": 0, "throttled_s": 0.0, "stalls": 0}
+    return {"bytes_read": 0, "frames_read": 0, "throttled_s": 0.0, "stalls": 0, "room_waits": 0}
 
 
 class IOGuard(pykka.ThreadingActor):
     """Reads every guest channel, meters it, verifies it, forwards what it says.
 
-    Messages (tell): Watch, Unwatch, InjectFault(kind="corrupt_frame", vm_id) and
-    InjectFault(kind="crash"). Sends: GuestSaid and ChannelFailed to the VM's
-    Supervisor. Proxy calls: stats(), stats_for(vm_id).
+    Messages (tell): Watch, Unwatch, ChannelHold, InjectFault(kind="corrupt_frame",
+    vm_id) and InjectFault(kind="crash"). Sends: GuestSaid and ChannelFailed to
+    the VM's Supervisor. Proxy calls: stats(), stats_for(vm_id).
     """
 
     def __init__(self, burst_bytes: int = 256 * KiB, rate_bytes_per_s: float = 1 * MiB,
                  frames_per_s: float = 200, frames_burst: int = 64,
                  max_payload: int = messages.GUEST_TO_HOST_MAX_PAYLOAD,
+                 frame_stall_s: float = 1.0, max_partial_bytes: int = 32 * MiB,
                  directory: Any = None) -> None:
         super().__init__()
         TokenBucket(burst_bytes, rate_bytes_per_s)  # validate now, not on the first Watch
         TokenBucket(frames_burst, frames_per_s)
+        FrameClock(frame_stall_s, rate_bytes_per_s)
+        if max_partial_bytes < max_payload:
+            # The largest frame could never be admitted: its channel would wait for ever.
+            raise ValueError(f"max_partial_bytes ({max_partial_bytes}) must be at least "
+                             f"max_payload ({max_payload})")
+        self.frame_stall_s = frame_stall_s
+        self.max_partial_bytes = max_partial_bytes
         self.burst_bytes = burst_bytes
         self.rate_bytes_per_s = rate_bytes_per_s
         self.frames_per_s = frames_per_s
@@ -165,7 +190,7 @@ class IOGuard(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> None:
         if isinstance(message, InjectFault) and message.kind == "crash":
             raise RuntimeError("injected fault: ioguard crash")
-        if isinstance(message, (Watch, Unwatch, InjectFault)):
+        if isinstance(message, (Watch, Unwatch, ChannelHold, InjectFault)):
             self._io.submit(message)
         else:
             log.warning("ioguard ignores %r", message)
@@ -189,8 +214,11 @@ class IOGuard(pykka.ThreadingActor):
 
     def stats(self) -> dict:
         """{"total": {...}, "vms": {vm_id: {...}}}: bytes_read, frames_read,
-        throttled_s, stalls per VM; totals also count VMs already forgotten plus
-        watched, violations and lost channels."""
+        throttled_s, stalls, room_waits per VM; totals also count VMs already
+        forgotten plus watched, violations, lost channels, partial_peak and
+        held_peak (the most bytes ever admitted, and held, at once), and now:
+        partial_bytes (admitted to frames in progress), partial_held (received
+        of them) and waiting_for_room."""
         return self._io.stats() if self._io is not None else {"total": {}, "vms": {}}
 
     def stats_for(self, vm_id: str) -> dict | None:
@@ -211,9 +239,13 @@ class _IOLoop:
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.channels: dict[str, _Channel] = {}
         self.throttled: dict[str, _Channel] = {}
+        # Frames whose header is in, waiting for room under max_partial_bytes, oldest first.
+        self.waiting: dict[str, _Channel] = {}
+        self.partial_bytes = 0  # admitted to frames in progress, across all channels
+        self.partial_held = 0  # received of them: what the decoders hold
         self.stopping = False
         self.lock = threading.Lock()  # guards every stats counter (read by other threads)
-        self.totals = dict(_zero_stats(), violations=0, channels_lost=0)
+        self.totals = dict(_zero_stats(), violations=0, channels_lost=0, partial_peak=0, held_peak=0)
         self.thread = threading.Thread(target=self._run, name="ioguard-io", daemon=True)
 
     # --- called from the actor's thread ----------------------------------------
@@ -240,11 +272,13 @@ class _IOLoop:
         with self.lock:
             vms = {}
             for vm_id, ch in self.channels.items():
-                s = dict(ch.stats, throttled=vm_id in self.throttled)
+                s = dict(ch.stats, throttled=vm_id in self.throttled, waiting_for_room=vm_id in self.waiting,
+                         partial_bytes=ch.reserved, partial_held=ch.held)
                 if s["throttled"]:  # count the pause in progress too
                     s["throttled_s"] += now - ch.throttled_since
                 vms[vm_id] = s
-            total = dict(self.totals, watched=len(self.channels))
+            total = dict(self.totals, watched=len(self.channels), partial_bytes=self.partial_bytes,
+                         partial_held=self.partial_held, waiting_for_room=len(self.waiting))
             total["throttled_s"] += sum(now - ch.throttled_since for ch in self.throttled.values())
         return {"total": total, "vms": vms}
 
@@ -267,6 +301,7 @@ class _IOLoop:
                     if ch is not None and self.channels.get(ch.vm_id) is ch and ch.registered:
                         self._on_readable(ch)
                 self._rearm_due()
+                self._end_stalled()
         except Exception as e:  # a bug here must not leave VMs silently unread
             log.exception("ioguard I/O thread failed")
             for ch in list(self.channels.values()):
@@ -274,10 +309,11 @@ class _IOLoop:
             self.owner.actor_ref.stop(block=False)
 
     def _select_timeout(self) -> float | None:
-        if not self.throttled:
-            return None  # nothing to re-arm: sleep until a socket or a command
-        earliest = min(ch.rearm_at for ch in self.throttled.values())
-        return max(0.0, earliest - time.monotonic())
+        wake_ups = [ch.rearm_at for ch in self.throttled.values()]
+        wake_ups += [at for at in (ch.clock.deadline for ch in self.channels.values()) if at is not None]
+        if not wake_ups:
+            return None  # nothing to re-arm or time out: sleep until a socket or a command
+        return max(0.0, min(wake_ups) - time.monotonic())
 
     def _run_commands(self) -> None:
         try:
@@ -296,6 +332,10 @@ class _IOLoop:
                 ch = self.channels.get(command.vm_id)
                 if ch is not None:
                     self._forget(ch)
+            elif isinstance(command, ChannelHold):
+                ch = self.channels.get(command.vm_id)
+                if ch is not None:
+                    (self._hold if command.held else self._release)(ch, "paused", time.monotonic())
             elif isinstance(command, InjectFault):
                 ch = self.channels.get(command.vm_id)
                 if command.kind == "corrupt_frame" and ch is not None:
@@ -321,7 +361,8 @@ class _IOLoop:
             supervisor=command.supervisor,
             decoder=FrameDecoder(crc32, max_payload=g.max_payload),
             byte_bucket=TokenBucket(g.burst_bytes, g.rate_bytes_per_s),
-            frame_bucket=TokenBucket(g.frames_burst, g.frames_per_s))
+            frame_bucket=TokenBucket(g.frames_burst, g.frames_per_s),
+            clock=FrameClock(g.frame_stall_s, g.rate_bytes_per_s))
         with self.lock:
             self.channels[ch.vm_id] = ch
         try:
@@ -352,7 +393,13 @@ class _IOLoop:
                 self._end_pause(ch, time.monotonic())
             if self.channels.get(ch.vm_id) is ch:
                 del self.channels[ch.vm_id]
+            if self.waiting.get(ch.vm_id) is ch:
+                del self.waiting[ch.vm_id]
+            self.partial_held -= ch.held
+            ch.held = 0
         ch.decoder = None  # drop a half-read frame's buffer now
+        if ch.reserved:
+            self._free_room(ch)
 
     def _fail(self, ch: _Channel, code: str, detail: str, violation: bool) -> None:
         """Report the channel's end once, then forget it."""
@@ -398,8 +445,9 @@ class _IOLoop:
         if ch.corrupt_next:
             data = self._corrupt(ch, data)
         ch.bytes_fed += len(data)
+        decoder = ch.decoder
         try:
-            for payload in ch.decoder.feed(data):
+            for payload in decoder.feed(data):
                 ch.frame_bucket.consume(1)
                 with self.lock:
                     ch.stats["frames_read"] += 1
@@ -410,6 +458,18 @@ class _IOLoop:
         except ProtocolError as e:
             self._fail(ch, e.code, str(e), violation=True)
             return
+        now = time.monotonic()
+        with self.lock:
+            self.partial_held += decoder.buffered - ch.held
+            ch.held = decoder.buffered
+            self.totals["held_peak"] = max(self.totals["held_peak"], self.partial_held)
+        ch.clock.update(decoder, now)
+        if ch.admitted is not None and ch.admitted != decoder.frames_decoded:
+            self._free_room(ch)  # its admitted frame is complete
+        if decoder.declared_length is not None and ch.admitted is None:
+            # A header just came in. Reads never go past it (see `wanted`), so
+            # nothing of its payload is held before it is admitted.
+            self._admit(ch, now)
         if not self._has_tokens(ch):
             self._pause(ch)
 
@@ -448,6 +508,7 @@ class _IOLoop:
         now = time.monotonic()
         self._unregister(ch)
         ch.rearm_at = now + max(wait, MIN_PAUSE_S)
+        self._hold(ch, "tokens", now)
         with self.lock:
             ch.throttled_since = now
             self.throttled[ch.vm_id] = ch
@@ -460,6 +521,77 @@ class _IOLoop:
         ch.stats["throttled_s"] += paused
         self.totals["throttled_s"] += paused
         del self.throttled[ch.vm_id]
+        self._release(ch, "tokens", now)
+
+    # --- the frame clock and the cap on partial frames ------------------------------
+
+    @staticmethod
+    def _hold(ch: _Channel, reason: str, now: float) -> None:
+        """The host does not read `ch` (for `reason`): its frame clock stands."""
+        if not ch.holds:
+            ch.clock.hold(now)
+        ch.holds.add(reason)
+
+    @staticmethod
+    def _release(ch: _Channel, reason: str, now: float) -> None:
+        if reason in ch.holds:
+            ch.holds.discard(reason)
+            if not ch.holds:
+                ch.clock.release(now)
+
+    def _end_stalled(self) -> None:
+        now = time.monotonic()
+        for ch in [c for c in self.channels.values() if c.clock.deadline is not None]:
+            try:
+                ch.clock.check(ch.decoder, now)
+            except StalledFrame as e:
+                self._fail(ch, e.code, str(e), violation=True)
+
+    def _admit(self, ch: _Channel, now: float) -> None:
+        """Admit `ch`'s frame against max_partial_bytes, or park the channel
+        (unread, its clock standing) behind the frames already waiting."""
+        length = ch.decoder.declared_length
+        if not self.waiting and self.partial_bytes + length <= self.owner.max_partial_bytes:
+            self._reserve(ch, length)
+            return
+        self._unregister(ch)
+        self._hold(ch, "room", now)
+        with self.lock:
+            self.waiting[ch.vm_id] = ch
+            ch.stats["room_waits"] += 1
+            self.totals["room_waits"] += 1
+
+    def _reserve(self, ch: _Channel, length: int) -> None:
+        ch.admitted = ch.decoder.frames_decoded
+        ch.reserved = length
+        with self.lock:
+            self.partial_bytes += length
+            self.totals["partial_peak"] = max(self.totals["partial_peak"], self.partial_bytes)
+
+    def _free_room(self, ch: _Channel) -> None:
+        """`ch`'s admitted frame is complete or gone: its room goes to the frames
+        waiting, oldest first, as far as it reaches."""
+        with self.lock:
+            self.partial_bytes -= ch.reserved
+        ch.reserved, ch.admitted = 0, None
+        now = time.monotonic()
+        while self.waiting and not self.stopping:
+            first = next(iter(self.waiting.values()))
+            length = first.decoder.declared_length
+            if self.partial_bytes + length > self.owner.max_partial_bytes:
+                return
+            with self.lock:
+                del self.waiting[first.vm_id]
+            self._reserve(first, length)
+            self._release(first, "room", now)
+            if first.vm_id not in self.throttled:
+                self._resume_reading(first, "cannot watch the channel again")
+
+    def _resume_reading(self, ch: _Channel, failure: str) -> None:
+        try:
+            self._register(ch)
+        except (ValueError, KeyError, OSError) as e:  # its owner closed it meanwhile
+            self._fail(ch, "vm_lost", f"{failure}: {e}", violation=False)
 
     def _rearm_due(self) -> None:
         now = time.monotonic()
@@ -470,7 +602,5 @@ class _IOLoop:
                 continue
             with self.lock:
                 self._end_pause(ch, now)
-            try:
-                self._register(ch)
-            except (ValueError, KeyError, OSError) as e:  # its owner closed it meanwhile
-                self._fail(ch, "vm_lost", f"cannot watch the channel again: {e}", violation=False)
+            if ch.vm_id not in self.waiting:
+                self._resume_reading(ch, "cannot watch the channel again")

@@ -125,6 +125,16 @@ class Unwatch:
 
 
 @dataclass(frozen=True)
+class ChannelHold:
+    """Supervisor -> IOGuard: the host paused (`held`) or resumed this VM for a
+    SCRAM; a frame in progress does not count the paused time against its
+    stall deadline, since a paused guest cannot send."""
+
+    vm_id: str
+    held: bool
+
+
+@dataclass(frozen=True)
 class GuestSaid:
     """IOGuard -> Supervisor: one verified, decoded guest message."""
 

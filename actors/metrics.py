@@ -115,13 +115,21 @@ class IoGuardCollector:
 
     def collect(self):
         totals = self.stats() or {}
-        for name, key, help_text in (
-                ("corral_ioguard_read_bytes", "bytes_read", "Bytes read from guest channels"),
-                ("corral_ioguard_read_frames", "frames_read", "Frames read from guest channels"),
-                ("corral_ioguard_throttled_seconds", "throttled_s",
+        for family_type, name, key, help_text in (
+                (CounterMetricFamily, "corral_ioguard_read_bytes", "bytes_read", "Bytes read from guest channels"),
+                (CounterMetricFamily, "corral_ioguard_read_frames", "frames_read", "Frames read from guest channels"),
+                (CounterMetricFamily, "corral_ioguard_throttled_seconds", "throttled_s",
                  "Time guest channels were not read for want of tokens"),
-                ("corral_ioguard_stalls", "stalls", "Times a guest channel ran out of tokens")):
-            family = CounterMetricFamily(name, help_text)
+                (CounterMetricFamily, "corral_ioguard_stalls", "stalls", "Times a guest channel ran out of tokens"),
+                (CounterMetricFamily, "corral_ioguard_room_waits", "room_waits",
+                 "Frames that waited for room under ioguard.max_partial_bytes"),
+                (GaugeMetricFamily, "corral_ioguard_partial_bytes", "partial_bytes",
+                 "Bytes admitted to guest frames in progress (bounded by ioguard.max_partial_bytes)"),
+                (GaugeMetricFamily, "corral_ioguard_partial_held_bytes", "partial_held",
+                 "Bytes held of guest frames in progress"),
+                (GaugeMetricFamily, "corral_ioguard_frames_waiting_for_room", "waiting_for_room",
+                 "Guest channels not read until their frame fits under ioguard.max_partial_bytes")):
+            family = family_type(name, help_text)
             family.add_metric([], float(totals.get(key, 0)))
             yield family
 

@@ -106,6 +106,7 @@ class Corral:
             "ioguard": lambda salvage: IOGuard.start(
                 burst_bytes=cfg.ioguard.burst_bytes, rate_bytes_per_s=cfg.ioguard.rate_bytes_per_s,
                 frames_per_s=cfg.ioguard.frames_per_s, frames_burst=cfg.ioguard.frames_burst,
+                frame_stall_s=cfg.ioguard.frame_stall_s, max_partial_bytes=cfg.ioguard.max_partial_bytes,
                 directory=self.directory),
             "intake": lambda salvage: Intake.start(self.server, self.directory),
             "scheduler": lambda salvage: Scheduler.start(

@@ -17,7 +17,9 @@ died before its command started goes back to the Scheduler instead.
 
 An operator's SCRAM freezes the VM (Freeze): its domain is paused whatever
 it was doing and its deadline stops counting, since a paused guest cannot be
-late; Thaw resumes both. A ready VM is always paused, so Thaw leaves it so.
+late, and so does IOGuard's stall clock of a frame it was sending
+(ChannelHold); Thaw resumes all three. A ready VM is always paused, so Thaw
+leaves it so.
 
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others. So do pause and resume, through
@@ -40,7 +42,7 @@ from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.guest_link import CappedOutput, GuestLink
 from actors.hypervisor import Hypervisor
-from actors.messages import (ChannelFailed, DeadlinePassed, Freeze, GuestSaid, InjectFault,
+from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
                              Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
 from actors.metrics import Metrics
 from actors.tiers import DEFAULT_TIER, Tier, wants_high_cpu
@@ -413,6 +415,8 @@ class Supervisor(pykka.ThreadingActor):
     def _freeze(self) -> None:
         if self.frozen_at is not None:
             return
+        # Before the pause: a frame the guest is sending stops its stall clock.
+        self.directory.tell("ioguard", ChannelHold(self.vm_id, held=True))
         if self.state != "ready":  # ready VMs are paused already
             try:
                 self.run_control.pause()
@@ -427,13 +431,13 @@ class Supervisor(pykka.ThreadingActor):
             return
         frozen_for = time.monotonic() - self.frozen_at
         self.frozen_at = None
-        if self.state == "ready":
-            return
-        try:
-            self.run_control.resume()
-        except CorralError as e:
-            return self._fail("vm_lost", f"the VM could not be resumed after a SCRAM ({e})")
-        if self.deadline is not None:
+        if self.state != "ready":  # a ready VM stays paused
+            try:
+                self.run_control.resume()
+            except CorralError as e:
+                return self._fail("vm_lost", f"the VM could not be resumed after a SCRAM ({e})")
+        self.directory.tell("ioguard", ChannelHold(self.vm_id, held=False))
+        if self.state != "ready" and self.deadline is not None:
             phase, at = self.deadline
             self._arm(phase, at + frozen_for - time.monotonic())
 

@@ -123,6 +123,10 @@ class IoGuardConfig:
     rate_bytes_per_s: int = field(metadata=_range(1024, 1 << 30))
     frames_per_s: int = field(metadata=_range(1, 1_000_000))
     frames_burst: int = field(metadata=_range(1, 1_000_000))
+    # A frame in progress gets this plus its length at rate_bytes_per_s (stalled_frame past it).
+    frame_stall_s: float = field(metadata=_range(0.1, 600))
+    # Frames in progress across all channels; at least the largest guest frame, or it could never start.
+    max_partial_bytes: int = field(metadata=_range(2 << 20, 1 << 40))
 
 
 @dataclass(frozen=True)
@@ -325,4 +329,11 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
                           "(files to put travel in the request)")
     if cfg.pool.tier_size > cfg.pool.tier_max:
         raise ConfigError("config: pool.tier_size must not exceed pool.tier_max")
+    # A vCPU over its quota sleeps up to (100 - quota) % of the 1 s period, mid-frame
+    # perhaps: an honest guest must not be ended as stalled for that.
+    quotas = [q for q in (cfg.vm.cpu_quota_pct, cfg.vm.high_cpu_quota_pct) if q]
+    longest_pause_s = (100 - min(quotas)) / 100 if quotas else 0.0
+    if cfg.ioguard.frame_stall_s < 2 * longest_pause_s:
+        raise ConfigError(f"config: ioguard.frame_stall_s = {cfg.ioguard.frame_stall_s:g} must be at least "
+                          f"twice the longest vCPU pause the CPU quotas allow ({longest_pause_s:g} s)")
     return cfg

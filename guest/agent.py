@@ -4,7 +4,8 @@ Runs from the read-only agent ISO (standard library only). It speaks the
 SecureChannel protocol to the host over one virtio-serial port: says Hello,
 then runs Exec requests as the unprivileged task user, streams Output, reports
 Exit with resource use, answers Heartbeat, and on Reset kills every process of
-the task user and wipes its writable places.
+the task user and removes whatever it left: files anywhere in the root overlay,
+message queues, SysV IPC objects, keys.
 
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import pwd
 import select
+import stat
 import sys
 import time
 import zlib
@@ -54,14 +56,33 @@ DRAIN_GRACE_S = 0.05
 REAP_INTERVAL_S = 1.0
 # While no host is connected, read() on the port gives EOF at once: look again this late.
 NO_HOST_RETRY_S = 0.005
-# Places a task may have written to that Reset wipes.
-WIPE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# The root overlay's layers, moved by the initramfs where only root reaches them
+# (guest/image/init). Everything written to the root file system since boot is in
+# the upper layer; Reset removes what the task added there (Agent.sweep_overlay).
+OVERLAY_UPPER = "/run/corral/rw/upper"
+OVERLAY_LOWER = "/run/corral/lower"
+# Writable places outside the root overlay that Reset empties: POSIX message
+# queues (mounted by the initramfs), and /dev/shm if the guest has one.
+WIPE_DIRS = ("/dev/shm", "/dev/mqueue")
+# Kernel key quotas of non-root users. 1 is the least the kernel accepts, and any
+# key or named keyring costs at least 2 bytes (its description and a NUL), so the
+# task user can create none: not even its user keyring, which it could otherwise
+# lock (KEYCTL_SETPERM 0) so that no later clear reaches the keys in it.
+KEY_QUOTA_FILES = ("/proc/sys/kernel/keys/maxkeys", "/proc/sys/kernel/keys/maxbytes")
+KEY_USERS = "/proc/key-users"
+# How long Reset waits for the kernel's key garbage collector to free the task
+# user's last keys (released by its dead processes or invalidated) before failing.
+KEY_GC_WAIT_S = 1.0
 DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
 SIGKILL = _signal.SIGKILL
 # Python starts with these ignored; a task gets them back at their defaults, as
 # subprocess's restore_signals did.
 RESTORED_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ)
 PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+SYS_KEYCTL = 250  # x86_64
+KEYCTL_INVALIDATE = 21
+KEYCTL_GET_PERSISTENT = 22
+KEY_SPEC_THREAD_KEYRING = -1
 POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
 
@@ -163,6 +184,87 @@ def empty_directory(path: str) -> None:
         remove_contents(fd)
     finally:
         os.close(fd)
+
+
+def open_directory(name: str, dir_fd: int | None = None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def remove_entry(name: str, dir_fd: int) -> None:
+    """Remove `name` (a whole tree if a directory) from the open directory, never
+    following a symlink; gone already is fine."""
+    try:
+        if stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
+            fd = open_directory(name, dir_fd)
+            try:
+                remove_contents(fd)
+            finally:
+                os.close(fd)
+            os.rmdir(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def upper_paths(upper: str = OVERLAY_UPPER) -> frozenset[str]:
+    """Every path (as '/a/b') the overlay's upper layer holds now."""
+    found = set()
+
+    def walk(fd: int, prefix: str) -> None:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for entry in entries:
+            path = f"{prefix}/{entry.name}"
+            found.add(path)
+            if entry.is_dir(follow_symlinks=False):
+                child = open_directory(entry.name, fd)
+                try:
+                    walk(child, path)
+                finally:
+                    os.close(child)
+
+    top = open_directory(upper)
+    try:
+        walk(top, "")
+    finally:
+        os.close(top)
+    return frozenset(found)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """overlayfs marks a deleted lower entry with a 0/0 character device in the upper layer."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def task_has_keys(uid: int) -> bool:
+    """Does the kernel hold any key or keyring of `uid`? (/proc/key-users: one
+    line per user with keys, the uid first.)"""
+    with open(KEY_USERS, "rb") as f:
+        return any(line.split(b":", 1)[0].strip() == b"%d" % uid for line in f)
+
+
+def invalidate_persistent_keyring(uid: int) -> None:
+    """The persistent keyring of `uid` (KEYCTL_GET_PERSISTENT; kept by the kernel
+    for days, outside any quota) is the one place a task can anchor keyrings so
+    that they outlive its processes. Invalidated, the kernel frees it and all that
+    hangs from it; a task that asks again gets a new, empty one. ctypes is
+    imported only here: slow to import under TCG, and needed only after a task
+    used keys."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def keyctl(*args: int) -> int:
+        result = libc.syscall(ctypes.c_long(SYS_KEYCTL), *(ctypes.c_long(a) for a in args))
+        if result < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"keyctl {args[0]}: {os.strerror(error)}")
+        return result
+
+    # Linked into PID 1's own thread keyring, which makes root its possessor.
+    keyring = keyctl(KEYCTL_GET_PERSISTENT, uid, KEY_SPEC_THREAD_KEYRING)
+    keyctl(KEYCTL_INVALIDATE, keyring)
 
 
 def oom_kills() -> int:
@@ -454,6 +556,12 @@ class Agent:
         self.ptrace_scope = -1  # as last written; -1: not yet
         self.set_ptrace_scope(capabilities.PTRACE_SCOPE_DENIED)
         self.share_tmp_dirs()
+        for quota in KEY_QUOTA_FILES:
+            with open(quota, "w") as f:
+                f.write("1")
+        # What the upper layer holds before any task ran: the initramfs's and the
+        # agent's own changes to the image. Reset keeps these and removes the rest.
+        self.overlay_baseline = upper_paths()
 
     def share_tmp_dirs(self) -> None:
         """The image sets /tmp and /var/tmp; /dev/shm is made at boot. Listable by
@@ -696,6 +804,9 @@ class Agent:
                 return False, f"task processes survive: {pids[:10]}"
             time.sleep(0.005)
         try:
+            modified = self.sweep_overlay()
+            if modified:  # an image file changed: the reset cannot put it back
+                return False, f"image files modified: {', '.join(modified[:5])}"[:messages.MAX_RESET_DETAIL_LEN]
             for top in WIPE_DIRS:
                 if os.path.isdir(top):
                     empty_directory(top)
@@ -711,9 +822,80 @@ class Agent:
             # SysV shared memory, queues and semaphores outlive processes.
             if sysv_ipc_in_use():  # rarely: spare every other reset a spawn
                 self.run_as_root([b"ipcrm", b"--all"], timeout_s=5)
+            if task_has_keys(uid) and not self.clear_keys(uid):
+                return False, "keys of the task user survive"
         except Exception as e:  # e.g. RecursionError on a deep tree: a failed reset, not a dead PID 1
             return False, f"wipe failed: {e!r}"[:messages.MAX_RESET_DETAIL_LEN]
         return True, ""
+
+    def sweep_overlay(self) -> list[str]:
+        """Remove from the root file system every entry written since boot that
+        was not there when the agent started, wherever the task found a place to
+        write: a generic net under the named places. Walks the overlay's upper
+        layer (small: only what changed) beside the merged tree, descending into
+        directories of the image. The task's home is left to reset(), which
+        rebuilds it. Returns the image files found changed (not removed: that
+        would hide them; the task user can change none, build.py checks)."""
+        home = self.task_account.pw_dir
+        modified: list[str] = []
+
+        def sweep(upper_fd: int, merged_fd: int, prefix: str) -> None:
+            with os.scandir(upper_fd) as it:
+                entries = list(it)
+            for entry in entries:
+                path = f"{prefix}/{entry.name}"
+                if path == home:
+                    continue
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if path in self.overlay_baseline:
+                    if is_dir:
+                        descend(upper_fd, merged_fd, entry.name, path)
+                    continue
+                if is_whiteout(entry.stat(follow_symlinks=False)):  # a deletion: it holds no data
+                    continue
+                try:
+                    lower_mode = os.lstat(OVERLAY_LOWER + path).st_mode
+                except FileNotFoundError:
+                    remove_entry(entry.name, merged_fd)  # new since boot
+                    continue
+                if is_dir and stat.S_ISDIR(lower_mode):
+                    descend(upper_fd, merged_fd, entry.name, path)  # an image directory, copied up
+                else:
+                    modified.append(path)
+
+        def descend(upper_fd: int, merged_fd: int, name: str, path: str) -> None:
+            upper_child = open_directory(name, upper_fd)
+            try:
+                merged_child = open_directory(name, merged_fd)
+                try:
+                    sweep(upper_child, merged_child, path)
+                finally:
+                    os.close(merged_child)
+            finally:
+                os.close(upper_child)
+
+        upper = open_directory(OVERLAY_UPPER)
+        try:
+            merged = open_directory("/")
+            try:
+                sweep(upper, merged, "")
+            finally:
+                os.close(merged)
+        finally:
+            os.close(upper)
+        return modified
+
+    def clear_keys(self, uid: int) -> bool:
+        """Free every key of the task user; False if some survive. Its processes
+        are dead, so only its persistent keyring can still hold keys (its user
+        keyrings cannot exist under the key quota set at boot)."""
+        invalidate_persistent_keyring(uid)
+        deadline = time.monotonic() + KEY_GC_WAIT_S
+        while task_has_keys(uid):  # freed by the kernel's key garbage collector, soon
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def run_as_root(self, argv: list[bytes], timeout_s: float) -> None:
         """Run a helper to completion, output discarded; RuntimeError unless it exits 0."""

@@ -9,7 +9,8 @@ Which attack, and when:
   - kernel command line ``corral.hostile=<attack>`` (set by the test through
     Hypervisor.extra_cmdline): the attack replaces the Hello, at boot;
   - otherwise the agent behaves until an Exec arrives and then performs the
-    attack its argv[0] names. ``ok`` is a well-behaved command (prints "ok").
+    attack its argv[0] names (some take numbers from argv[1:]). ``ok`` is a
+    well-behaved command (prints "ok").
 
 It runs as root (PID 1), so it also stands for a task that got root: it can
 panic the kernel, power off, reboot or simply die. Standard library only.
@@ -25,6 +26,7 @@ from guest.honest_agent import NO_HOST_RETRY_S, find_port  # the real agent, bes
 from protocol import messages
 from protocol.frame import HEADER, MAGIC, FrameDecoder, FrameEncoder
 
+STALLED_FRAME_LENGTH = 1 << 20  # what the stalling attacks declare: 1 MiB, under the host's cap
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
 
@@ -61,7 +63,7 @@ class HostileAgent:
 
     # --- the attacks ------------------------------------------------------------
 
-    def attack(self, name: str, exec_id: int) -> None:
+    def attack(self, name: str, exec_id: int, args: tuple[int, ...] = ()) -> None:
         """Break the channel as `name` says, then wait for the host to end the VM."""
         seq = self.encoder.next_seq
         output = messages.encode(messages.Output(exec_id=exec_id, stream=messages.STDOUT, data=b"x"))
@@ -90,6 +92,17 @@ class HostileAgent:
             self.send(messages.Reset(reset_id=1))
         elif name == "wrong_state":  # Hello while running; HeartbeatAck instead of Hello
             self.send(self.hello() if exec_id else messages.HeartbeatAck(nonce=0))
+        elif name == "stall_frame":  # declare 1 MiB, send argv[1] bytes of it (10), then nothing
+            sent = args[0] if args else 10
+            self.write(HEADER.pack(MAGIC, STALLED_FRAME_LENGTH, 0, seq) + b"s" * sent)
+        elif name == "stall_header":  # half a header, then nothing (no EOF: the VM lives on)
+            self.write(HEADER.pack(MAGIC, 1, 0, seq)[:7])
+        elif name == "trickle_frame":  # declare 1 MiB, send it at argv[1] bytes/s (1024)
+            per_s = args[0] if args else 1024
+            self.write(HEADER.pack(MAGIC, STALLED_FRAME_LENGTH, 0, seq))
+            for _ in range(0, STALLED_FRAME_LENGTH, 64):
+                time.sleep(64 / per_s)
+                self.write(b"t" * 64)
         elif name == "truncated_eof":  # half a header, then the VM powers off: EOF
             self.write(HEADER.pack(MAGIC, 1, 0, seq)[:7])
             time.sleep(0.2)
@@ -128,7 +141,8 @@ class HostileAgent:
         elif isinstance(message, messages.Exec):
             name = message.argv[0].decode(errors="replace")
             if name != "ok":
-                self.attack(name, message.exec_id)
+                args = tuple(int(arg) for arg in message.argv[1:] if arg.isdigit())
+                self.attack(name, message.exec_id, args)
             self.send(messages.Output(exec_id=message.exec_id, stream=messages.STDOUT, data=b"ok\n"))
             self.send(messages.Exit(exec_id=message.exec_id, exit_code=0, signal=0, timed_out=False,
                                     stdout_truncated=False, stderr_truncated=False, wall_ms=1,

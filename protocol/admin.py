@@ -1,19 +1,20 @@
 """`corral admin`: the operators' client for corrald's control socket.
 
 One request, one reply, synchronous: operators type commands, they do not
-stream them. Before ZeroMQ is involved the socket file is probed with a plain
-connect(), so "not running" and "not an operator" (permission denied) are
-told apart at once instead of ZeroMQ retrying silently until a timeout.
+stream them. Before ZeroMQ is involved the socket file is probed
+(protocol/reach.py), so "not running" and "not an operator" (permission
+denied) are told apart at once instead of ZeroMQ retrying silently until a
+timeout.
 """
 
 from __future__ import annotations
 
-import socket
 import sys
 import uuid
 
 import zmq
 
+from . import reach
 from .control import CONTROL_TAG, DAEMON_TO_OPERATOR, AdminReply, AdminRequest
 from .errors import ProtocolError
 from .messages import decode, encode
@@ -23,26 +24,23 @@ EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 125
 
 
 class AdminError(Exception):
-    """The control socket could not be reached or did not answer."""
+    """The control socket could not be reached or did not answer; `code`, when
+    set, is reach's reason (not_running, permission_denied, unreachable)."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
 
 
 def probe(endpoint: str) -> None:
     """AdminError naming why an ipc endpoint cannot be used, if it cannot."""
-    if not endpoint.startswith("ipc://"):
-        return
-    path = endpoint[len("ipc://"):]
-    probe_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe_socket.connect(path)
-    except PermissionError:
-        raise AdminError(f"permission denied on {path}: only corrald's operators "
-                         "(its own user) may use the control socket") from None
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise AdminError(f"no corrald control socket at {path}: is corrald running?") from None
-    except OSError as e:
-        raise AdminError(f"cannot reach {path}: {e.strerror}") from None
-    finally:
-        probe_socket.close()
+        reach.probe(endpoint)
+    except reach.Unreachable as e:
+        if e.code == reach.PERMISSION_DENIED:
+            raise AdminError(f"{e}: only corrald's operators (its own user) may use the control socket",
+                             e.code) from None
+        raise AdminError(str(e), e.code) from None
 
 
 def request(endpoint: str, command: str, args: list[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> AdminReply:
@@ -82,7 +80,8 @@ def admin_main(endpoint: str, command: list[str], timeout_s: float) -> int:
     try:
         reply = request(endpoint, command[0], command[1:], timeout_s)
     except (AdminError, ValueError) as e:
-        print(f"corral: {e}", file=sys.stderr)
+        code = getattr(e, "code", "")
+        print(f"corral: {f'error {code}: ' if code else ''}{e}", file=sys.stderr)
         return EXIT_FAILED
     fields = [(k.decode(errors="replace"), v.decode(errors="replace")) for k, v in reply.fields]
     width = max((len(k) for k, _ in fields), default=0) + 2

@@ -31,6 +31,14 @@ not on corrald's allow-list, no key for a server that wants one, a key for a
 server that wants none, or (most likely) the wrong server key. A connection
 whose handshake failed never carried a request, so its end is not a
 `connection_lost`.
+
+Nobody there: ZeroMQ retries a failed connect in the background forever, so
+the I/O thread watches for attempts that never reached a peer. The DEALER
+queues a request only on a live connection (ZMQ_IMMEDIATE): until then it
+stays in the outbox, and after a refused attempt everything in the outbox
+fails with `reach.Unreachable` (code not_running or permission_denied) at
+once, for ipc with the reason the socket file gives (protocol/reach.py). Such
+a request was never sent, so it can never run later behind the caller's back.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ import zmq
 from . import outcomes
 from .errors import ProtocolError
 from .messages import MAX_STDIN, decode, encode, max_payload_size
+from .reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
 from .tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
                     StatusRequest, TaskReply, TaskRequest, error_reply)
 
@@ -95,7 +104,8 @@ class HandshakeError(ConnectionError):
 
 NO_DETAIL_FAILURES = 5  # handshakes failed in a row without a reason before the client gives one
 MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
 
 
 def _z85_key(value: str | bytes | os.PathLike, what: str) -> bytes:
@@ -179,6 +189,10 @@ class Client:
         # The last handshake's verdict, kept: libzmq may not try again after a
         # refusal, so a request made after the failure event gets it too (I/O thread).
         self._handshake_refused: HandshakeError | None = None
+        # Whether the current connect attempt reached a peer, and whether the
+        # last one was refused (nobody listening, no permission) (I/O thread).
+        self._attempt_reached_peer = False
+        self._last_attempt_refused = False
         self._lock = threading.Lock()  # guards _pending, _closed and _handoff
         self._pending: dict[tuple[str, str], concurrent.futures.Future] = {}
         # Requests for the I/O thread, oldest first; it also holds those the
@@ -193,6 +207,9 @@ class Client:
             self._dealer.setsockopt(zmq.SNDHWM, SOCKET_HWM)
             self._dealer.setsockopt(zmq.RCVHWM, SOCKET_HWM)
             self._dealer.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_FRAME)
+            # Requests wait in the outbox, not in a pipe to nobody: one failed as
+            # unreachable must not go out when corrald starts later.
+            self._dealer.setsockopt(zmq.IMMEDIATE, 1)
             if self._curve is not None:
                 self._dealer.setsockopt(zmq.CURVE_SERVERKEY, self._curve[0])
                 self._dealer.setsockopt(zmq.CURVE_PUBLICKEY, self._curve[1])
@@ -236,6 +253,8 @@ class Client:
 
         Raises TypeError/ValueError for arguments the protocol cannot carry,
         ValueError for a task_id already in flight, ClientClosedError after close().
+        The Future fails at once with reach.Unreachable (code not_running or
+        permission_denied) when corrald cannot be reached: nothing was sent.
         """
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not one string")
@@ -391,11 +410,21 @@ class Client:
 
         while monitor.poll(0):
             event = recv_monitor_message(monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                # Scheduled after each attempt: one that met nobody was refused.
+                if not self._attempt_reached_peer:
+                    self._last_attempt_refused = True
+                    self._fail_unsent()
+                self._attempt_reached_peer = False
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                self._attempt_reached_peer = True
+                self._last_attempt_refused = False
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
                 self._handshake_refused = None
                 self._failures_without_detail = 0
             elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._attempt_reached_peer = True
                 if self._handshaken:  # a connection that failed its handshake carried nothing
                     self._handshaken = False
                     self._connection_dropped()
@@ -466,6 +495,25 @@ class Client:
             else:
                 future.set_exception(ClientClosedError(text))
 
+    def _fail_unsent(self) -> None:
+        """After a refused connect: fail what waits in the outbox, with the
+        reason an ipc socket file gives (none if corrald is there by now)."""
+        if ipc_path(self.endpoint) is None:
+            error = refused(self.endpoint)
+        else:
+            try:
+                probe(self.endpoint)
+                return  # it listens now: the next attempt will connect
+            except Unreachable as exc:
+                error = exc
+        if error.code == NOT_RUNNING:
+            error = Unreachable(error.code, f"{error}: start it with scripts/run")
+        outbox = self._outbox
+        while outbox:
+            key, future, _ = outbox.popleft()
+            if self._take(key) is future:
+                future.set_exception(error)
+
     def _drain_wakeups(self) -> bool:
         """Consume wake-ups; False once close() asks to stop."""
         while True:
@@ -478,6 +526,8 @@ class Client:
     def _flush_outbox(self) -> None:
         # Only this thread pops; callers append. Both are atomic on a deque.
         outbox = self._outbox
+        if outbox and self._last_attempt_refused and ipc_path(self.endpoint) is not None:
+            self._fail_unsent()  # check the socket file now, not at the next attempt
         if self._handshake_refused is not None:
             while outbox:
                 key, future, _ = outbox.popleft()
@@ -918,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TimeoutError, ClientClosedError) as exc:
         _notice(str(exc))
         return EXIT_CORRAL_ERROR
-    except HandshakeError as exc:
+    except (HandshakeError, Unreachable) as exc:
         _notice(f"error {exc.code}: {exc}")
         return EXIT_CORRAL_ERROR
     except KeyboardInterrupt:

@@ -67,6 +67,13 @@ class TruncatedFrame(FrameError):
     code = "truncated_frame"
 
 
+class StalledFrame(FrameError):
+    """A frame in progress did not complete within its time: the peer started a
+    frame (even half a header) and stopped or trickled (protocol.frame.FrameClock)."""
+
+    code = "stalled_frame"
+
+
 class DecoderPoisoned(FrameError):
     """The decoder was used after an error (or after eof): no resynchronising."""
 

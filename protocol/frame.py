@@ -27,6 +27,7 @@ from .errors import (
     DecoderPoisoned,
     FrameTooLarge,
     SequenceError,
+    StalledFrame,
     TruncatedFrame,
 )
 
@@ -82,10 +83,12 @@ class FrameDecoder:
     is complete (before any payload byte is buffered or allocated); the CRC
     once the payload is complete, before the payload is returned.
 
-    Memory: at most HEADER_SIZE bytes of header plus one payload buffer of the
-    current frame's validated declared length, whatever the size of ``data``
-    (which is consumed in place, never appended to a buffer). A frame lying
-    wholly inside one ``data`` chunk is copied out once, without staging.
+    Memory: at most HEADER_SIZE bytes of header plus the payload bytes of the
+    current frame received so far: the payload buffer grows by what arrives,
+    never past the validated declared length, so a peer that declares 1 MiB and
+    sends 10 bytes costs 10 bytes, not 1 MiB. ``data`` is consumed in place,
+    never appended to a buffer; a frame lying wholly inside one ``data`` chunk
+    is copied out once, without staging.
 
     Any error poisons the decoder: later calls raise DecoderPoisoned, payloads
     completed earlier in the failing call are dropped with the channel, and
@@ -99,7 +102,7 @@ class FrameDecoder:
         "_header",
         "_header_have",
         "_payload",
-        "_payload_have",
+        "_payload_length",
         "_payload_crc",
         "_closed_reason",
         "frames_decoded",
@@ -117,7 +120,7 @@ class FrameDecoder:
         self._header = bytearray(HEADER_SIZE)
         self._header_have = 0
         self._payload: bytearray | None = None  # None while reading a header
-        self._payload_have = 0
+        self._payload_length = 0  # declared, validated length of the payload in progress
         self._payload_crc = 0
         self._closed_reason: str | None = None
         self.frames_decoded = 0
@@ -126,14 +129,28 @@ class FrameDecoder:
     @property
     def wanted(self) -> int:
         """Bytes still needed to complete the current header or payload."""
-        if self._payload is None:
+        payload = self._payload
+        if payload is None:
             return HEADER_SIZE - self._header_have
-        return len(self._payload) - self._payload_have
+        return self._payload_length - len(payload)
 
     @property
     def buffered(self) -> int:
-        """Bytes held for the frame in progress (received, not yet returned)."""
-        return self._header_have + self._payload_have
+        """Bytes held for the frame in progress (received, not yet returned).
+        Safe to read from another thread (a stats reader): one read of the buffer."""
+        payload = self._payload
+        return self._header_have + (len(payload) if payload is not None else 0)
+
+    @property
+    def declared_length(self) -> int | None:
+        """The validated declared payload length of the frame whose payload is
+        in progress; None while reading a header (or between frames)."""
+        return self._payload_length if self._payload is not None else None
+
+    @property
+    def in_frame(self) -> bool:
+        """True from a frame's first header byte until its last payload byte."""
+        return self._payload is not None or self._header_have > 0
 
     @property
     def expected_seq(self) -> int:
@@ -157,7 +174,7 @@ class FrameDecoder:
         if self._closed_reason is not None:
             raise DecoderPoisoned(f"decoder unusable: {self._closed_reason}")
         if self._payload is not None:
-            have, length = self._payload_have, len(self._payload)
+            have, length = len(self._payload), self._payload_length
             self._close("eof inside a payload")
             raise TruncatedFrame(f"stream ended after {have} of {length} payload bytes")
         if self._header_have:
@@ -169,7 +186,7 @@ class FrameDecoder:
     def _close(self, reason: str) -> None:
         self._closed_reason = reason
         self._payload = None  # a hostile peer must not keep a large buffer pinned
-        self._payload_have = self._header_have = 0
+        self._header_have = 0
 
     def _consume(self, view: memoryview) -> list[bytes]:
         frames: list[bytes] = []
@@ -200,20 +217,18 @@ class FrameDecoder:
                     self._finish_frame(payload_view, payload_crc, frames)
                 pos += length
             else:
-                self._payload = bytearray(length)  # validated length, allocated once
-                self._payload_have = 0
+                # Grown by what arrives (_fill_payload), not allocated as declared.
+                self._payload = bytearray()
+                self._payload_length = length
                 self._payload_crc = payload_crc
         return frames
 
     def _fill_payload(self, view: memoryview, pos: int, end: int, frames: list[bytes]) -> int:
         payload = self._payload
-        have = self._payload_have
-        take = min(len(payload) - have, end - pos)
-        payload[have:have + take] = view[pos:pos + take]
-        self._payload_have = have = have + take
-        if have == len(payload):
+        take = min(self._payload_length - len(payload), end - pos)
+        payload += view[pos:pos + take]
+        if len(payload) == self._payload_length:
             self._payload = None
-            self._payload_have = 0
             self._finish_frame(payload, self._payload_crc, frames)
         return pos + take
 
@@ -243,3 +258,83 @@ class FrameDecoder:
         frames.append(bytes(payload))
         self.frames_decoded += 1
         self.bytes_decoded += HEADER_SIZE + len(payload)
+
+
+class FrameClock:
+    """How long the frame in progress on one channel may take to arrive.
+
+    A frame may take ``base_s`` from its first header byte, plus its declared
+    payload length at ``rate_bytes_per_s`` once its header is in: so half a
+    header gets ``base_s``, and a 1 MiB frame at 1 MiB/s gets ``base_s + 1``.
+    Time the reader chose not to read (``hold``/``release``: its own rate
+    limit, a memory cap, a VM the host paused) does not count: the deadline
+    moves on by as long. The reader calls ``update`` after every ``feed`` and
+    ``check`` when its wake-up for ``deadline`` comes; times are the reader's
+    monotonic clock, passed in.
+
+    This bounds a trickle as well as a stop: a peer must deliver each frame at
+    about the guaranteed rate, so a frame in progress pins its bytes for
+    seconds, not for the task timeout.
+    """
+
+    __slots__ = ("base_s", "rate_bytes_per_s", "_frame", "_deadline", "_sized", "_held_since")
+
+    def __init__(self, base_s: float, rate_bytes_per_s: float) -> None:
+        if not base_s > 0:
+            raise ValueError(f"base_s must be > 0, got {base_s!r}")
+        if not rate_bytes_per_s > 0:
+            raise ValueError(f"rate_bytes_per_s must be > 0, got {rate_bytes_per_s!r}")
+        self.base_s = float(base_s)
+        self.rate_bytes_per_s = float(rate_bytes_per_s)
+        self._frame: int | None = None  # decoder.frames_decoded when the frame in progress began
+        self._deadline = 0.0  # as if it is never held again
+        self._sized = False  # the declared length's time is added
+        self._held_since: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        """When the frame in progress must be complete; None if there is none or while held."""
+        if self._frame is None or self._held_since is not None:
+            return None
+        return self._deadline
+
+    def update(self, decoder: FrameDecoder, now: float) -> None:
+        """Start, size or clear the clock from the decoder's state after a feed."""
+        if not decoder.in_frame:
+            self._frame = None
+            return
+        if self._frame != decoder.frames_decoded:  # a new frame began in the last feed
+            self._frame = decoder.frames_decoded
+            self._deadline = now + self.base_s
+            self._sized = False
+            if self._held_since is not None:
+                self._held_since = now  # time held before this frame began is no credit
+        length = decoder.declared_length
+        if length is not None and not self._sized:
+            self._sized = True
+            self._deadline += length / self.rate_bytes_per_s
+
+    def hold(self, now: float) -> None:
+        """The reader stops reading: the clock stops too."""
+        if self._held_since is None:
+            self._held_since = now
+
+    def release(self, now: float) -> None:
+        """The reader reads again: the deadline moves on by the time held."""
+        if self._held_since is not None:
+            self._deadline += max(0.0, now - self._held_since)
+            self._held_since = None
+
+    def check(self, decoder: FrameDecoder, now: float) -> None:
+        """Raise StalledFrame if the frame in progress is past its deadline."""
+        deadline = self.deadline
+        if deadline is None or now < deadline:
+            return
+        length = decoder.declared_length
+        have = decoder.buffered
+        where = (f"{have} of {HEADER_SIZE} header bytes" if length is None
+                 else f"{have} of {length} payload bytes")
+        allowed = self.base_s + (length or 0) / self.rate_bytes_per_s
+        seq = (decoder.expected_seq - (length is not None)) & _SEQ_MASK  # past its header: counted
+        raise StalledFrame(f"frame (sequence {seq}) "
+                           f"stalled at {where}: not complete within {allowed:.2f} s of reading")

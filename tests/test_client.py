@@ -208,18 +208,14 @@ def test_malformed_replies_are_ignored_and_a_later_good_reply_resolves(daemon, c
     assert client.run(["y"], wait_s=5).exit_code == 6
 
 
-def test_tasks_wait_for_a_daemon_that_starts_later(tmp_path):
+def test_tasks_wait_in_the_outbox_beyond_the_high_water_mark(daemon):
     # More than the socket's high-water mark: the rest waits in the outbox.
-    endpoint = f"ipc://{tmp_path}/later.sock"
-    with Client(endpoint) as client:
+    # (A daemon that is not there at all: tests/test_reach.py.)
+    daemon.answer = answer_each_with(lambda req: ok_reply(req.task_id))
+    with Client(daemon.endpoint) as client:
         futures = [client.submit(["true"]) for _ in range(1500)]
-        fake = FakeDaemon(endpoint)
-        try:
-            fake.answer = answer_each_with(lambda req: ok_reply(req.task_id))
-            replies = [f.result(timeout=10) for f in futures]
-        finally:
-            fake.stop()
-    assert len({r.task_id for r in replies}) == 1500 and fake.errors == []
+        replies = [f.result(timeout=10) for f in futures]
+    assert len({r.task_id for r in replies}) == 1500
 
 
 def test_duplicate_in_flight_task_id_is_refused(daemon, client):
@@ -332,10 +328,10 @@ def test_cli_timed_out_command_keeps_its_output(daemon, capsysbinary):
     assert (out, err) == (b"partial", b"corral: timed out after 2.0 s\n")
 
 
-def test_cli_without_answer_exits_125_naming_the_endpoint(tmp_path, capsys):
-    nowhere = f"ipc://{tmp_path}/nobody.sock"
-    assert main(["run", "--endpoint", nowhere, "--wait", "0.2", "--", "true"]) == 125
-    assert capsys.readouterr().err == (f"corral: no answer from corrald at {nowhere} within 0.2 s; "
+def test_cli_without_answer_exits_125_naming_the_endpoint(daemon, capsys):
+    # corrald is there (the socket answers the connect) but says nothing.
+    assert main(["run", "--endpoint", daemon.endpoint, "--wait", "0.2", "--", "true"]) == 125
+    assert capsys.readouterr().err == (f"corral: no answer from corrald at {daemon.endpoint} within 0.2 s; "
                                        "is it running? start it with scripts/run\n")
 
 

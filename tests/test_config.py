@@ -39,6 +39,11 @@ def test_site_file_overrides_defaults(tmp_path):
      "config: budget.capability_costs.net:egress = -1.0 is out of range (0..1000000000)"),
     ({"budget": {"overrides": {"a": {"capacity": 5.0}}}}, "config: missing key budget.overrides.a.refill_per_s"),
     ({"budget": {"priority_costs": {"urgent": 1.0}}}, "config: unknown key budget.priority_costs.urgent"),
+    ({"ioguard": {"max_partial_bytes": 1 << 20}},
+     "config: ioguard.max_partial_bytes = 1048576 is out of range (2097152..1099511627776)"),
+    # A 10 % quota pauses a busy vCPU up to 0.9 s: an honest frame may span that.
+    ({"vm": {"cpu_quota_pct": 10}}, "config: ioguard.frame_stall_s = 1 must be at least twice the longest "
+                                    "vCPU pause the CPU quotas allow (0.9 s)"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_range(overrides, message):
     with pytest.raises(config.ConfigError) as error:

@@ -14,7 +14,7 @@ import pytest
 from actors.errors import ChannelClosed, GuestTimeout
 from actors.guest_link import GUEST_FRAME_CAP, GuestLink
 from protocol import messages
-from protocol.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError,
+from protocol.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
                              TruncatedFrame, UnexpectedMessage, UnknownMessageType)
 from protocol.frame import HEADER, MAGIC, FrameEncoder
 
@@ -157,6 +157,31 @@ def test_vanished_guest_is_a_lost_vm(pair):
     peer.conn.close()
     with pytest.raises(ChannelClosed):
         link.wait_hello(soon())
+
+
+def test_a_frame_that_stops_is_stalled_long_before_the_deadline_and_holds_only_what_arrived(pair):
+    # Declares a 1 MiB Output, sends 10 bytes, stops: 1 s + 1 s, not the 30 s wait.
+    peer, link = pair
+    peer.send_raw(HEADER.pack(MAGIC, 1 << 20, 0, 0) + b"0123456789")
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(StalledFrame, match="10 of 1048576 payload bytes"):
+            link.wait_hello(started + 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 1.9 < time.monotonic() - started < 4
+    assert peak < 256 * 1024
+
+
+def test_half_a_header_that_stops_is_stalled(pair):
+    peer, link = pair
+    peer.send_raw(HEADER.pack(MAGIC, 10, 0, 0)[:5])
+    started = time.monotonic()
+    with pytest.raises(StalledFrame, match="5 of 16 header bytes"):
+        link.wait_hello(started + 30)
+    assert 0.9 < time.monotonic() - started < 3
 
 
 def test_silent_guest_times_out_at_its_deadline(pair):

@@ -17,6 +17,7 @@ from actors.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import build_agent_iso, guest_image
 from protocol.client import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
+from tests.test_operations import operator
 from tests.test_service import counter, pool_vms, running_service, wait_pool_ready, wait_until
 
 pytestmark = pytest.mark.vm
@@ -73,16 +74,62 @@ EXEC_ATTACKS = [
     ("host_message", "unexpected_message"),
     ("wrong_state", "unexpected_message"),  # Hello while running
     ("truncated_eof", "truncated_frame"),  # half a header, then the VM powers off
+    ("stall_header", "stalled_frame"),  # half a header, then nothing: the VM lives on
+    ("trickle_frame", "stalled_frame"),  # 1 MiB declared, sent at 1 KiB/s
 ]
 
 
 @pytest.mark.parametrize("attack, kind", EXEC_ATTACKS)
 def test_channel_attack_mid_task_ends_the_vm_and_answers_protocol_violation(service, client, attack, kind):
+    ends_the_vm_as_a_violation(service, client, [attack], kind, timeout_s=20)
+
+
+def test_a_frame_that_stalls_mid_task_is_a_violation_within_seconds_not_the_timeout(service, client):
+    # 1 MiB declared (under the cap), 10 bytes sent, then nothing. Allowed:
+    # ioguard.frame_stall_s (1 s) + 1 MiB at rate_bytes_per_s (1 MiB/s) = 2 s,
+    # where the dead-man's switch alone would take the timeout + 5 s (65 s here).
+    reply, answered = ends_the_vm_as_a_violation(service, client, ["stall_frame", "10"], "stalled_frame",
+                                                 timeout_s=60)
+    assert "stalled_frame" in reply.error_message
+    assert answered < 20, answered
+    print(f"FIGURE stall_frame (1 MiB declared, 10 bytes sent): answered protocol_violation "
+          f"(stalled_frame) {answered:.2f} s after submit (task timeout 60 s)")
+
+
+def test_a_scram_stops_the_clock_of_a_frame_in_progress(service, client):
+    # Paused by the host mid-frame, a guest cannot send: that time is not its
+    # fault. The frame (10 bytes of 1 MiB, then nothing) is ended only after
+    # the resume, with what was left of its 2 s.
+    ioguard = service.directory.get("ioguard").proxy()
+    future = client.submit(["stall_frame", "10"], timeout_s=60)
+    wait_until(lambda: ioguard.stats().get(timeout=5)["total"]["partial_bytes"] == 1 << 20, 30,
+               "the 1 MiB frame admitted")
+    assert operator(service, "scram", "frame in progress").ok
+    time.sleep(4)  # twice the frame's deadline
+    assert not future.done()
+    resumed = time.monotonic()
+    assert operator(service, "resume").ok
+    reply = future.result(timeout=30)
+    answered = time.monotonic() - resumed
+    assert reply.error_code == "protocol_violation" and "stalled_frame" in reply.error_message, reply
+    assert answered < 10, answered
+    print(f"FIGURE stall_frame across a 4 s SCRAM: not ended while paused; answered {answered:.2f} s "
+          f"after the resume")
+    wait_pool_ready(service, 180)
+    no_stray_domains(service)
+
+
+def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s) -> float:
+    """Run `argv` on the hostile agent: one protocol_violation answer naming
+    `kind`, the violation counted, the VM destroyed and the pool refilled. The
+    reply and the seconds from submit to it."""
     metrics = service.metrics
     violations_before = counter(metrics.violations, kind=kind)
     destroyed_before = counter(metrics.vms_destroyed, reason="protocol_violation")
     before = set(pool_vms(service))
-    reply = client.run([attack], timeout_s=20, wait_s=60)
+    started = time.monotonic()
+    reply = client.run(argv, timeout_s=timeout_s, wait_s=timeout_s + 40)
+    answered = time.monotonic() - started
     assert reply.error_code == "protocol_violation", reply
     assert reply.error_message and reply.stdout == b""
     assert counter(metrics.violations, kind=kind) == violations_before + 1
@@ -96,6 +143,7 @@ def test_channel_attack_mid_task_ends_the_vm_and_answers_protocol_violation(serv
     wait_pool_ready(service, 180)
     assert client.run(["ok"], timeout_s=10).stdout == b"ok\n"
     assert counter(metrics.duplicate_answers) == 0
+    return reply, answered
 
 
 # What a task that got root could do to its VM; the hostile agent is root (PID 1).
@@ -134,6 +182,7 @@ HELLO_ATTACKS = [
     ("wrong_state", "unexpected_message"),  # HeartbeatAck before any Hello
     ("unknown_type", "unknown_message_type"),
     ("truncated_eof", "truncated_frame"),
+    ("stall_frame", "stalled_frame"),  # 1 MiB declared instead of a Hello, 10 bytes sent
     ("die", None),  # PID 1 exits at boot: kernel panic, QEMU gone
     ("silent", None),  # never says Hello: the boot deadline ends it
 ]

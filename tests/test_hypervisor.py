@@ -1,7 +1,10 @@
 """The hypervisor layer without booting: accelerator choice, the domain XML,
 libvirt's acceptance of it (test:///default driver), overlays."""
 
+import dataclasses
 import json
+import logging
+import os
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 
 from actors.errors import HypervisorError
 from actors.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
-                               detect_accelerator)
+                               detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu)
 
 INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr vmx sse2\n"
 NO_VIRT = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr sse2 hypervisor\n"
@@ -120,3 +123,28 @@ def test_overlay_records_backing_file_and_format(tmp_path):
 def test_overlay_failure_is_a_hypervisor_error(tmp_path):
     with pytest.raises(HypervisorError, match="cannot create overlay"):
         create_overlay(tmp_path / "missing-gold.qcow2", tmp_path / "o.qcow2")
+
+
+def test_with_qemus_user_known_no_file_is_relabelled(tmp_path):
+    root = ET.fromstring(dataclasses.replace(make_spec(tmp_path), qemu_owner=(64055, 107)).to_xml())
+    seclabel = root.find("seclabel")
+    assert seclabel.attrib == {"type": "static", "model": "dac", "relabel": "no"}
+    assert seclabel.findtext("label") == "+64055:+107"
+    assert ET.fromstring(make_spec(tmp_path).to_xml()).find("seclabel") is None
+
+
+def test_kvm_device_closed_to_qemus_user_is_one_warning(tmp_path, caplog):
+    kvm = tmp_path / "kvm"
+    kvm.write_text("")
+    qemu = (64055, 107)
+    os.chown(kvm, 0, 0)
+    kvm.chmod(0o600)  # a bare machine without udev
+    assert not qemu_user_can_open(str(kvm), *qemu)
+    with caplog.at_level(logging.WARNING, logger="corral.hypervisor"):
+        assert warn_if_kvm_closed_to_qemu(qemu, str(kvm))
+    assert "chgrp kvm" in caplog.text and "re-probes" in caplog.text
+    os.chown(kvm, 0, 107)
+    kvm.chmod(0o660)  # as udev leaves it
+    assert qemu_user_can_open(str(kvm), *qemu)
+    assert not warn_if_kvm_closed_to_qemu(qemu, str(kvm))
+    assert not warn_if_kvm_closed_to_qemu(qemu, str(tmp_path / "absent"))

@@ -19,13 +19,14 @@ import pykka
 import pytest
 
 from actors.ioguard import IOGuard, TokenBucket
-from actors.messages import ChannelFailed, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
+from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
 from protocol import messages
-from protocol.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, TruncatedFrame,
-                             UnexpectedMessage, UnknownMessageType)
-from protocol.frame import HEADER, MAGIC, FrameEncoder
+from protocol.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
+                             TruncatedFrame, UnexpectedMessage, UnknownMessageType)
+from protocol.frame import HEADER, HEADER_SIZE, MAGIC, FrameEncoder
 
 KiB = 1024
+MiB = 1024 * KiB
 
 
 # --- TokenBucket -----------------------------------------------------------------
@@ -304,9 +305,10 @@ def test_backpressure_the_host_stops_reading_and_burns_no_cpu(world):
             blocked = True
             break
     assert blocked, f"the guest could send {sent} bytes without blocking: the host kept reading"
-    # The guest may fill its buffer before the I/O thread even ran: wait for the pause.
+    # The guest may fill its buffer before the I/O thread even ran (or took the
+    # Watch): wait for the pause.
     deadline = time.monotonic() + 2
-    while not stats_for(guard, "vm1")["throttled"] and time.monotonic() < deadline:
+    while not (stats_for(guard, "vm1") or {}).get("throttled") and time.monotonic() < deadline:
         time.sleep(0.01)
     stats = stats_for(guard, "vm1")
     assert stats["throttled"] and stats["stalls"] >= 1
@@ -354,6 +356,185 @@ def test_a_throttled_vm_does_not_slow_an_unthrottled_one(world):
     assert stats_for(guard, "noisy")["stalls"] > 0
     assert stats_for(guard, "calm")["stalls"] == 0
     assert noisy_box.said()  # the noisy VM is slowed, not starved
+
+
+# --- stalled frames and the cap on partial frames ----------------------------------------
+
+class Counter(pykka.ThreadingActor):
+    """A fake Supervisor that keeps no payloads: "frame" for each message, and failures."""
+
+    def __init__(self, box: Box) -> None:
+        super().__init__()
+        self.box = box
+
+    def on_receive(self, message) -> None:
+        self.box.put("frame" if isinstance(message, GuestSaid) else message)
+
+
+def declared(guest, length: int) -> bytes:
+    """The header of an Output frame declaring `length` payload bytes (CRC of nothing real)."""
+    return HEADER.pack(MAGIC, length, 0, guest.encoder.next_seq)
+
+
+def failed_at(box: Box) -> float:
+    [(at, failure)] = [(t, m) for t, m in box.items if isinstance(m, ChannelFailed)]
+    assert failure.code == StalledFrame.code and failure.violation, failure
+    return at
+
+
+def test_a_frame_that_stops_is_a_violation_at_its_deadline_holding_only_what_arrived(world):
+    # Declares 1 MiB, sends 10 bytes, stops: allowed 0.5 s + 1 MiB at 1 MiB/s.
+    guard = world.guard(frame_stall_s=0.5, rate_bytes_per_s=1 * MiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        guest.sock.sendall(declared(guest, 1 * MiB) + b"0123456789")
+        deadline = time.monotonic() + 1
+        while (stats_for(guard, "vm1") or {}).get("partial_held") != 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = stats_for(guard, "vm1")
+        assert (stats["partial_held"], stats["partial_bytes"]) == (10, 1 * MiB)  # admitted, not allocated
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak < 256 * KiB  # never the 1 MiB the header declares
+        assert box.wait_for(lambda ms: ms, timeout=5)
+    finally:
+        tracemalloc.stop()
+    after = failed_at(box) - started
+    assert 1.4 < after < 2.5, after  # at its deadline, not at any task timeout
+    assert "10 of 1048576 payload bytes" in box.failures()[0].detail
+    assert stats_for(guard, "vm1") is None
+    total = guard.proxy().stats().get(timeout=5)["total"]
+    assert (total["violations"], total["partial_bytes"], total["partial_held"]) == (1, 0, 0)
+    print(f"FIGURE stalled 1 MiB frame (10 bytes sent) ended {after:.2f} s after its first byte "
+          f"(deadline 0.5 s + 1 MiB at 1 MiB/s)")
+
+
+def test_half_a_header_that_stops_is_a_violation_after_the_base_time(world):
+    guard = world.guard(frame_stall_s=0.5)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    started = time.monotonic()
+    guest.sock.sendall(declared(guest, 100)[:7])
+    assert box.wait_for(lambda ms: ms, timeout=5)
+    after = failed_at(box) - started
+    assert 0.45 < after < 1.5, after
+    assert "7 of 16 header bytes" in box.failures()[0].detail
+
+
+def test_a_trickle_is_a_violation_although_bytes_keep_coming(world):
+    guard = world.guard(frame_stall_s=0.5, rate_bytes_per_s=64 * KiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    started = time.monotonic()
+    guest.sock.sendall(declared(guest, 64 * KiB))  # allowed 0.5 s + 1 s
+    while not box.failures() and time.monotonic() - started < 5:
+        guest.sock.sendall(b"x" * 100)  # 100 bytes every 50 ms: 2 KiB/s
+        time.sleep(0.05)
+    after = failed_at(box) - started
+    assert 1.4 < after < 2.5, after
+
+
+def test_frames_at_the_guaranteed_rate_are_never_stalled(world):
+    # A guest that paces a frame at the rate IOGuard guarantees is within its time.
+    guard = world.guard(frame_stall_s=0.5, rate_bytes_per_s=64 * KiB, burst_bytes=16 * KiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    frame = guest.frame(output(os.urandom(60 * KiB)))
+    for at in range(0, len(frame), 4 * KiB):
+        guest.sock.sendall(frame[at:at + 4 * KiB])
+        time.sleep(4 / 64)  # 64 KiB/s
+    assert box.wait_for(lambda ms: ms, timeout=5)
+    assert box.said() and not box.failures()
+
+
+def test_time_the_host_throttles_a_frame_is_not_the_guests(world):
+    # 96 KiB frame, 32 KiB/s, 4 KiB bucket, 0.3 s base: allowed 3.3 s of reading.
+    # The host reads 64 KiB, then pays ~1.9 s of debt without reading: that
+    # time is added, so the rest sent at 4 s (past 3.3 s of wall time) is in time.
+    guard = world.guard(frame_stall_s=0.3, rate_bytes_per_s=32 * KiB, burst_bytes=4 * KiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    big = output(os.urandom(96 * KiB))
+    frame = guest.frame(big)
+    started = time.monotonic()
+    guest.sock.sendall(frame[:HEADER_SIZE + 64 * KiB])
+    time.sleep(4.0 - (time.monotonic() - started))
+    guest.sock.sendall(frame[HEADER_SIZE + 64 * KiB:])
+    assert box.wait_for(lambda ms: ms, timeout=5)
+    assert box.said() == [big] and not box.failures()
+    assert stats_for(guard, "vm1")["throttled_s"] > 1.5
+
+
+def test_a_vm_the_host_paused_is_not_stalled_until_it_is_resumed(world):
+    guard = world.guard(frame_stall_s=0.3, rate_bytes_per_s=1 * MiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    guest.sock.sendall(declared(guest, 1000) + b"abc")  # allowed ~0.3 s
+    guard.tell(ChannelHold("vm1", held=True))  # a SCRAM pauses the VM
+    quiet(1.0)
+    assert not box.messages
+    released = time.monotonic()
+    guard.tell(ChannelHold("vm1", held=False))
+    assert box.wait_for(lambda ms: ms, timeout=5)
+    assert 0.1 < failed_at(box) - released < 1.0
+
+
+def test_partial_frames_across_many_channels_stay_under_the_global_cap(world):
+    # 24 guests each send 3 frames of 1 MiB as fast as they can; at most 3 MiB
+    # of frames in progress may be admitted at once: the others wait, unread.
+    cap = 3 * MiB
+    guard = world.guard(rate_bytes_per_s=8 * MiB, burst_bytes=256 * KiB, max_partial_bytes=cap)
+    payload = b"m" * (1 * MiB)
+    boxes, go = [], threading.Event()
+
+    def send(guest, stream):
+        go.wait()
+        guest.sock.sendall(stream)
+
+    for n in range(24):
+        guest = world.channel()
+        box = Box()
+        boxes.append(box)
+        guard.ask(Watch(f"vm{n}", guest.host, Counter.start(box)))
+        stream = b"".join(guest.frame(output(payload)) for _ in range(3))
+        threading.Thread(target=send, args=(guest, stream), daemon=True).start()
+    go.set()
+    for box in boxes:
+        assert box.wait_for(lambda ms: len(ms) >= 3, timeout=60), "a channel waited for ever"
+    assert all(box.messages == ["frame"] * 3 for box in boxes)
+    total = guard.proxy().stats().get(timeout=5)["total"]
+    # Admitted and held at once: never over the cap (24 MiB were on their way).
+    assert total["held_peak"] <= total["partial_peak"] <= cap
+    assert total["held_peak"] > 1 * MiB  # frames were in progress side by side
+    assert total["room_waits"] > 0 and total["partial_bytes"] == total["partial_held"] == 0
+    assert total["waiting_for_room"] == 0
+    print(f"FIGURE 24 channels x 3 frames of 1 MiB under a 3 MiB cap: at most "
+          f"{total['held_peak'] / MiB:.2f} MiB held in partial frames, {total['room_waits']} waits for room")
+
+
+def test_a_frame_waiting_for_room_is_not_stalled_by_the_wait(world):
+    # vm1's admitted frame stalls and takes all the room until its deadline;
+    # vm2's frame (complete in its socket) waits longer than its own deadline,
+    # but its clock starts only when it is admitted: it is delivered, not ended.
+    guard = world.guard(frame_stall_s=0.3, rate_bytes_per_s=1 * MiB,
+                        max_payload=64 * KiB, max_partial_bytes=64 * KiB)
+    stuck, waiting = world.channel(), world.channel()
+    stuck_box = world.watch(guard, "vm1", stuck)
+    stuck.sock.sendall(declared(stuck, 64 * KiB) + b"x")
+    deadline = time.monotonic() + 1
+    while (stats_for(guard, "vm1") or {}).get("partial_bytes") != 64 * KiB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting_box = world.watch(guard, "vm2", waiting)
+    big = output(os.urandom(60 * KiB))
+    waiting.send(big)
+    quiet(0.2)
+    assert stats_for(guard, "vm2")["waiting_for_room"]
+    assert stuck_box.wait_for(lambda ms: ms, timeout=5)
+    failed_at(stuck_box)
+    assert waiting_box.wait_for(lambda ms: ms, timeout=5)
+    assert waiting_box.said() == [big] and not waiting_box.failures()
 
 
 # --- violations and channel ends -------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import config
 from protocol import admin
 from protocol.client import Client
+from protocol.reach import Unreachable
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_service import pool_vms, scrape, wait_until
 
@@ -316,9 +317,18 @@ def corrald(site: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def status_once_up(client: Client):
+    """corrald's status, or None while a corrald just started has no socket yet."""
+    try:
+        return client.status()
+    except Unreachable:
+        return None
+
+
 def daemon_ready(endpoint: str, timeout_s: float = 120) -> None:
     with Client(endpoint) as c:
-        wait_until(lambda: dict(c.status().pool).get(b"ready") == b"1", timeout_s, "corrald's VM ready")
+        wait_until(lambda: dict(getattr(status_once_up(c), "pool", ())).get(b"ready") == b"1", timeout_s,
+                   "corrald's VM ready")
 
 
 def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
@@ -388,7 +398,7 @@ def test_real_corrald_restarted_after_scram_stays_in_safe_mode(tmp_path):
     second = corrald(site)
     try:
         with Client(cfg.daemon.endpoint) as c:
-            wait_until(lambda: c.status(), 30, "corrald answering")
+            wait_until(lambda: status_once_up(c), 30, "corrald answering")
             assert c.run(["echo", "x"]).error_code == "safe_mode"
         status = admin_cli(cfg.control.endpoint, "status")
         assert "corrald is safe_mode" in status.stdout and "drill" in status.stdout

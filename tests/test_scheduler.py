@@ -5,6 +5,7 @@ recording actor that holds no VM (a pool held busy)."""
 import dataclasses
 import threading
 import time
+import tracemalloc
 
 import pykka
 import pytest
@@ -12,10 +13,11 @@ import pytest
 from actors.directory import Directory
 from actors.messages import Answer, Requeue, RunTask, Submit, Task, TierDemand, VmAvailable
 from actors.metrics import Metrics
-from actors.scheduler import Scheduler
+from actors.scheduler import Scheduler, task_bytes
 from actors.tiers import Tier
 from actors.timers import Timers
-from protocol.tasks import CRITICAL, LOW, NORMAL, TaskRequest
+from protocol.messages import decode, encode
+from protocol.tasks import CLIENT_TO_DAEMON, CRITICAL, LOW, NORMAL, TaskRequest
 
 
 class Recorder(pykka.ThreadingActor):
@@ -126,6 +128,30 @@ def test_queued_input_bytes_are_bounded(actors):
     (answer,) = wait_for(intake, 1)
     assert answer.ticket == 2 and answer.reply.error_code == "busy"
     assert small.proxy().depth.get() == 1
+
+
+def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
+    """4096 one-byte argv items are 4 KiB of input but ~180 KiB of Python
+    objects (measured with tracemalloc); the bound counts the objects."""
+    directory, scheduler, intake, vm = actors
+    payload = encode(dataclasses.replace(task(0).request, argv=(b"x",) * 4096))
+    many_args = lambda ticket: Task(ticket, decode(payload, CLIENT_TO_DAEMON), time.monotonic())
+    tracemalloc.start()
+    held = [many_args(n) for n in range(50)]  # each decoded on its own, as Intake does
+    measured = tracemalloc.get_traced_memory()[0] / len(held)
+    tracemalloc.stop()
+    counted = task_bytes(held[0])
+    print(f"FIGURE queued bytes: 4096 argv items of 1 byte: {measured:.0f} B held per task (tracemalloc), "
+          f"{counted} B counted, {4096} B of input")
+    assert measured <= counted <= 2 * measured
+    small = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=1000,
+                            max_queued_bytes=1 << 20, max_wait_s=600)
+    for ticket in range(1, 11):
+        small.tell(Submit(many_args(ticket)))
+    answers = wait_for(intake, 10 - (1 << 20) // counted)
+    assert {a.reply.error_code for a in answers} == {"busy"} and "bytes of memory" in answers[0].reply.error_message
+    assert small.proxy().depth.get() == (1 << 20) // counted  # 4, where counting lengths let all 10 in
+    assert small.proxy().state.get().queued_bytes == counted * ((1 << 20) // counted)
 
 
 def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):

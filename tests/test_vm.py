@@ -170,3 +170,17 @@ print(os.listdir('/tmp'), os.listdir(os.path.expanduser('~')), others,
       open('/proc/sysvipc/shm').read().count(chr(10)) - 1)
 """)
     assert check.stdout == b"[] [] [] 0\n", check.stdout
+
+
+def test_shared_image_files_stay_roots_while_vms_run(booted_vm, hypervisor):
+    """libvirt relabels none of the files every VM shares: a QEMU escape (running as
+    QEMU's user) cannot chmod the gold image, agent ISO, kernel or initrd writable."""
+    if hypervisor.qemu_owner is None:  # QEMU runs as root here, or another driver labels
+        pytest.fail("this host's libvirt runs QEMU as root or confined: the test expects DAC")
+    image = hypervisor.image
+    for path in (image.kernel, image.initrd, image.disk, image.agent_iso):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o444), path
+    overlay = next(hypervisor.overlay_dir.glob(booted_vm.handle.name + ".*"))
+    assert overlay.stat().st_uid == hypervisor.qemu_owner[0]  # the VM's own file is QEMU's
+    assert booted_vm.run("true").exit.exit_code == 0  # and the VM works without relabelling

@@ -332,6 +332,53 @@ def build_rootfs(recipe: dict, rootdir: Path) -> None:
     ]
     run(cmd, "rootfs (mmdebstrap)", stdin=subprocess.DEVNULL)
     restrict_to_capabilities(rootdir)
+    for directory in rootfs.get("root_only_dirs", []):
+        path = rootdir / directory.lstrip("/")
+        os.chown(path, 0, 0, follow_symlinks=False)
+        os.chmod(path, 0o755, follow_symlinks=False)
+    check_task_writable(rootdir, user, uid)
+
+
+def task_writable_paths(rootdir: Path, uid: int, gids: list[int]) -> list[str]:
+    """Every path in the image the task user can write to, or chmod to writable
+    (it owns it), holding every soft capability's group: the kernel's answer, from
+    find run as that user in the tree. Symlinks are left out (their targets are
+    paths of their own, or not in the image), and so are device nodes (a write
+    goes to the device, and the guest mounts a devtmpfs over the image's /dev).
+    Directories the task cannot search are not descended into, as the task could
+    not either."""
+    groups = ",".join(str(g) for g in [uid, *gids])
+    result = subprocess.run(
+        ["chroot", f"--userspec={uid}:{uid}", f"--groups={groups}", str(rootdir),
+         "find", "/", "-xdev", "!", "-type", "l", "!", "-type", "c", "!", "-type", "b", "(", "-writable", "-o", "-user", str(uid), ")"],
+        capture_output=True)
+    # find exits 1 over the directories it may not read; any other failure is the build's.
+    if result.returncode not in (0, 1) or not result.stdout:
+        raise BuildError(f"task-writable check: find exited {result.returncode}: "
+                         f"{result.stderr.decode(errors='replace')[-500:]}")
+    return sorted(result.stdout.decode(errors="surrogateescape").splitlines())
+
+
+def check_task_writable(rootdir: Path, user: str, uid: int) -> None:
+    """Fail the build on any place the task user can write that no reset wipes:
+    only the shared temporary directories (protocol/capabilities.py) and the task
+    user's home may be writable. The agent's reset empties those by name and also
+    sweeps whatever else the overlay gained since boot (guest/agent.py); this
+    check keeps the image from offering more places than the reset knows about."""
+    table = _load_capability_table()
+    home = next(line.split(":")[5] for line in (rootdir / "etc/passwd").read_text().splitlines()
+                if line.split(":")[0] == user)
+    covered = (*table.SHARED_TMP_DIRS, home)
+    gids = [gid for _, _, gid, _ in table.SOFT.values() if gid is not None]
+    writable = task_writable_paths(rootdir, uid, gids)
+    uncovered = [p for p in writable
+                 if not any(p == place or p.startswith(place + "/") for place in covered)]
+    if uncovered:
+        raise BuildError(f"task-writable check: the task user can write {len(uncovered)} path(s) "
+                         f"that no reset wipes: {', '.join(uncovered[:20])} (make them root's in "
+                         "recipe.toml root_only_dirs, or have the agent's reset cover them)")
+    print(f"[guest-image] task-writable check: {len(writable)} writable path(s), all in "
+          f"{', '.join(covered)}", flush=True)
 
 
 def _load_capability_table():

@@ -23,9 +23,10 @@ from protocol.errors import (
     FrameTooLarge,
     ProtocolError,
     SequenceError,
+    StalledFrame,
     TruncatedFrame,
 )
-from protocol.frame import HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, FrameDecoder, FrameEncoder
+from protocol.frame import HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32 as crcmod_crc32
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -255,17 +256,53 @@ def test_max_payload_is_inclusive():
     assert FrameDecoder(zlib.crc32, max_payload=100).feed(encode_all([payload])) == [payload]
 
 
-def test_payload_buffer_is_the_declared_length_only():
-    # A header declaring 1 MiB costs the payload buffer, not the size of the feeds.
+def test_payload_buffer_grows_with_the_bytes_received_not_the_declared_length():
+    # A header declaring 1 MiB followed by 10 bytes costs about 10 bytes.
     length = 1 << 20
     decoder = FrameDecoder(zlib.crc32)
     tracemalloc.start()
     try:
         decoder.feed(header(length) + b"z" * 10)
         _, peak = tracemalloc.get_traced_memory()
+        assert peak < 4 * 1024
+        assert (decoder.buffered, decoder.wanted, decoder.declared_length) == (10, length - 10, length)
+        # Fed on in 64 KiB steps, what it holds follows what arrived (plus the
+        # bytearray's growth margin, at most 1/8), never the declared length.
+        received = 10
+        for _ in range(8):
+            decoder.feed(b"z" * (64 * 1024))
+            received += 64 * 1024
+            current, _ = tracemalloc.get_traced_memory()
+            assert decoder.buffered == received
+            assert received <= current < received * 9 // 8 + 64 * 1024
     finally:
         tracemalloc.stop()
-    assert length <= peak < length + 64 * 1024
+
+
+def test_a_payload_never_grows_past_its_declared_length():
+    payload = os.urandom(1000)
+    stream = encode_all([payload, b"next"])
+    decoder = FrameDecoder(zlib.crc32)
+    assert decoder.feed(stream[:HEADER_SIZE + 999]) == []
+    assert decoder.buffered == 999 and decoder.wanted == 1
+    # The rest of this frame and the whole next one in one feed: the first
+    # buffer takes exactly one byte more, the next frame is copied out whole.
+    assert decoder.feed(stream[HEADER_SIZE + 999:]) == [payload, b"next"]
+    assert decoder.buffered == 0 and decoder.declared_length is None
+
+
+def test_in_frame_and_declared_length_follow_the_stream():
+    stream = encode_all([b"abc", b""])
+    decoder = FrameDecoder(zlib.crc32)
+    assert not decoder.in_frame and decoder.declared_length is None
+    decoder.feed(stream[:1])
+    assert decoder.in_frame and decoder.declared_length is None  # inside a header
+    decoder.feed(stream[1:HEADER_SIZE])
+    assert decoder.in_frame and decoder.declared_length == 3 and decoder.buffered == 0
+    decoder.feed(stream[HEADER_SIZE:HEADER_SIZE + 3])
+    assert not decoder.in_frame
+    assert decoder.feed(stream[HEADER_SIZE + 3:]) == [b""]  # an empty payload ends with its header
+    assert not decoder.in_frame and decoder.frames_decoded == 2
 
 
 def test_encoder_refuses_oversize_payload():
@@ -373,13 +410,92 @@ def test_frames_cross_decode_between_crc_implementations(payloads):
     assert FrameDecoder(crcmod_crc32).feed(encode_all(payloads, zlib.crc32)) == payloads
 
 
+# --- FrameClock: how long a frame in progress may take ------------------------------
+
+def clocked(base_s=1.0, rate=1000.0):
+    return FrameDecoder(zlib.crc32), FrameClock(base_s, rate)
+
+
+def test_the_clock_runs_only_inside_a_frame():
+    decoder, clock = clocked()
+    clock.update(decoder, 10.0)
+    assert clock.deadline is None
+    decoder.feed(encode_all([b"whole"]))  # a frame in one feed never starts the clock
+    clock.update(decoder, 10.0)
+    assert clock.deadline is None
+    clock.check(decoder, 1e9)  # nothing in progress: never stalled
+
+
+def test_half_a_header_gets_the_base_time():
+    decoder, clock = clocked(base_s=1.0)
+    decoder.feed(header(500)[:7])
+    clock.update(decoder, 10.0)
+    assert clock.deadline == 11.0
+    clock.check(decoder, 10.99)
+    with pytest.raises(StalledFrame, match="7 of 16 header bytes"):
+        clock.check(decoder, 11.0)
+
+
+def test_a_declared_length_adds_its_time_at_the_guaranteed_rate():
+    decoder, clock = clocked(base_s=1.0, rate=1000.0)
+    decoder.feed(header(500)[:4])
+    clock.update(decoder, 10.0)
+    decoder.feed(header(500)[4:] + b"x" * 10)
+    clock.update(decoder, 10.5)
+    assert clock.deadline == pytest.approx(11.5)  # from the first byte: 1 s + 500 B at 1000 B/s
+    decoder.feed(b"x" * 100)
+    clock.update(decoder, 11.0)  # progress does not move the deadline: a trickle is bounded too
+    assert clock.deadline == pytest.approx(11.5)
+    with pytest.raises(StalledFrame, match="110 of 500 payload bytes"):
+        clock.check(decoder, 11.5)
+
+
+def test_time_held_by_the_reader_does_not_count():
+    decoder, clock = clocked(base_s=1.0, rate=1000.0)
+    decoder.feed(header(1000) + b"x")
+    clock.update(decoder, 10.0)
+    assert clock.deadline == pytest.approx(12.0)
+    clock.hold(10.5)
+    assert clock.deadline is None  # held: no deadline to wake up for
+    clock.hold(11.0)  # holding twice keeps the first start
+    clock.release(13.5)
+    assert clock.deadline == pytest.approx(15.0)  # moved on by the 3 s held
+    clock.check(decoder, 14.9)
+    with pytest.raises(StalledFrame):
+        clock.check(decoder, 15.0)
+
+
+def test_a_new_frame_gets_a_fresh_clock_and_no_credit_for_time_held_before_it():
+    decoder, clock = clocked(base_s=1.0, rate=1000.0)
+    stream = encode_all([b"a" * 100, b"b" * 100])
+    decoder.feed(stream[:HEADER_SIZE + 50])
+    clock.update(decoder, 10.0)
+    assert clock.deadline == pytest.approx(11.1)
+    decoder.feed(stream[HEADER_SIZE + 50:HEADER_SIZE + 100 + 3])  # the first ends, the next begins
+    clock.update(decoder, 10.6)
+    assert clock.deadline == pytest.approx(11.6)
+    clock.hold(10.7)
+    decoder.feed(stream[HEADER_SIZE + 100 + 3:])  # read while held (a paused VM's last bytes)
+    clock.update(decoder, 20.0)
+    assert clock.deadline is None
+    clock.release(30.0)
+    assert clock.deadline is None  # nothing in progress
+
+
+def test_clock_arguments_are_checked():
+    with pytest.raises(ValueError):
+        FrameClock(0, 1000)
+    with pytest.raises(ValueError):
+        FrameClock(1, 0)
+
+
 # --- errors and packaging --------------------------------------------------------------
 
 def test_every_error_has_a_distinct_code_under_one_root():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
     assert all(issubclass(c, ProtocolError) for c in classes)
     codes = [c.code for c in classes]
-    assert len(codes) == len(set(codes)) == 14
+    assert len(codes) == len(set(codes)) == 15
 
 
 def test_guest_side_modules_import_with_standard_library_only():
