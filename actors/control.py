@@ -124,8 +124,9 @@ class ControlServer:
             guard.bound(self.endpoint)
         except (zmq.ZMQError, OSError) as e:
             if guard is not None:
-                guard.close()
-            router.close(0)
+                guard.close(lambda: router.close(0))
+            else:
+                router.close(0)
             self._thread.ready(e)
             return
         self._thread.ready()
@@ -140,8 +141,7 @@ class ControlServer:
                 else:
                     guard.tick()
         finally:
-            guard.close()
-            router.close()
+            guard.close(router.close)
             self.path.unlink(missing_ok=True)
 
     def _read_requests(self, router) -> bool:

@@ -189,8 +189,9 @@ class IntakeServer:
             guard.bound(router.getsockopt_string(zmq.LAST_ENDPOINT))
         except (zmq.ZMQError, CorralError) as e:
             if guard is not None:
-                guard.close()
-            router.close(0)
+                guard.close(lambda: router.close(0))
+            else:
+                router.close(0)
             self.admission.close()
             self._thread.ready(e)
             return
@@ -216,8 +217,7 @@ class IntakeServer:
                 if router in events or guard.monitor in events:
                     guard.pump(lambda: self._read_requests(router))
         finally:
-            guard.close()
-            router.close()
+            guard.close(router.close)
             self.admission.close()
 
     def _read_requests(self, router) -> bool:

@@ -427,6 +427,9 @@ class Client:
                 self._attempt_reached_peer = True
                 if self._handshaken:  # a connection that failed its handshake carried nothing
                     self._handshaken = False
+                    # libzmq queued what the connection brought before reporting its
+                    # end: replies read now are answers, not connection_lost.
+                    self._receive_replies()
                     self._connection_dropped()
             else:
                 self._handshake_failed(event)

@@ -300,6 +300,8 @@ def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_serv
                                   stdout=subprocess.DEVNULL, stderr=log_file, preexec_fn=limit_nofile,
                                   cwd=Path(__file__).parent.parent)
     try:
+        socket_path = Path(cfg.daemon.endpoint[len("ipc://"):])
+        wait_until(lambda: socket_path.exists() or daemon.poll() is not None, 120, "corrald's socket")
         with Client(cfg.daemon.endpoint) as caller:
             deadline = time.monotonic() + 180
             while dict(caller.status(wait_s=10).pool).get(b"ready") != b"1":
@@ -591,5 +593,4 @@ def test_the_guard_sends_nothing_to_a_routing_id_whose_connection_left(tmp_path)
         assert newcomer.poll(2000) and newcomer.recv() == b"its own reply"
         newcomer.close()
     finally:
-        guard.close()
-        router.close(0)
+        guard.close(lambda: router.close(0))
