@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.connections import Connection
 from protocol import messages
 from protocol.errors import DecoderPoisoned, ProtocolError
 from protocol.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
@@ -112,12 +113,16 @@ def frame_target(tally: Tally):
 
 # --- target 2: the caller request path (Intake) -----------------------------------
 
-class RecordingRouter:
+class RecordingGuard:
+    """Stands in for the server's ConnectionGuard: every answer is recorded as
+    sent over the one fuzzing connection."""
+
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
 
-    def send_multipart(self, frames) -> None:
+    def send(self, conn, frames) -> bool:
         self.sent.append(list(frames))
+        return True
 
 
 def make_server():
@@ -156,10 +161,10 @@ def check_request(tally: Tally, server, draw) -> None:
     frames = [b"caller", b"", PROTOCOL_TAG, payload]
     if draw(st.integers(0, 4)) == 0:  # sometimes break the envelope too
         frames = [b"caller"] + [mutate(f, draw) for f in frames[1:draw(st.integers(2, 5))]]
-    router = RecordingRouter()
-    server._request(router, frames)  # must not raise
-    assert len(router.sent) == 1, f"{len(router.sent)} replies to one request"
-    identity, empty, tag, reply = router.sent[0]
+    server.guard = guard = RecordingGuard()
+    server._request(None, frames, None, Connection(0, fd=-1))  # must not raise
+    assert len(guard.sent) == 1, f"{len(guard.sent)} replies to one request"
+    identity, empty, tag, reply = guard.sent[0]
     assert (identity, empty, tag) == (b"caller", b"", PROTOCOL_TAG)
     decoded = messages.decode(reply, DAEMON_TO_CLIENT)
     if getattr(decoded, "error_code", ""):
