@@ -211,8 +211,8 @@ class IntakeServer:
                         self._wake_reader.recv(4096)
                     except BlockingIOError:
                         pass
-                    if not self._deliver_posted(router):
-                        self._answer_the_rest(router)
+                    if not self._deliver_posted():
+                        self._answer_the_rest()
                         return
                 if router in events or guard.monitor in events:
                     guard.pump(lambda: self._read_requests(router))
@@ -232,14 +232,14 @@ class IntakeServer:
                 log.error("a request from a connection the monitor never announced (fd %s): dropped",
                           parts[-1].get(zmq.SRCFD))
                 continue
-            self._request(router, [p.bytes for p in parts], self.admission.user_of(parts), conn,
+            self._request([p.bytes for p in parts], self.admission.user_of(parts), conn,
                           caller_of(parts[-1], self.admission.curve))
             # Frames cache their bytes: held until the next request, a 16 MiB
             # one would stay twice in memory (the message and its copy).
             del parts
         return False
 
-    def _deliver_posted(self, router) -> bool:
+    def _deliver_posted(self) -> bool:
         """Send every posted answer; False once STOP was among them."""
         while True:
             try:
@@ -247,14 +247,14 @@ class IntakeServer:
             except queue.Empty:
                 return True
             if item is STOP:
-                self._deliver_posted(router)  # answers posted before STOP still go out
+                self._deliver_posted()  # answers posted before STOP still go out
                 return False
-            self._deliver(router, item[0], item[1])
+            self._deliver(item[0], item[1])
 
-    def _answer_the_rest(self, router) -> None:
+    def _answer_the_rest(self) -> None:
         """At shutdown: what no actor answered is answered here, once."""
         for ticket, entry in list(self.ledger.items()):
-            self._deliver(router, ticket, error_reply(
+            self._deliver(ticket, error_reply(
                 entry.task_id, "cancelled", "corrald stopped before this task finished"))
 
     def _send(self, conn: Connection, routing_id: bytes, reply) -> None:
@@ -264,7 +264,7 @@ class IntakeServer:
             log.info("an answer (%s) for a caller that has gone was dropped",
                      getattr(reply, "task_id", None) or "status")
 
-    def _request(self, router, frames: list[bytes], user: bytes | None, conn: Connection,
+    def _request(self, frames: list[bytes], user: bytes | None, conn: Connection,
                  caller: str = "") -> None:
         identity = frames[0]
         self._check_routing_id(identity, conn, caller)
@@ -297,10 +297,10 @@ class IntakeServer:
         self.routing_ids[identity] = (holder[0], holder[1], holder[2] + 1) if holder else (conn, caller, 1)
         self.metrics.accepted.inc()
         if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
-            self._deliver(router, ticket, error_reply(
+            self._deliver(ticket, error_reply(
                 request.task_id, "unavailable", "the scheduler is restarting; retry"))
 
-    def _deliver(self, router, ticket: int, reply: TaskReply) -> None:
+    def _deliver(self, ticket: int, reply: TaskReply) -> None:
         """The one answer for `ticket`; any later one finds no ledger entry."""
         entry = self.ledger.pop(ticket, None)
         if entry is None:

@@ -162,7 +162,7 @@ def check_request(tally: Tally, server, draw) -> None:
     if draw(st.integers(0, 4)) == 0:  # sometimes break the envelope too
         frames = [b"caller"] + [mutate(f, draw) for f in frames[1:draw(st.integers(2, 5))]]
     server.guard = guard = RecordingGuard()
-    server._request(None, frames, None, Connection(0, fd=-1))  # must not raise
+    server._request(frames, None, Connection(0, fd=-1))  # must not raise
     assert len(guard.sent) == 1, f"{len(guard.sent)} replies to one request"
     identity, empty, tag, reply = guard.sent[0]
     assert (identity, empty, tag) == (b"caller", b"", PROTOCOL_TAG)
