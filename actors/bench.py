@@ -45,9 +45,9 @@ import time
 from pathlib import Path
 
 import config
-from actors.hypervisor import hypervisor_from_config
-from actors.guest_link import booted_vm
-from actors.hypervisor import Hypervisor
+from actors.vm.hypervisor import hypervisor_from_config
+from actors.vm.guest_link import booted_vm
+from actors.vm.hypervisor import Hypervisor
 from guest.image.build import Cpio
 from protocol.bench import frame_decode_throughput
 
@@ -158,7 +158,7 @@ def cold_vm_per_task(hypervisor: Hypervisor, cfg: config.Config, tasks: int) -> 
 
 def run_service(cfg: config.Config, hypervisor: Hypervisor, pool_size: int, body, tier_max: int = 2):
     from actors.service import Corral
-    from protocol.client import Client
+    from protocol.client.api import Client
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(
@@ -256,7 +256,7 @@ def bench_service(cfg: config.Config, runs: int) -> None:
 
 
 def scram_rounds(service, client, rounds: int) -> list[float]:
-    from protocol import admin
+    from protocol.client import admin
 
     paused_in = []
     for _ in range(rounds):
@@ -329,9 +329,9 @@ def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:
     from actors.directory import Directory
     from actors.intake import IntakeServer, TaskLimits
     from actors.messages import Submit
-    from actors.metrics import Metrics
-    from protocol.client import Client
-    from protocol.tasks import error_reply
+    from actors.edge.metrics import Metrics
+    from protocol.client.api import Client
+    from protocol.wire.tasks import error_reply
 
     class Answerer(pykka.ThreadingActor):
         def __init__(self, directory: Directory):
@@ -367,9 +367,9 @@ def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:
 
 
 def bench_intake(runs: int) -> None:
-    from actors.identity import Admission
+    from actors.edge.identity import Admission
     from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES
-    from protocol.client import keygen
+    from protocol.client.api import keygen
 
     with tempfile.TemporaryDirectory() as keys:
         keygen("corrald", keys)
@@ -394,8 +394,8 @@ def bench_intake(runs: int) -> None:
 
 
 def bench_acquire(cfg: config.Config, rounds: int, idle_s: float = 0.1) -> None:
-    from actors.hypervisor import LibvirtRunControl
-    from protocol import messages
+    from actors.vm.hypervisor import LibvirtRunControl
+    from protocol.channel import messages
 
     hypervisor = hypervisor_from_config(cfg)
     try:

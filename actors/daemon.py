@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 
 import config
-from actors.endpoint import check_endpoint_free
+from actors.edge.endpoint import check_endpoint_free
 from actors.errors import CorralError
-from actors.hypervisor import hypervisor_from_config
+from actors.vm.hypervisor import hypervisor_from_config
 
 log = logging.getLogger("corral.daemon")
 

@@ -1,6 +1,6 @@
 """Host-side failures, each with a machine-readable code for the caller's reply.
 
-Protocol violations by a guest are protocol.errors.ProtocolError; these are the
+Protocol violations by a guest are protocol.channel.errors.ProtocolError; these are the
 host's own troubles with the hypervisor and with a guest that stops answering.
 """
 

@@ -11,7 +11,7 @@ removed as the reply goes out: a second answer for the same ticket finds no
 entry and is dropped (and counted).
 
 An answer goes back over the connection the request came on, and only while
-it lives (actors/connections.py): a caller that went away is not answered,
+it lives (actors/edge/connections.py): a caller that went away is not answered,
 and whoever connects with its routing id gets nothing. The same guard sheds
 connections past daemon.max_connections.
 
@@ -34,17 +34,17 @@ from dataclasses import dataclass, replace
 import pykka
 import zmq
 
-from actors.artifacts import check_files_in, check_paths
-from actors.connections import Connection, ConnectionGuard, caller_of
+from actors.artifacts.files import check_files_in, check_paths
+from actors.edge.connections import Connection, ConnectionGuard, caller_of
 from actors.directory import Directory, drain_inbox
-from actors.endpoint import SocketThread
+from actors.edge.endpoint import SocketThread
 from actors.errors import CorralError, Rejected
-from actors.identity import Admission
+from actors.edge.identity import Admission
 from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
-from actors.metrics import Metrics
-from protocol import capabilities, messages
-from protocol.errors import ProtocolError
-from protocol.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, StatusReply,
+from actors.edge.metrics import Metrics
+from protocol.channel import capabilities, messages
+from protocol.channel.errors import ProtocolError
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, StatusReply,
                             StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.intake")
@@ -52,7 +52,7 @@ STOP = None  # posted instead of an answer: the server answers what is left and 
 READ_BATCH = 256  # requests read per turn, so answers and the monitor get turns in a flood
 ENDPOINT_LABEL = "client"
 
-KNOWN_CAPABILITIES = frozenset(capabilities.ALL)  # protocol/capabilities.py: the one table
+KNOWN_CAPABILITIES = frozenset(capabilities.ALL)  # protocol/channel/capabilities.py: the one table
 UNAVAILABLE_CAPABILITIES = {
     "dev:gpu": "capability 'dev:gpu' is not offered: this host has no GPU passthrough",
 }
@@ -134,7 +134,7 @@ class IntakeServer:
         self.limits = limits
         self.metrics = metrics
         self.directory = directory
-        # Who the caller is and what it may ask for (actors/identity.py).
+        # Who the caller is and what it may ask for (actors/edge/identity.py).
         self.admission = admission or Admission.unlimited(OFFERED_CAPABILITIES)
         self.context = zmq.Context.instance()
         self.posted: queue.SimpleQueue = queue.SimpleQueue()  # (ticket, TaskReply) or STOP

@@ -31,7 +31,7 @@ while it does not fit the channel is not read (first come, first admitted) and
 nothing more is held for it. An admitted frame always gets to finish (or is
 ended by its deadline), so room always frees and no channel waits for ever.
 
-Stalls: each frame in progress has a deadline (protocol.frame.FrameClock):
+Stalls: each frame in progress has a deadline (protocol.channel.frame.FrameClock):
 `frame_stall_s` from its first byte plus its declared length at
 `rate_bytes_per_s`, counted only while the host is willing to read it, that is
 not while its buckets are empty, nor while it waits for room under the cap,
@@ -54,9 +54,9 @@ from typing import Any, Callable
 import pykka
 
 from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
-from protocol import messages
-from protocol.errors import ProtocolError, StalledFrame
-from protocol.frame import HEADER_SIZE, FrameClock, FrameDecoder
+from protocol.channel import messages
+from protocol.channel.errors import ProtocolError, StalledFrame
+from protocol.channel.frame import HEADER_SIZE, FrameClock, FrameDecoder
 from protocol.hostcrc import crc32
 
 log = logging.getLogger("corral.ioguard")

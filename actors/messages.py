@@ -11,9 +11,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from actors.tiers import DEFAULT_TIER, Tier
-from protocol import messages as guest
-from protocol.tasks import TaskReply, TaskRequest
+from actors.vm.tiers import DEFAULT_TIER, Tier
+from protocol.channel import messages as guest
+from protocol.wire.tasks import TaskReply, TaskRequest
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ and replaces every VM that goes, with exponential backoff while boots fail.
 In safe mode (SCRAM) it freezes every VM (each Supervisor pauses its domain)
 and boots nothing; resuming thaws them and refills the pool.
 
-VMs come in hardware tiers (actors/tiers.py). `size` VMs of the default tier
+VMs come in hardware tiers (actors/vm/tiers.py). `size` VMs of the default tier
 are kept warm; each hard-capability tier (NIC, large memory) keeps
 `tiers.warm` warm (0 by default: those tasks are rare) and boots VMs for the
 tasks the Scheduler says are waiting for it (TierDemand), up to `tiers.max`,
@@ -28,8 +28,8 @@ from actors.directory import Directory, drain_inbox, send
 from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault,
                              ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, TierDemand,
                              VmAvailable, VmState, VmWithdrawn)
-from actors.metrics import POOL_STATES, Metrics
-from actors.tiers import DEFAULT_TIER, RARE_TIERS, Tier
+from actors.edge.metrics import POOL_STATES, Metrics
+from actors.vm.tiers import DEFAULT_TIER, RARE_TIERS, Tier
 from actors.timers import Timers
 
 log = logging.getLogger("corral.pool")

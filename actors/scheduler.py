@@ -3,7 +3,7 @@
 Four levels (CRITICAL 0 .. LOW 3), FIFO within a level, a hard depth: a task
 that would make the queue deeper is refused at once with `busy` and nothing
 queued is disturbed. Whenever a task and an available VM of its hardware tier
-(actors/tiers.py) meet, the task goes to that VM's Supervisor: the first task
+(actors/vm/tiers.py) meet, the task goes to that VM's Supervisor: the first task
 in priority order whose tier has a free VM, so a task waiting for a rare tier
 never holds up the default tasks behind it. Tasks waiting for a rare tier are
 counted to the PoolManager (TierDemand), which boots VMs for them.
@@ -27,10 +27,10 @@ import pykka
 from actors.directory import Directory, drain_inbox
 from actors.messages import (ChildFailed, InjectFault, Requeue, ResumeService, RunTask, Scram,
                              Submit, Task, Tick, TierDemand, VmAvailable, VmWithdrawn)
-from actors.metrics import Metrics
-from actors.tiers import DEFAULT_TIER, tier_of
+from actors.edge.metrics import Metrics
+from actors.vm.tiers import DEFAULT_TIER, tier_of
 from actors.timers import Timers
-from protocol.tasks import PRIORITY_NAMES, error_reply
+from protocol.wire.tasks import PRIORITY_NAMES, error_reply
 
 log = logging.getLogger("corral.scheduler")
 LEVEL_NAMES = {level: name for name, level in PRIORITY_NAMES.items()}

@@ -10,28 +10,28 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from actors.control import ControlServer, Mode, SafeModeFile
-from actors import signing
-from actors.artifacts import FileSettings
-from actors.connections import plan_fd_budget
+from actors.edge.control import ControlServer, Mode, SafeModeFile
+from actors.artifacts import signing
+from actors.artifacts.files import FileSettings
+from actors.edge.connections import plan_fd_budget
 from actors.directory import Directory
-from actors.endpoint import check_endpoint_free
-from actors.hypervisor import Hypervisor, hypervisor_from_config
-from actors.identity import Admission
+from actors.edge.endpoint import check_endpoint_free
+from actors.vm.hypervisor import Hypervisor, hypervisor_from_config
+from actors.edge.identity import Admission
 from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer, TaskLimits
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard
-from actors.metrics import Metrics
+from actors.edge.metrics import Metrics
 from actors.pool import PoolManager, PoolView, TierSizes
 from actors.root import Root
 from actors.scheduler import Scheduler
 from actors.supervisor import Supervisor, VmSettings
-from actors.tiers import DEFAULT_TIER, RARE_TIERS, Tier
+from actors.vm.tiers import DEFAULT_TIER, RARE_TIERS, Tier
 from actors.timers import Timers
 from actors.watchdog import Watchdog
 
 import config
-from protocol.capabilities import soft_bits
+from protocol.channel.capabilities import soft_bits
 
 log = logging.getLogger("corral.service")
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

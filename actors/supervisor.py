@@ -23,7 +23,7 @@ leaves it so.
 
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others. So do pause and resume, through
-the VM's own QMP connection where it has one (actors/qmp.py). Reading the
+the VM's own QMP connection where it has one (actors/vm/qmp.py). Reading the
 channel is IOGuard's.
 """
 
@@ -37,20 +37,20 @@ from typing import Any
 
 import pykka
 
-from actors.artifacts import Collection, FileSettings, files_out
+from actors.artifacts.files import Collection, FileSettings, files_out
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
-from actors.guest_link import CappedOutput, GuestLink
-from actors.hypervisor import Hypervisor
+from actors.vm.guest_link import CappedOutput, GuestLink
+from actors.vm.hypervisor import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
                              Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
-from actors.metrics import Metrics
-from actors.tiers import DEFAULT_TIER, Tier, wants_high_cpu
+from actors.edge.metrics import Metrics
+from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
-from protocol import messages as guest
-from protocol import outcomes
-from protocol.capabilities import soft_bits
-from protocol.tasks import TaskReply, error_reply
+from protocol.channel import messages as guest
+from protocol.wire import outcomes
+from protocol.channel.capabilities import soft_bits
+from protocol.wire.tasks import TaskReply, error_reply
 
 log = logging.getLogger("corral.supervisor")
 SEND_TIMEOUT_S = 5.0

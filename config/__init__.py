@@ -53,7 +53,7 @@ class DaemonConfig:
     log_level: str = field(metadata=_choices("debug", "info", "warning", "error"))
     log_format: str = field(metadata=_choices("text", "json"))
     shutdown_grace_s: float = field(metadata=_range(0, 3600))
-    # Callers connected at once; past it new connections are shed (actors/connections.py).
+    # Callers connected at once; past it new connections are shed (actors/edge/connections.py).
     max_connections: int = field(metadata=_range(1, 1_000_000))
 
 
@@ -225,7 +225,7 @@ def _check_name(key: str, value: str) -> None:
 
 
 def _check_soft_capabilities(key: str, value: list) -> None:
-    from protocol.capabilities import SOFT
+    from protocol.channel.capabilities import SOFT
 
     for name in value:
         if name not in SOFT:

@@ -38,10 +38,10 @@ import _signal
 if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protocol import capabilities, messages
+from protocol.channel import capabilities, messages
 from guest import files
-from protocol.errors import ProtocolError
-from protocol.frame import FrameDecoder, FrameEncoder
+from protocol.channel.errors import ProtocolError
+from protocol.channel.frame import FrameDecoder, FrameEncoder
 
 AGENT_VERSION = "0.2"
 PORT_NAME = "org.corral.agent.0"
@@ -565,7 +565,7 @@ class Agent:
 
     def share_tmp_dirs(self) -> None:
         """The image sets /tmp and /var/tmp; /dev/shm is made at boot. Listable by
-        every task, writable by fs:write_tmp tasks only (protocol/capabilities.py)."""
+        every task, writable by fs:write_tmp tasks only (protocol/channel/capabilities.py)."""
         gid = capabilities.SOFT[capabilities.FS_WRITE_TMP][2]
         for directory in capabilities.SHARED_TMP_DIRS:
             if os.path.isdir(directory) and not os.path.islink(directory):

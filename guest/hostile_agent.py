@@ -23,8 +23,8 @@ import time
 import zlib
 
 from guest.honest_agent import NO_HOST_RETRY_S, find_port  # the real agent, beside this one on the ISO
-from protocol import messages
-from protocol.frame import HEADER, MAGIC, FrameDecoder, FrameEncoder
+from protocol.channel import messages
+from protocol.channel.frame import HEADER, MAGIC, FrameDecoder, FrameEncoder
 
 STALLED_FRAME_LENGTH = 1 << 20  # what the stalling attacks declare: 1 MiB, under the host's cap
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC

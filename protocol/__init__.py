@@ -3,9 +3,9 @@
 Imported by the host daemon and by the guest agent, so every module here is
 standard-library only, except ``protocol.hostcrc`` (host side, uses crcmod).
 
-- ``protocol.errors``   one exception tree rooted at ``ProtocolError``
-- ``protocol.frame``    16-byte framed stream: ``FrameEncoder``/``FrameDecoder``
-- ``protocol.messages`` bounded binary message codec and the message vocabulary
+- ``protocol.channel.errors``   one exception tree rooted at ``ProtocolError``
+- ``protocol.channel.frame``    16-byte framed stream: ``FrameEncoder``/``FrameDecoder``
+- ``protocol.channel.messages`` bounded binary message codec and the message vocabulary
 - ``protocol.hostcrc``  crcmod's CRC-32 for the host
 - ``protocol.bench``    decoder throughput measurement
 

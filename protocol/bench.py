@@ -9,8 +9,8 @@ import os
 import time
 import zlib
 
-from . import hostcrc
-from .frame import FrameDecoder, FrameEncoder
+from protocol import hostcrc
+from protocol.channel.frame import FrameDecoder, FrameEncoder
 
 MiB = 1024 * 1024
 

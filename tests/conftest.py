@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import config
-from actors.hypervisor import hypervisor_from_config
-from actors.guest_link import GuestLink
+from actors.vm.hypervisor import hypervisor_from_config
+from actors.vm.guest_link import GuestLink
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 # Concurrent test runs (e.g. in several worktrees) each need their own instance,

@@ -1,5 +1,5 @@
 """Time-bounded fuzzing of the two decoders that face untrusted bytes: the
-guest frame decoder (protocol.frame) and the caller request path (Intake's
+guest frame decoder (protocol.channel.frame) and the caller request path (Intake's
 decode + validate, up to the reply it sends). Hypothesis generates and
 shrinks; a run is as many batches of fresh random examples as fit in the time.
 
@@ -23,14 +23,13 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from actors.connections import Connection
-from protocol import messages
-from protocol.errors import DecoderPoisoned, ProtocolError
-from protocol.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
-from protocol.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
+from actors.edge.connections import Connection
+from protocol.channel import messages
+from protocol.channel.errors import DecoderPoisoned, ProtocolError
+from protocol.channel.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
+from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
 
 MAX_PAYLOAD = 512  # small, so oversize lengths are common
 BATCH = settings(max_examples=50, deadline=None, database=None, derandomize=False,
@@ -130,7 +129,7 @@ def make_server():
     No Scheduler is registered, so an accepted task is answered `unavailable`."""
     from actors.directory import Directory
     from actors.intake import IntakeServer, TaskLimits
-    from actors.metrics import Metrics
+    from actors.edge.metrics import Metrics
 
     limits = TaskLimits(default_timeout_ms=60_000, max_timeout_ms=3_600_000,
                         default_output_cap=1 << 20, max_output_cap=16 << 20, max_request_bytes=1 << 20)

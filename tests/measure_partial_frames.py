@@ -11,7 +11,7 @@ attack of issue 16), then N = 1 MiB - 1 (all but the last byte: the most a
 frame can hold). Prints, per round, this process's RSS before and at its
 peak (sampled every 5 ms), IOGuard's most bytes admitted and held in partial
 frames, and when the answers came. For comparison it first feeds the same
-headers to main's decoder (`git show main:protocol/frame.py`), which
+headers to main's decoder (`git show main:protocol/channel/frame.py`), which
 allocated each frame's declared length at its header.
 """
 
@@ -29,11 +29,11 @@ import zlib
 from pathlib import Path
 
 import config
-from actors.hypervisor import Hypervisor, detect_accelerator
+from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from actors.service import Corral
 from guest.image.build import build_agent_iso, guest_image
-from protocol.client import Client
-from protocol.frame import HEADER, MAGIC
+from protocol.client.api import Client
+from protocol.channel.frame import HEADER, MAGIC
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_service import pool_vms, wait_until
 
@@ -71,11 +71,11 @@ class PeakRss:
 
 def mains_decoder_cost(vms: int) -> int:
     """Bytes main's FrameDecoder allocates for `vms` headers declaring 1 MiB plus 10 bytes each."""
-    source = subprocess.run(["git", "-C", str(REPO), "show", "main:protocol/frame.py"],
+    source = subprocess.run(["git", "-C", str(REPO), "show", "main:protocol/channel/frame.py"],
                             capture_output=True, text=True, check=True).stdout
     module = types.ModuleType("protocol.frame_on_main")
     module.__package__ = "protocol"
-    exec(compile(source, "main:protocol/frame.py", "exec"), module.__dict__)
+    exec(compile(source, "main:protocol/channel/frame.py", "exec"), module.__dict__)
     tracemalloc.start()
     try:
         decoders = [module.FrameDecoder(zlib.crc32) for _ in range(vms)]

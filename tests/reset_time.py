@@ -17,7 +17,7 @@ import statistics
 import time
 
 import config
-from actors.hypervisor import hypervisor_from_config
+from actors.vm.hypervisor import hypervisor_from_config
 from tests.conftest import STATE_DIR, TEST_INSTANCE, BootedVm
 
 TASKS = {

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import zmq
 
-from protocol import messages
-from protocol.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
+from protocol.channel import messages
+from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
 
 REPO = Path(__file__).resolve().parent.parent
 # corrald's contract bounds every answer: a task no VM took within

@@ -11,8 +11,8 @@ import threading
 import pytest
 
 import config
-from protocol import receipts
-from protocol.client import Client
+from protocol.wire import receipts
+from protocol.client.api import Client
 from tests.conftest import TEST_INSTANCE
 from tests.test_service import kill_qemu_when_busy, wait_until
 
@@ -59,7 +59,7 @@ def public_key(service):
 
 
 def corral_cli(service, *args):
-    return subprocess.run([sys.executable, "-m", "protocol.client", *args[:1],
+    return subprocess.run([sys.executable, "-m", "protocol.client.api", *args[:1],
                            "--endpoint", service.cfg.daemon.endpoint, *args[1:]],
                           capture_output=True, timeout=180)
 

@@ -3,9 +3,9 @@
 import pytest
 
 import config
-from actors.budget import NEVER_MS, BudgetLedger, TaskCosts
+from actors.edge.budget import NEVER_MS, BudgetLedger, TaskCosts
 from actors.errors import Rejected
-from protocol.tasks import CRITICAL, LOW, NORMAL, TaskRequest
+from protocol.wire.tasks import CRITICAL, LOW, NORMAL, TaskRequest
 
 
 class Clock:

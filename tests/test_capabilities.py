@@ -15,9 +15,9 @@ import time
 import pytest
 
 import config
-from protocol import capabilities as caps
-from protocol.client import Client
-from protocol.errors import UnexpectedMessage
+from protocol.channel import capabilities as caps
+from protocol.client.api import Client
+from protocol.channel.errors import UnexpectedMessage
 from tests.conftest import TEST_INSTANCE, BootedVm
 from tests.test_service import wait_until
 

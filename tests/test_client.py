@@ -1,4 +1,4 @@
-"""protocol.client against a fake corrald: a real ZeroMQ ROUTER in a thread,
+"""protocol.client.api against a fake corrald: a real ZeroMQ ROUTER in a thread,
 bound to an ipc socket in the test's tmp dir, that answers as the test says."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import zmq
 
 import config
-from protocol.client import ClientClosedError, Client, main
-from protocol.messages import decode, encode
-from protocol.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
+from protocol.client.api import ClientClosedError, Client, main
+from protocol.channel.messages import decode, encode
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest, error_reply)
 
 

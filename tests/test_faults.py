@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.hypervisor import Hypervisor, detect_accelerator
+from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import guest_image
-from protocol.client import Client
+from protocol.client.api import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_operations import service_config, start_service, wait_ready
 from tests.test_service import counter, pool_vms, wait_until

@@ -12,11 +12,11 @@ import zlib
 import pytest
 
 from actors.errors import ChannelClosed, GuestTimeout
-from actors.guest_link import GUEST_FRAME_CAP, GuestLink
-from protocol import messages
-from protocol.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
+from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
+from protocol.channel import messages
+from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
                              TruncatedFrame, UnexpectedMessage, UnknownMessageType)
-from protocol.frame import HEADER, MAGIC, FrameEncoder
+from protocol.channel.frame import HEADER, MAGIC, FrameEncoder
 
 
 class HostilePeer:

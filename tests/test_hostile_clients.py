@@ -32,14 +32,15 @@ import zmq
 
 import config
 from actors.directory import Directory
-from actors.identity import Admission
+from actors.edge.identity import Admission
 from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
-from actors.metrics import Metrics
+from actors.edge.metrics import Metrics
 from actors.scheduler import Scheduler
 from actors.timers import Timers
-from protocol import admin, messages
-from protocol.client import Client
-from protocol.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
+from protocol.client import admin
+from protocol.channel import messages
+from protocol.client.api import Client
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest)
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_intake import LIMITS
@@ -491,7 +492,7 @@ def test_the_connection_limits_are_fitted_into_the_open_file_limit(nofile, outco
     do not fit beside the VMs and the accept bursts are lowered, or refused."""
     script = textwrap.dedent("""\
         import logging, resource
-        from actors.connections import plan_fd_budget
+        from actors.edge.connections import plan_fd_budget
         from actors.errors import CorralError
         logging.basicConfig(level="WARNING", format="%(message)s")
         try:
@@ -541,7 +542,7 @@ def test_the_guard_sends_nothing_to_a_routing_id_whose_connection_left(tmp_path)
     """The rule corral admin replies follow too (ControlServer uses the same
     ConnectionGuard.send): a reply for a connection that is gone is not sent
     to the newcomer holding its routing id, who did get it without the guard."""
-    from actors.connections import ConnectionGuard
+    from actors.edge.connections import ConnectionGuard
 
     context = zmq.Context.instance()
     router = context.socket(zmq.ROUTER)

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from actors.hypervisor import Hypervisor, detect_accelerator
+from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import build_agent_iso, guest_image
-from protocol.client import Client
+from protocol.client.api import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_operations import operator
 from tests.test_service import counter, pool_vms, running_service, wait_pool_ready, wait_until

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import config
-from actors.hypervisor import hypervisor_from_config
+from actors.vm.hypervisor import hypervisor_from_config
 from tests.conftest import STATE_DIR, TEST_INSTANCE, BootedVm
 from tests.test_service import client, service  # noqa: F401  (fixtures: the real daemon)
 from tests.test_service import counter, pool_vms, wait_pool_ready, wait_until

@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from actors.errors import HypervisorError
-from actors.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
+from actors.vm.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
                                detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu)
 
 INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr vmx sse2\n"

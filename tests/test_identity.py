@@ -13,12 +13,12 @@ from prometheus_client import generate_latest
 import config
 from actors.directory import Directory
 from actors.errors import CorralError
-from actors.identity import Admission, Identity, resolve_grants
+from actors.edge.identity import Admission, Identity, resolve_grants
 from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
-from actors.metrics import Metrics
-from protocol import client as client_module
-from protocol.client import Client, HandshakeError, keygen
-from protocol.tasks import TaskRequest, error_reply
+from actors.edge.metrics import Metrics
+from protocol.client import api as client_module
+from protocol.client.api import Client, HandshakeError, keygen
+from protocol.wire.tasks import TaskRequest, error_reply
 from tests.test_intake import LIMITS
 from tests.test_scheduler import Recorder, wait_for
 

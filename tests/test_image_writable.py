@@ -11,7 +11,7 @@ import pytest
 
 from guest.image.build import BuildError, check_task_writable
 
-TMP_GID = 1104  # fs:write_tmp's group (protocol/capabilities.py)
+TMP_GID = 1104  # fs:write_tmp's group (protocol/channel/capabilities.py)
 
 
 def copy_in(root: Path, path: str) -> None:

@@ -10,12 +10,12 @@ import pytest
 from actors.directory import Directory
 from actors.intake import Intake, IntakeServer, TaskLimits
 from actors.messages import InjectFault, Submit
-from actors.metrics import Metrics
+from actors.edge.metrics import Metrics
 import zmq
 
-from protocol import messages
-from protocol.client import Client
-from protocol.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, TaskReply, TaskRequest, error_reply
+from protocol.channel import messages
+from protocol.client.api import Client
+from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, TaskReply, TaskRequest, error_reply
 from tests.test_scheduler import Recorder, wait_for
 
 LIMITS = TaskLimits(default_timeout_ms=60_000, max_timeout_ms=3_600_000, default_output_cap=1 << 20,

@@ -20,10 +20,10 @@ import pytest
 
 from actors.ioguard import IOGuard, TokenBucket
 from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
-from protocol import messages
-from protocol.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
+from protocol.channel import messages
+from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
                              TruncatedFrame, UnexpectedMessage, UnknownMessageType)
-from protocol.frame import HEADER, HEADER_SIZE, MAGIC, FrameEncoder
+from protocol.channel.frame import HEADER, HEADER_SIZE, MAGIC, FrameEncoder
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.client import Client
+from protocol.client.api import Client
 from tests.test_operations import OTHER_INSTANCE, service_config, start_service, wait_ready
 from tests.test_service import pool_vms, wait_until
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.client import Client
+from protocol.client.api import Client
 from tests.conftest import TEST_INSTANCE
 from tests.test_operations import status_once_up
 from tests.test_service import wait_until

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import config
-from protocol import admin
-from protocol.client import Client
-from protocol.reach import Unreachable
+from protocol.client import admin
+from protocol.client.api import Client
+from protocol.client.reach import Unreachable
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_service import pool_vms, scrape, wait_until
 
@@ -116,7 +116,7 @@ def test_control_socket_is_for_corralds_user_only(service):
 
 
 def test_admin_status_and_clear_errors(service, client):
-    done = subprocess.run([sys.executable, "-m", "protocol.client", "admin", "--control",
+    done = subprocess.run([sys.executable, "-m", "protocol.client.api", "admin", "--control",
                            service.cfg.control.endpoint, "status"], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0, done.stderr
@@ -183,7 +183,7 @@ def test_a_released_vm_is_offered_settling_then_paused(tmp_path, monkeypatch):
     """pool.settle_ms: after its reset a VM is offered while it runs on; a task
     that comes then takes it without a resume; otherwise it is paused when the
     settle time is up. A SCRAM while it settles pauses it, and resume carries on."""
-    from actors.qmp import QmpMonitor
+    from actors.vm.qmp import QmpMonitor
 
     resumes = []
     real_resume = QmpMonitor.resume
@@ -379,7 +379,7 @@ def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
 
 
 def admin_cli(control_endpoint: str, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "protocol.client", "admin", "--control", control_endpoint,
+    return subprocess.run([sys.executable, "-m", "protocol.client.api", "admin", "--control", control_endpoint,
                            *command], capture_output=True, text=True, timeout=60)
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from actors.directory import Directory
 from actors.messages import HostMemory, Retire, TierDemand, VmAvailable, VmState, VmWithdrawn
-from actors.metrics import Metrics
+from actors.edge.metrics import Metrics
 from actors.pool import PoolManager, PoolView, TierSizes
-from actors.tiers import DEFAULT_TIER, Tier
+from actors.vm.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from tests.test_scheduler import Recorder, wait_for
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from actors.errors import GuestTimeout, HypervisorError
-from actors.hypervisor import LibvirtRunControl, QEMU_NS, hypervisor_from_config, qemu_confinement
-from actors.qmp import MAX_MESSAGE_BYTES, QmpMonitor
-from protocol import messages
+from actors.vm.hypervisor import LibvirtRunControl, QEMU_NS, hypervisor_from_config, qemu_confinement
+from actors.vm.qmp import MAX_MESSAGE_BYTES, QmpMonitor
+from protocol.channel import messages
 from tests.conftest import BootedVm
 from tests.test_hypervisor import make_spec
 from tests.test_service import wait_until

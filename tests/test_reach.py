@@ -27,9 +27,9 @@ import zmq.utils.monitor  # noqa: F401  what the child needs, imported while it 
 
 import config
 
-from protocol import admin
-from protocol.client import Client, HandshakeError, main
-from protocol.reach import NOT_RUNNING, PERMISSION_DENIED, Unreachable
+from protocol.client import admin
+from protocol.client.api import Client, HandshakeError, main
+from protocol.client.reach import NOT_RUNNING, PERMISSION_DENIED, Unreachable
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -39,7 +39,7 @@ FAST_S = 1.0  # "at once": generous for a loaded 2-core host, far below any time
 def cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     """The real `corral` in a subprocess; (result, seconds it took)."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "protocol.client", *args], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "protocol.client.api", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     return done, time.monotonic() - start
 

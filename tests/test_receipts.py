@@ -7,13 +7,13 @@ import stat
 
 import pytest
 
-from actors import signing
-from actors.artifacts import Collection, check_files_in, check_paths, files_out
+from actors.artifacts import signing
+from actors.artifacts.files import Collection, check_files_in, check_paths, files_out
 from actors.errors import CorralError
 from actors.intake import Rejected, TaskLimits, validate
-from protocol import messages as guest
-from protocol import outcomes, receipts
-from protocol.tasks import TaskRequest
+from protocol.channel import messages as guest
+from protocol.wire import receipts, outcomes
+from protocol.wire.tasks import TaskRequest
 
 MiB = 1 << 20
 

@@ -243,7 +243,7 @@ CAPS = ["dev:python", "fs:write_tmp", "base:execute"]
 
 
 def test_through_corrald_with_a_pool_of_one_the_next_tasks_find_nothing(tmp_path):
-    from protocol.client import Client
+    from protocol.client.api import Client
     from tests.conftest import TEST_INSTANCE
     from tests.test_operations import service_config, start_service, wait_ready
 

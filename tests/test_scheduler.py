@@ -12,12 +12,12 @@ import pytest
 
 from actors.directory import Directory
 from actors.messages import Answer, Requeue, RunTask, Submit, Task, TierDemand, VmAvailable
-from actors.metrics import Metrics
+from actors.edge.metrics import Metrics
 from actors.scheduler import Scheduler, task_bytes
-from actors.tiers import Tier
+from actors.vm.tiers import Tier
 from actors.timers import Timers
-from protocol.messages import decode, encode
-from protocol.tasks import CLIENT_TO_DAEMON, CRITICAL, LOW, NORMAL, TaskRequest
+from protocol.channel.messages import decode, encode
+from protocol.wire.tasks import CLIENT_TO_DAEMON, CRITICAL, LOW, NORMAL, TaskRequest
 
 
 class Recorder(pykka.ThreadingActor):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import config
-from protocol.client import Client, HandshakeError, keygen
+from protocol.client.api import Client, HandshakeError, keygen
 from tests.conftest import TEST_INSTANCE
 from tests.test_service import pool_vms, scrape, wait_until
 
@@ -88,7 +88,7 @@ def test_unknown_and_missing_keys_are_refused_before_any_request(service, keys):
 
 
 def test_cli_with_keys_runs_a_granted_task(service, keys):
-    done = subprocess.run([sys.executable, "-m", "protocol.client", "run",
+    done = subprocess.run([sys.executable, "-m", "protocol.client.api", "run",
                            "--endpoint", service.cfg.daemon.endpoint,
                            "--server-key", str(keys / "corrald.key"),
                            "--key", str(keys / "alice" / "alice.key_secret"),

@@ -31,17 +31,18 @@ RECIPE_DIR = Path(__file__).resolve().parent
 REPO_DIR = RECIPE_DIR.parent.parent
 RECIPE_FILES = ("recipe.toml", "init", "build.py")
 # The capability table sets groups and file modes in the image: part of its recipe.
-CAPABILITY_TABLE = "protocol/capabilities.py"
+CAPABILITY_TABLE = "protocol/channel/capabilities.py"
 # What goes on the agent ISO: the agent and the stdlib-only protocol modules it speaks.
 AGENT_FILES = (
     "guest/__init__.py",
     "guest/agent.py",
     "guest/files.py",
     "protocol/__init__.py",
-    "protocol/capabilities.py",
-    "protocol/errors.py",
-    "protocol/frame.py",
-    "protocol/messages.py",
+    "protocol/channel/__init__.py",
+    "protocol/channel/capabilities.py",
+    "protocol/channel/errors.py",
+    "protocol/channel/frame.py",
+    "protocol/channel/messages.py",
 )
 # Test-only: the same ISO layout with guest/hostile_agent.py in the agent's place,
 # so the unchanged initramfs starts it as PID 1. Only tests attach it (they build a
@@ -361,7 +362,7 @@ def task_writable_paths(rootdir: Path, uid: int, gids: list[int]) -> list[str]:
 
 def check_task_writable(rootdir: Path, user: str, uid: int) -> None:
     """Fail the build on any place the task user can write that no reset wipes:
-    only the shared temporary directories (protocol/capabilities.py) and the task
+    only the shared temporary directories (protocol/channel/capabilities.py) and the task
     user's home may be writable. The agent's reset empties those by name and also
     sweeps whatever else the overlay gained since boot (guest/agent.py); this
     check keeps the image from offering more places than the reset knows about."""
@@ -389,7 +390,7 @@ def _load_capability_table():
 
 
 def restrict_to_capabilities(rootdir: Path) -> None:
-    """Soft capabilities in the image (protocol/capabilities.py): a group per
+    """Soft capabilities in the image (protocol/channel/capabilities.py): a group per
     capability, every executable file of its packages root:<group> 0750 (o-rwx, so
     a task without the group can neither run nor copy it), and the shared
     temporary directories root:<fs:write_tmp group> 1775."""

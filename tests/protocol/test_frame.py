@@ -1,4 +1,4 @@
-"""Tests of protocol.frame: framing, verification order, memory bounds."""
+"""Tests of protocol.channel.frame: framing, verification order, memory bounds."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from protocol import errors
-from protocol.errors import (
+from protocol.channel import errors
+from protocol.channel.errors import (
     BadMagic,
     CrcMismatch,
     DecoderPoisoned,
@@ -26,7 +25,7 @@ from protocol.errors import (
     StalledFrame,
     TruncatedFrame,
 )
-from protocol.frame import HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, FrameClock, FrameDecoder, FrameEncoder
+from protocol.channel.frame import HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32 as crcmod_crc32
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -503,7 +502,7 @@ def test_guest_side_modules_import_with_standard_library_only():
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
         "sys.modules['crcmod'] = None; "
-        "import protocol, protocol.errors, protocol.frame, protocol.messages; "
+        "import protocol, protocol.channel.errors, protocol.channel.frame, protocol.channel.messages; "
         "loaded = {name.split('.')[0] for name, mod in sys.modules.items() if mod is not None}; "
         "print(sorted(loaded - set(sys.stdlib_module_names) - {'__main__', 'protocol'}))"
     )

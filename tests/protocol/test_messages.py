@@ -1,15 +1,14 @@
-"""Tests of protocol.messages: the schema-driven payload codec and its bounds."""
+"""Tests of protocol.channel.messages: the schema-driven payload codec and its bounds."""
 
 from __future__ import annotations
 
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from protocol import messages as m
-from protocol.errors import (
+from protocol.channel import messages as m
+from protocol.channel.errors import (
     FieldTooLong,
     MalformedPayload,
     PayloadError,
@@ -17,7 +16,7 @@ from protocol.errors import (
     UnexpectedMessage,
     UnknownMessageType,
 )
-from protocol.messages import Bool, Bytes, BytesList, Integer, Pairs, Str
+from protocol.channel.messages import Bool, Bytes, BytesList, Integer, Pairs, Str
 
 BOUNDED = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MESSAGES = sorted(m.ALL_MESSAGES, key=lambda cls: cls.TYPE_ID)

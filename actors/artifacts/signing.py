@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from actors.errors import CorralError
-from protocol import receipts
+from protocol.wire import receipts
 
 
 class Signer:

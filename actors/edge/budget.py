@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from actors.errors import Rejected
-from protocol.tasks import PRIORITY_NAMES, TaskRequest
+from protocol.wire.tasks import PRIORITY_NAMES, TaskRequest
 
 # Answers that mean the task never reached a VM: its charge is given back.
 REFUNDED_CODES = frozenset({"busy", "unavailable", "cancelled_scram"})

@@ -1,6 +1,6 @@
 """corral's client: a Python API (``Client``) and the ``corral`` command line.
 
-Wire (protocol.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload] and
+Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload] and
 corrald's ROUTER answers [b"", PROTOCOL_TAG, payload] on the same connection.
 Each TaskRequest gets exactly one TaskReply with the same task_id, each
 StatusRequest one StatusReply with the same request_id.
@@ -37,7 +37,7 @@ the I/O thread watches for attempts that never reached a peer. The DEALER
 queues a request only on a live connection (ZMQ_IMMEDIATE): until then it
 stays in the outbox, and after a refused attempt everything in the outbox
 fails with `reach.Unreachable` (code not_running or permission_denied) at
-once, for ipc with the reason the socket file gives (protocol/reach.py). Such
+once, for ipc with the reason the socket file gives (protocol/client/reach.py). Such
 a request was never sent, so it can never run later behind the caller's back.
 """
 
@@ -56,11 +56,11 @@ from typing import Iterable, Mapping
 
 import zmq
 
-from . import outcomes
-from .errors import ProtocolError
-from .messages import MAX_STDIN, decode, encode, max_payload_size
-from .reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
-from .tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
+from protocol.wire import outcomes
+from protocol.channel.errors import ProtocolError
+from protocol.channel.messages import MAX_STDIN, decode, encode, max_payload_size
+from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
                     StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.client")
@@ -864,7 +864,7 @@ def _cmd_run(client: Client, args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Offline: no corrald needed, only the host's public key."""
-    from . import receipts  # cryptography only for this command
+    from protocol import receipts  # cryptography only for this command
 
     key_path = args.host_key
     if key_path is None:
@@ -913,7 +913,7 @@ def _cmd_status(client: Client) -> int:
 
 def _cmd_admin(args: argparse.Namespace) -> int:
     import config
-    from .admin import admin_main
+    from protocol.client.admin import admin_main
 
     endpoint = args.control
     if endpoint is None:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import zmq
 
-from actors.connections import ConnectionGuard
-from actors.endpoint import SocketThread
+from actors.edge.connections import ConnectionGuard
+from actors.edge.endpoint import SocketThread
 from actors.messages import InjectFault, SetPoolSize
-from protocol import messages
-from protocol.control import (COMMANDS, CONTROL_TAG, OPERATOR_TO_DAEMON, AdminReply, AdminRequest,
+from protocol.channel import messages
+from protocol.wire.control import (COMMANDS, CONTROL_TAG, OPERATOR_TO_DAEMON, AdminReply, AdminRequest,
                               admin_reply)
-from protocol.errors import ProtocolError
-from protocol.tasks import PRIORITY_NAMES
+from protocol.channel.errors import ProtocolError
+from protocol.wire.tasks import PRIORITY_NAMES
 
 log = logging.getLogger("corral.control")
 

@@ -7,7 +7,7 @@ chunks for the wrong file are a protocol violation, and bytes past the task's
 collect cap are dropped and the file reported as over the cap, so one task
 never makes the host hold more than `artifacts.max_collect_bytes` of files
 (plus its output caps). Each file collected whole gets a receipt signed by
-the host key (actors/signing.py, format in protocol/receipts.py).
+the host key (actors/artifacts/signing.py, format in protocol/wire/receipts.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from actors.signing import Signer
-from protocol import messages as guest
-from protocol import receipts
+from actors.artifacts.signing import Signer
+from protocol.channel import messages as guest
+from protocol.wire import receipts
 
 log = logging.getLogger("corral.artifacts")
 

@@ -29,7 +29,7 @@ import dataclasses
 import struct
 from typing import Annotated, Any, ClassVar, Iterable, get_args, get_type_hints
 
-from .errors import (
+from protocol.channel.errors import (
     FieldTooLong,
     MalformedPayload,
     PayloadError,
@@ -60,7 +60,7 @@ STDOUT = 1
 STDERR = 2
 
 MAX_RESET_DETAIL_LEN = 1024
-# Files put into the guest before a run and collected after it (protocol/tasks.py
+# Files put into the guest before a run and collected after it (protocol/wire/tasks.py
 # carries them from the caller; config caps the totals far below these bounds).
 MAX_FILES = 64
 MAX_PATH_LEN = 4096
@@ -404,7 +404,7 @@ class Exec(Message):
     timeout_ms: Annotated[int, U32]
     output_cap: Annotated[int, U32]  # bytes kept per stream; the rest is dropped and flagged
     as_root: Annotated[bool, BOOL]  # host-internal diagnostics only; never settable by clients
-    capabilities: Annotated[int, U16]  # soft capability bits (protocol/capabilities.py)
+    capabilities: Annotated[int, U16]  # soft capability bits (protocol/channel/capabilities.py)
 
 
 @message(3, _GUEST)

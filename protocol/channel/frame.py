@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from .errors import (
+from protocol.channel.errors import (
     BadMagic,
     CrcMismatch,
     DecoderPoisoned,

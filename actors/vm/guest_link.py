@@ -1,8 +1,8 @@
 """The host end of one VM's SecureChannel: a unix socket QEMU listens on.
 
-Verify then parse (protocol.frame), then a strict per-state allow-list of what
+Verify then parse (protocol.channel.frame), then a strict per-state allow-list of what
 the guest may send (default deny). Every wait has a deadline on the monotonic
-clock, and so has every frame in progress (protocol.frame.FrameClock, as in
+clock, and so has every frame in progress (protocol.channel.frame.FrameClock, as in
 IOGuard): a frame that stalls is a StalledFrame long before the caller's
 deadline. The host never holds more than the frame cap (grown as bytes arrive)
 plus a task's output cap for one guest. Any violation raises a ProtocolError and the VM's owner destroys it:
@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from actors.errors import ChannelClosed, GuestTimeout
-from protocol import messages
-from protocol.capabilities import ALL_SOFT_BITS
-from protocol.errors import UnexpectedMessage
-from protocol.frame import FrameClock, FrameDecoder, FrameEncoder
+from protocol.channel import messages
+from protocol.channel.capabilities import ALL_SOFT_BITS
+from protocol.channel.errors import UnexpectedMessage
+from protocol.channel.frame import FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
 
 READ_CHUNK = 64 * 1024

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from protocol.capabilities import NET_EGRESS, RES_HIGH_CPU, RES_LARGE_MEM
+from protocol.channel.capabilities import NET_EGRESS, RES_HIGH_CPU, RES_LARGE_MEM
 
 
 @dataclass(frozen=True, order=True)

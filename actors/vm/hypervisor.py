@@ -6,7 +6,7 @@ Every VM is a transient libvirt domain named ``corral-<id>`` with:
   - the agent ISO as a read-only virtio disk (read-only at the hypervisor),
   - one virtio-serial port whose host end is a unix socket QEMU listens on,
   - no network interface unless asked for,
-  - with vm.fast_resume, a QMP socket of corral's own (actors/qmp.py): the
+  - with vm.fast_resume, a QMP socket of corral's own (actors/vm/qmp.py): the
     Supervisor pauses and resumes through it, ~3 ms faster than libvirt.
 
 Every call that can block on libvirtd runs on a worker thread and is waited
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.errors import HypervisorError
-from actors.qmp import QmpMonitor
+from actors.vm.qmp import QmpMonitor
 from guest.image.build import GuestImage
 
 log = logging.getLogger("corral.hypervisor")

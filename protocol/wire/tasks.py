@@ -1,7 +1,7 @@
 """The caller protocol: what clients and corrald say over ZeroMQ.
 
 Same bounded, non-recursive binary encoding as the guest channel (one codec in
-protocol.messages), other type ids (32 and up) and other senders, so a guest
+protocol.channel.messages), other type ids (32 and up) and other senders, so a guest
 can never speak it and a client can never speak the guest's. A ZeroMQ message
 from a client is [empty delimiter, PROTOCOL_TAG, payload]; corrald answers
 [empty delimiter, PROTOCOL_TAG, payload] on the same DEALER identity.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from .messages import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str,
+from protocol.channel.messages import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str,
                        MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN, MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS,
                        MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN, MAX_STDIN, message)
 
@@ -77,7 +77,7 @@ class TaskReply(Message):
     sys_cpu_ms: Annotated[int, U32]
     max_rss_kib: Annotated[int, U32]
     retry_after_ms: Annotated[int, U32]  # with busy-like errors: when to try again
-    outcome: Annotated[str, Str(32)] = "not_run"  # protocol.outcomes: one word for what happened
+    outcome: Annotated[str, Str(32)] = "not_run"  # protocol.wire.outcomes: one word for what happened
     # One per collect path, in order: (path, error, data, receipt); error "" when collected.
     files_out: Annotated[tuple[tuple[bytes, str, bytes, bytes], ...],
                          Records(MAX_FILES, Bytes(MAX_PATH_LEN), Str(MAX_FILE_ERROR_LEN),

@@ -17,7 +17,7 @@ Two modes, chosen by `identity.server_secret_key`:
 
 Admission then checks, in order: every capability asked for is granted to
 the identity (else `capability_denied` naming it), and the identity's budget
-can pay the task's cost (actors.budget). Nothing is charged for a refused
+can pay the task's cost (actors.edge.budget). Nothing is charged for a refused
 request.
 """
 
@@ -36,10 +36,10 @@ import zmq.auth
 from zmq.utils import z85
 
 import config
-from actors.budget import REFUNDED_CODES, BudgetLedger, TaskCosts
-from actors.endpoint import SocketThread
+from actors.edge.budget import REFUNDED_CODES, BudgetLedger, TaskCosts
+from actors.edge.endpoint import SocketThread
 from actors.errors import CorralError, Rejected
-from protocol.tasks import TaskReply, TaskRequest
+from protocol.wire.tasks import TaskReply, TaskRequest
 
 log = logging.getLogger("corral.identity")
 

@@ -2,7 +2,7 @@
 
 One request, one reply, synchronous: operators type commands, they do not
 stream them. Before ZeroMQ is involved the socket file is probed
-(protocol/reach.py), so "not running" and "not an operator" (permission
+(protocol/client/reach.py), so "not running" and "not an operator" (permission
 denied) are told apart at once instead of ZeroMQ retrying silently until a
 timeout.
 """
@@ -14,10 +14,10 @@ import uuid
 
 import zmq
 
-from . import reach
-from .control import CONTROL_TAG, DAEMON_TO_OPERATOR, AdminReply, AdminRequest
-from .errors import ProtocolError
-from .messages import decode, encode
+from protocol.client import reach
+from protocol.wire.control import CONTROL_TAG, DAEMON_TO_OPERATOR, AdminReply, AdminRequest
+from protocol.channel.errors import ProtocolError
+from protocol.channel.messages import decode, encode
 
 DEFAULT_TIMEOUT_S = 30.0  # a SCRAM waits for every VM to pause
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 125
