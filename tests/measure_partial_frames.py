@@ -31,7 +31,8 @@ from pathlib import Path
 import config
 from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from actors.service import Corral
-from guest.image.build import build_agent_iso, guest_image
+from guest.image.build import build_agent_iso
+from guest.image.paths import guest_image
 from protocol.client.api import Client
 from protocol.channel.frame import HEADER, MAGIC
 from tests.conftest import STATE_DIR, TEST_INSTANCE

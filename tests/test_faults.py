@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from actors.vm.hypervisor import Hypervisor, detect_accelerator
-from guest.image.build import guest_image
+from guest.image.paths import guest_image
 from protocol.client.api import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_operations import service_config, start_service, wait_ready

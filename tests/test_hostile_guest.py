@@ -14,7 +14,8 @@ import time
 import pytest
 
 from actors.vm.hypervisor import Hypervisor, detect_accelerator
-from guest.image.build import build_agent_iso, guest_image
+from guest.image.build import build_agent_iso
+from guest.image.paths import guest_image
 from protocol.client.api import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_operations import operator

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from actors.errors import HypervisorError
 from actors.vm.qmp import QmpMonitor
-from guest.image.build import GuestImage
+from guest.image.paths import GuestImage
 
 log = logging.getLogger("corral.hypervisor")
 
@@ -724,7 +724,7 @@ class Hypervisor:
 
 def hypervisor_from_config(cfg) -> Hypervisor:
     """The Hypervisor a config describes: accelerator chosen and logged, image checked."""
-    from guest.image.build import guest_image
+    from guest.image.paths import guest_image
 
     accelerator = detect_accelerator(cfg.vm.accelerator)
     log.info("accelerator: %s (vm.accelerator = %s)", accelerator, cfg.vm.accelerator)
