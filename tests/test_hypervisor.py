@@ -12,9 +12,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from actors.errors import HypervisorError
-from actors.vm.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
-                               detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu)
+from actors.vm.accelerator import detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu
+from actors.vm.domain import AGENT_PORT_NAME, Disk, DomainSpec
+from actors.vm.errors import HypervisorError
+from actors.vm.overlays import create_overlay
 
 INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr vmx sse2\n"
 NO_VIRT = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr sse2 hypervisor\n"

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import GuestTimeout, HypervisorError
-from actors.vm.hypervisor import LibvirtRunControl, QEMU_NS, hypervisor_from_config, qemu_confinement
+from actors.vm.domain import QEMU_NS, qemu_confinement
+from actors.vm.errors import GuestTimeout, HypervisorError
+from actors.vm.handle import LibvirtRunControl
+from actors.vm.host import Hypervisor
 from actors.vm.qmp import MAX_MESSAGE_BYTES, QmpMonitor
 from protocol.channel import messages
 from tests.conftest import BootedVm
@@ -264,7 +266,7 @@ def test_without_fast_resume_libvirt_pauses_and_resumes(cfg):
     import dataclasses
 
     plain_cfg = dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, fast_resume=False))
-    hypervisor = hypervisor_from_config(plain_cfg)
+    hypervisor = Hypervisor.from_config(plain_cfg)
     vm = None
     try:
         vm = BootedVm(hypervisor, cfg.vm.boot_timeout_s)

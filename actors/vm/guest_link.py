@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from actors.errors import ChannelClosed, GuestTimeout
+from actors.vm.errors import ChannelClosed, GuestTimeout
 from protocol.channel import messages
 from protocol.channel.capabilities import ALL_SOFT_BITS
 from protocol.channel.errors import UnexpectedMessage
