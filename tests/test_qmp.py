@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from actors.vm.domain import QEMU_NS, qemu_confinement
-from actors.vm.errors import GuestTimeout, HypervisorError
+from actors.vm.errors import GuestTimeout, HypervisorError, QmpError, QmpTimeout
 from actors.vm.handle import LibvirtRunControl
 from actors.vm.host import Hypervisor
 from actors.vm.qmp import MAX_MESSAGE_BYTES, QmpMonitor
@@ -125,14 +125,16 @@ def test_an_error_reply_names_the_command_and_qemus_reason(qmp_peer):
         return polite(request)
 
     monitor = connected(qmp_peer(refuse_cont))
-    with pytest.raises(HypervisorError, match="refused cont: Resetting the VM is required"):
+    with pytest.raises(QmpError, match="refused cont: Resetting the VM is required") as info:
         monitor.resume()
+    assert info.value.error_class == "GenericError"
+    assert isinstance(info.value, HypervisorError)
 
 
 def test_a_silent_monitor_times_out_on_the_deadline(qmp_peer):
     monitor = connected(qmp_peer(lambda r: None if r["execute"] == "stop" else polite(r)), timeout_s=0.3)
     started = time.monotonic()
-    with pytest.raises(HypervisorError, match="did not answer within 0.3 s"):
+    with pytest.raises(QmpTimeout, match="did not answer within 0.3 s"):
         monitor.pause()
     assert 0.3 <= time.monotonic() - started < 1.5
 
