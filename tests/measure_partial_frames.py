@@ -126,7 +126,8 @@ def main() -> None:
     iso = build_agent_iso(STATE_DIR, hostile=True)
     image = dataclasses.replace(guest_image(STATE_DIR), agent_iso=iso)
     hypervisor = Hypervisor(uri=cfg.libvirt_uri, state_dir=cfg.state_dir, image=image,
-                            accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=256, vcpus=1, tmpfs_size=cfg.vm.tmpfs_size, instance=instance)
+                            accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=256, vcpus=1,
+                            tmpfs_size=cfg.vm.tmpfs_size, instance=instance)
     socket_dir = Path(f"/tmp/corral-measure-{instance}")
     socket_dir.mkdir(exist_ok=True)
     ioguard = {"max_partial_bytes": args.max_partial_bytes} if args.max_partial_bytes else {}

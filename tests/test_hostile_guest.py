@@ -31,7 +31,8 @@ def hostile_hypervisor(cfg):
     iso = build_agent_iso(STATE_DIR, hostile=True)
     image = dataclasses.replace(guest_image(STATE_DIR), agent_iso=iso)
     hv = Hypervisor(uri=cfg.libvirt_uri, state_dir=cfg.state_dir, image=image,
-                    accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=256, vcpus=1, tmpfs_size=cfg.vm.tmpfs_size, instance=INSTANCE)
+                    accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=256, vcpus=1,
+                    tmpfs_size=cfg.vm.tmpfs_size, instance=INSTANCE)
     yield hv
     hv.close()
 
