@@ -48,7 +48,7 @@ class Disk:
     backing: Path | None = None  # backing file of a qcow2 overlay (always qcow2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # 15 fields: named at every construction
 class DomainSpec:
     name: str
     accelerator: str  # kvm | tcg
