@@ -45,9 +45,8 @@ import time
 from pathlib import Path
 
 import config
-from actors.vm.hypervisor import hypervisor_from_config
 from actors.vm.guest_link import booted_vm
-from actors.vm.hypervisor import Hypervisor
+from actors.vm.host import Hypervisor
 from guest.image.build import Cpio
 from protocol.bench import frame_decode_throughput
 
@@ -107,7 +106,7 @@ def boot_busybox_to_poweroff(hypervisor: Hypervisor, initrd: Path, timeout_s: fl
 
 
 def bench_boot(cfg: config.Config, boots: int) -> None:
-    hypervisor = hypervisor_from_config(cfg)
+    hypervisor = Hypervisor.from_config(cfg)
     try:
         print(f"accelerator: {hypervisor.accelerator}")
         ours = [boot_to_hello(hypervisor, cfg.vm.boot_timeout_s) for _ in range(boots)]
@@ -222,12 +221,12 @@ def throughput(client, tasks: int) -> float:
 
 
 def bench_service(cfg: config.Config, runs: int) -> None:
-    hypervisor = hypervisor_from_config(cfg)
+    hypervisor = Hypervisor.from_config(cfg)
     # The acquire's baseline: the same service resuming through libvirt, with no
     # settling after a release (vm.fast_resume = false, pool.settle_ms = 0).
     baseline_cfg = dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, fast_resume=False),
                                        pool=dataclasses.replace(cfg.pool, settle_ms=0))
-    through_libvirt = hypervisor_from_config(baseline_cfg)
+    through_libvirt = Hypervisor.from_config(baseline_cfg)
     try:
         print(f"accelerator: {hypervisor.accelerator}; "
               f"pause/resume through {'QMP' if hypervisor.fast_resume else 'libvirt'}")
@@ -277,7 +276,7 @@ def scram_rounds(service, client, rounds: int) -> list[float]:
 
 
 def bench_scram(cfg: config.Config, rounds: int) -> None:
-    hypervisor = hypervisor_from_config(cfg)
+    hypervisor = Hypervisor.from_config(cfg)
     try:
         with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (handle, _, _):
             control = hypervisor.run_control(handle)  # as a Supervisor pauses its VM
@@ -312,7 +311,7 @@ def capability_latencies(client, runs: int) -> dict:
 
 
 def bench_capabilities(cfg: config.Config, runs: int) -> None:
-    hypervisor = hypervisor_from_config(cfg)
+    hypervisor = Hypervisor.from_config(cfg)
     try:
         figures = run_service(cfg, hypervisor, 1, lambda client, _: capability_latencies(client, runs), tier_max=1)
     finally:
@@ -394,10 +393,10 @@ def bench_intake(runs: int) -> None:
 
 
 def bench_acquire(cfg: config.Config, rounds: int, idle_s: float = 0.1) -> None:
-    from actors.vm.hypervisor import LibvirtRunControl
+    from actors.vm.handle import LibvirtRunControl
     from protocol.channel import messages
 
-    hypervisor = hypervisor_from_config(cfg)
+    hypervisor = Hypervisor.from_config(cfg)
     try:
         if not hypervisor.fast_resume:
             print("acquire: vm.fast_resume is off on this host (see the log): nothing to compare")

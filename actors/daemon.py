@@ -20,7 +20,7 @@ from pathlib import Path
 import config
 from actors.edge.endpoint import check_endpoint_free
 from actors.errors import CorralError
-from actors.vm.hypervisor import hypervisor_from_config
+from actors.vm.host import Hypervisor
 
 log = logging.getLogger("corral.daemon")
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_endpoint_free(cfg.daemon.endpoint)
         check_endpoint_free(cfg.control.endpoint, "control.endpoint")
-        hypervisor = hypervisor_from_config(cfg)
+        hypervisor = Hypervisor.from_config(cfg)
         if args.check:  # a check changes nothing
             print(f"corrald: checks passed (accelerator {hypervisor.accelerator}, "
                   f"image {hypervisor.image.disk.parent.name})")

@@ -1,30 +1,13 @@
-"""Host-side failures, each with a machine-readable code for the caller's reply.
+"""The root of the host's own failures, and a refused request.
 
-Protocol violations by a guest are protocol.channel.errors.ProtocolError; these are the
-host's own troubles with the hypervisor and with a guest that stops answering.
+CorralError carries a machine-readable code for the caller's reply; the VM
+layer's failures (actors/vm/errors.py) and others elsewhere derive from it.
+Protocol violations by a guest are protocol.channel.errors.ProtocolError.
 """
 
 
 class CorralError(Exception):
     code = "internal"
-
-
-class HypervisorError(CorralError):
-    """libvirt refused or failed; the message names the fix where one is known."""
-
-    code = "hypervisor"
-
-
-class GuestTimeout(CorralError):
-    """The guest did not answer before its deadline."""
-
-    code = "guest_timeout"
-
-
-class ChannelClosed(CorralError):
-    """The guest's channel closed: the VM is gone (crashed, killed, powered off)."""
-
-    code = "vm_lost"
 
 
 class Rejected(Exception):

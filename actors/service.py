@@ -16,7 +16,7 @@ from actors.artifacts.files import FileSettings
 from actors.edge.connections import plan_fd_budget
 from actors.directory import Directory
 from actors.edge.endpoint import check_endpoint_free
-from actors.vm.hypervisor import Hypervisor, hypervisor_from_config
+from actors.vm.host import Hypervisor
 from actors.edge.identity import Admission
 from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer, TaskLimits
 from actors.messages import ResumeService, Scram
@@ -53,7 +53,7 @@ class Corral:
     def __init__(self, cfg: config.Config, hypervisor: Hypervisor | None = None,
                  on_give_up: Callable[[str], None] | None = None):
         self.cfg = cfg
-        self.hypervisor = hypervisor or hypervisor_from_config(cfg)
+        self.hypervisor = hypervisor or Hypervisor.from_config(cfg)
         self.owns_hypervisor = hypervisor is None
         self.metrics = Metrics()
         self.directory = Directory()

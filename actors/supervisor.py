@@ -41,7 +41,7 @@ from actors.artifacts.files import Collection, FileSettings, files_out
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.vm.guest_link import CappedOutput, GuestLink
-from actors.vm.hypervisor import Hypervisor
+from actors.vm.host import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
                              Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
 from actors.edge.metrics import Metrics
@@ -444,11 +444,11 @@ class Supervisor(pykka.ThreadingActor):
     def _inject(self, kind: str) -> None:
         log.warning("VM %s: injected fault %s", self.vm_id, kind)
         if kind == "kill_qemu":
-            self.hypervisor.kill_qemu(self.vm_id)
+            self.hypervisor.faults.kill_qemu(self.vm_id)
         elif kind == "hang_guest":
             self.run_control.pause()  # the guest stops answering; deadlines do the rest
         elif kind == "drop_libvirt":
-            self.hypervisor.drop_connection()
+            self.hypervisor.faults.drop_libvirt()
         elif kind == "crash":
             raise RuntimeError(f"injected fault: supervisor of {self.vm_id} crashed")
         else:

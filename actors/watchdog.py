@@ -16,7 +16,7 @@ import pykka
 
 from actors.directory import Directory
 from actors.errors import CorralError
-from actors.vm.hypervisor import Hypervisor
+from actors.vm.host import Hypervisor
 from actors.messages import ChildFailed, HostMemory, Tick
 from actors.timers import Timers
 

@@ -7,7 +7,7 @@ name it, so no client of a real corrald ever reaches this code.
 
 Which attack, and when:
   - kernel command line ``corral.hostile=<attack>`` (set by the test through
-    Hypervisor.extra_cmdline): the attack replaces the Hello, at boot;
+    Hypervisor.faults.extra_cmdline): the attack replaces the Hello, at boot;
   - otherwise the agent behaves until an Exec arrives and then performs the
     attack its argv[0] names (some take numbers from argv[1:]). ``ok`` is a
     well-behaved command (prints "ok").

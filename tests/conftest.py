@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import config
-from actors.vm.hypervisor import hypervisor_from_config
 from actors.vm.guest_link import GuestLink
+from actors.vm.host import Hypervisor
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 # Concurrent test runs (e.g. in several worktrees) each need their own instance,
@@ -25,7 +25,7 @@ def cfg() -> config.Config:
 
 @pytest.fixture(scope="session")
 def hypervisor(cfg):
-    hv = hypervisor_from_config(cfg)
+    hv = Hypervisor.from_config(cfg)
     yield hv
     hv.close()
 

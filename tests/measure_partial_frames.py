@@ -29,9 +29,11 @@ import zlib
 from pathlib import Path
 
 import config
-from actors.vm.hypervisor import Hypervisor, detect_accelerator
+from actors.vm.accelerator import detect_accelerator
+from actors.vm.host import Hypervisor
 from actors.service import Corral
-from guest.image.build import build_agent_iso, guest_image
+from guest.image.build import build_agent_iso
+from guest.image.paths import guest_image
 from protocol.client.api import Client
 from protocol.channel.frame import HEADER, MAGIC
 from tests.conftest import STATE_DIR, TEST_INSTANCE
@@ -123,8 +125,9 @@ def main() -> None:
     cfg = config.load(overrides=overrides)
     iso = build_agent_iso(STATE_DIR, hostile=True)
     image = dataclasses.replace(guest_image(STATE_DIR), agent_iso=iso)
-    hypervisor = Hypervisor(cfg.libvirt_uri, cfg.state_dir, image, detect_accelerator(cfg.vm.accelerator),
-                            memory_mib=256, vcpus=1, tmpfs_size=cfg.vm.tmpfs_size, instance=instance)
+    hypervisor = Hypervisor(uri=cfg.libvirt_uri, state_dir=cfg.state_dir, image=image,
+                            accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=256, vcpus=1,
+                            tmpfs_size=cfg.vm.tmpfs_size, instance=instance)
     socket_dir = Path(f"/tmp/corral-measure-{instance}")
     socket_dir.mkdir(exist_ok=True)
     ioguard = {"max_partial_bytes": args.max_partial_bytes} if args.max_partial_bytes else {}

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import config
-from actors.vm.hypervisor import hypervisor_from_config
+from actors.vm.host import Hypervisor
 from tests.conftest import STATE_DIR, TEST_INSTANCE, BootedVm
 
 TASKS = {
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--resets", type=int, default=20)
     args = parser.parse_args()
     cfg = config.load(overrides={"state_dir": str(STATE_DIR), "daemon": {"instance": f"{TEST_INSTANCE}rt"[:16]}})
-    hypervisor = hypervisor_from_config(cfg)
+    hypervisor = Hypervisor.from_config(cfg)
     vm = BootedVm(hypervisor, cfg.vm.boot_timeout_s)
     try:
         def reset_ms() -> float:

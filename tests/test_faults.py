@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.vm.hypervisor import Hypervisor, detect_accelerator
-from guest.image.build import guest_image
+from actors.vm.accelerator import detect_accelerator
+from actors.vm.host import Hypervisor
+from guest.image.paths import guest_image
 from protocol.client.api import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_operations import service_config, start_service, wait_ready
@@ -61,9 +62,9 @@ def test_overlays_failing_for_lack_of_disk_back_off_keep_the_task_and_heal(cfg, 
     with tiny_filesystem(state, "64k"):
         # Overlays (<state>/vms) and channel sockets (<state>/run) on the tiny
         # filesystem; the gold image and the agent ISO from the real state dir.
-        hv = Hypervisor(cfg.libvirt_uri, state, guest_image(STATE_DIR),
-                        detect_accelerator(cfg.vm.accelerator), cfg.vm.memory_mib, cfg.vm.vcpus,
-                        cfg.vm.tmpfs_size, instance=DISK_INSTANCE)
+        hv = Hypervisor(uri=cfg.libvirt_uri, state_dir=state, image=guest_image(STATE_DIR),
+                        accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=cfg.vm.memory_mib,
+                        vcpus=cfg.vm.vcpus, tmpfs_size=cfg.vm.tmpfs_size, instance=DISK_INSTANCE)
         svc = start_service(service_config(tmp_path, DISK_INSTANCE, pool={
             "size": 1, "boot_backoff_max_s": BACKOFF_MAX_S}), hv)
         try:
@@ -157,7 +158,7 @@ def test_a_guest_made_very_slow_mid_task_is_answered_timeout_and_replaced(
     started = time.monotonic()
     future = client.submit(CPU_WORK, timeout_s=TASK_TIMEOUT_S)
     vm = running_vm(service)
-    service.hypervisor.throttle_vcpus(vm, quota_us, PERIOD_US)
+    service.hypervisor.faults.throttle_vcpus(vm, quota_us, PERIOD_US)
     reply = future.result(timeout=60)
     answered_s = time.monotonic() - started
     assert reply.error_code == "timeout", reply
@@ -193,7 +194,7 @@ def test_a_guest_too_slow_to_acquire_is_given_up_and_its_task_answered_once(serv
     answered once. Which path ran is printed with the figure."""
     available = list(service.directory.get("scheduler").proxy().state.get(timeout=5).available)
     slow_vm, other_vm = available  # the Scheduler hands out the longest-waiting VM first
-    service.hypervisor.throttle_vcpus(slow_vm, 1_000, PERIOD_US)  # 0.1 %, while it is paused
+    service.hypervisor.faults.throttle_vcpus(slow_vm, 1_000, PERIOD_US)  # 0.1 %, while it is paused
     given_up_before = counter(service.metrics.vms_destroyed, reason="acquire_timeout")
     started = time.monotonic()
     reply = client.run(["echo", "ran elsewhere"], timeout_s=10)

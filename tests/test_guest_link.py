@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from actors.errors import ChannelClosed, GuestTimeout
+from actors.vm.errors import ChannelClosed, GuestTimeout
 from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
 from protocol.channel import messages
 from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,

@@ -13,8 +13,10 @@ import time
 
 import pytest
 
-from actors.vm.hypervisor import Hypervisor, detect_accelerator
-from guest.image.build import build_agent_iso, guest_image
+from actors.vm.accelerator import detect_accelerator
+from actors.vm.host import Hypervisor
+from guest.image.build import build_agent_iso
+from guest.image.paths import guest_image
 from protocol.client.api import Client
 from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_operations import operator
@@ -28,8 +30,9 @@ INSTANCE = f"{TEST_INSTANCE}h"[:16]  # its own VMs: no other service reaps them,
 def hostile_hypervisor(cfg):
     iso = build_agent_iso(STATE_DIR, hostile=True)
     image = dataclasses.replace(guest_image(STATE_DIR), agent_iso=iso)
-    hv = Hypervisor(cfg.libvirt_uri, cfg.state_dir, image, detect_accelerator(cfg.vm.accelerator),
-                    memory_mib=256, vcpus=1, tmpfs_size=cfg.vm.tmpfs_size, instance=INSTANCE)
+    hv = Hypervisor(uri=cfg.libvirt_uri, state_dir=cfg.state_dir, image=image,
+                    accelerator=detect_accelerator(cfg.vm.accelerator), memory_mib=256, vcpus=1,
+                    tmpfs_size=cfg.vm.tmpfs_size, instance=INSTANCE)
     yield hv
     hv.close()
 
@@ -194,7 +197,7 @@ def test_boot_stage_attack_is_a_failed_boot_and_the_pool_backs_off_then_heals(se
     hv = service.hypervisor
     failed_before = counter(metrics.vms_destroyed, reason="boot_failed")
     violations_before = counter(metrics.violations, kind=kind) if kind else 0
-    hv.extra_cmdline = f"corral.hostile={attack}"
+    hv.faults.extra_cmdline = f"corral.hostile={attack}"
     try:
         # One VM goes; its replacement boots with the attack.
         assert client.run(["die"], timeout_s=30, wait_s=60).error_code == "vm_lost"
@@ -203,7 +206,7 @@ def test_boot_stage_attack_is_a_failed_boot_and_the_pool_backs_off_then_heals(se
         # The failed boot is backed off (>= 1 s), not retried in a tight loop.
         assert service.directory.get("pool").proxy().state.get(timeout=5).boot_failures >= 1
     finally:
-        hv.extra_cmdline = ""
+        hv.faults.extra_cmdline = ""
     if kind:
         assert counter(metrics.violations, kind=kind) >= violations_before + 1
     # Meanwhile the other VM still serves.

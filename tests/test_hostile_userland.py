@@ -9,7 +9,7 @@ import time
 import pytest
 
 import config
-from actors.vm.hypervisor import hypervisor_from_config
+from actors.vm.host import Hypervisor
 from tests.conftest import STATE_DIR, TEST_INSTANCE, BootedVm
 from tests.test_service import client, service  # noqa: F401  (fixtures: the real daemon)
 from tests.test_service import counter, pool_vms, wait_pool_ready, wait_until
@@ -110,10 +110,10 @@ def test_root_panic_mid_exec_is_a_lost_channel_and_a_gone_domain(cfg):
     """The test-only as_root Exec on a real agent: a kernel panic reboots the
     guest, the domain's on_reboot=destroy ends QEMU, the host sees EOF.
     (Through the daemon, with a task waiting: tests/test_hostile_guest.py.)"""
-    from actors.errors import ChannelClosed
+    from actors.vm.errors import ChannelClosed
 
     # Its own instance: the service of this module would reap a VM it does not own.
-    own = hypervisor_from_config(config.load(overrides={
+    own = Hypervisor.from_config(config.load(overrides={
         "state_dir": str(STATE_DIR), "daemon": {"instance": f"{TEST_INSTANCE}p"[:16]}}))
     vm = BootedVm(own, cfg.vm.boot_timeout_s)
     hypervisor = own

@@ -1,20 +1,26 @@
-"""The hypervisor layer without booting: accelerator choice, the domain XML,
-libvirt's acceptance of it (test:///default driver), overlays."""
+"""The VM layer without booting: accelerator choice, the domain XML, libvirt's
+acceptance of it, overlays, and libvirt's errors as the layer's own (the last
+two against libvirt's test:///default driver: nothing runs)."""
 
 import dataclasses
 import json
 import logging
 import os
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from actors.errors import HypervisorError
-from actors.vm.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
-                               detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu)
+from actors.vm.accelerator import detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu
+from actors.vm.domain import AGENT_PORT_NAME, Disk, DomainSpec
+from actors.vm.errors import HypervisorError, LibvirtDeadline, NoSuchDomain
+from actors.vm.host import Hypervisor
+from actors.vm.libvirt_calls import DeadlineCalls, libvirt_errors
+from actors.vm.overlays import create_overlay
+from guest.image.paths import GuestImage
 
 INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr vmx sse2\n"
 NO_VIRT = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr sse2 hypervisor\n"
@@ -148,3 +154,60 @@ def test_kvm_device_closed_to_qemus_user_is_one_warning(tmp_path, caplog):
     assert qemu_user_can_open(str(kvm), *qemu)
     assert not warn_if_kvm_closed_to_qemu(qemu, str(kvm))
     assert not warn_if_kvm_closed_to_qemu(qemu, str(tmp_path / "absent"))
+
+
+# --- libvirt's errors as the VM layer's (test:///default: one running domain, "test") ---
+
+@pytest.fixture
+def test_driver(tmp_path):
+    """A Hypervisor on libvirt's test driver, with empty stand-ins for the image files."""
+    files = {name: tmp_path / name for name in ("kernel", "initrd", "disk", "agent_iso")}
+    for path in files.values():
+        path.write_text("")
+    hv = Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
+                    accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5)
+    yield hv
+    hv.close()
+
+
+def test_an_unknown_domain_is_no_such_domain(test_driver):
+    with pytest.raises(NoSuchDomain, match="cannot find VM corral-nope: Domain not found"):
+        test_driver.suspend("corral-nope")
+    assert issubclass(NoSuchDomain, HypervisorError)  # callers catching the root keep working
+    assert not test_driver.domain_exists("corral-nope")
+    assert test_driver.domain_exists("test")
+    test_driver.destroy_domain("corral-nope")  # already gone: no error
+
+
+def test_libvirt_errors_maps_by_error_code():
+    conn = libvirt.open("test:///default")
+    try:
+        with pytest.raises(NoSuchDomain, match="^looking: Domain not found"):
+            with libvirt_errors("looking"):
+                conn.lookupByName("corral-nope")
+        stopped = conn.defineXML(make_spec(Path("/nonexistent")).to_xml())
+        try:
+            # Any other libvirt error is the root class, with libvirt's message and the hint.
+            with pytest.raises(HypervisorError, match="^pausing: .*not running.*; try later$") as info:
+                with libvirt_errors("pausing", hint="try later"):
+                    stopped.suspend()
+            assert type(info.value) is HypervisorError
+        finally:
+            stopped.undefine()
+    finally:
+        conn.close()
+
+
+def test_a_dropped_connection_is_reconnected_on_the_next_call(test_driver):
+    test_driver.faults.drop_libvirt()
+    assert test_driver.domain_exists("test")
+    assert test_driver.conn.isAlive() == 1
+
+
+def test_a_call_past_its_deadline_is_libvirt_deadline():
+    calls = DeadlineCalls(0.2, workers=1)
+    started = time.monotonic()
+    with pytest.raises(LibvirtDeadline, match="did not finish sleeping within 0.2 s"):
+        calls.run("sleeping", time.sleep, 2)
+    assert time.monotonic() - started < 1
+    assert issubclass(LibvirtDeadline, HypervisorError)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import GuestTimeout, HypervisorError
-from actors.vm.hypervisor import LibvirtRunControl, QEMU_NS, hypervisor_from_config, qemu_confinement
+from actors.vm.domain import QEMU_NS, qemu_confinement
+from actors.vm.errors import GuestTimeout, HypervisorError, QmpError, QmpTimeout
+from actors.vm.handle import LibvirtRunControl
+from actors.vm.host import Hypervisor
 from actors.vm.qmp import MAX_MESSAGE_BYTES, QmpMonitor
 from protocol.channel import messages
 from tests.conftest import BootedVm
@@ -123,14 +125,16 @@ def test_an_error_reply_names_the_command_and_qemus_reason(qmp_peer):
         return polite(request)
 
     monitor = connected(qmp_peer(refuse_cont))
-    with pytest.raises(HypervisorError, match="refused cont: Resetting the VM is required"):
+    with pytest.raises(QmpError, match="refused cont: Resetting the VM is required") as info:
         monitor.resume()
+    assert info.value.error_class == "GenericError"
+    assert isinstance(info.value, HypervisorError)
 
 
 def test_a_silent_monitor_times_out_on_the_deadline(qmp_peer):
     monitor = connected(qmp_peer(lambda r: None if r["execute"] == "stop" else polite(r)), timeout_s=0.3)
     started = time.monotonic()
-    with pytest.raises(HypervisorError, match="did not answer within 0.3 s"):
+    with pytest.raises(QmpTimeout, match="did not answer within 0.3 s"):
         monitor.pause()
     assert 0.3 <= time.monotonic() - started < 1.5
 
@@ -264,7 +268,7 @@ def test_without_fast_resume_libvirt_pauses_and_resumes(cfg):
     import dataclasses
 
     plain_cfg = dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, fast_resume=False))
-    hypervisor = hypervisor_from_config(plain_cfg)
+    hypervisor = Hypervisor.from_config(plain_cfg)
     vm = None
     try:
         vm = BootedVm(hypervisor, cfg.vm.boot_timeout_s)

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from actors.errors import ChannelClosed, GuestTimeout
+from actors.vm.errors import ChannelClosed, GuestTimeout
 from protocol.channel import messages
 from protocol.channel.capabilities import ALL_SOFT_BITS
 from protocol.channel.errors import UnexpectedMessage
@@ -145,13 +145,6 @@ class GuestLink:
 
     def wait_hello(self, deadline: float) -> messages.Hello:
         return self.receive(frozenset({messages.Hello}), deadline)
-
-    def heartbeat(self, deadline: float) -> None:
-        nonce = next(self.ids)
-        self.send(messages.Heartbeat(nonce=nonce))
-        ack = self.receive(frozenset({messages.HeartbeatAck}), deadline)
-        if ack.nonce != nonce:
-            raise UnexpectedMessage(f"heartbeat ack for nonce {ack.nonce}, expected {nonce}")
 
     def run(self, argv: list[bytes], deadline: float, *, env: dict[bytes, bytes] | None = None,
             cwd: bytes = b"", stdin: bytes = b"", timeout_ms: int = 0,

@@ -11,8 +11,9 @@ STOP/RESUME events and reports the state as usual.
 Layering as in qemu.qmp: newline-delimited JSON messages; a command carries
 an id and the reply with the same id answers it; anything else (events)
 is read and dropped. Every wait has a deadline on the monotonic clock. A
-QEMU that breaks the protocol, errs, or does not answer in time is a
-HypervisorError, which ends the VM like any failed libvirt call.
+QEMU that breaks the protocol, errs (QmpError), or does not answer in time
+(QmpTimeout) is a HypervisorError, which ends the VM like any failed libvirt
+call.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import socket
 import time
 from pathlib import Path
 
-from actors.errors import HypervisorError
+from actors.vm.errors import HypervisorError, QmpError, QmpTimeout
 
 MAX_MESSAGE_BYTES = 1 << 20  # QEMU's replies to our commands are tiny; more is a broken monitor
 
@@ -68,7 +69,8 @@ class QmpMonitor:
         self.execute("cont")
 
     def execute(self, command: str, arguments: dict | None = None, deadline: float | None = None) -> dict:
-        """Run one command; its `return` value, or HypervisorError."""
+        """Run one command; its `return` value, or QmpError (QEMU refused it),
+        QmpTimeout (no answer by the deadline) or HypervisorError."""
         if self.sock is None:
             raise HypervisorError(f"QEMU's monitor is closed ({command})")
         if deadline is None:
@@ -88,7 +90,8 @@ class QmpMonitor:
             if "error" in message:
                 error = message["error"]
                 detail = error.get("desc", error) if isinstance(error, dict) else error
-                raise HypervisorError(f"QEMU refused {command}: {detail}")
+                error_class = error.get("class", "") if isinstance(error, dict) else ""
+                raise QmpError(f"QEMU refused {command}: {detail}", str(error_class))
             if "return" not in message:
                 raise HypervisorError(f"QEMU answered {command} with neither return nor error")
             return message["return"]
@@ -112,7 +115,7 @@ class QmpMonitor:
                 raise HypervisorError(f"QEMU's monitor sent a message over {MAX_MESSAGE_BYTES} bytes")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise HypervisorError(f"QEMU's monitor did not answer within {self.timeout_s:g} s")
+                raise QmpTimeout(f"QEMU's monitor did not answer within {self.timeout_s:g} s")
             try:
                 self.sock.settimeout(left)
                 chunk = self.sock.recv(65536)

@@ -1,0 +1,61 @@
+"""The VM layer's failures, each a CorralError with the code a caller's reply carries.
+
+HypervisorError is the root of everything libvirt or QEMU's monitor does
+wrong; its subclasses say which kind, for callers that care (most catch the
+root, or CorralError, and give the VM up):
+
+    HypervisorError         libvirt or QEMU refused or failed ("hypervisor")
+      NoSuchDomain          libvirt has no domain of that name (VIR_ERR_NO_DOMAIN)
+      LibvirtDeadline       a libvirt call ran past vm.libvirt_call_timeout_s
+      QmpError              QEMU's monitor answered a command with an error
+      QmpTimeout            QEMU's monitor did not answer in time
+    GuestTimeout            the guest did not answer in time ("guest_timeout")
+    ChannelClosed           the guest's channel closed: the VM is gone ("vm_lost")
+
+A guest that breaks the channel protocol raises protocol.channel.errors.ProtocolError
+instead: that is the guest's fault, these are the host's troubles.
+"""
+
+from __future__ import annotations
+
+from actors.errors import CorralError
+
+
+class HypervisorError(CorralError):
+    """libvirt refused or failed; the message names the fix where one is known."""
+
+    code = "hypervisor"
+
+
+class NoSuchDomain(HypervisorError):
+    """libvirt knows no domain of that name (destroyed, crashed, never made)."""
+
+
+class LibvirtDeadline(HypervisorError):
+    """A libvirt call did not return within its deadline (libvirtd or QEMU's
+    monitor hung); the call itself may still finish later on its worker."""
+
+
+class QmpError(HypervisorError):
+    """QEMU's monitor refused a command; `error_class` is QEMU's class of the
+    error (GenericError, CommandNotFound, ...), "" where QEMU gave none."""
+
+    def __init__(self, message: str, error_class: str = ""):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class QmpTimeout(HypervisorError):
+    """QEMU's monitor did not answer a command before its deadline."""
+
+
+class GuestTimeout(CorralError):
+    """The guest did not answer before its deadline."""
+
+    code = "guest_timeout"
+
+
+class ChannelClosed(CorralError):
+    """The guest's channel closed: the VM is gone (crashed, killed, powered off)."""
+
+    code = "vm_lost"

@@ -1,0 +1,43 @@
+"""What a caller holds of one running VM: its handle (name, files, domain
+spec) and the libvirt way of pausing and resuming it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from actors.vm.domain import DomainSpec
+
+if TYPE_CHECKING:
+    from actors.vm.host import Hypervisor
+
+
+@dataclass(frozen=True)
+class VmHandle:
+    """One running VM and the files that are its alone."""
+
+    name: str
+    overlay: Path
+    socket: Path
+    console_log: Path | None
+    spec: DomainSpec
+    monitor: Path | None = None  # corral's QMP socket, until the Supervisor connects
+
+
+@dataclass(frozen=True)
+class LibvirtRunControl:
+    """Pause and resume through libvirt: where a VM has no QMP socket of ours.
+    (With one, the run control is its actors.vm.qmp.QmpMonitor, same methods.)"""
+
+    hypervisor: Hypervisor
+    name: str
+
+    def pause(self) -> None:
+        self.hypervisor.suspend(self.name)
+
+    def resume(self) -> None:
+        self.hypervisor.resume(self.name)
+
+    def close(self) -> None:
+        pass
