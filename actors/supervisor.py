@@ -47,6 +47,7 @@ from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze,
 from actors.edge.metrics import Metrics
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
+from protocol.channel import codec
 from protocol.channel import messages as guest
 from protocol.wire import outcomes
 from protocol.channel.capabilities import soft_bits
@@ -194,7 +195,7 @@ class Supervisor(pykka.ThreadingActor):
 
     # --- guest messages --------------------------------------------------------
 
-    def _guest_said(self, message: guest.Message) -> None:
+    def _guest_said(self, message: codec.Message) -> None:
         if type(message) not in ALLOWED[self.state]:
             self.metrics.violations.labels("unexpected_message").inc()
             self._fail("protocol_violation",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from actors.edge.connections import Connection
-from protocol.channel import messages
+from protocol.channel import codec
 from protocol.channel.errors import DecoderPoisoned, ProtocolError
 from protocol.channel.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
@@ -154,7 +154,7 @@ request_strategy = st.one_of(
 
 
 def check_request(tally: Tally, server, draw) -> None:
-    payload = messages.encode(draw(request_strategy))
+    payload = codec.encode(draw(request_strategy))
     if draw(st.booleans()):
         payload = mutate(payload, draw)
     frames = [b"caller", b"", PROTOCOL_TAG, payload]
@@ -165,7 +165,7 @@ def check_request(tally: Tally, server, draw) -> None:
     assert len(guard.sent) == 1, f"{len(guard.sent)} replies to one request"
     identity, empty, tag, reply = guard.sent[0]
     assert (identity, empty, tag) == (b"caller", b"", PROTOCOL_TAG)
-    decoded = messages.decode(reply, DAEMON_TO_CLIENT)
+    decoded = codec.decode(reply, DAEMON_TO_CLIENT)
     if getattr(decoded, "error_code", ""):
         tally.errors_seen += 1
     assert server.unanswered() == 0 and not server.in_flight

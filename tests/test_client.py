@@ -17,7 +17,7 @@ import zmq
 
 import config
 from protocol.client.api import ClientClosedError, Client, main
-from protocol.channel.messages import decode, encode
+from protocol.channel.codec import decode, encode
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest, error_reply)
 

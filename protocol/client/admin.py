@@ -17,7 +17,7 @@ import zmq
 from protocol.client import reach
 from protocol.wire.control import CONTROL_TAG, DAEMON_TO_OPERATOR, AdminReply, AdminRequest
 from protocol.channel.errors import ProtocolError
-from protocol.channel.messages import decode, encode
+from protocol.channel.codec import decode, encode
 
 DEFAULT_TIMEOUT_S = 30.0  # a SCRAM waits for every VM to pause
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 125

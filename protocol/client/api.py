@@ -58,7 +58,8 @@ import zmq
 
 from protocol.wire import outcomes
 from protocol.channel.errors import ProtocolError
-from protocol.channel.messages import MAX_STDIN, decode, encode, max_payload_size
+from protocol.channel.codec import decode, encode, max_payload_size
+from protocol.channel.constants import MAX_STDIN
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
 from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
                     StatusRequest, TaskReply, TaskRequest, error_reply)

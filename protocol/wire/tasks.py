@@ -1,7 +1,7 @@
 """The caller protocol: what clients and corrald say over ZeroMQ.
 
 Same bounded, non-recursive binary encoding as the guest channel (one codec in
-protocol.channel.messages), other type ids (32 and up) and other senders, so a guest
+protocol.channel.codec), other type ids (32 and up) and other senders, so a guest
 can never speak it and a client can never speak the guest's. A ZeroMQ message
 from a client is [empty delimiter, PROTOCOL_TAG, payload]; corrald answers
 [empty delimiter, PROTOCOL_TAG, payload] on the same DEALER identity.
@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from protocol.channel.messages import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str,
-                       MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN, MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS,
-                       MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN, MAX_STDIN, message)
+from protocol.channel.codec import BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str, message
+from protocol.channel.constants import (MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN,
+                                        MAX_ENV_VALUE_LEN, MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN,
+                                        MAX_STDIN)
 
 PROTOCOL_TAG = b"corral/1"
 CLIENT = "client"
