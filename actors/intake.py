@@ -44,6 +44,7 @@ from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
 from actors.edge.metrics import Metrics
 from protocol.channel import capabilities, codec
 from protocol.channel.errors import ProtocolError
+from protocol.wire import envelope
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, StatusReply,
                             StatusRequest, TaskReply, TaskRequest, error_reply)
 
@@ -259,7 +260,7 @@ class IntakeServer:
 
     def _send(self, conn: Connection, routing_id: bytes, reply) -> None:
         """`reply` over `conn` only; if it is gone, nowhere (counted)."""
-        if not self.guard.send(conn, [routing_id, b"", PROTOCOL_TAG, codec.encode(reply)]):
+        if not self.guard.send(conn, [routing_id, *envelope.build(PROTOCOL_TAG, codec.encode(reply))]):
             self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
             log.info("an answer (%s) for a caller that has gone was dropped",
                      getattr(reply, "task_id", None) or "status")
@@ -268,12 +269,13 @@ class IntakeServer:
                  caller: str = "") -> None:
         identity = frames[0]
         self._check_routing_id(identity, conn, caller)
-        if len(frames) != 4 or frames[1] != b"" or frames[2] != PROTOCOL_TAG:
-            self.metrics.rejected.labels("invalid_request").inc()
-            return self._send(conn, identity, error_reply(
-                "", "invalid_request", f"expected [empty, {PROTOCOL_TAG.decode()}, payload] frames"))
         try:
-            request = codec.decode(frames[3], CLIENT_TO_DAEMON)
+            payload = envelope.parse(PROTOCOL_TAG, frames[1:])
+        except envelope.MalformedEnvelope as e:
+            self.metrics.rejected.labels("invalid_request").inc()
+            return self._send(conn, identity, error_reply("", "invalid_request", str(e)))
+        try:
+            request = codec.decode(payload, CLIENT_TO_DAEMON)
         except ProtocolError as e:
             self.metrics.rejected.labels("invalid_request").inc()
             return self._send(conn, identity, error_reply("", "invalid_request", f"undecodable request: {e}"))

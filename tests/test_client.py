@@ -18,6 +18,7 @@ import zmq
 import config
 from protocol.client.api import ClientClosedError, Client, main
 from protocol.channel.codec import decode, encode
+from protocol.wire import envelope
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest, error_reply)
 
@@ -28,7 +29,7 @@ def ok_reply(task_id: str, **fields) -> TaskReply:
 
 
 def framed(identity: bytes, message) -> list[bytes]:
-    return [identity, b"", PROTOCOL_TAG, encode(message)]
+    return [identity, *envelope.build(PROTOCOL_TAG, encode(message))]
 
 
 def silent(identity, request):
@@ -66,11 +67,13 @@ class FakeDaemon:
 
     def _serve_one(self, router) -> None:
         identity, *frames = router.recv_multipart()
-        if len(frames) != 3 or frames[:2] != [b"", PROTOCOL_TAG]:
+        try:
+            payload = envelope.parse(PROTOCOL_TAG, frames)
+        except envelope.MalformedEnvelope:
             self.errors.append(f"bad framing {frames[:2]!r} ({len(frames)} frames)")
             return
         try:
-            request = decode(frames[2], CLIENT_TO_DAEMON)
+            request = decode(payload, CLIENT_TO_DAEMON)
             self.requests.append(request)
             messages = self.answer(identity, request)
         except Exception as exc:  # a broken test answer: report it at teardown

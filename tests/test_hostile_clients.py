@@ -40,6 +40,7 @@ from actors.timers import Timers
 from protocol.client import admin
 from protocol.channel import codec, messages
 from protocol.client.api import Client
+from protocol.wire import envelope
 from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest)
 from tests.conftest import STATE_DIR, TEST_INSTANCE
@@ -101,8 +102,7 @@ def replies(sock, count: int, timeout_s: float = 10) -> list:
         left = deadline - time.monotonic()
         assert left > 0 and sock.poll(int(left * 1000)), f"only {len(got)} of {count} replies"
         frames = sock.recv_multipart()
-        assert frames[:2] == [b"", PROTOCOL_TAG]
-        got.append(codec.decode(frames[2], DAEMON_TO_CLIENT))
+        got.append(codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT))
     return got
 
 
@@ -139,7 +139,7 @@ def test_malformed_requests_get_one_invalid_request_and_reach_nothing(world, dea
     assert nothing_more(sock)
     assert server.unanswered() == 0 and metrics.counter_total(metrics.accepted) == 0
     # The same connection still works afterwards.
-    sock.send_multipart([b"", PROTOCOL_TAG, codec.encode(StatusRequest("after"))])
+    sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(StatusRequest("after"))))
     assert replies(sock, 1)[0].request_id == "after"
 
 
@@ -149,13 +149,13 @@ def test_a_message_over_maxmsgsize_cuts_that_connection_only(world, dealer):
     bystander = Client(server.endpoint)
     try:
         sock = dealer()
-        sock.send_multipart([b"", PROTOCOL_TAG, huge])
+        sock.send_multipart(envelope.build(PROTOCOL_TAG, huge))
         time.sleep(0.3)
         # The ROUTER dropped the peer before reading the message: no reply, nothing accepted.
         assert nothing_more(sock) and metrics.counter_total(metrics.accepted) == 0
         assert bystander.status(wait_s=5).request_id
         # The DEALER reconnects by itself; its next, normal request is answered.
-        sock.send_multipart([b"", PROTOCOL_TAG, codec.encode(StatusRequest("again"))])
+        sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(StatusRequest("again"))))
         assert replies(sock, 1)[0].request_id == "again"
     finally:
         bystander.close()
@@ -168,7 +168,7 @@ def test_a_burst_of_3000_requests_each_answered_exactly_once(world, dealer):
     sock = dealer(SNDHWM=0, RCVHWM=0)
     started = time.monotonic()
     for i in range(3000):
-        sock.send_multipart([b"", PROTOCOL_TAG, codec.encode(request(f"b{i}"))])
+        sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(request(f"b{i}"))))
     busy = replies(sock, 2000, timeout_s=60)
     refused_in = time.monotonic() - started
     assert {r.error_code for r in busy} == {"busy"} and all(r.retry_after_ms > 0 for r in busy)
@@ -193,7 +193,7 @@ def test_a_caller_that_never_reads_does_not_slow_the_others(world, dealer):
     def flood():
         status = codec.encode(StatusRequest("deaf"))
         while not stop.is_set():
-            deaf.send_multipart([b"", PROTOCOL_TAG, status])
+            deaf.send_multipart(envelope.build(PROTOCOL_TAG, status))
             sent[0] += 1
             if sent[0] % 1000 == 0:
                 time.sleep(0.001)
@@ -222,7 +222,7 @@ def test_a_caller_that_never_reads_does_not_slow_the_others(world, dealer):
 def test_invalid_utf8_capability_is_refused_by_name(world, dealer):
     directory, server, metrics = world
     sock = dealer()
-    sock.send_multipart([b"", PROTOCOL_TAG, codec.encode(request(capabilities=(b"dev:\xff\xfe",)))])
+    sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(request(capabilities=(b"dev:\xff\xfe",)))))
     (reply,) = replies(sock, 1)
     assert reply.error_code == "unknown_capability" and "dev:" in reply.error_message
     assert server.unanswered() == 0
@@ -372,7 +372,7 @@ def listen(endpoint: str, routing_id: bytes, first: bytes, listen_s: float) -> s
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.connect(endpoint)
-    sock.send_multipart([b"", PROTOCOL_TAG, first])
+    sock.send_multipart(envelope.build(PROTOCOL_TAG, first))
     got = []
     deadline = time.monotonic() + listen_s
     while (left := deadline - time.monotonic()) > 0:
@@ -414,7 +414,7 @@ def test_a_routing_id_taken_over_after_its_caller_left_gets_none_of_its_answers(
         victim.setsockopt(zmq.ROUTING_ID, routing_id)
         victim.connect(cfg.daemon.endpoint)
         secret = request("victim", argv=(b"sh", b"-c", b"sleep 3; echo secret"), timeout_ms=30_000)
-        victim.send_multipart([b"", PROTOCOL_TAG, codec.encode(secret)])
+        victim.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(secret)))
         wait_until(lambda: svc.server.unanswered() == 1, 10, "the victim's task accepted")
         victim.close()
         time.sleep(0.3)

@@ -1,7 +1,8 @@
 """corral's client: a Python API (``Client``) and the ``corral`` command line.
 
-Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload] and
-corrald's ROUTER answers [b"", PROTOCOL_TAG, payload] on the same connection.
+Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload]
+(protocol.wire.envelope) and corrald's ROUTER answers the same way on the same
+connection.
 Each TaskRequest gets exactly one TaskReply with the same task_id, each
 StatusRequest one StatusReply with the same request_id.
 
@@ -56,7 +57,7 @@ from typing import Iterable, Mapping
 
 import zmq
 
-from protocol.wire import outcomes
+from protocol.wire import envelope, outcomes
 from protocol.channel.errors import ProtocolError
 from protocol.channel.codec import decode, encode, max_payload_size
 from protocol.channel.constants import MAX_STDIN
@@ -544,7 +545,7 @@ class Client:
                 outbox.popleft()  # abandoned (run() gave up) before it left: do not send
                 continue
             try:
-                self._dealer.send_multipart([b"", PROTOCOL_TAG, payload], zmq.NOBLOCK)
+                self._dealer.send_multipart(envelope.build(PROTOCOL_TAG, payload), zmq.NOBLOCK)
             except zmq.Again:
                 return  # the DEALER is full; POLLOUT says when to go on
             outbox.popleft()
@@ -562,12 +563,12 @@ class Client:
                 log.exception("corral client: failed to handle a reply from %s", self.endpoint)
 
     def _handle_reply(self, frames: list[bytes]) -> None:
-        if len(frames) != 3 or frames[0] != b"" or frames[1] != PROTOCOL_TAG:
-            log.warning("ignored a reply from %s that is not %s framing (%d frames, first %r)",
-                        self.endpoint, PROTOCOL_TAG.decode(), len(frames), frames[:2])
-            return
         try:
-            reply = decode(frames[2], DAEMON_TO_CLIENT)
+            reply = decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
+        except envelope.MalformedEnvelope as exc:
+            log.warning("ignored a reply from %s: %s (%d frames, first %r)",
+                        self.endpoint, exc, len(frames), frames[:2])
+            return
         except ProtocolError as exc:
             log.warning("ignored a malformed reply from %s: %s (%s)", self.endpoint, exc, exc.code)
             return

@@ -3,7 +3,7 @@
 Same bounded codec as the caller protocol (protocol.channel.codec), its own type
 ids (40 and up) and its own tag, on its own socket: a caller's message is
 never taken for an operator's, nor the reverse. A ZeroMQ message is
-[empty delimiter, CONTROL_TAG, payload] both ways.
+[empty delimiter, CONTROL_TAG, payload] both ways (protocol.wire.envelope).
 
 Commands (AdminRequest.command, arguments as text in `args`):
     status                  mode, queue depth, pool, counters

@@ -3,8 +3,8 @@
 Same bounded, non-recursive binary encoding as the guest channel (one codec in
 protocol.channel.codec), other type ids (32 and up) and other senders, so a guest
 can never speak it and a client can never speak the guest's. A ZeroMQ message
-from a client is [empty delimiter, PROTOCOL_TAG, payload]; corrald answers
-[empty delimiter, PROTOCOL_TAG, payload] on the same DEALER identity.
+from a client is [empty delimiter, PROTOCOL_TAG, payload] (protocol.wire.envelope);
+corrald answers the same way on the same DEALER identity.
 
 Semantic checks (known capabilities, caps within config, non-empty argv) are
 Intake's job; this module only bounds sizes and types.
