@@ -173,7 +173,7 @@ class Str(Bytes):
         self.label = f"str[<={max_len} bytes]"
 
     def encode(self, value: Any, out: list[bytes]) -> None:
-        if type(value) is not str:
+        if not isinstance(value, str):  # a StrEnum member is its text (error codes)
             raise TypeError(f"{self.label} needs a str, got {type(value).__name__}")
         try:
             data = value.encode("utf-8")

@@ -62,7 +62,7 @@ from protocol.channel.errors import ProtocolError
 from protocol.channel.codec import decode, encode, max_payload_size
 from protocol.channel.constants import MAX_STDIN
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, ErrorCode, StatusReply,
                     StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.client")
@@ -496,7 +496,7 @@ class Client:
                 "(corrald stopped or restarted?); its outcome is unknown: resubmit if needed")
         for (kind, ident), future in lost:
             if kind == _TASK:
-                future.set_result(error_reply(ident, "connection_lost", text, outcome=outcomes.UNKNOWN))
+                future.set_result(error_reply(ident, ErrorCode.CONNECTION_LOST, text, outcome=outcomes.UNKNOWN))
             else:
                 future.set_exception(ClientClosedError(text))
 
@@ -765,7 +765,7 @@ def _read_stdin_file(name: str) -> bytes:
 def _report_task(reply: TaskReply, requested_timeout_s: float | None) -> int:
     """Write a task's output and notices; return corral's exit code."""
     ran = reply.error_code == ""
-    timed_out_with_result = reply.error_code == "timeout" and (
+    timed_out_with_result = reply.error_code == ErrorCode.TIMEOUT and (
         reply.timed_out or reply.stdout or reply.stderr or reply.signal)
     if not (ran or timed_out_with_result):
         retry = f"; retry after {reply.retry_after_ms / 1000:g} s" if reply.retry_after_ms > 0 else ""
