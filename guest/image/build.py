@@ -34,7 +34,7 @@ RECIPE_FILES = ("recipe.toml", "init", "build.py")
 CAPABILITY_TABLE = "protocol/channel/capabilities.py"
 # The room that ships into the guest: every module of it goes on the agent ISO,
 # so nothing there may import beyond the standard library and this room
-# (tests/protocol/test_guest_imports.py checks both).
+# (tests/protocol/test_imports.py checks both).
 CHANNEL_DIR = "protocol/channel"
 # What goes on the agent ISO: the agent and the protocol modules it speaks.
 AGENT_FILES = (

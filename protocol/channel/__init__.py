@@ -4,7 +4,7 @@ one VM's virtio-serial port, and how it is framed and encoded.
 This room ships into the guest: guest/image/build.py puts every module of
 this folder on the agent ISO, where Debian's bare python3 runs it. So a module
 here imports the standard library and protocol.channel only
-(tests/protocol/test_guest_imports.py checks), and as little of it as it can:
+(tests/protocol/test_imports.py checks), and as little of it as it can:
 every import costs the guest's boot time under TCG.
 
 - ``frame``         16-byte framed stream: FrameEncoder, FrameDecoder, FrameClock

@@ -1,9 +1,10 @@
-"""What ships into the guest imports only what the guest has.
+"""What each room of protocol/ may import, as its package docstring says.
 
-The agent ISO (guest/image/build.py AGENT_FILES) holds the guest agent, its
-file helpers and every module of protocol/channel/, run by Debian's bare
-python3: no site-packages, no crcmod, nothing else of this project. Each of
-those modules may import the standard library and, within the project, only
+Above all, what ships into the guest imports only what the guest has. The
+agent ISO (guest/image/build.py AGENT_FILES) holds the guest agent, its file
+helpers and every module of protocol/channel/, run by Debian's bare python3:
+no site-packages, no crcmod, nothing else of this project. Each of those
+modules may import the standard library and, within the project, only
 protocol.channel (the guest's own files also each other); everything it
 imports from the project must be on the ISO.
 """
@@ -108,3 +109,21 @@ def test_shipped_modules_import_in_a_bare_interpreter():
     foreign, project = result.stdout.splitlines()
     assert foreign == "[]"
     assert [name for name in json.loads(project) if project_file(name) not in AGENT_FILES] == []
+
+
+ROOMS = {  # room -> modules it must never import (by prefix)
+    "protocol": ("actors",),  # its top-level modules (hostcrc, bench)
+    "protocol/wire": ("zmq", "actors", "protocol.client", "config"),
+    "protocol/client": ("actors",),
+}
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_host_side_rooms_keep_to_their_imports(room):
+    forbidden = ROOMS[room]
+    package = room.replace("/", ".")
+    wrong = [f"{path.name} line {line}: {module}"
+             for path in sorted((REPO_ROOT / room).glob("*.py"))
+             for line, module in imports_of(path, package)
+             if any(module == f or module.startswith(f + ".") for f in forbidden)]
+    assert wrong == []
