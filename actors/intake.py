@@ -42,9 +42,10 @@ from actors.errors import CorralError, Rejected
 from actors.edge.identity import Admission
 from actors.messages import Answer, ChildFailed, InjectFault, Submit, Task
 from actors.edge.metrics import Metrics
-from protocol.channel import capabilities, messages
+from protocol.channel import capabilities, codec
 from protocol.channel.errors import ProtocolError
-from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, StatusReply,
+from protocol.wire import envelope
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode, StatusReply,
                             StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.intake")
@@ -78,49 +79,49 @@ class TaskLimits:
 
 def _check_no_nul(what: str, value: bytes) -> None:
     if b"\0" in value:
-        raise Rejected("invalid_request", f"{what} contains a NUL byte")
+        raise Rejected(ErrorCode.INVALID_REQUEST, f"{what} contains a NUL byte")
 
 
 def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
     """The request with defaults filled in, or Rejected naming what is wrong."""
     if not request.task_id:
-        raise Rejected("invalid_request", "task_id is empty")
+        raise Rejected(ErrorCode.INVALID_REQUEST, "task_id is empty")
     if not request.argv[0]:
-        raise Rejected("invalid_request", "argv[0] is empty")
+        raise Rejected(ErrorCode.INVALID_REQUEST, "argv[0] is empty")
     for i, arg in enumerate(request.argv):
         _check_no_nul(f"argv[{i}]", arg)
     for key, value in request.env:
         if not key or b"=" in key:
-            raise Rejected("invalid_request", f"env name {key!r} is empty or contains '='")
+            raise Rejected(ErrorCode.INVALID_REQUEST, f"env name {key!r} is empty or contains '='")
         _check_no_nul(f"env {key!r}", key + value)
     _check_no_nul("cwd", request.cwd)
     if request.cwd and not request.cwd.startswith(b"/"):
-        raise Rejected("invalid_request", "cwd must be an absolute path")
+        raise Rejected(ErrorCode.INVALID_REQUEST, "cwd must be an absolute path")
     timeout_ms = request.timeout_ms or limits.default_timeout_ms
     if timeout_ms > limits.max_timeout_ms:
-        raise Rejected("invalid_request",
+        raise Rejected(ErrorCode.INVALID_REQUEST,
                        f"timeout {timeout_ms / 1000:g} s is over the maximum of {limits.max_timeout_ms / 1000:g} s")
     output_cap = request.output_cap or limits.default_output_cap
     if output_cap > limits.max_output_cap:
-        raise Rejected("invalid_request",
+        raise Rejected(ErrorCode.INVALID_REQUEST,
                        f"output cap {output_cap} is over the maximum of {limits.max_output_cap} bytes")
     try:
         check_files_in(request.files_in, limits.max_put_bytes)
         check_paths("collect", request.collect)
     except OverflowError as e:
-        raise Rejected("files_too_large", str(e)) from None
+        raise Rejected(ErrorCode.FILES_TOO_LARGE, str(e)) from None
     except ValueError as e:
-        raise Rejected("invalid_request", str(e)) from None
+        raise Rejected(ErrorCode.INVALID_REQUEST, str(e)) from None
     seen = set()
     for raw in request.capabilities:
         name = raw.decode("ascii", errors="replace")
         if name not in KNOWN_CAPABILITIES:
-            raise Rejected("unknown_capability", f"unknown capability {name!r} "
+            raise Rejected(ErrorCode.UNKNOWN_CAPABILITY, f"unknown capability {name!r} "
                            f"(known: {', '.join(sorted(KNOWN_CAPABILITIES))})")
         if name in seen:
-            raise Rejected("duplicate_capability", f"capability {name!r} is asked for twice")
+            raise Rejected(ErrorCode.DUPLICATE_CAPABILITY, f"capability {name!r} is asked for twice")
         if name in UNAVAILABLE_CAPABILITIES:
-            raise Rejected("capability_unavailable", UNAVAILABLE_CAPABILITIES[name])
+            raise Rejected(ErrorCode.CAPABILITY_UNAVAILABLE, UNAVAILABLE_CAPABILITIES[name])
         seen.add(name)
     return replace(request, timeout_ms=timeout_ms, output_cap=output_cap)
 
@@ -255,11 +256,11 @@ class IntakeServer:
         """At shutdown: what no actor answered is answered here, once."""
         for ticket, entry in list(self.ledger.items()):
             self._deliver(ticket, error_reply(
-                entry.task_id, "cancelled", "corrald stopped before this task finished"))
+                entry.task_id, ErrorCode.CANCELLED, "corrald stopped before this task finished"))
 
     def _send(self, conn: Connection, routing_id: bytes, reply) -> None:
         """`reply` over `conn` only; if it is gone, nowhere (counted)."""
-        if not self.guard.send(conn, [routing_id, b"", PROTOCOL_TAG, messages.encode(reply)]):
+        if not self.guard.send(conn, [routing_id, *envelope.build(PROTOCOL_TAG, codec.encode(reply))]):
             self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
             log.info("an answer (%s) for a caller that has gone was dropped",
                      getattr(reply, "task_id", None) or "status")
@@ -268,15 +269,16 @@ class IntakeServer:
                  caller: str = "") -> None:
         identity = frames[0]
         self._check_routing_id(identity, conn, caller)
-        if len(frames) != 4 or frames[1] != b"" or frames[2] != PROTOCOL_TAG:
-            self.metrics.rejected.labels("invalid_request").inc()
-            return self._send(conn, identity, error_reply(
-                "", "invalid_request", f"expected [empty, {PROTOCOL_TAG.decode()}, payload] frames"))
         try:
-            request = messages.decode(frames[3], CLIENT_TO_DAEMON)
+            payload = envelope.parse(PROTOCOL_TAG, frames[1:])
+        except envelope.MalformedEnvelope as e:
+            self.metrics.rejected.labels(ErrorCode.INVALID_REQUEST).inc()
+            return self._send(conn, identity, error_reply("", ErrorCode.INVALID_REQUEST, str(e)))
+        try:
+            request = codec.decode(payload, CLIENT_TO_DAEMON)
         except ProtocolError as e:
-            self.metrics.rejected.labels("invalid_request").inc()
-            return self._send(conn, identity, error_reply("", "invalid_request", f"undecodable request: {e}"))
+            self.metrics.rejected.labels(ErrorCode.INVALID_REQUEST).inc()
+            return self._send(conn, identity, error_reply("", ErrorCode.INVALID_REQUEST, f"undecodable request: {e}"))
         if isinstance(request, StatusRequest):
             return self._send(conn, identity, self._status(request.request_id))
         try:
@@ -284,7 +286,7 @@ class IntakeServer:
             if refusal is not None:
                 raise Rejected(*refusal)
             if (conn.id, request.task_id) in self.in_flight:
-                raise Rejected("duplicate_task", f"task {request.task_id!r} is already in flight")
+                raise Rejected(ErrorCode.DUPLICATE_TASK, f"task {request.task_id!r} is already in flight")
             request = validate(request, self.limits)
             ticket = next(self.tickets)
             self.admission.admit(user, request, ticket)
@@ -298,7 +300,7 @@ class IntakeServer:
         self.metrics.accepted.inc()
         if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
             self._deliver(ticket, error_reply(
-                request.task_id, "unavailable", "the scheduler is restarting; retry"))
+                request.task_id, ErrorCode.UNAVAILABLE, "the scheduler is restarting; retry"))
 
     def _deliver(self, ticket: int, reply: TaskReply) -> None:
         """The one answer for `ticket`; any later one finds no ledger entry."""

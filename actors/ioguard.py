@@ -54,7 +54,7 @@ from typing import Any, Callable
 import pykka
 
 from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
-from protocol.channel import messages
+from protocol.channel import codec, messages
 from protocol.channel.errors import ProtocolError, StalledFrame
 from protocol.channel.frame import HEADER_SIZE, FrameClock, FrameDecoder
 from protocol.hostcrc import crc32
@@ -452,7 +452,7 @@ class _IOLoop:
                 with self.lock:
                     ch.stats["frames_read"] += 1
                     self.totals["frames_read"] += 1
-                message = messages.decode(payload, messages.GUEST_TO_HOST)
+                message = codec.decode(payload, messages.GUEST_TO_HOST)
                 if not self._tell(ch, GuestSaid(ch.vm_id, message)):
                     return
         except ProtocolError as e:

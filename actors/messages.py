@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.vm.tiers import DEFAULT_TIER, Tier
-from protocol.channel import messages as guest
+from protocol.channel import codec
 from protocol.wire.tasks import TaskReply, TaskRequest
 
 
@@ -139,7 +139,7 @@ class GuestSaid:
     """IOGuard -> Supervisor: one verified, decoded guest message."""
 
     vm_id: str
-    message: guest.Message
+    message: codec.Message
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from actors.messages import (ChildFailed, InjectFault, Requeue, ResumeService, R
 from actors.edge.metrics import Metrics
 from actors.vm.tiers import DEFAULT_TIER, tier_of
 from actors.timers import Timers
-from protocol.wire.tasks import PRIORITY_NAMES, error_reply
+from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, error_reply
 
 log = logging.getLogger("corral.scheduler")
 LEVEL_NAMES = {level: name for name, level in PRIORITY_NAMES.items()}
@@ -141,7 +141,7 @@ class Scheduler(pykka.ThreadingActor):
         self._enqueue(task)
 
     def _refuse(self, task: Task, text: str) -> None:
-        self.directory.answer(task.ticket, error_reply(task.request.task_id, "busy", text,
+        self.directory.answer(task.ticket, error_reply(task.request.task_id, ErrorCode.BUSY, text,
                                                        retry_after_ms=self.retry_after_ms))
 
     def _flush_for_scram(self) -> None:
@@ -150,7 +150,7 @@ class Scheduler(pykka.ThreadingActor):
 
     def _cancel_for_scram(self, task: Task) -> None:
         self.directory.answer(task.ticket, error_reply(
-            task.request.task_id, "cancelled_scram",
+            task.request.task_id, ErrorCode.CANCELLED_SCRAM,
             "an operator stopped corral (SCRAM) before this task ran; retry after it resumes"))
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
@@ -186,7 +186,7 @@ class Scheduler(pykka.ThreadingActor):
                 queue.remove(task)
                 self.state.queued_bytes -= task_bytes(task)
                 self.directory.answer(task.ticket, error_reply(
-                    task.request.task_id, "unavailable",
+                    task.request.task_id, ErrorCode.UNAVAILABLE,
                     f"no VM became free within {self.max_wait_s:g} s; retry later",
                     retry_after_ms=self.retry_after_ms))
 
@@ -222,7 +222,7 @@ class Scheduler(pykka.ThreadingActor):
         self._take_inbox()
         while (task := self._take()) is not None:
             self.directory.answer(task.ticket, error_reply(
-                task.request.task_id, "cancelled", "corrald is shutting down"))
+                task.request.task_id, ErrorCode.CANCELLED, "corrald is shutting down"))
         self._publish_depth()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:

@@ -47,10 +47,11 @@ from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze,
 from actors.edge.metrics import Metrics
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
+from protocol.channel import codec
 from protocol.channel import messages as guest
 from protocol.wire import outcomes
 from protocol.channel.capabilities import soft_bits
-from protocol.wire.tasks import TaskReply, error_reply
+from protocol.wire.tasks import ErrorCode, TaskReply, error_reply
 
 log = logging.getLogger("corral.supervisor")
 SEND_TIMEOUT_S = 5.0
@@ -67,7 +68,8 @@ ALLOWED = {
 }
 # Guest errors that mean "this command was not started" (code -> text before the
 # agent's message): the task is answered with the code, the VM lives on.
-REFUSED_IN_GUEST = {"put_failed": "a file could not be put into the VM: ", "missing_capability": ""}
+REFUSED_IN_GUEST = {ErrorCode.PUT_FAILED: "a file could not be put into the VM: ",
+                    ErrorCode.MISSING_CAPABILITY: ""}
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,10 @@ class Supervisor(pykka.ThreadingActor):
             if message.violation:
                 self.metrics.violations.labels(message.code).inc()
                 log.warning("VM %s violated the protocol: %s", self.vm_id, message.detail)
-                self._fail("protocol_violation", f"the VM broke the channel protocol ({message.code})",
+                self._fail(ErrorCode.PROTOCOL_VIOLATION, f"the VM broke the channel protocol ({message.code})",
                            reason=self._boot_failed())
             else:
-                self._fail("vm_lost", f"the VM died ({message.detail})", reason=self._boot_failed())
+                self._fail(ErrorCode.VM_LOST, f"the VM died ({message.detail})", reason=self._boot_failed())
         elif isinstance(message, Retire):
             self.retire_reason = message.reason
             if self.state in ("ready", "settling", "booting"):
@@ -178,12 +180,12 @@ class Supervisor(pykka.ThreadingActor):
     def on_failure(self, exception_type, exception_value, traceback) -> None:
         """One-for-one: a crashed Supervisor takes only its own VM down."""
         log.error("VM %s supervisor crashed: %r", self.vm_id, exception_value)
-        self._fail("vm_lost", "the VM's supervisor failed", stop=False)
+        self._fail(ErrorCode.VM_LOST, "the VM's supervisor failed", stop=False)
         self._requeue_stranded()
 
     def on_stop(self) -> None:
         if self.state != "gone":
-            self._fail("cancelled", "corrald is shutting down", stop=False)
+            self._fail(ErrorCode.CANCELLED, "corrald is shutting down", stop=False)
         self._requeue_stranded()
 
     def _requeue_stranded(self) -> None:
@@ -194,10 +196,10 @@ class Supervisor(pykka.ThreadingActor):
 
     # --- guest messages --------------------------------------------------------
 
-    def _guest_said(self, message: guest.Message) -> None:
+    def _guest_said(self, message: codec.Message) -> None:
         if type(message) not in ALLOWED[self.state]:
             self.metrics.violations.labels("unexpected_message").inc()
-            self._fail("protocol_violation",
+            self._fail(ErrorCode.PROTOCOL_VIOLATION,
                        f"the VM sent {type(message).__name__} while {self.state}",
                        reason=self._boot_failed())
             return
@@ -207,7 +209,7 @@ class Supervisor(pykka.ThreadingActor):
             self._offer()
         elif isinstance(message, guest.HeartbeatAck):
             if message.nonce != self.next_id:
-                return self._fail("protocol_violation", "heartbeat answered with a wrong nonce")
+                return self._fail(ErrorCode.PROTOCOL_VIOLATION, "heartbeat answered with a wrong nonce")
             self._start_command()
         elif isinstance(message, guest.Output):
             self._output(message)
@@ -219,7 +221,7 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, guest.Error) and message.code in REFUSED_IN_GUEST:
             self._refused_in_guest(message.code, REFUSED_IN_GUEST[message.code] + message.message)
         elif isinstance(message, guest.Error):
-            self._fail("guest_error", f"the guest agent failed: {message.code}: {message.message}")
+            self._fail(ErrorCode.GUEST_ERROR, f"the guest agent failed: {message.code}: {message.message}")
         elif isinstance(message, guest.ResetDone):
             if message.reset_id != self.next_id or not message.ok:
                 return self._end("reset_failed")
@@ -272,7 +274,7 @@ class Supervisor(pykka.ThreadingActor):
             if paused:  # a settling VM still runs
                 self.run_control.resume()
         except CorralError as e:
-            return self._fail("vm_lost", f"the VM could not be resumed ({e})")
+            return self._fail(ErrorCode.VM_LOST, f"the VM could not be resumed ({e})")
         # Telling the pool and arming the deadline wait until the guest runs:
         # they are off the acquire's path, and the answer cannot be read before.
         self._set_state("acquiring", self.settings.acquire_timeout_s)
@@ -297,7 +299,7 @@ class Supervisor(pykka.ThreadingActor):
                 output_cap=request.output_cap, as_root=False,
                 capabilities=soft_bits(request.capabilities) | self.settings.default_soft_bits))
         except CorralError as e:
-            self._fail("vm_lost", f"the VM stopped taking input ({e})")
+            self._fail(ErrorCode.VM_LOST, f"the VM stopped taking input ({e})")
 
     def _refused_in_guest(self, code: str, text: str) -> None:
         """The agent refused to start the command (a file could not be put, or
@@ -311,13 +313,13 @@ class Supervisor(pykka.ThreadingActor):
         if self.state != "running":
             return  # output of a command a reset killed
         if message.exec_id != running.exec_id:
-            return self._fail("protocol_violation", f"output for exec {message.exec_id}")
+            return self._fail(ErrorCode.PROTOCOL_VIOLATION, f"output for exec {message.exec_id}")
         running.output.add(message.stream, message.data)
 
     def _finished(self, exit_message: guest.Exit) -> None:
         running = self.current
         if exit_message.exec_id != running.exec_id:
-            return self._fail("protocol_violation", f"exit for exec {exit_message.exec_id}")
+            return self._fail(ErrorCode.PROTOCOL_VIOLATION, f"exit for exec {exit_message.exec_id}")
         self.metrics.run_seconds.observe(exit_message.wall_ms / 1000)
         request = running.task.request
         exit_message = running.output.flag(exit_message)
@@ -328,7 +330,7 @@ class Supervisor(pykka.ThreadingActor):
             truncated=exit_message.stdout_truncated or exit_message.stderr_truncated)
         running.reply = TaskReply(
             task_id=request.task_id,
-            error_code="timeout" if timed_out else "",
+            error_code=ErrorCode.TIMEOUT if timed_out else "",
             error_message=f"the command ran past its timeout of {request.timeout_ms / 1000:g} s "
                           "and was killed" if timed_out else "",
             exit_code=exit_message.exit_code, signal=exit_message.signal, timed_out=timed_out,
@@ -357,7 +359,7 @@ class Supervisor(pykka.ThreadingActor):
         violation = self.current.collection.add(message)
         if violation:
             self.metrics.violations.labels("bad_collect").inc()
-            return self._fail("protocol_violation", violation)
+            return self._fail(ErrorCode.PROTOCOL_VIOLATION, violation)
         if self.current.collection.done:
             self._collect_ended("")
 
@@ -402,7 +404,7 @@ class Supervisor(pykka.ThreadingActor):
         elif self.state == "running":
             self.metrics.deadman_kills.inc()
             timeout_s = self.current.task.request.timeout_ms / 1000
-            self._fail("timeout", f"no answer from the VM within the timeout ({timeout_s:g} s) "
+            self._fail(ErrorCode.TIMEOUT, f"no answer from the VM within the timeout ({timeout_s:g} s) "
                                   f"+ {self.settings.deadman_grace_s:g} s; the VM was destroyed",
                        reason="deadman")
         elif self.state == "collecting":
@@ -422,7 +424,7 @@ class Supervisor(pykka.ThreadingActor):
                 self.run_control.pause()
             except CorralError as e:
                 # A VM that cannot be paused in an emergency must not run on.
-                return self._fail("vm_lost", f"the VM could not be paused for a SCRAM ({e})")
+                return self._fail(ErrorCode.VM_LOST, f"the VM could not be paused for a SCRAM ({e})")
         self.frozen_at = time.monotonic()
         self.deadline_token += 1  # the armed deadline stops counting
 
@@ -435,7 +437,7 @@ class Supervisor(pykka.ThreadingActor):
             try:
                 self.run_control.resume()
             except CorralError as e:
-                return self._fail("vm_lost", f"the VM could not be resumed after a SCRAM ({e})")
+                return self._fail(ErrorCode.VM_LOST, f"the VM could not be resumed after a SCRAM ({e})")
         self.directory.tell("ioguard", ChannelHold(self.vm_id, held=False))
         if self.state != "ready" and self.deadline is not None:
             phase, at = self.deadline
@@ -473,7 +475,7 @@ class Supervisor(pykka.ThreadingActor):
         """Back to the Scheduler; if it is restarting, the task is answered instead."""
         if not self.directory.tell("scheduler", Requeue(task)):
             self.directory.answer(task.ticket, error_reply(
-                task.request.task_id, "unavailable", "the scheduler was restarting; retry"))
+                task.request.task_id, ErrorCode.UNAVAILABLE, "the scheduler was restarting; retry"))
 
     def _end(self, reason: str, stop: bool = True) -> None:
         if self.state == "gone":

@@ -38,7 +38,7 @@ import _signal
 if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protocol.channel import capabilities, messages
+from protocol.channel import capabilities, codec, constants, messages
 from guest import files
 from protocol.channel.errors import ProtocolError
 from protocol.channel.frame import FrameDecoder, FrameEncoder
@@ -394,7 +394,7 @@ class Channel:
         self.decoder = FrameDecoder(zlib.crc32)
 
     def send(self, message) -> None:
-        data = memoryview(self.encoder.encode(messages.encode(message)))
+        data = memoryview(self.encoder.encode(codec.encode(message)))
         while data:
             # Blocks while the host does not read: that is the backpressure.
             written = os.write(self.fd, data)
@@ -406,7 +406,7 @@ class Channel:
         data = os.read(self.fd, READ_CHUNK)
         if not data:
             return None
-        return [messages.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
+        return [codec.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
 
 
 class Task:
@@ -630,7 +630,7 @@ class Agent:
             log(f"exec {task.request.exec_id} failed: {e!r}")
             task.kill()
             task.close()
-            detail = str(e).encode()[:messages.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
+            detail = str(e).encode()[:constants.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
             self.channel.send(messages.Error(code="exec_failed", message=detail))
 
     def _check_task(self) -> None:
@@ -688,7 +688,7 @@ class Agent:
                 os.setgroups([])
         except (files.FileRefused, OSError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            self.put_error = f"{os.fsdecode(request.path)}: {reason}"[:messages.MAX_ERROR_MESSAGE_LEN]
+            self.put_error = f"{os.fsdecode(request.path)}: {reason}"[:constants.MAX_ERROR_MESSAGE_LEN]
 
     def collect(self, request: messages.Collect) -> None:
         """Each path in order, as Collected chunks; a file that cannot be read is
@@ -703,12 +703,12 @@ class Agent:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 self.channel.send(messages.Collected(
                     collect_id=request.collect_id, index=index, data=b"", last=True,
-                    error=reason.encode()[:messages.MAX_FILE_ERROR_LEN].decode(errors="ignore")))
+                    error=reason.encode()[:constants.MAX_FILE_ERROR_LEN].decode(errors="ignore")))
                 continue
             budget -= len(data)
             view = memoryview(data)
             while True:
-                chunk, view = view[:messages.MAX_OUTPUT_CHUNK], view[messages.MAX_OUTPUT_CHUNK:]
+                chunk, view = view[:constants.MAX_OUTPUT_CHUNK], view[constants.MAX_OUTPUT_CHUNK:]
                 self.channel.send(messages.Collected(collect_id=request.collect_id, index=index,
                                                      data=bytes(chunk), last=not view, error=""))
                 if not view:
@@ -751,7 +751,7 @@ class Agent:
             self.task = Task(self, request, started, pid, stdin_fd, stdout_fd, stderr_fd)
         except Exception as e:  # the host must always get an answer for an Exec
             log(f"exec {request.exec_id} failed: {e!r}")
-            detail = str(e).encode()[:messages.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
+            detail = str(e).encode()[:constants.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
             self.channel.send(messages.Error(code="exec_failed", message=detail))
 
     def _spawn_failed(self, request: messages.Exec, error: OSError, started: float) -> None:
@@ -806,7 +806,7 @@ class Agent:
         try:
             modified = self.sweep_overlay()
             if modified:  # an image file changed: the reset cannot put it back
-                return False, f"image files modified: {', '.join(modified[:5])}"[:messages.MAX_RESET_DETAIL_LEN]
+                return False, f"image files modified: {', '.join(modified[:5])}"[:constants.MAX_RESET_DETAIL_LEN]
             for top in WIPE_DIRS:
                 if os.path.isdir(top):
                     empty_directory(top)
@@ -825,7 +825,7 @@ class Agent:
             if task_has_keys(uid) and not self.clear_keys(uid):
                 return False, "keys of the task user survive"
         except Exception as e:  # e.g. RecursionError on a deep tree: a failed reset, not a dead PID 1
-            return False, f"wipe failed: {e!r}"[:messages.MAX_RESET_DETAIL_LEN]
+            return False, f"wipe failed: {e!r}"[:constants.MAX_RESET_DETAIL_LEN]
         return True, ""
 
     def sweep_overlay(self) -> list[str]:

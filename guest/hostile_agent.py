@@ -23,7 +23,7 @@ import time
 import zlib
 
 from guest.honest_agent import NO_HOST_RETRY_S, find_port  # the real agent, beside this one on the ISO
-from protocol.channel import messages
+from protocol.channel import codec, constants, messages
 from protocol.channel.frame import HEADER, MAGIC, FrameDecoder, FrameEncoder
 
 STALLED_FRAME_LENGTH = 1 << 20  # what the stalling attacks declare: 1 MiB, under the host's cap
@@ -55,8 +55,8 @@ class HostileAgent:
         self.last_frame = self.encoder.encode(payload)
         return self.last_frame
 
-    def send(self, message: messages.Message) -> None:
-        self.write(self.frame(messages.encode(message)))
+    def send(self, message: codec.Message) -> None:
+        self.write(self.frame(codec.encode(message)))
 
     def hello(self) -> messages.Hello:
         return messages.Hello(agent_version="hostile", boot_id="hostile", kernel=os.uname().release)
@@ -66,7 +66,7 @@ class HostileAgent:
     def attack(self, name: str, exec_id: int, args: tuple[int, ...] = ()) -> None:
         """Break the channel as `name` says, then wait for the host to end the VM."""
         seq = self.encoder.next_seq
-        output = messages.encode(messages.Output(exec_id=exec_id, stream=messages.STDOUT, data=b"x"))
+        output = codec.encode(messages.Output(exec_id=exec_id, stream=constants.STDOUT, data=b"x"))
         if name == "bad_magic":
             self.write(HEADER.pack(0x0BADF00D, 0, 0, seq))
         elif name == "oversize":  # a length far over any cap, then nothing
@@ -79,7 +79,7 @@ class HostileAgent:
             self.write(self.frame(output))
         elif name == "replay":  # the last good frame again, byte for byte
             if not self.last_frame:  # at boot: Hello twice in one write, so both arrive before a pause
-                self.write(self.frame(messages.encode(self.hello())) * 2)
+                self.write(self.frame(codec.encode(self.hello())) * 2)
             else:
                 self.write(self.last_frame)
         elif name == "unknown_type":
@@ -131,9 +131,9 @@ class HostileAgent:
                 time.sleep(NO_HOST_RETRY_S)
                 continue
             for payload in self.decoder.feed(data):
-                self.handle(messages.decode(payload, messages.HOST_TO_GUEST))
+                self.handle(codec.decode(payload, messages.HOST_TO_GUEST))
 
-    def handle(self, message: messages.Message) -> None:
+    def handle(self, message: codec.Message) -> None:
         if isinstance(message, messages.Heartbeat):
             self.send(messages.HeartbeatAck(nonce=message.nonce))
         elif isinstance(message, messages.Reset):
@@ -143,7 +143,7 @@ class HostileAgent:
             if name != "ok":
                 args = tuple(int(arg) for arg in message.argv[1:] if arg.isdigit())
                 self.attack(name, message.exec_id, args)
-            self.send(messages.Output(exec_id=message.exec_id, stream=messages.STDOUT, data=b"ok\n"))
+            self.send(messages.Output(exec_id=message.exec_id, stream=constants.STDOUT, data=b"ok\n"))
             self.send(messages.Exit(exec_id=message.exec_id, exit_code=0, signal=0, timed_out=False,
                                     stdout_truncated=False, stderr_truncated=False, wall_ms=1,
                                     user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))

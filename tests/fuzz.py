@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from actors.edge.connections import Connection
-from protocol.channel import messages
+from protocol.channel import codec
 from protocol.channel.errors import DecoderPoisoned, ProtocolError
 from protocol.channel.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
+from protocol.wire import envelope
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
 
 MAX_PAYLOAD = 512  # small, so oversize lengths are common
@@ -154,18 +155,18 @@ request_strategy = st.one_of(
 
 
 def check_request(tally: Tally, server, draw) -> None:
-    payload = messages.encode(draw(request_strategy))
+    payload = codec.encode(draw(request_strategy))
     if draw(st.booleans()):
         payload = mutate(payload, draw)
-    frames = [b"caller", b"", PROTOCOL_TAG, payload]
+    frames = [b"caller", *envelope.build(PROTOCOL_TAG, payload)]
     if draw(st.integers(0, 4)) == 0:  # sometimes break the envelope too
         frames = [b"caller"] + [mutate(f, draw) for f in frames[1:draw(st.integers(2, 5))]]
     server.guard = guard = RecordingGuard()
     server._request(frames, None, Connection(0, fd=-1))  # must not raise
     assert len(guard.sent) == 1, f"{len(guard.sent)} replies to one request"
-    identity, empty, tag, reply = guard.sent[0]
-    assert (identity, empty, tag) == (b"caller", b"", PROTOCOL_TAG)
-    decoded = messages.decode(reply, DAEMON_TO_CLIENT)
+    identity, *frames = guard.sent[0]
+    assert identity == b"caller"
+    decoded = codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
     if getattr(decoded, "error_code", ""):
         tally.errors_seen += 1
     assert server.unanswered() == 0 and not server.in_flight

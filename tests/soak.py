@@ -32,7 +32,8 @@ from pathlib import Path
 
 import zmq
 
-from protocol.channel import messages
+from protocol.channel import codec
+from protocol.wire import envelope
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,15 +89,15 @@ def free_port() -> int:
 def encode_request(kind: str, task_id: str) -> list[bytes]:
     _, argv, fields, _, _ = MIX[kind]
     if argv == "status":
-        return [b"", PROTOCOL_TAG, messages.encode(StatusRequest(task_id))]
+        return envelope.build(PROTOCOL_TAG, codec.encode(StatusRequest(task_id)))
     if argv is None:
         return [b"", b"corral/0", b"whatever"]
     if isinstance(argv, bytes):
-        return [b"", PROTOCOL_TAG, argv]
+        return envelope.build(PROTOCOL_TAG, argv)
     request = TaskRequest(**{"task_id": task_id, "priority": 2, "argv": tuple(a.encode() for a in argv),
                              "env": (), "cwd": b"", "stdin": b"", "timeout_ms": 20000, "output_cap": 0,
                              "capabilities": (), **fields})
-    return [b"", PROTOCOL_TAG, messages.encode(request)]
+    return envelope.build(PROTOCOL_TAG, codec.encode(request))
 
 
 class Tally:
@@ -138,7 +139,7 @@ def worker(endpoint: str, n: int, until: float, tally: Tally, rng: random.Random
                         tally.wrong.append(f"{task_id} ({kind}): no answer in {wait_s:.0f} s")
                     break
                 frames = sock.recv_multipart()
-                got = messages.decode(frames[2], DAEMON_TO_CLIENT)
+                got = codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
                 got_id = getattr(got, "task_id", None) or getattr(got, "request_id", "")
                 if got_id != expected_id:
                     with tally.lock:
@@ -178,9 +179,9 @@ def wait_ready(endpoint: str, pool_size: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            sock.send_multipart([b"", PROTOCOL_TAG, messages.encode(StatusRequest("ready?"))])
+            sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(StatusRequest("ready?"))))
             if sock.poll(2000):
-                status = messages.decode(sock.recv_multipart()[2], DAEMON_TO_CLIENT)
+                status = codec.decode(envelope.parse(PROTOCOL_TAG, sock.recv_multipart()), DAEMON_TO_CLIENT)
                 if int(dict(status.pool).get(b"ready", b"0")) >= pool_size:
                     return
             time.sleep(1)

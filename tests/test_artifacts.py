@@ -59,7 +59,7 @@ def public_key(service):
 
 
 def corral_cli(service, *args):
-    return subprocess.run([sys.executable, "-m", "protocol.client.api", *args[:1],
+    return subprocess.run([sys.executable, "-m", "protocol.client", *args[:1],
                            "--endpoint", service.cfg.daemon.endpoint, *args[1:]],
                           capture_output=True, timeout=180)
 

@@ -1,25 +1,35 @@
-"""protocol.client.api against a fake corrald: a real ZeroMQ ROUTER in a thread,
-bound to an ipc socket in the test's tmp dir, that answers as the test says."""
+"""protocol.client.api and the corral command line (protocol.client.cli) against
+a fake corrald: a real ZeroMQ ROUTER in a thread, bound to an ipc socket in the
+test's tmp dir, that answers as the test says."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import configparser
 import dataclasses
+import importlib
 import io
 import logging
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
 
 import config
-from protocol.client.api import ClientClosedError, Client, main
-from protocol.channel.messages import decode, encode
+from protocol.client.api import ClientClosedError, Client
+from protocol.client.cli import main
+from protocol.channel.codec import decode, encode
+from protocol.wire import envelope
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest, error_reply)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def ok_reply(task_id: str, **fields) -> TaskReply:
@@ -28,7 +38,7 @@ def ok_reply(task_id: str, **fields) -> TaskReply:
 
 
 def framed(identity: bytes, message) -> list[bytes]:
-    return [identity, b"", PROTOCOL_TAG, encode(message)]
+    return [identity, *envelope.build(PROTOCOL_TAG, encode(message))]
 
 
 def silent(identity, request):
@@ -66,11 +76,13 @@ class FakeDaemon:
 
     def _serve_one(self, router) -> None:
         identity, *frames = router.recv_multipart()
-        if len(frames) != 3 or frames[:2] != [b"", PROTOCOL_TAG]:
+        try:
+            payload = envelope.parse(PROTOCOL_TAG, frames)
+        except envelope.MalformedEnvelope:
             self.errors.append(f"bad framing {frames[:2]!r} ({len(frames)} frames)")
             return
         try:
-            request = decode(frames[2], CLIENT_TO_DAEMON)
+            request = decode(payload, CLIENT_TO_DAEMON)
             self.requests.append(request)
             messages = self.answer(identity, request)
         except Exception as exc:  # a broken test answer: report it at teardown
@@ -358,6 +370,17 @@ def test_cli_usage_errors_exit_2(capsys):
     assert main(["run", "--env", "NOEQUALS", "--", "true"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
+
+def test_the_corral_script_and_python_m_protocol_client_both_run_cli_main():
+    entry_points = configparser.ConfigParser()
+    entry_points.read(REPO / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in
+                   entry_points["options.entry_points"]["console_scripts"].strip().splitlines())
+    module, _, name = scripts["corral"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+    done = subprocess.run([sys.executable, "-m", "protocol.client", "run", "--env", "X"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.splitlines()[0]) == (2, "usage: corral run [options] -- CMD [ARGS...]")
 
 def test_tasks_in_flight_when_the_daemon_goes_are_answered_connection_lost(tmp_path):
     fake = FakeDaemon(f"ipc://{tmp_path}/d.sock")

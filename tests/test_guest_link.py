@@ -13,7 +13,7 @@ import pytest
 
 from actors.vm.errors import ChannelClosed, GuestTimeout
 from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
-from protocol.channel import messages
+from protocol.channel import codec, constants, messages
 from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
                              TruncatedFrame, UnexpectedMessage, UnknownMessageType)
 from protocol.channel.frame import HEADER, MAGIC, FrameEncoder
@@ -36,7 +36,7 @@ class HostilePeer:
         self.conn.sendall(data)
 
     def send(self, message):
-        self.send_raw(self.encoder.encode(messages.encode(message)))
+        self.send_raw(self.encoder.encode(codec.encode(message)))
 
     def close(self):
         for s in (self.conn, self.server):
@@ -98,7 +98,7 @@ def test_host_caps_guest_frames_below_the_protocol_maximum(pair):
 
 def test_crc_mismatch(pair):
     peer, link = pair
-    frame = bytearray(peer.encoder.encode(messages.encode(HELLO)))
+    frame = bytearray(peer.encoder.encode(codec.encode(HELLO)))
     frame[-1] ^= 0x01
     peer.send_raw(bytes(frame))
     with pytest.raises(CrcMismatch):
@@ -115,7 +115,7 @@ def test_sequence_gap(pair):
 
 def test_sequence_replay(pair):
     peer, link = pair
-    frame = peer.encoder.encode(messages.encode(HELLO))
+    frame = peer.encoder.encode(codec.encode(HELLO))
     peer.send_raw(frame + frame)
     assert link.wait_hello(soon()) == HELLO
     with pytest.raises(SequenceError):
@@ -198,8 +198,8 @@ def test_output_past_the_cap_is_dropped_and_flagged_by_the_host(pair):
 
     def guest():
         peer.conn.recv(65536)
-        peer.send(messages.Output(exec_id=1, stream=messages.STDOUT, data=b"x" * 1000))
-        peer.send(messages.Output(exec_id=1, stream=messages.STDERR, data=b"e" * 10))
+        peer.send(messages.Output(exec_id=1, stream=constants.STDOUT, data=b"x" * 1000))
+        peer.send(messages.Output(exec_id=1, stream=constants.STDERR, data=b"e" * 10))
         peer.send(messages.Exit(exec_id=1, exit_code=0, signal=0, timed_out=False,
                                 stdout_truncated=False, stderr_truncated=False, wall_ms=1,
                                 user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))

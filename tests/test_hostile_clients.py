@@ -38,8 +38,9 @@ from actors.edge.metrics import Metrics
 from actors.scheduler import Scheduler
 from actors.timers import Timers
 from protocol.client import admin
-from protocol.channel import messages
+from protocol.channel import codec, messages
 from protocol.client.api import Client
+from protocol.wire import envelope
 from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest)
 from tests.conftest import STATE_DIR, TEST_INSTANCE
@@ -101,8 +102,7 @@ def replies(sock, count: int, timeout_s: float = 10) -> list:
         left = deadline - time.monotonic()
         assert left > 0 and sock.poll(int(left * 1000)), f"only {len(got)} of {count} replies"
         frames = sock.recv_multipart()
-        assert frames[:2] == [b"", PROTOCOL_TAG]
-        got.append(messages.decode(frames[2], DAEMON_TO_CLIENT))
+        got.append(codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT))
     return got
 
 
@@ -110,7 +110,7 @@ def nothing_more(sock, wait_s: float = 0.3) -> bool:
     return not sock.poll(int(wait_s * 1000))
 
 
-GOOD = messages.encode(request())
+GOOD = codec.encode(request())
 MALFORMED = {
     "no delimiter": [PROTOCOL_TAG, GOOD],
     "wrong tag": [b"", b"corral/9", GOOD],
@@ -121,8 +121,8 @@ MALFORMED = {
     "truncated payload": [b"", PROTOCOL_TAG, GOOD[:-3]],
     "trailing bytes": [b"", PROTOCOL_TAG, GOOD + b"\0"],
     "unknown type id": [b"", PROTOCOL_TAG, b"\xc8" + GOOD[1:]],
-    "daemon-only message": [b"", PROTOCOL_TAG, messages.encode(StatusReply("x", (), (), 0, 0))],
-    "guest message": [b"", PROTOCOL_TAG, messages.encode(messages.Heartbeat(nonce=1))],
+    "daemon-only message": [b"", PROTOCOL_TAG, codec.encode(StatusReply("x", (), (), 0, 0))],
+    "guest message": [b"", PROTOCOL_TAG, codec.encode(messages.Heartbeat(nonce=1))],
     "priority 9": [b"", PROTOCOL_TAG, GOOD.replace(b"\x00\x01t\x02", b"\x00\x01t\x09", 1)],
     "argv count lies": [b"", PROTOCOL_TAG, GOOD.replace(b"\x02\x00\x01", b"\x02\xff\xff", 1)],
     "task id not UTF-8": [b"", PROTOCOL_TAG, GOOD.replace(b"\x00\x01t", b"\x00\x01\xff", 1)],
@@ -139,23 +139,23 @@ def test_malformed_requests_get_one_invalid_request_and_reach_nothing(world, dea
     assert nothing_more(sock)
     assert server.unanswered() == 0 and metrics.counter_total(metrics.accepted) == 0
     # The same connection still works afterwards.
-    sock.send_multipart([b"", PROTOCOL_TAG, messages.encode(StatusRequest("after"))])
+    sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(StatusRequest("after"))))
     assert replies(sock, 1)[0].request_id == "after"
 
 
 def test_a_message_over_maxmsgsize_cuts_that_connection_only(world, dealer):
     directory, server, metrics = world
-    huge = messages.encode(request("huge", stdin=b"x" * (LIMITS.max_request_bytes + 1)))
+    huge = codec.encode(request("huge", stdin=b"x" * (LIMITS.max_request_bytes + 1)))
     bystander = Client(server.endpoint)
     try:
         sock = dealer()
-        sock.send_multipart([b"", PROTOCOL_TAG, huge])
+        sock.send_multipart(envelope.build(PROTOCOL_TAG, huge))
         time.sleep(0.3)
         # The ROUTER dropped the peer before reading the message: no reply, nothing accepted.
         assert nothing_more(sock) and metrics.counter_total(metrics.accepted) == 0
         assert bystander.status(wait_s=5).request_id
         # The DEALER reconnects by itself; its next, normal request is answered.
-        sock.send_multipart([b"", PROTOCOL_TAG, messages.encode(StatusRequest("again"))])
+        sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(StatusRequest("again"))))
         assert replies(sock, 1)[0].request_id == "again"
     finally:
         bystander.close()
@@ -168,7 +168,7 @@ def test_a_burst_of_3000_requests_each_answered_exactly_once(world, dealer):
     sock = dealer(SNDHWM=0, RCVHWM=0)
     started = time.monotonic()
     for i in range(3000):
-        sock.send_multipart([b"", PROTOCOL_TAG, messages.encode(request(f"b{i}"))])
+        sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(request(f"b{i}"))))
     busy = replies(sock, 2000, timeout_s=60)
     refused_in = time.monotonic() - started
     assert {r.error_code for r in busy} == {"busy"} and all(r.retry_after_ms > 0 for r in busy)
@@ -191,9 +191,9 @@ def test_a_caller_that_never_reads_does_not_slow_the_others(world, dealer):
     sent = [0]
 
     def flood():
-        status = messages.encode(StatusRequest("deaf"))
+        status = codec.encode(StatusRequest("deaf"))
         while not stop.is_set():
-            deaf.send_multipart([b"", PROTOCOL_TAG, status])
+            deaf.send_multipart(envelope.build(PROTOCOL_TAG, status))
             sent[0] += 1
             if sent[0] % 1000 == 0:
                 time.sleep(0.001)
@@ -222,7 +222,7 @@ def test_a_caller_that_never_reads_does_not_slow_the_others(world, dealer):
 def test_invalid_utf8_capability_is_refused_by_name(world, dealer):
     directory, server, metrics = world
     sock = dealer()
-    sock.send_multipart([b"", PROTOCOL_TAG, messages.encode(request(capabilities=(b"dev:\xff\xfe",)))])
+    sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(request(capabilities=(b"dev:\xff\xfe",)))))
     (reply,) = replies(sock, 1)
     assert reply.error_code == "unknown_capability" and "dev:" in reply.error_message
     assert server.unanswered() == 0
@@ -372,7 +372,7 @@ def listen(endpoint: str, routing_id: bytes, first: bytes, listen_s: float) -> s
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.connect(endpoint)
-    sock.send_multipart([b"", PROTOCOL_TAG, first])
+    sock.send_multipart(envelope.build(PROTOCOL_TAG, first))
     got = []
     deadline = time.monotonic() + listen_s
     while (left := deadline - time.monotonic()) > 0:
@@ -414,12 +414,12 @@ def test_a_routing_id_taken_over_after_its_caller_left_gets_none_of_its_answers(
         victim.setsockopt(zmq.ROUTING_ID, routing_id)
         victim.connect(cfg.daemon.endpoint)
         secret = request("victim", argv=(b"sh", b"-c", b"sleep 3; echo secret"), timeout_ms=30_000)
-        victim.send_multipart([b"", PROTOCOL_TAG, messages.encode(secret)])
+        victim.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(secret)))
         wait_until(lambda: svc.server.unanswered() == 1, 10, "the victim's task accepted")
         victim.close()
         time.sleep(0.3)
         text = as_user(attacker_uid, listen, cfg.daemon.endpoint, routing_id,
-                       messages.encode(StatusRequest("attacker")), 8.0)
+                       codec.encode(StatusRequest("attacker")), 8.0)
         got = [[bytes.fromhex(frame) for frame in message] for message in json.loads(text)]
         wait_until(lambda: svc.server.unanswered() == 0, 30, "the victim's task answered")
         metrics = svc.metrics
@@ -430,7 +430,7 @@ def test_a_routing_id_taken_over_after_its_caller_left_gets_none_of_its_answers(
     finally:
         svc.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
-    replies_got = [messages.decode(m[2], DAEMON_TO_CLIENT) for m in got if len(m) == 3]
+    replies_got = [codec.decode(m[2], DAEMON_TO_CLIENT) for m in got if len(m) == 3]
     assert len(got) == 1 and len(replies_got) == 1, f"the attacker received {got}"
     assert isinstance(replies_got[0], StatusReply) and replies_got[0].request_id == "attacker"
     assert undeliverable == 1 and completed >= 1

@@ -16,7 +16,7 @@ from actors.errors import CorralError
 from actors.edge.identity import Admission, Identity, resolve_grants
 from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
 from actors.edge.metrics import Metrics
-from protocol.client import api as client_module
+from protocol.client import cli
 from protocol.client.api import Client, HandshakeError, keygen
 from protocol.wire.tasks import TaskRequest, error_reply
 from tests.test_intake import LIMITS
@@ -51,9 +51,9 @@ def test_keygen_writes_a_0600_secret_and_never_overwrites(tmp_path):
 
 
 def test_keygen_cli(tmp_path, capsys):
-    assert client_module.main(["keygen", "dave", "--dir", str(tmp_path / "k")]) == 0
+    assert cli.main(["keygen", "dave", "--dir", str(tmp_path / "k")]) == 0
     assert stat.S_IMODE(os.stat(tmp_path / "k" / "dave.key_secret").st_mode) == 0o600
-    assert client_module.main(["keygen", "dave", "--dir", str(tmp_path / "k")]) == 125
+    assert cli.main(["keygen", "dave", "--dir", str(tmp_path / "k")]) == 125
     assert "already exists" in capsys.readouterr().err
 
 
@@ -286,7 +286,7 @@ def test_without_curve_every_caller_is_the_local_identity_with_its_grants(tmp_pa
 
 def test_the_cli_names_a_refused_key(curve_intake, keys, capsys):
     directory, server, scheduler, metrics, connect = curve_intake
-    code = client_module.main(["run", "--endpoint", server.endpoint, "--server-key", keys["server_public"],
+    code = cli.main(["run", "--endpoint", server.endpoint, "--server-key", keys["server_public"],
                                "--key", keys["bob"], "--wait", "5", "--", "true"])
     assert code == 125
     assert "corral: error key_refused:" in capsys.readouterr().err

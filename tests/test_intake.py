@@ -13,8 +13,9 @@ from actors.messages import InjectFault, Submit
 from actors.edge.metrics import Metrics
 import zmq
 
-from protocol.channel import messages
+from protocol.channel import codec
 from protocol.client.api import Client
+from protocol.wire import envelope
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, TaskReply, TaskRequest, error_reply
 from tests.test_scheduler import Recorder, wait_for
 
@@ -94,10 +95,10 @@ def test_duplicate_task_id_in_flight_is_refused(intake):
     dealer.connect(server.endpoint)
     try:
         for _ in range(2):
-            dealer.send_multipart([b"", PROTOCOL_TAG, messages.encode(request)])
+            dealer.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(request)))
         assert dealer.poll(5000)
         frames = dealer.recv_multipart()
-        reply = messages.decode(frames[2], DAEMON_TO_CLIENT)
+        reply = codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
         assert reply.error_code == "duplicate_task"
         assert len(wait_for(scheduler, 1)) == 1
     finally:

@@ -20,7 +20,7 @@ import pytest
 
 from actors.ioguard import IOGuard, TokenBucket
 from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
-from protocol.channel import messages
+from protocol.channel import codec, constants, messages
 from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
                              TruncatedFrame, UnexpectedMessage, UnknownMessageType)
 from protocol.channel.frame import HEADER, HEADER_SIZE, MAGIC, FrameEncoder
@@ -132,7 +132,7 @@ class Guest:
         self.encoder = FrameEncoder(zlib.crc32)
 
     def frame(self, message) -> bytes:
-        return self.encoder.encode(messages.encode(message))
+        return self.encoder.encode(codec.encode(message))
 
     def send(self, *msgs) -> None:
         self.sock.sendall(b"".join(self.frame(m) for m in msgs))
@@ -185,7 +185,7 @@ def ack(n: int) -> messages.HeartbeatAck:
 
 
 def output(data: bytes, exec_id: int = 1) -> messages.Output:
-    return messages.Output(exec_id=exec_id, stream=messages.STDOUT, data=data)
+    return messages.Output(exec_id=exec_id, stream=constants.STDOUT, data=data)
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def test_frames_arrive_in_order(world):
     assert all(m.vm_id == "vm1" for m in box.messages)
     stats = stats_for(guard, "vm1")
     assert stats["frames_read"] == len(sent)
-    assert stats["bytes_read"] == sum(len(guest.encoder.encode(messages.encode(m))) for m in sent)
+    assert stats["bytes_read"] == sum(len(guest.encoder.encode(codec.encode(m))) for m in sent)
     total = guard.proxy().stats().get(timeout=5)["total"]
     assert total["frames_read"] == len(sent) and total["watched"] == 1
 
@@ -540,7 +540,7 @@ def test_a_frame_waiting_for_room_is_not_stalled_by_the_wait(world):
 # --- violations and channel ends -------------------------------------------------------
 
 def _bad_magic(guest):
-    payload = messages.encode(ack(2))
+    payload = codec.encode(ack(2))
     return HEADER.pack(0xBADC0FFE, len(payload), zlib.crc32(payload), 1) + payload
 
 
@@ -563,7 +563,7 @@ def _unknown_type(guest):
 
 
 def _sequence_gap(guest):
-    return FrameEncoder(zlib.crc32, first_seq=5).encode(messages.encode(ack(2)))
+    return FrameEncoder(zlib.crc32, first_seq=5).encode(codec.encode(ack(2)))
 
 
 @pytest.mark.parametrize("make_bad, error", [

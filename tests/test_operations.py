@@ -116,7 +116,7 @@ def test_control_socket_is_for_corralds_user_only(service):
 
 
 def test_admin_status_and_clear_errors(service, client):
-    done = subprocess.run([sys.executable, "-m", "protocol.client.api", "admin", "--control",
+    done = subprocess.run([sys.executable, "-m", "protocol.client", "admin", "--control",
                            service.cfg.control.endpoint, "status"], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0, done.stderr
@@ -379,7 +379,7 @@ def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
 
 
 def admin_cli(control_endpoint: str, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "protocol.client.api", "admin", "--control", control_endpoint,
+    return subprocess.run([sys.executable, "-m", "protocol.client", "admin", "--control", control_endpoint,
                            *command], capture_output=True, text=True, timeout=60)
 
 

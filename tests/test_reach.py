@@ -28,8 +28,11 @@ import zmq.utils.monitor  # noqa: F401  what the child needs, imported while it 
 import config
 
 from protocol.client import admin
-from protocol.client.api import Client, HandshakeError, main
+from protocol.client.api import Client, HandshakeError
+from protocol.client.cli import main
 from protocol.client.reach import NOT_RUNNING, PERMISSION_DENIED, Unreachable
+from protocol.wire import envelope
+from protocol.wire.tasks import PROTOCOL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -39,7 +42,7 @@ FAST_S = 1.0  # "at once": generous for a loaded 2-core host, far below any time
 def cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     """The real `corral` in a subprocess; (result, seconds it took)."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "protocol.client.api", *args], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "protocol.client", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     return done, time.monotonic() - start
 
@@ -68,7 +71,7 @@ def as_user(uid: int, work) -> str:
 
 
 def cli_as(uid: int, *args: str) -> tuple[int, str, float]:
-    """The `corral` command line (protocol.client.main) as `uid`; (exit code, stderr, seconds)."""
+    """The `corral` command line (protocol.client.cli.main) as `uid`; (exit code, stderr, seconds)."""
     def work() -> str:
         sys.stderr = io.StringIO()
         code = main(list(args))
@@ -200,7 +203,7 @@ def test_submit_to_no_daemon_fails_fast_and_is_never_sent_later(tmp_path):
             # The same client serves once corrald is there.
             client.submit(["true"], task_id="after")
             assert late.router.poll(5000), "a request after corrald started never arrived"
-            assert late.router.recv_multipart()[1:3] == [b"", b"corral/1"]
+            envelope.parse(PROTOCOL_TAG, late.router.recv_multipart()[1:])  # a well-framed request
         finally:
             late.close()
 

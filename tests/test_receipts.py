@@ -2,16 +2,16 @@
 for files, without VMs (tests/test_artifacts.py does them end to end)."""
 
 import json
-import os
 import stat
 
 import pytest
 
 from actors.artifacts import signing
-from actors.artifacts.files import Collection, check_files_in, check_paths, files_out
+from actors.artifacts.files import Collection, files_out
 from actors.errors import CorralError
 from actors.intake import Rejected, TaskLimits, validate
 from protocol.channel import messages as guest
+from protocol.client import cli
 from protocol.wire import receipts, outcomes
 from protocol.wire.tasks import TaskRequest
 
@@ -76,6 +76,19 @@ def test_a_changed_artifact_or_another_key_is_rejected(signer, tmp_path):
     forged["key_id"] = signer.key_id
     with pytest.raises(receipts.ReceiptInvalid, match="bad signature"):
         receipts.verify(b"\x7fELF...", json.dumps(forged).encode(), public)
+
+
+def test_corral_verify_checks_a_file_against_its_receipt_offline(signer, tmp_path, capsys):
+    artifact = tmp_path / "lib.so"
+    artifact.write_bytes(b"\x7fELF...")
+    (tmp_path / "lib.so.receipt").write_bytes(sample(signer))
+    key = str(signer.public_key_file)
+    assert cli.main(["verify", "--host-key", key, "--expect-exit", "0", str(artifact)]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert cli.main(["verify", "--host-key", key, "--expect-exit", "3", str(artifact)]) == 1
+    artifact.write_bytes(b"\x7fELF..!")
+    assert cli.main(["verify", "--host-key", key, str(artifact)]) == 1
+    assert "REJECTED" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("junk", [b"", b"{", b"[]", b'{"format": "corral-receipt/1"}', b"x" * 10000])

@@ -16,7 +16,7 @@ from actors.edge.metrics import Metrics
 from actors.scheduler import Scheduler, task_bytes
 from actors.vm.tiers import Tier
 from actors.timers import Timers
-from protocol.channel.messages import decode, encode
+from protocol.channel.codec import decode, encode
 from protocol.wire.tasks import CLIENT_TO_DAEMON, CRITICAL, LOW, NORMAL, TaskRequest
 
 

@@ -92,7 +92,7 @@ def client(service):
 
 
 def corral_cli(service, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "protocol.client.api", *args[:1],
+    return subprocess.run([sys.executable, "-m", "protocol.client", *args[:1],
                            "--endpoint", service.cfg.daemon.endpoint, *args[1:]],
                           capture_output=True, timeout=120, input=stdin)
 

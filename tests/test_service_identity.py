@@ -88,7 +88,7 @@ def test_unknown_and_missing_keys_are_refused_before_any_request(service, keys):
 
 
 def test_cli_with_keys_runs_a_granted_task(service, keys):
-    done = subprocess.run([sys.executable, "-m", "protocol.client.api", "run",
+    done = subprocess.run([sys.executable, "-m", "protocol.client", "run",
                            "--endpoint", service.cfg.daemon.endpoint,
                            "--server-key", str(keys / "corrald.key"),
                            "--key", str(keys / "alice" / "alice.key_secret"),

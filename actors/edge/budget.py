@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from actors.errors import Rejected
-from protocol.wire.tasks import PRIORITY_NAMES, TaskRequest
+from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, TaskRequest
 
 # Answers that mean the task never reached a VM: its charge is given back.
-REFUNDED_CODES = frozenset({"busy", "unavailable", "cancelled_scram"})
+REFUNDED_CODES = frozenset({ErrorCode.BUSY, ErrorCode.UNAVAILABLE, ErrorCode.CANCELLED_SCRAM})
 NEVER_MS = 0xFFFF_FFFF  # retry_after_ms when a bucket does not refill at all
 
 
@@ -109,18 +109,18 @@ class BudgetLedger:
         with self._lock:
             bucket = self._bucket(name, self.clock())
             if cost > bucket.capacity:
-                raise Rejected("cost_over_capacity",
+                raise Rejected(ErrorCode.COST_OVER_CAPACITY,
                                f"this task costs {cost:g} units, more than identity {name!r}'s whole "
                                f"budget of {bucket.capacity:g}: ask for fewer capabilities or a "
                                "lower priority")
             if cost > bucket.tokens:
                 missing = cost - bucket.tokens
                 if bucket.refill_per_s <= 0:
-                    raise Rejected("budget_exhausted",
+                    raise Rejected(ErrorCode.BUDGET_EXHAUSTED,
                                    f"identity {name!r} has {bucket.tokens:g} of the {cost:g} units this "
                                    "task costs, and its budget does not refill", NEVER_MS)
                 wait_s = missing / bucket.refill_per_s
-                raise Rejected("budget_exhausted",
+                raise Rejected(ErrorCode.BUDGET_EXHAUSTED,
                                f"identity {name!r} has {bucket.tokens:.3g} of the {cost:g} units this task "
                                f"costs; retry in {wait_s:.3g} s", min(NEVER_MS, math.ceil(wait_s * 1000)))
             bucket.tokens -= cost

@@ -30,7 +30,8 @@ import zmq
 from actors.edge.connections import ConnectionGuard
 from actors.edge.endpoint import SocketThread
 from actors.messages import InjectFault, SetPoolSize
-from protocol.channel import messages
+from protocol.channel import codec
+from protocol.wire import envelope
 from protocol.wire.control import (COMMANDS, CONTROL_TAG, OPERATOR_TO_DAEMON, AdminReply, AdminRequest,
                               admin_reply)
 from protocol.channel.errors import ProtocolError
@@ -155,18 +156,17 @@ class ControlServer:
             conn = self.guard.connection_of(parts[-1], parts[0].bytes)
             frames = [p.bytes for p in parts]
             reply = self._handle(frames)
-            if not self.guard.send(conn, [frames[0], b"", CONTROL_TAG, messages.encode(reply)]):
+            if not self.guard.send(conn, [frames[0], *envelope.build(CONTROL_TAG, codec.encode(reply))]):
                 self.service.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
                 log.warning("the reply to an operator's %r went nowhere: the connection is gone",
                             reply.request_id)
         return False
 
     def _handle(self, frames: list[bytes]) -> AdminReply:
-        if len(frames) != 4 or frames[1] != b"" or frames[2] != CONTROL_TAG:
-            return admin_reply("", f"expected [empty, {CONTROL_TAG.decode()}, payload] frames",
-                               error_code="invalid_request")
         try:
-            request = messages.decode(frames[3], OPERATOR_TO_DAEMON)
+            request = codec.decode(envelope.parse(CONTROL_TAG, frames[1:]), OPERATOR_TO_DAEMON)
+        except envelope.MalformedEnvelope as e:
+            return admin_reply("", str(e), error_code="invalid_request")
         except ProtocolError as e:
             return admin_reply("", f"undecodable request: {e}", error_code="invalid_request")
         args = [a.decode(errors="replace") for a in request.args]

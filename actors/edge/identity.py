@@ -39,7 +39,7 @@ import config
 from actors.edge.budget import REFUNDED_CODES, BudgetLedger, TaskCosts
 from actors.edge.endpoint import SocketThread
 from actors.errors import CorralError, Rejected
-from protocol.wire.tasks import TaskReply, TaskRequest
+from protocol.wire.tasks import ErrorCode, TaskReply, TaskRequest
 
 log = logging.getLogger("corral.identity")
 
@@ -60,7 +60,7 @@ class Identity:
             name = raw.decode("ascii", errors="replace")
             if name not in self.grants:
                 granted = ", ".join(sorted(self.grants)) or "none"
-                raise Rejected("capability_denied",
+                raise Rejected(ErrorCode.CAPABILITY_DENIED,
                                f"capability {name!r} is not granted to identity {self.name!r} "
                                f"(granted: {granted})")
 
@@ -322,7 +322,7 @@ class Admission:
             return self.local
         identity = self.identities.get((user or b"").decode(errors="replace"))
         if identity is None:  # the ZAP handler admits only names it knows: a bug if reached
-            raise Rejected("unauthenticated", "this connection has no known identity")
+            raise Rejected(ErrorCode.UNAUTHENTICATED, "this connection has no known identity")
         return identity
 
     def admit(self, user: bytes | None, request: TaskRequest, ticket: int) -> str:

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from actors.vm.errors import ChannelClosed, GuestTimeout
-from protocol.channel import messages
+from protocol.channel import codec, messages
 from protocol.channel.capabilities import ALL_SOFT_BITS
+from protocol.channel.constants import STDERR, STDOUT
 from protocol.channel.errors import UnexpectedMessage
 from protocol.channel.frame import FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
@@ -40,8 +41,8 @@ class CappedOutput:
 
     def __init__(self, cap: int):
         self.cap = cap
-        self.streams = {messages.STDOUT: bytearray(), messages.STDERR: bytearray()}
-        self.dropped = {messages.STDOUT: False, messages.STDERR: False}
+        self.streams = {STDOUT: bytearray(), STDERR: bytearray()}
+        self.dropped = {STDOUT: False, STDERR: False}
 
     def add(self, stream: int, data: bytes) -> None:
         buffer = self.streams[stream]
@@ -51,17 +52,17 @@ class CappedOutput:
         buffer += data[:max(room, 0)]
 
     def stdout(self) -> bytes:
-        return bytes(self.streams[messages.STDOUT])
+        return bytes(self.streams[STDOUT])
 
     def stderr(self) -> bytes:
-        return bytes(self.streams[messages.STDERR])
+        return bytes(self.streams[STDERR])
 
     def flag(self, exit_message: messages.Exit) -> messages.Exit:
         """The Exit with truncation flagged where the guest or the host cut."""
         return dataclasses.replace(
             exit_message,
-            stdout_truncated=exit_message.stdout_truncated or self.dropped[messages.STDOUT],
-            stderr_truncated=exit_message.stderr_truncated or self.dropped[messages.STDERR])
+            stdout_truncated=exit_message.stdout_truncated or self.dropped[STDOUT],
+            stderr_truncated=exit_message.stderr_truncated or self.dropped[STDERR])
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,9 @@ class GuestLink:
             self.sock.close()
             self.sock = None
 
-    def send(self, message: messages.Message) -> None:
+    def send(self, message: codec.Message) -> None:
         try:
-            self.sock.sendall(self.encoder.encode(messages.encode(message)))
+            self.sock.sendall(self.encoder.encode(codec.encode(message)))
         except OSError as e:
             raise ChannelClosed(f"channel to guest closed while sending: {e}") from None
 
@@ -132,7 +133,7 @@ class GuestLink:
                 self.decoder.eof()
                 raise ChannelClosed("guest channel closed (VM gone)")
             for payload in self.decoder.feed(data):
-                self.pending.append(messages.decode(payload, messages.GUEST_TO_HOST))
+                self.pending.append(codec.decode(payload, messages.GUEST_TO_HOST))
             self.clock.update(self.decoder, time.monotonic())
         message = self.pending.pop(0)
         if type(message) not in allowed:

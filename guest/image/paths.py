@@ -19,17 +19,17 @@ REPO_DIR = RECIPE_DIR.parent.parent
 RECIPE_FILES = ("recipe.toml", "init", "build.py")
 # The capability table sets groups and file modes in the image: part of its recipe.
 CAPABILITY_TABLE = "protocol/channel/capabilities.py"
-# What goes on the agent ISO: the agent and the stdlib-only protocol modules it speaks.
+# The room that ships into the guest: every module of it goes on the agent ISO,
+# so nothing there may import beyond the standard library and this room
+# (tests/protocol/test_imports.py checks both).
+CHANNEL_DIR = "protocol/channel"
+# What goes on the agent ISO: the agent and the protocol modules it speaks.
 AGENT_FILES = (
     "guest/__init__.py",
     "guest/agent.py",
     "guest/files.py",
     "protocol/__init__.py",
-    "protocol/channel/__init__.py",
-    "protocol/channel/capabilities.py",
-    "protocol/channel/errors.py",
-    "protocol/channel/frame.py",
-    "protocol/channel/messages.py",
+    *sorted(f"{CHANNEL_DIR}/{path.name}" for path in (REPO_DIR / CHANNEL_DIR).glob("*.py")),
 )
 # Test-only: the same ISO layout with guest/hostile_agent.py in the agent's place,
 # so the unchanged initramfs starts it as PID 1. Only tests attach it (they build a

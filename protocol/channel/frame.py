@@ -54,14 +54,13 @@ def _check_seq(value: int, what: str) -> int:
 class FrameEncoder:
     """Wraps payloads in frames with increasing sequence ids (one per direction)."""
 
-    __slots__ = ("_crc", "next_seq", "frames_encoded")
+    __slots__ = ("_crc", "next_seq")
 
     def __init__(self, crc: Crc32, first_seq: int = 0) -> None:
         if not callable(crc):
             raise TypeError("crc must be a CRC-32 function such as zlib.crc32")
         self._crc = crc
         self.next_seq = _check_seq(first_seq, "first_seq")
-        self.frames_encoded = 0
 
     def encode(self, payload: bytes) -> bytes:
         """Return header + payload; raises FrameTooLarge over MAX_PAYLOAD."""
@@ -70,7 +69,6 @@ class FrameEncoder:
             raise FrameTooLarge(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
         header = HEADER.pack(MAGIC, length, self._crc(payload), self.next_seq)
         self.next_seq = (self.next_seq + 1) & _SEQ_MASK
-        self.frames_encoded += 1
         return b"".join((header, payload))
 
 

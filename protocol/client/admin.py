@@ -15,9 +15,10 @@ import uuid
 import zmq
 
 from protocol.client import reach
+from protocol.wire import envelope
 from protocol.wire.control import CONTROL_TAG, DAEMON_TO_OPERATOR, AdminReply, AdminRequest
 from protocol.channel.errors import ProtocolError
-from protocol.channel.messages import decode, encode
+from protocol.channel.codec import decode, encode
 
 DEFAULT_TIMEOUT_S = 30.0  # a SCRAM waits for every VM to pause
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 125
@@ -54,16 +55,16 @@ def request(endpoint: str, command: str, args: list[str], timeout_s: float = DEF
     dealer.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
     try:
         dealer.connect(endpoint)
-        dealer.send_multipart([b"", CONTROL_TAG, payload])
+        dealer.send_multipart(envelope.build(CONTROL_TAG, payload))
         if not dealer.poll(int(timeout_s * 1000)):
             raise AdminError(f"no answer from {endpoint} within {timeout_s:g} s")
         frames = dealer.recv_multipart()
     finally:
         dealer.close()
-    if len(frames) != 3 or frames[0] != b"" or frames[1] != CONTROL_TAG:
-        raise AdminError("malformed reply from the control socket")
     try:
-        reply = decode(frames[2], DAEMON_TO_OPERATOR)
+        reply = decode(envelope.parse(CONTROL_TAG, frames), DAEMON_TO_OPERATOR)
+    except envelope.MalformedEnvelope as e:
+        raise AdminError(f"malformed reply from the control socket: {e}") from None
     except ProtocolError as e:
         raise AdminError(f"undecodable reply from the control socket: {e}") from None
     if reply.request_id not in (request_id, ""):

@@ -1,9 +1,11 @@
-"""corral's client: a Python API (``Client``) and the ``corral`` command line.
+"""corral's client library: ``Client`` (tasks and status over ZeroMQ), its
+errors, and CurveZMQ keys (``curve_keys``, ``keygen``). The ``corral`` command
+line built on it is protocol/client/cli.py.
 
-Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload] and
-corrald's ROUTER answers [b"", PROTOCOL_TAG, payload] on the same connection.
-Each TaskRequest gets exactly one TaskReply with the same task_id, each
-StatusRequest one StatusReply with the same request_id.
+Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload]
+(protocol.wire.envelope) and corrald's ROUTER answers the same way on the same
+connection. Each TaskRequest gets exactly one TaskReply with the same task_id,
+each StatusRequest one StatusReply with the same request_id.
 
 Threading: a zmq socket must be used by one thread only, so the DEALER belongs
 to one background I/O thread. ``submit()`` may be called from any thread: it
@@ -43,24 +45,21 @@ a request was never sent, so it can never run later behind the caller's back.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import logging
 import os
-import signal
-import sys
 import threading
 import uuid
 from typing import Iterable, Mapping
 
 import zmq
 
-from protocol.wire import outcomes
+from protocol.wire import envelope, outcomes
 from protocol.channel.errors import ProtocolError
-from protocol.channel.messages import MAX_STDIN, decode, encode, max_payload_size
+from protocol.channel.codec import decode, encode, max_payload_size
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, StatusReply,
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, ErrorCode, StatusReply,
                     StatusRequest, TaskReply, TaskRequest, error_reply)
 
 log = logging.getLogger("corral.client")
@@ -76,13 +75,6 @@ MAX_REPLY_FRAME = max_payload_size(DAEMON_TO_CLIENT)
 RUN_WAIT_MARGIN_S = 30.0
 RUN_WAIT_DEFAULT_S = 120.0
 START_HINT = "is it running? start it with scripts/run"
-
-# Exit codes of `corral run` that are not the command's own.
-EXIT_USAGE = 2
-EXIT_TIMED_OUT = 124  # as timeout(1)
-EXIT_CORRAL_ERROR = 125  # corral itself failed or refused, as `docker run`
-EXIT_SIGNAL_BASE = 128  # killed by signal N -> 128 + N, as a shell
-EXIT_INTERRUPTED = 130
 
 _TASK = "task"
 _STATUS = "status"
@@ -142,6 +134,29 @@ def curve_keys(server_key, client_key) -> tuple[bytes, bytes, bytes]:
             raise ValueError(f"client key {os.fsdecode(client_key)!r} holds no secret key: give the "
                              ".key_secret file corral keygen wrote")
     return server_public, public, secret
+
+
+def keygen(name: str, directory: str | os.PathLike = ".") -> tuple[str, str]:
+    """Write NAME.key (public, 0644) and NAME.key_secret (secret, 0600) in
+    pyzmq's certificate format; never overwrites. Returns both paths."""
+    import zmq.auth
+
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or not name[0].isalnum():
+        raise ValueError(f"key name {name!r} must be letters, digits, '-', '_' or '.'")
+    os.makedirs(directory, exist_ok=True)
+    public_path, secret_path = (os.path.join(directory, name + suffix) for suffix in (".key", ".key_secret"))
+    for path in (public_path, secret_path):
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} already exists; remove it first to replace the key")
+    # The umask makes the secret file 0600 from its creation on, not after a chmod.
+    old_umask = os.umask(0o077)
+    try:
+        zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(public_path, 0o644)
+    os.chmod(secret_path, 0o600)
+    return public_path, secret_path
 
 
 def _default_endpoint(config_path) -> str:
@@ -494,7 +509,7 @@ class Client:
                 "(corrald stopped or restarted?); its outcome is unknown: resubmit if needed")
         for (kind, ident), future in lost:
             if kind == _TASK:
-                future.set_result(error_reply(ident, "connection_lost", text, outcome=outcomes.UNKNOWN))
+                future.set_result(error_reply(ident, ErrorCode.CONNECTION_LOST, text, outcome=outcomes.UNKNOWN))
             else:
                 future.set_exception(ClientClosedError(text))
 
@@ -543,7 +558,7 @@ class Client:
                 outbox.popleft()  # abandoned (run() gave up) before it left: do not send
                 continue
             try:
-                self._dealer.send_multipart([b"", PROTOCOL_TAG, payload], zmq.NOBLOCK)
+                self._dealer.send_multipart(envelope.build(PROTOCOL_TAG, payload), zmq.NOBLOCK)
             except zmq.Again:
                 return  # the DEALER is full; POLLOUT says when to go on
             outbox.popleft()
@@ -561,12 +576,12 @@ class Client:
                 log.exception("corral client: failed to handle a reply from %s", self.endpoint)
 
     def _handle_reply(self, frames: list[bytes]) -> None:
-        if len(frames) != 3 or frames[0] != b"" or frames[1] != PROTOCOL_TAG:
-            log.warning("ignored a reply from %s that is not %s framing (%d frames, first %r)",
-                        self.endpoint, PROTOCOL_TAG.decode(), len(frames), frames[:2])
-            return
         try:
-            reply = decode(frames[2], DAEMON_TO_CLIENT)
+            reply = decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
+        except envelope.MalformedEnvelope as exc:
+            log.warning("ignored a reply from %s: %s (%d frames, first %r)",
+                        self.endpoint, exc, len(frames), frames[:2])
+            return
         except ProtocolError as exc:
             log.warning("ignored a malformed reply from %s: %s (%s)", self.endpoint, exc, exc.code)
             return
@@ -579,405 +594,3 @@ class Client:
             log.debug("ignored a reply for unknown %s id %r", *key)
             return
         future.set_result(reply)
-
-
-# --- the command line ---------------------------------------------------------
-
-def _printable(text: str | bytes) -> str:
-    """Text from the daemon, safe to print to a terminal (no control sequences)."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
-def _notice(message: str) -> None:
-    sys.stderr.flush()
-    print(f"corral: {message}", file=sys.stderr, flush=True)
-
-
-def _write_raw(stream, data: bytes) -> None:
-    if not data:
-        return
-    stream.flush()  # keep order with text already written
-    raw = getattr(stream, "buffer", None)
-    if raw is None:  # a text-only stream (some embedding replaced sys.stdout)
-        stream.write(data.decode("utf-8", errors="surrogateescape"))
-        stream.flush()
-        return
-    raw.write(data)
-    raw.flush()
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return f" ({signal.Signals(number).name})"
-    except ValueError:
-        return ""
-
-
-def _seconds(ms: int) -> str:
-    return f"{ms / 1000:.1f} s"
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _env_item(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _parser() -> argparse.ArgumentParser:
-    # SUPPRESS: the options work before or after the subcommand without one
-    # position's default overwriting the other's value.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", default=argparse.SUPPRESS,
-                        help="corrald's ZeroMQ endpoint (default: daemon.endpoint from the config)")
-    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
-                        help="site config (TOML) over config/corral.toml")
-    common.add_argument("--server-key", default=argparse.SUPPRESS, metavar="FILE",
-                        help="corrald's public key (its .key file, or the Z85 key): connect with CurveZMQ")
-    common.add_argument("--key", default=argparse.SUPPRESS, metavar="FILE",
-                        help="this client's secret key file (NAME.key_secret from corral keygen)")
-    parser = argparse.ArgumentParser(prog="corral", parents=[common],
-                                     description="Run commands in disposable corral sandbox VMs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser(
-        "run", parents=[common], help="run a command in a sandbox VM",
-        usage="%(prog)s [options] -- CMD [ARGS...]",
-        description="Run CMD in a fresh sandbox VM. Its stdout and stderr are written as raw bytes and "
-                    f"corral exits with its exit status (128+N if killed by signal N, {EXIT_TIMED_OUT} if it "
-                    f"timed out, {EXIT_CORRAL_ERROR} if corral or corrald failed or refused the task).")
-    run.add_argument("--priority", choices=list(PRIORITY_NAMES), default="normal")
-    run.add_argument("--cap", action="append", default=[], metavar="CAP", dest="capabilities",
-                     help="capability to ask for, e.g. net:egress (repeatable)")
-    run.add_argument("--timeout", type=_positive_float, metavar="S", help="task timeout (default: corrald's)")
-    run.add_argument("--output-cap", type=_non_negative_int, default=0, metavar="BYTES",
-                     help="bytes kept per output stream (default: corrald's)")
-    run.add_argument("--env", type=_env_item, action="append", default=[], metavar="K=V",
-                     help="environment variable for the command (repeatable)")
-    run.add_argument("--cwd", default="", metavar="DIR", help="working directory in the VM")
-    run.add_argument("--stdin-file", metavar="F", help="file to feed to the command's stdin ('-': our stdin); "
-                                                       "without it the command's stdin is empty")
-    run.add_argument("--wait", type=_positive_float, metavar="S",
-                     help=f"give up without an answer after S seconds (default: timeout + "
-                          f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
-    run.add_argument("--put", type=_put_item, action="append", default=[], metavar="LOCAL:GUEST[:MODE]",
-                     help="copy file LOCAL into the VM at GUEST (octal MODE, default 644) before the run "
-                          "(repeatable)")
-    run.add_argument("--collect", action="append", default=[], metavar="GUEST",
-                     help="bring file GUEST back after the run (repeatable), saved in --out with a signed "
-                          "receipt beside it (NAME.receipt)")
-    run.add_argument("--out", default=".", metavar="DIR", help="where collected files go (default: .)")
-    run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD")
-    sub.add_parser("status", parents=[common], help="queue depth, pool VMs and task counts")
-    admin = sub.add_parser(
-        "admin", parents=[common], help="operators: status, scram, resume, drain, pool-size, fault",
-        usage="%(prog)s [--control EP] COMMAND [ARGS...]",
-        description="Drive corrald's control socket (operators only: corrald's own user).")
-    admin.add_argument("--control", metavar="EP", help="control endpoint (default: control.endpoint)")
-    admin.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S")
-    admin.add_argument("admin_argv", nargs=argparse.REMAINDER, metavar="COMMAND")
-    keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair: NAME.key (public) and "
-                                           "NAME.key_secret (secret, mode 0600)")
-    keygen.add_argument("name", metavar="NAME", help="the identity's name (corrald's own: corrald)")
-    keygen.add_argument("--dir", default=".", metavar="D", help="where to write the files (default: .)")
-    verify = sub.add_parser(
-        "verify", parents=[common], help="check a collected file against its signed receipt, offline",
-        description="Check that RECEIPT (default ARTIFACT.receipt) is a valid signature by corrald's host "
-                    "key over ARTIFACT. Exits 0 when it is, 1 when it is not (the reason on stderr).")
-    verify.add_argument("artifact", metavar="ARTIFACT")
-    verify.add_argument("receipt", nargs="?", metavar="RECEIPT")
-    verify.add_argument("--host-key", metavar="PUB", help="corrald's receipt-signing public key (PEM; "
-                                                          "default: <artifacts key_file>.pub from the config)")
-    verify.add_argument("--expect-exit", type=int, metavar="N",
-                        help="also reject unless the task exited with status N")
-    return parser
-
-
-def keygen(name: str, directory: str | os.PathLike = ".") -> tuple[str, str]:
-    """Write NAME.key (public, 0644) and NAME.key_secret (secret, 0600) in
-    pyzmq's certificate format; never overwrites. Returns both paths."""
-    import zmq.auth
-
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or not name[0].isalnum():
-        raise ValueError(f"key name {name!r} must be letters, digits, '-', '_' or '.'")
-    os.makedirs(directory, exist_ok=True)
-    public_path, secret_path = (os.path.join(directory, name + suffix) for suffix in (".key", ".key_secret"))
-    for path in (public_path, secret_path):
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} already exists; remove it first to replace the key")
-    # The umask makes the secret file 0600 from its creation on, not after a chmod.
-    old_umask = os.umask(0o077)
-    try:
-        zmq.auth.create_certificates(directory, name)
-    finally:
-        os.umask(old_umask)
-    os.chmod(public_path, 0o644)
-    os.chmod(secret_path, 0o600)
-    return public_path, secret_path
-
-
-def _cmd_keygen(args: argparse.Namespace) -> int:
-    try:
-        public_path, secret_path = keygen(args.name, args.dir)
-    except (ValueError, OSError) as exc:
-        _notice(f"keygen: {exc}")
-        return EXIT_CORRAL_ERROR
-    print(f"public key: {public_path}\nsecret key: {secret_path} (mode 0600: keep it to its owner)")
-    return 0
-
-
-def _put_item(text: str) -> tuple[str, str, int]:
-    local, sep, rest = text.partition(":")
-    guest, _, mode = rest.partition(":")
-    if not (sep and local and guest):
-        raise argparse.ArgumentTypeError(f"expected LOCAL:GUEST[:MODE], got {text!r}")
-    try:
-        return local, guest, int(mode or "644", 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"mode {mode!r} is not octal") from None
-
-
-def _read_stdin_file(name: str) -> bytes:
-    # One byte over the limit is enough to know it does not fit.
-    if name == "-":
-        return sys.stdin.buffer.read(MAX_STDIN + 1)
-    with open(name, "rb") as f:
-        return f.read(MAX_STDIN + 1)
-
-
-def _report_task(reply: TaskReply, requested_timeout_s: float | None) -> int:
-    """Write a task's output and notices; return corral's exit code."""
-    ran = reply.error_code == ""
-    timed_out_with_result = reply.error_code == "timeout" and (
-        reply.timed_out or reply.stdout or reply.stderr or reply.signal)
-    if not (ran or timed_out_with_result):
-        retry = f"; retry after {reply.retry_after_ms / 1000:g} s" if reply.retry_after_ms > 0 else ""
-        outcome = f" (outcome {_printable(reply.outcome)})" if reply.outcome != "not_run" else ""
-        _notice(f"error {_printable(reply.error_code)}: {_printable(reply.error_message)}{retry}{outcome}")
-        return EXIT_CORRAL_ERROR
-    if reply.outcome == "oom_killed":
-        _notice("outcome oom_killed: the guest kernel's out-of-memory killer killed a process of the command")
-    _write_raw(sys.stdout, reply.stdout)
-    _write_raw(sys.stderr, reply.stderr)
-    for stream, truncated in (("stdout", reply.stdout_truncated), ("stderr", reply.stderr_truncated)):
-        if truncated:
-            _notice(f"output truncated ({stream})")
-    if reply.timed_out or timed_out_with_result:
-        if reply.run_ms:
-            _notice(f"timed out after {_seconds(reply.run_ms)}")
-        elif requested_timeout_s is not None:
-            _notice(f"timed out after {requested_timeout_s:.1f} s")
-        else:
-            _notice("timed out")
-        return EXIT_TIMED_OUT
-    if reply.signal:
-        _notice(f"command killed by signal {reply.signal}{_signal_name(reply.signal)}")
-        return EXIT_SIGNAL_BASE + reply.signal
-    if 0 <= reply.exit_code <= 255:
-        return reply.exit_code
-    _notice(f"corrald reported an impossible exit status {reply.exit_code}")
-    return EXIT_CORRAL_ERROR
-
-
-def _save_collected(reply: TaskReply, out_dir: str) -> None:
-    """Each collected file as OUT/<name> with OUT/<name>.receipt; errors as notices."""
-    used = set()
-    for path, error, data, receipt in reply.files_out:
-        shown = _printable(path)
-        if error:
-            _notice(f"collect {shown}: {_printable(error)}")
-            continue
-        name = os.path.basename(os.fsdecode(path))
-        if name in ("", ".", ".."):  # never from a valid request: do not write outside --out
-            name = "file"
-        base, n = name, 1
-        while name in used:
-            n += 1
-            name = f"{base}.{n}"
-        used.add(name)
-        target = os.path.join(out_dir, name)
-        with open(target, "wb") as f:
-            f.write(data)
-        if receipt:
-            with open(target + ".receipt", "wb") as f:
-                f.write(receipt)
-        _notice(f"collected {shown} -> {target}{' (+ .receipt)' if receipt else ' (unsigned)'}")
-
-
-def _cmd_run(client: Client, args: argparse.Namespace) -> int:
-    command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
-    if not command:
-        _notice("run needs a command: corral run [options] -- CMD [ARGS...]")
-        return EXIT_USAGE
-    stdin = b""
-    if args.stdin_file is not None:
-        try:
-            stdin = _read_stdin_file(args.stdin_file)
-        except OSError as exc:
-            _notice(f"cannot read --stdin-file {args.stdin_file}: {exc.strerror}")
-            return EXIT_CORRAL_ERROR
-        if len(stdin) > MAX_STDIN:
-            _notice(f"stdin is over the limit of {MAX_STDIN} bytes")
-            return EXIT_CORRAL_ERROR
-    files_in = []
-    for local, guest, mode in args.put:
-        try:
-            with open(local, "rb") as f:
-                files_in.append((guest, f.read(), mode))
-        except OSError as exc:
-            _notice(f"cannot read --put file {local}: {exc.strerror}")
-            return EXIT_CORRAL_ERROR
-    if args.collect and not os.path.isdir(args.out):
-        _notice(f"--out {args.out} is not a directory")
-        return EXIT_CORRAL_ERROR
-    try:
-        reply = client.run(command, priority=args.priority, capabilities=args.capabilities,
-                           env=args.env, cwd=args.cwd, stdin=stdin, timeout_s=args.timeout,
-                           output_cap=args.output_cap, wait_s=args.wait, files_in=files_in,
-                           collect=args.collect)
-    except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too long)
-        _notice(f"cannot send this task: {exc}")
-        return EXIT_CORRAL_ERROR
-    code = _report_task(reply, args.timeout)
-    try:
-        _save_collected(reply, args.out)
-    except OSError as exc:
-        _notice(f"cannot save a collected file: {exc}")
-        return EXIT_CORRAL_ERROR
-    return code
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    """Offline: no corrald needed, only the host's public key."""
-    from protocol import receipts  # cryptography only for this command
-
-    key_path = args.host_key
-    if key_path is None:
-        import config
-
-        cfg = config.load(getattr(args, "config", None))
-        key_path = str(cfg.artifacts.key_path(cfg.state_dir)) + ".pub"
-    receipt_path = args.receipt or args.artifact + ".receipt"
-    try:
-        with open(args.artifact, "rb") as f:
-            artifact = f.read()
-        with open(receipt_path, "rb") as f:
-            receipt = f.read(receipts.MAX_RECEIPT + 1)
-        body = receipts.verify(artifact, receipt, receipts.load_public_key(key_path))
-        if args.expect_exit is not None and (body.signal or body.exit_code != args.expect_exit):
-            raise receipts.ReceiptInvalid(
-                f"the task's exit status was {body.exit_code} (signal {body.signal}, outcome {body.outcome}), "
-                f"not {args.expect_exit}")
-    except OSError as exc:
-        _notice(f"REJECTED {args.artifact}: cannot read {exc.filename}: {exc.strerror}")
-        return 1
-    except receipts.ReceiptInvalid as exc:
-        _notice(f"REJECTED {args.artifact}: {exc}")
-        return 1
-    command = " ".join(_printable(a) for a in body.command)
-    print(f"verified {args.artifact}: {_printable(body.path)} from task {_printable(body.task_id)} "
-          f"({command}), outcome {body.outcome}, exit {body.exit_code}, signal {body.signal}, "
-          f"sha256 {body.sha256.hex()}")
-    return 0
-
-
-def _cmd_status(client: Client) -> int:
-    reply = client.status()
-    queue = [(_printable(name), _printable(depth)) for name, depth in reply.queue_depth]
-    pool = [(_printable(state), _printable(count)) for state, count in reply.pool]
-    rows = [("queue", "tasks"), *(("  " + n, v) for n, v in queue),
-            ("pool", "VMs"), *(("  " + n, v) for n, v in pool)]
-    width = max(len(name) for name, _ in rows) + 2
-    value_width = max(len(value) for _, value in rows)
-    lines = [f"corrald at {client.endpoint}"]
-    lines += [f"{name:<{width}}{value:>{value_width}}" for name, value in rows]
-    lines.append(f"tasks accepted {reply.accepted}, answered {reply.answered}")
-    print("\n".join(lines))
-    return 0
-
-
-def _cmd_admin(args: argparse.Namespace) -> int:
-    import config
-    from protocol.client.admin import admin_main
-
-    endpoint = args.control
-    if endpoint is None:
-        try:
-            endpoint = config.load(getattr(args, "config", None)).control.endpoint
-        except config.ConfigError as exc:
-            _notice(str(exc))
-            return EXIT_USAGE
-    return admin_main(endpoint, args.admin_argv, args.timeout)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`corral run ...` / `corral status`; returns the process exit code."""
-    parser = _parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed why
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    import config
-
-    if args.command == "keygen":
-        return _cmd_keygen(args)
-    if args.command == "verify":
-        try:
-            return _cmd_verify(args)
-        except config.ConfigError as exc:
-            _notice(str(exc))
-            return EXIT_USAGE
-    # Warnings from the client (e.g. a malformed reply) read as corral notices.
-    logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
-    if args.command == "admin":
-        return _cmd_admin(args)
-    endpoint = getattr(args, "endpoint", None)
-    try:
-        client = Client(endpoint, config_path=getattr(args, "config", None),
-                        server_key=getattr(args, "server_key", None), client_key=getattr(args, "key", None))
-    except (config.ConfigError, ValueError) as exc:  # each names the key or argument and what is allowed
-        _notice(str(exc))
-        return EXIT_USAGE
-    except zmq.ZMQError as exc:
-        _notice(f"cannot use endpoint {endpoint}: {exc}")
-        return EXIT_CORRAL_ERROR
-    try:
-        with client:
-            if args.command == "run":
-                return _cmd_run(client, args)
-            return _cmd_status(client)
-    except (TimeoutError, ClientClosedError) as exc:
-        _notice(str(exc))
-        return EXIT_CORRAL_ERROR
-    except (HandshakeError, Unreachable) as exc:
-        _notice(f"error {exc.code}: {exc}")
-        return EXIT_CORRAL_ERROR
-    except KeyboardInterrupt:
-        _notice("interrupted")
-        return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """The operator protocol: what `corral admin` and corrald's control socket say.
 
-Same bounded codec as the caller protocol (protocol.channel.messages), its own type
+Same bounded codec as the caller protocol (protocol.channel.codec), its own type
 ids (40 and up) and its own tag, on its own socket: a caller's message is
 never taken for an operator's, nor the reverse. A ZeroMQ message is
-[empty delimiter, CONTROL_TAG, payload] both ways.
+[empty delimiter, CONTROL_TAG, payload] both ways (protocol.wire.envelope).
 
 Commands (AdminRequest.command, arguments as text in `args`):
     status                  mode, queue depth, pool, counters
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from protocol.channel.messages import BOOL, BytesList, Message, Pairs, Str, message
+from protocol.channel.codec import BOOL, BytesList, Message, Pairs, Str, message
 
 CONTROL_TAG = b"corral-admin/1"
 OPERATOR = "operator"

@@ -10,6 +10,8 @@ truncation flags and exit fields stay in the reply either way.
 
 from __future__ import annotations
 
+from protocol.wire.tasks import ErrorCode
+
 VM_CRASHED = "vm_crashed"  # the VM died or broke the protocol under a running command
 TIMED_OUT = "timed_out"  # killed at its timeout (by the agent, or the dead-man's switch)
 OOM_KILLED = "oom_killed"  # the guest kernel's OOM killer killed a process of the run
@@ -25,8 +27,8 @@ PRECEDENCE = (VM_CRASHED, TIMED_OUT, OOM_KILLED, KILLED_BY_SIGNAL, EXITED_NONZER
 ALL = PRECEDENCE + (NOT_RUN, UNKNOWN)
 
 # Errors answered after the command started, by outcome (others are NOT_RUN).
-_ERROR_OUTCOMES = {"vm_lost": VM_CRASHED, "protocol_violation": VM_CRASHED,
-                   "guest_error": VM_CRASHED, "timeout": TIMED_OUT}
+_ERROR_OUTCOMES = {ErrorCode.VM_LOST: VM_CRASHED, ErrorCode.PROTOCOL_VIOLATION: VM_CRASHED,
+                   ErrorCode.GUEST_ERROR: VM_CRASHED, ErrorCode.TIMEOUT: TIMED_OUT}
 
 
 def classify(*, timed_out: bool, oom_killed: bool, signal: int, exit_code: int,
@@ -45,6 +47,6 @@ def classify(*, timed_out: bool, oom_killed: bool, signal: int, exit_code: int,
     return COMPLETED
 
 
-def for_error(code: str, command_started: bool) -> str:
+def for_error(code: ErrorCode, command_started: bool) -> str:
     """The outcome of a task answered with error `code` and no exit status."""
     return _ERROR_OUTCOMES.get(code, NOT_RUN) if command_started else NOT_RUN

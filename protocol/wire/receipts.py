@@ -7,7 +7,7 @@ owns the key); anyone holding the host's public key checks it offline with
 `corral verify ARTIFACT RECEIPT`, no corrald needed.
 
 What is signed is not the JSON but a canonical binary encoding of the same
-fields (the bounded codec of protocol.channel.messages, type ReceiptBody), after a
+fields (the bounded codec of protocol.channel.codec, type ReceiptBody), after a
 domain-separation prefix, so no JSON canonicalisation question arises and a
 signature over anything else corrald signs can never pass for a receipt.
 The JSON document (UTF-8, at most MAX_RECEIPT bytes) is what callers save.
@@ -26,8 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.channel.messages import (I32, U8, U64, Bytes, BytesList, Message, Str, MAX_ARG_LEN, MAX_ARGV_ITEMS,
-                       MAX_PATH_LEN, encode, message)
+from protocol.channel.codec import I32, U8, U64, Bytes, BytesList, Message, Str, encode, message
+from protocol.channel.constants import MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_PATH_LEN
 from protocol.wire.tasks import MAX_RECEIPT, MAX_TASK_ID_LEN
 
 FORMAT = "corral-receipt/1"

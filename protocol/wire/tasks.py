@@ -1,10 +1,10 @@
 """The caller protocol: what clients and corrald say over ZeroMQ.
 
 Same bounded, non-recursive binary encoding as the guest channel (one codec in
-protocol.channel.messages), other type ids (32 and up) and other senders, so a guest
+protocol.channel.codec), other type ids (32 and up) and other senders, so a guest
 can never speak it and a client can never speak the guest's. A ZeroMQ message
-from a client is [empty delimiter, PROTOCOL_TAG, payload]; corrald answers
-[empty delimiter, PROTOCOL_TAG, payload] on the same DEALER identity.
+from a client is [empty delimiter, PROTOCOL_TAG, payload] (protocol.wire.envelope);
+corrald answers the same way on the same DEALER identity.
 
 Semantic checks (known capabilities, caps within config, non-empty argv) are
 Intake's job; this module only bounds sizes and types.
@@ -13,11 +13,13 @@ Intake's job; this module only bounds sizes and types.
 from __future__ import annotations
 
 import dataclasses
+from enum import StrEnum
 from typing import Annotated
 
-from protocol.channel.messages import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str,
-                       MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN, MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS,
-                       MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN, MAX_STDIN, message)
+from protocol.channel.codec import BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str, message
+from protocol.channel.constants import (MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN,
+                                        MAX_ENV_VALUE_LEN, MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN,
+                                        MAX_STDIN)
 
 PROTOCOL_TAG = b"corral/1"
 CLIENT = "client"
@@ -33,6 +35,44 @@ MAX_RECEIPT = 8192
 
 CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
 PRIORITY_NAMES = {"critical": CRITICAL, "high": HIGH, "normal": NORMAL, "low": LOW}
+
+
+class ErrorCode(StrEnum):
+    """Every error code a task can be answered with: TaskReply.error_code is
+    one of these, or "" when the command ran to an exit status. The values are
+    the wire strings; README.md lists them for callers (a test keeps the two
+    in step)."""
+
+    # Refused at once, before the task is accepted (Intake, the identity's grants and budget).
+    INVALID_REQUEST = "invalid_request"  # bad framing, payload, argv, env, cwd, timeout or cap
+    DUPLICATE_TASK = "duplicate_task"  # this connection has a task with this id in flight
+    UNKNOWN_CAPABILITY = "unknown_capability"
+    DUPLICATE_CAPABILITY = "duplicate_capability"
+    CAPABILITY_UNAVAILABLE = "capability_unavailable"  # known, but not offered on this host
+    CAPABILITY_DENIED = "capability_denied"  # not granted to the caller's identity
+    COST_OVER_CAPACITY = "cost_over_capacity"  # more than the identity's whole budget
+    BUDGET_EXHAUSTED = "budget_exhausted"  # retry_after_ms: when the budget will cover it
+    FILES_TOO_LARGE = "files_too_large"
+    UNAUTHENTICATED = "unauthenticated"  # a connection with no known identity: a bug if ever seen
+    # corrald's mode refuses new tasks.
+    SHUTTING_DOWN = "shutting_down"
+    DRAINING = "draining"
+    SAFE_MODE = "safe_mode"  # an operator's SCRAM holds
+    # Accepted, never run.
+    BUSY = "busy"  # the queue is full; retry_after_ms says when to try again
+    UNAVAILABLE = "unavailable"  # no VM in time, or the scheduler was restarting
+    CANCELLED = "cancelled"  # corrald stopped first
+    CANCELLED_SCRAM = "cancelled_scram"  # queued when an operator's SCRAM came
+    # Refused in the guest before the command started; the VM lives on.
+    PUT_FAILED = "put_failed"
+    MISSING_CAPABILITY = "missing_capability"  # argv[0] needs a soft capability the task lacks
+    # After the command started.
+    TIMEOUT = "timeout"  # ran past its timeout (partial output comes along)
+    VM_LOST = "vm_lost"
+    PROTOCOL_VIOLATION = "protocol_violation"  # the VM broke the channel protocol
+    GUEST_ERROR = "guest_error"
+    # Set by the client library alone: the connection dropped with the task in flight.
+    CONNECTION_LOST = "connection_lost"
 
 
 @message(32, CLIENT)
@@ -61,7 +101,7 @@ class TaskReply(Message):
     """The one answer to a TaskRequest: a result, or an error code and message."""
 
     task_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
-    error_code: Annotated[str, Str(64)]  # "" when the command ran (whatever its exit status)
+    error_code: Annotated[str, Str(64)]  # an ErrorCode, or "" when the command ran (whatever its exit status)
     error_message: Annotated[str, Str(MAX_ERROR_TEXT)]
     exit_code: Annotated[int, I32]  # -1 when killed by a signal or not run
     signal: Annotated[int, U8]
@@ -108,7 +148,7 @@ CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest})
 DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply})
 
 
-def error_reply(task_id: str, code: str, text: str, retry_after_ms: int = 0,
+def error_reply(task_id: str, code: ErrorCode, text: str, retry_after_ms: int = 0,
                 outcome: str = "not_run") -> TaskReply:
     """A reply for a task that did not run (or whose VM failed under it)."""
     return TaskReply(task_id=task_id, error_code=code,
