@@ -2,8 +2,8 @@
 measurement (real corrald tree in this process, real TCG VMs on the hostile
 agent ISO), not run in CI, since booting 8 VMs on a small host takes minutes:
 
-    CORRAL_TEST_INSTANCE=frames python -m tests.measure_partial_frames --vms 8
-    CORRAL_TEST_INSTANCE=frames python -m tests.measure_partial_frames --vms 8 --max-partial-bytes 4194304
+    CORRAL_TEST_INSTANCE=frames python -m tests.tools.measure_partial_frames --vms 8
+    CORRAL_TEST_INSTANCE=frames python -m tests.tools.measure_partial_frames --vms 8 --max-partial-bytes 4194304
 
 Each round, every VM of the pool is given `stall_frame N` at once: its agent
 declares a 1 MiB frame, sends N bytes of it and stops. Rounds: N = 10 (the
@@ -38,7 +38,7 @@ from tests.conftest import STATE_DIR, TEST_INSTANCE
 from tests.test_service import pool_vms, wait_until
 
 MiB = 1024 * 1024
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DECLARED = 1 * MiB  # what guest/hostile_agent.py's stall_frame declares
 PAGE = 4096
 

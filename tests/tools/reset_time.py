@@ -1,12 +1,12 @@
 """Reset time of the guest agent, on one real VM of the checkout it runs from
 (its gold image and agent ISO, built first with guest.image.build). Not run in CI:
 
-    python -m tests.reset_time --resets 20
+    python -m tests.tools.reset_time --resets 20
 
 Prints the median, min and max time from sending Reset to ResetDone, over
 `--resets` resets each after a task that did nothing (`true`), one that wrote a
 little in /tmp and the home, and one that touched the kernel keyrings. To
-compare with another checkout (main, say), copy this file into its tests/ and
+compare with another checkout (main, say), copy this file into its tests/tools/ and
 run it there, back to back on the same machine.
 """
 

@@ -35,7 +35,7 @@ import zmq
 from protocol.channel import messages
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # corrald's contract bounds every answer: a task no VM took within
 # tasks.max_queue_wait_s is answered `unavailable`, one that ran is answered by
 # its timeout + the dead-man's grace. An answer later than that bound (plus

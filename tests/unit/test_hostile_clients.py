@@ -264,8 +264,8 @@ def process_rss_mib(pid: int) -> float:
 def start_flooders(targets: list[tuple[str, str, int]], seconds: float) -> list[subprocess.Popen]:
     # Niced: on two cores, three busy flooders would otherwise starve the VM's
     # TCG thread, and the figure would measure the machine, not corrald.
-    return [subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.flood", endpoint, mode, str(hold),
-                              str(seconds)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    return [subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.support.flood", endpoint, mode, str(hold),
+                              str(seconds)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
             for endpoint, mode, hold in targets]
 
 
@@ -299,7 +299,7 @@ def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_serv
     with open(log, "wb") as log_file:
         daemon = subprocess.Popen([sys.executable, "-m", "actors.daemon", "--config", str(site)],
                                   stdout=subprocess.DEVNULL, stderr=log_file, preexec_fn=limit_nofile,
-                                  cwd=Path(__file__).parent.parent)
+                                  cwd=Path(__file__).resolve().parents[2])
     try:
         socket_path = Path(cfg.daemon.endpoint[len("ipc://"):])
         wait_until(lambda: socket_path.exists() or daemon.poll() is not None, 120, "corrald's socket")
@@ -506,7 +506,7 @@ def test_the_connection_limits_are_fitted_into_the_open_file_limit(nofile, outco
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, nofile))
 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          preexec_fn=limits, cwd=Path(__file__).parent.parent)
+                          preexec_fn=limits, cwd=Path(__file__).resolve().parents[2])
     assert done.stdout.startswith(outcome), done.stdout + done.stderr
     if "CorralError" not in outcome:
         assert f"nofile {nofile}" in done.stdout  # raised from 256 to the hard limit

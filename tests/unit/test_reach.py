@@ -31,7 +31,7 @@ from protocol.client import admin
 from protocol.client.api import Client, HandshakeError, main
 from protocol.client.reach import NOT_RUNNING, PERMISSION_DENIED, Unreachable
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 FAST_S = 1.0  # "at once": generous for a loaded 2-core host, far below any timeout (30-120 s)
 

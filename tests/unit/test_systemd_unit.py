@@ -5,7 +5,7 @@ checkout (no unknown keys, executables present)."""
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_unit_file_verifies(tmp_path):

@@ -62,7 +62,7 @@ def corrald(tmp_path):
         """))
     log = open(tmp_path / "corrald.log", "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "actors.daemon", "--config", str(site)],
-                              cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT)
+                              cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT)
     try:
         with Client(f"ipc://{tmp_path}/corrald.sock") as client:
             wait_until(lambda: dict(getattr(status_once_up(client), "pool", ())).get(b"ready") == b"1", 180,

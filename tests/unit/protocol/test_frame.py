@@ -28,7 +28,7 @@ from protocol.channel.errors import (
 from protocol.channel.frame import HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32 as crcmod_crc32
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CRCS = {"zlib": zlib.crc32, "crcmod": crcmod_crc32}
 BOUNDED = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
