@@ -1,6 +1,7 @@
-"""A connection flooder for tests/test_hostile_clients.py, run as a child process:
+"""A connection flooder for the hostile-client tests (test_hostile_clients.py in
+tests/unit/ and tests/vm/), run as a child process (start_flooders):
 
-    python -m tests.flood ENDPOINT MODE HOLD SECONDS
+    python -m tests.support.flood ENDPOINT MODE HOLD SECONDS
 
 It keeps up to HOLD connections open to a ZeroMQ endpoint (ipc:// or tcp://)
 for SECONDS, opening a new one for each that corrald shuts down, and prints
@@ -17,8 +18,12 @@ import json
 import resource
 import select
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 SIGNATURE = b"\xff" + b"\0" * 8 + b"\x7f"
 
@@ -88,6 +93,20 @@ def flood(endpoint: str, mode: str, hold: int, seconds: float) -> dict:
     for sock in held.values():
         sock.close()
     return counts
+
+
+def start_flooders(targets: list[tuple[str, str, int]], seconds: float) -> list[subprocess.Popen]:
+    """One flooder process per (endpoint, mode, hold), for `seconds`."""
+    # Niced: on two cores, three busy flooders would otherwise starve the VM's
+    # TCG thread, and the figure would measure the machine, not corrald.
+    return [subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.support.flood", endpoint, mode,
+                              str(hold), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+            for endpoint, mode, hold in targets]
+
+
+def flood_results(flooders: list[subprocess.Popen]) -> list[dict]:
+    """Each flooder's counts, once it is done."""
+    return [json.loads(f.communicate(timeout=120)[0]) for f in flooders]
 
 
 def main() -> None:

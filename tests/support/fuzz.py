@@ -3,7 +3,7 @@ guest frame decoder (protocol.channel.frame) and the caller request path (Intake
 decode + validate, up to the reply it sends). Hypothesis generates and
 shrinks; a run is as many batches of fresh random examples as fit in the time.
 
-CI runs each target for a few seconds (tests/test_fuzz.py); a longer run:
+CI runs each target for a few seconds (tests/unit/test_fuzz.py); a longer run:
 
     scripts/fuzz --seconds 300           # every target, 300 s each
 

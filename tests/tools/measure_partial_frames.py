@@ -28,14 +28,14 @@ import types
 import zlib
 from pathlib import Path
 
-import config
 from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from actors.service import Corral
 from guest.image.build import build_agent_iso, guest_image
 from protocol.client.api import Client
 from protocol.channel.frame import HEADER, MAGIC
-from tests.conftest import STATE_DIR, TEST_INSTANCE
-from tests.test_service import pool_vms, wait_until
+from tests.support.host import STATE_DIR, TEST_INSTANCE
+from tests.support.service import pool_vms, service_config, start_service
+from tests.support.waiting import wait_until
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -119,22 +119,15 @@ def main() -> None:
           f"{held / MiB:.2f} MiB allocated (until the task's timeout + 5 s)", flush=True)
 
     instance = f"{TEST_INSTANCE}m"[:16]
-    overrides = {"state_dir": str(STATE_DIR), "daemon": {"instance": instance}}
-    cfg = config.load(overrides=overrides)
+    socket_dir = Path(f"/tmp/corral-measure-{instance}")
+    socket_dir.mkdir(exist_ok=True)
+    ioguard = {"max_partial_bytes": args.max_partial_bytes} if args.max_partial_bytes else {}
+    cfg = service_config(socket_dir, instance, pool={"size": args.vms, "boot_backoff_max_s": 5.0}, ioguard=ioguard)
     iso = build_agent_iso(STATE_DIR, hostile=True)
     image = dataclasses.replace(guest_image(STATE_DIR), agent_iso=iso)
     hypervisor = Hypervisor(cfg.libvirt_uri, cfg.state_dir, image, detect_accelerator(cfg.vm.accelerator),
                             memory_mib=256, vcpus=1, tmpfs_size=cfg.vm.tmpfs_size, instance=instance)
-    socket_dir = Path(f"/tmp/corral-measure-{instance}")
-    socket_dir.mkdir(exist_ok=True)
-    ioguard = {"max_partial_bytes": args.max_partial_bytes} if args.max_partial_bytes else {}
-    cfg = config.load(overrides={**overrides, "daemon": {"instance": instance,
-                                                         "endpoint": f"ipc://{socket_dir}/corrald.sock"},
-                                 "control": {"endpoint": f"ipc://{socket_dir}/control.sock"},
-                                 "pool": {"size": args.vms, "boot_backoff_max_s": 5.0},
-                                 "metrics": {"port": 0}, "ioguard": ioguard})
-    svc = Corral(cfg, hypervisor)
-    svc.start()
+    svc = start_service(cfg, hypervisor)
     try:
         with Client(cfg.daemon.endpoint) as client:
             for sent in (10, DECLARED - 1):

@@ -18,7 +18,8 @@ import time
 
 import config
 from actors.vm.hypervisor import hypervisor_from_config
-from tests.conftest import STATE_DIR, TEST_INSTANCE, BootedVm
+from tests.support.host import STATE_DIR, TEST_INSTANCE
+from tests.support.vm import BootedVm
 
 TASKS = {
     "true": ["true"],

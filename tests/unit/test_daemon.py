@@ -2,19 +2,11 @@
 never a traceback, and a non-zero exit."""
 
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import STATE_DIR
-
-
-def corrald_check(tmp_path, site: str):
-    config = tmp_path / "site.toml"
-    config.write_text(site)
-    return subprocess.run([sys.executable, "-m", "actors.daemon", "--config", str(config), "--check"],
-                          capture_output=True, text=True, timeout=60)
+from tests.support.corrald import corrald_check
+from tests.support.host import STATE_DIR
 
 
 def assert_one_clear_line(done, *fragments):

@@ -1,12 +1,12 @@
 """Time-bounded fuzz runs of the frame decoder and the request path, a few
 seconds each (CORRAL_FUZZ_SECONDS to change; scripts/fuzz for long runs).
-The properties are in tests/fuzz.py."""
+The properties are in tests/support/fuzz.py."""
 
 import os
 
 import pytest
 
-from tests.fuzz import TARGETS, fuzz
+from tests.support.fuzz import TARGETS, fuzz
 
 SECONDS = float(os.environ.get("CORRAL_FUZZ_SECONDS", "3"))
 

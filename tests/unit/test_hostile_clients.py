@@ -6,7 +6,7 @@ the size cap, the connection is cut before anything is allocated for it),
 nothing malformed reaches the Scheduler, and other callers never notice.
 
 (Invalid UTF-8 in argv/env reaching a real guest intact is in
-tests/test_hostile_userland.py.)
+tests/vm/test_hostile_userland.py.)
 """
 
 import collections
@@ -15,7 +15,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,22 +38,17 @@ from actors.scheduler import Scheduler
 from actors.timers import Timers
 from protocol.client import admin
 from protocol.channel import messages
-from protocol.client.api import Client
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
-                            TaskRequest)
-from tests.conftest import STATE_DIR, TEST_INSTANCE
-from tests.test_intake import LIMITS
-from tests.test_scheduler import Recorder, wait_for
-from tests.test_operations import as_user, write_site_config
-from tests.test_service import wait_until
+from protocol.client.api import Client, keygen
+from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply
+from tests.support.corrald import write_site_config
+from tests.support.flood import flood_results, start_flooders
+from tests.support.host import (NOBODY, STATE_DIR, TEST_INSTANCE, as_user, free_port, process_fds,
+                                process_rss_mib)
+from tests.support.intake import LIMITS, curve_config, request
+from tests.support.probe import Recorder
+from tests.support.waiting import wait_until
 
 QUEUE_DEPTH = 1000
-
-
-def request(task_id: str = "t", **fields) -> TaskRequest:
-    base = dict(task_id=task_id, priority=2, argv=(b"true",), env=(), cwd=b"", stdin=b"",
-                timeout_ms=0, output_cap=0, capabilities=())
-    return TaskRequest(**{**base, **fields})
 
 
 @pytest.fixture
@@ -234,12 +228,6 @@ FLOOD_NOFILE = 4096  # corrald's open-file limit in these tests: cheap to reach
 FLOOD_SECONDS = 12.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def metric_samples(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {name: float(value) for name, value in
@@ -248,29 +236,6 @@ def metric_samples(port: int) -> dict[str, float]:
 
 def limit_nofile():
     resource.setrlimit(resource.RLIMIT_NOFILE, (FLOOD_NOFILE, FLOOD_NOFILE))
-
-
-def process_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def process_rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def start_flooders(targets: list[tuple[str, str, int]], seconds: float) -> list[subprocess.Popen]:
-    # Niced: on two cores, three busy flooders would otherwise starve the VM's
-    # TCG thread, and the figure would measure the machine, not corrald.
-    return [subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.support.flood", endpoint, mode, str(hold),
-                              str(seconds)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
-            for endpoint, mode, hold in targets]
-
-
-def flood_results(flooders: list[subprocess.Popen]) -> list[dict]:
-    return [json.loads(f.communicate(timeout=120)[0]) for f in flooders]
 
 
 def true_p50_ms(client: Client, runs: int) -> float:
@@ -362,9 +327,6 @@ def test_a_connection_flood_on_both_endpoints_is_shed_and_callers_are_still_serv
 
 # --- answers follow the connection, not the routing id (issue 16, section 4) ------------------------------
 
-NOBODY = 65534
-
-
 def listen(endpoint: str, routing_id: bytes, first: bytes, listen_s: float) -> str:
     """Connect with `routing_id`, send `first`; every message received within
     `listen_s`, as JSON (run in a child as another user by as_user)."""
@@ -444,8 +406,6 @@ def test_a_tcp_flood_of_stalled_curve_handshakes_is_shed_and_a_key_holder_is_ser
     """CurveZMQ over tcp: connections that offer CURVE and stall (or say
     nothing) count against daemon.max_connections from their accept on, are
     shed past it, and an allowed key holder is still answered."""
-    from tests.test_identity import curve_config, keygen
-
     keys_dir = tmp_path / "keys"
     keygen("corrald", keys_dir / "server")
     keygen("alice", keys_dir / "alice")

@@ -13,8 +13,9 @@ import libvirt
 import pytest
 
 from actors.errors import HypervisorError
-from actors.vm.hypervisor import (AGENT_PORT_NAME, Disk, DomainSpec, create_overlay,
-                               detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu)
+from actors.vm.hypervisor import (AGENT_PORT_NAME, create_overlay, detect_accelerator, qemu_user_can_open,
+                               warn_if_kvm_closed_to_qemu)
+from tests.support.vm import make_spec
 
 INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr vmx sse2\n"
 NO_VIRT = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr sse2 hypervisor\n"
@@ -54,17 +55,6 @@ def test_this_host_uses_tcg_when_it_has_no_hardware_virtualization():
     flags = Path("/proc/cpuinfo").read_text()
     expected = "kvm" if (" vmx" in flags or " svm" in flags) and Path("/dev/kvm").exists() else "tcg"
     assert detect_accelerator("auto") == expected
-
-
-def make_spec(tmp_path, accelerator="tcg", network=False):
-    return DomainSpec(
-        name="corral-0123456789ab", accelerator=accelerator, memory_mib=512, vcpus=1,
-        kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd.img", cmdline="quiet",
-        disks=(Disk(path=tmp_path / "o.qcow2", format="qcow2", serial="corral-root", target="vda",
-                    backing=tmp_path / "gold.qcow2"),
-               Disk(path=tmp_path / "agent.iso", format="raw", serial="corral-agent",
-                    target="vdb", readonly=True)),
-        channel_socket=tmp_path / "vm.sock", network=network)
 
 
 def test_domain_xml_structure(tmp_path):

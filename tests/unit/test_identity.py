@@ -19,8 +19,8 @@ from actors.edge.metrics import Metrics
 from protocol.client import api as client_module
 from protocol.client.api import Client, HandshakeError, keygen
 from protocol.wire.tasks import TaskRequest, error_reply
-from tests.test_intake import LIMITS
-from tests.test_scheduler import Recorder, wait_for
+from tests.support.intake import LIMITS, curve_config
+from tests.support.probe import Recorder, wait_for
 
 
 # --- keys -------------------------------------------------------------------------
@@ -118,13 +118,6 @@ def test_a_server_secret_key_readable_by_others_is_refused(keys, tmp_path):
 
 
 # --- the real IntakeServer with CurveZMQ and ZAP --------------------------------------
-
-def curve_config(keys, **budget) -> config.Config:
-    return config.load(overrides={
-        "identity": {"server_secret_key": keys["server_secret"], "client_keys_dir": keys["clients"],
-                     "grants": {"alice": ["base:execute", "dev:python"]}},
-        "budget": {"overrides": {"alice": {"capacity": 3.0, "refill_per_s": 0.5}}, **budget}})
-
 
 def start_intake(tmp_path, cfg):
     directory = Directory()

@@ -8,7 +8,7 @@ import pykka
 import pytest
 
 from actors.directory import Directory
-from actors.intake import Intake, IntakeServer, TaskLimits
+from actors.intake import Intake, IntakeServer
 from actors.messages import InjectFault, Submit
 from actors.edge.metrics import Metrics
 import zmq
@@ -16,10 +16,8 @@ import zmq
 from protocol.channel import messages
 from protocol.client.api import Client
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, TaskReply, TaskRequest, error_reply
-from tests.test_scheduler import Recorder, wait_for
-
-LIMITS = TaskLimits(default_timeout_ms=60_000, max_timeout_ms=3_600_000, default_output_cap=1 << 20,
-                    max_output_cap=16 << 20, max_request_bytes=1 << 20)
+from tests.support.intake import LIMITS
+from tests.support.probe import Recorder, wait_for
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from actors.edge.metrics import Metrics
 from actors.pool import PoolManager, PoolView, TierSizes
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
-from tests.test_scheduler import Recorder, wait_for
+from tests.support.probe import Recorder, wait_for
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ from actors.errors import GuestTimeout, HypervisorError
 from actors.vm.hypervisor import LibvirtRunControl, QEMU_NS, hypervisor_from_config, qemu_confinement
 from actors.vm.qmp import MAX_MESSAGE_BYTES, QmpMonitor
 from protocol.channel import messages
-from tests.conftest import BootedVm
-from tests.test_hypervisor import make_spec
-from tests.test_service import wait_until
+from tests.support.vm import BootedVm, make_spec
+from tests.support.waiting import wait_until
 
 GREETING = b'{"QMP": {"version": {}, "capabilities": ["oob"]}}\r\n'
 

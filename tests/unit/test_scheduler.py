@@ -3,7 +3,6 @@ a crash that hands the queue to its successor. The pool is played by a
 recording actor that holds no VM (a pool held busy)."""
 
 import dataclasses
-import threading
 import time
 import tracemalloc
 
@@ -18,29 +17,7 @@ from actors.vm.tiers import Tier
 from actors.timers import Timers
 from protocol.channel.messages import decode, encode
 from protocol.wire.tasks import CLIENT_TO_DAEMON, CRITICAL, LOW, NORMAL, TaskRequest
-
-
-class Recorder(pykka.ThreadingActor):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-        self.changed = threading.Condition()
-
-    def on_receive(self, message):
-        with self.changed:
-            self.seen.append(message)
-            self.changed.notify_all()
-
-
-def wait_for(recorder, count, timeout_s=5):
-    actor = recorder.proxy()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        seen = actor.seen.get()
-        if len(seen) >= count:
-            return seen
-        time.sleep(0.01)
-    raise AssertionError(f"only {len(actor.seen.get())} of {count} messages arrived")
+from tests.support.probe import Recorder, wait_for
 
 
 def task(ticket, priority=NORMAL):

@@ -10,11 +10,10 @@ import threading
 
 import pytest
 
-import config
 from protocol.wire import receipts
 from protocol.client.api import Client
-from tests.conftest import TEST_INSTANCE
-from tests.test_service import kill_qemu_when_busy, wait_until
+from tests.support.service import kill_qemu_when_busy, running_service, service_config
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
@@ -28,22 +27,12 @@ def pool_ready(service) -> bool:
 
 @pytest.fixture(scope="module")
 def service(hypervisor, tmp_path_factory):
-    from actors.service import Corral
-
     base = tmp_path_factory.mktemp("artifacts")
-    cfg = config.load(overrides={
-        "daemon": {"endpoint": f"ipc://{base}/corrald.sock", "instance": TEST_INSTANCE},
-        "control": {"endpoint": f"ipc://{base}/control.sock"},
-        "pool": {"size": 1}, "metrics": {"port": 0},
-        "artifacts": {"max_put_bytes": 2 * MiB, "max_collect_bytes": COLLECT_CAP,
-                      "key_file": str(base / "keys" / "receipt.key")}})
-    svc = Corral(cfg, hypervisor)
-    svc.start()
-    try:
-        wait_until(lambda: pool_ready(svc), 120, "a ready VM")
+    cfg = service_config(base, pool={"size": 1},
+                         artifacts={"max_put_bytes": 2 * MiB, "max_collect_bytes": COLLECT_CAP,
+                                    "key_file": str(base / "keys" / "receipt.key")})
+    with running_service(cfg, hypervisor) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture

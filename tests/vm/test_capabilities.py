@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-import config
 from protocol.channel import capabilities as caps
 from protocol.client.api import Client
 from protocol.channel.errors import UnexpectedMessage
-from tests.conftest import TEST_INSTANCE, BootedVm
-from tests.test_service import wait_until
+from tests.support.service import service_config, start_service
+from tests.support.vm import BootedVm
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -157,15 +157,9 @@ BUSY_LOOP = "i=0; while [ $i -lt {n} ]; do i=$((i+1)); done; echo done"
 def service(request, hypervisor, tmp_path_factory):
     """corrald with a default pool of 1, rare tiers booted on demand (at most 1
     VM each), and no soft capability granted unless the request asks."""
-    from actors.service import Corral
-
-    endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
-    cfg = config.load(overrides={
-        "daemon": {"endpoint": endpoint, "instance": TEST_INSTANCE}, "metrics": {"port": 0},
-        "pool": {"size": 1, "tier_size": 0, "tier_max": 1},
-        "tasks": {"default_capabilities": []}})
-    svc = Corral(cfg, hypervisor)
-    svc.start()
+    cfg = service_config(tmp_path_factory.mktemp("corrald"), pool={"size": 1, "tier_size": 0, "tier_max": 1},
+                         tasks={"default_capabilities": []})
+    svc = start_service(cfg, hypervisor)
     try:
         wait_until(lambda: ("ready", "default") in pool_vms(svc).values(), 120, "a warm VM")
         request.cls.svc = svc

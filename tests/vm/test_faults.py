@@ -22,12 +22,11 @@ import pytest
 from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import guest_image
 from protocol.client.api import Client
-from tests.conftest import STATE_DIR, TEST_INSTANCE
-from tests.test_operations import service_config, start_service, wait_ready
-from tests.test_service import counter, pool_vms, wait_until
+from tests.support.host import STATE_DIR, TEST_INSTANCE
+from tests.support.service import counter, pool_vms, service_config, start_service, wait_ready
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
-POOL_SIZE = 2
 
 
 def no_actor_failed(svc) -> bool:

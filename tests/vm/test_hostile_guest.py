@@ -16,9 +16,9 @@ import pytest
 from actors.vm.hypervisor import Hypervisor, detect_accelerator
 from guest.image.build import build_agent_iso, guest_image
 from protocol.client.api import Client
-from tests.conftest import STATE_DIR, TEST_INSTANCE
-from tests.test_operations import operator
-from tests.test_service import counter, pool_vms, running_service, wait_pool_ready, wait_until
+from tests.support.host import STATE_DIR, TEST_INSTANCE
+from tests.support.service import counter, operator, pool_vms, running_service, service_config, wait_ready
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 INSTANCE = f"{TEST_INSTANCE}h"[:16]  # its own VMs: no other service reaps them, nor they others'
@@ -36,7 +36,7 @@ def hostile_hypervisor(cfg):
 
 @pytest.fixture(scope="module")
 def service(hostile_hypervisor, tmp_path_factory):
-    with running_service(hostile_hypervisor, tmp_path_factory.mktemp("hostile"), INSTANCE) as svc:
+    with running_service(service_config(tmp_path_factory.mktemp("hostile"), INSTANCE), hostile_hypervisor) as svc:
         yield svc
         # Every attack ended a VM, never an actor of the host.
         assert svc.metrics.counter_total(svc.metrics.actor_restarts) == 0 and not svc.gave_up.is_set()
@@ -45,7 +45,7 @@ def service(hostile_hypervisor, tmp_path_factory):
 
 @pytest.fixture
 def client(service):
-    wait_pool_ready(service, 180)  # each test starts from a healed pool
+    wait_ready(service, timeout_s=180)  # each test starts from a healed pool
     with Client(service.cfg.daemon.endpoint) as c:
         yield c
 
@@ -115,7 +115,7 @@ def test_a_scram_stops_the_clock_of_a_frame_in_progress(service, client):
     assert answered < 10, answered
     print(f"FIGURE stall_frame across a 4 s SCRAM: not ended while paused; answered {answered:.2f} s "
           f"after the resume")
-    wait_pool_ready(service, 180)
+    wait_ready(service, timeout_s=180)
     no_stray_domains(service)
 
 
@@ -140,7 +140,7 @@ def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s) -> float:
         assert not service.hypervisor.domain_exists(vm)
         assert not (service.hypervisor.overlay_dir / f"{vm}.qcow2").exists()
     no_stray_domains(service)
-    wait_pool_ready(service, 180)
+    wait_ready(service, timeout_s=180)
     assert client.run(["ok"], timeout_s=10).stdout == b"ok\n"
     assert counter(metrics.duplicate_answers) == 0
     return reply, answered
@@ -157,7 +157,7 @@ def test_vm_killed_from_inside_mid_task_answers_vm_lost_and_heals(service, clien
     wait_until(lambda: counter(service.metrics.vms_destroyed, reason="vm_lost") == lost_before + 1,
                10, "the pool to count the lost VM")
     no_stray_domains(service)
-    wait_pool_ready(service, 180)
+    wait_ready(service, timeout_s=180)
     healed = time.monotonic() - started
     print(f"FIGURE {attack}: answered vm_lost after {answered:.2f} s, pool full again after {healed:.1f} s")
     assert client.run(["ok"], timeout_s=10).stdout == b"ok\n"
@@ -208,6 +208,6 @@ def test_boot_stage_attack_is_a_failed_boot_and_the_pool_backs_off_then_heals(se
         assert counter(metrics.violations, kind=kind) >= violations_before + 1
     # Meanwhile the other VM still serves.
     assert client.run(["ok"], timeout_s=10, wait_s=60).stdout == b"ok\n"
-    wait_pool_ready(service, 180)
+    wait_ready(service, timeout_s=180)
     no_stray_domains(service)
     assert counter(metrics.duplicate_answers) == 0

@@ -2,7 +2,7 @@
 daemon: fork bomb, memory exhaustion, a full disk, a busy loop, and what an
 unprivileged task cannot do (power off, panic, kill the agent). Each caller
 gets a clear answer and the pool heals. (Output floods and sleeping forever:
-tests/test_service.py.)"""
+tests/vm/test_service.py.)"""
 
 import time
 
@@ -10,16 +10,17 @@ import pytest
 
 import config
 from actors.vm.hypervisor import hypervisor_from_config
-from tests.conftest import STATE_DIR, TEST_INSTANCE, BootedVm
-from tests.test_service import client, service  # noqa: F401  (fixtures: the real daemon)
-from tests.test_service import counter, pool_vms, wait_pool_ready, wait_until
+from tests.support.host import STATE_DIR, TEST_INSTANCE
+from tests.support.service import counter, pool_vms, wait_ready
+from tests.support.vm import BootedVm
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 SH = "sh"
 
 
-def healed(service, client) -> None:  # noqa: F811
-    wait_pool_ready(service, 180)
+def healed(service, client) -> None:
+    wait_ready(service, timeout_s=180)
     assert set(service.hypervisor.corral_domains()) <= set(pool_vms(service))
     assert client.run(["echo", "ok"], timeout_s=30).stdout == b"ok\n"
 
@@ -31,7 +32,7 @@ RUNAWAYS = {
 
 
 @pytest.mark.parametrize("script, timeout_s", RUNAWAYS.values(), ids=RUNAWAYS.keys())
-def test_runaway_command_is_answered_timeout_and_its_vm_replaced(service, client, script, timeout_s):  # noqa: F811
+def test_runaway_command_is_answered_timeout_and_its_vm_replaced(service, client, script, timeout_s):
     destroyed = service.metrics.vms_destroyed
     destroyed_before = counter(destroyed, reason="timed_out") + counter(destroyed, reason="deadman")
     started = time.monotonic()
@@ -48,7 +49,7 @@ def test_runaway_command_is_answered_timeout_and_its_vm_replaced(service, client
     healed(service, client)
 
 
-def test_memory_exhaustion_kills_the_task_not_the_agent(service, client):  # noqa: F811
+def test_memory_exhaustion_kills_the_task_not_the_agent(service, client):
     hog = "a = []\nwhile True: a.append(bytearray(1 << 20))"
     reply = client.run(["python3", "-c", hog], capabilities=["dev:python"], timeout_s=60)
     assert reply.error_code == "", reply
@@ -58,7 +59,7 @@ def test_memory_exhaustion_kills_the_task_not_the_agent(service, client):  # noq
     healed(service, client)
 
 
-def test_filling_the_disk_fills_guest_memory_only_and_the_host_overlay_stays_small(service, client):  # noqa: F811
+def test_filling_the_disk_fills_guest_memory_only_and_the_host_overlay_stays_small(service, client):
     fill = "dd if=/dev/zero of=/tmp/fill bs=1M 2>&1; echo dd=$?; du -k /tmp/fill"
     reply = client.run([SH, "-c", fill], capabilities=["fs:write_tmp"], timeout_s=60)
     assert reply.error_code == "", reply
@@ -95,7 +96,7 @@ PRIVILEGED = {
 
 
 @pytest.mark.parametrize("argv, refused", PRIVILEGED.values(), ids=PRIVILEGED.keys())
-def test_an_unprivileged_task_cannot_stop_its_vm(service, client, argv, refused):  # noqa: F811
+def test_an_unprivileged_task_cannot_stop_its_vm(service, client, argv, refused):
     vms_before = set(pool_vms(service))
     reply = client.run(list(argv), capabilities=["dev:python"] if argv[0] == "python3" else [],
                        timeout_s=20)
@@ -109,7 +110,7 @@ def test_an_unprivileged_task_cannot_stop_its_vm(service, client, argv, refused)
 def test_root_panic_mid_exec_is_a_lost_channel_and_a_gone_domain(cfg):
     """The test-only as_root Exec on a real agent: a kernel panic reboots the
     guest, the domain's on_reboot=destroy ends QEMU, the host sees EOF.
-    (Through the daemon, with a task waiting: tests/test_hostile_guest.py.)"""
+    (Through the daemon, with a task waiting: tests/vm/test_hostile_guest.py.)"""
     from actors.errors import ChannelClosed
 
     # Its own instance: the service of this module would reap a VM it does not own.
@@ -128,7 +129,7 @@ def test_root_panic_mid_exec_is_a_lost_channel_and_a_gone_domain(cfg):
         own.close()
 
 
-def test_invalid_utf8_in_argv_and_env_reaches_the_command_unchanged(service, client):  # noqa: F811
+def test_invalid_utf8_in_argv_and_env_reaches_the_command_unchanged(service, client):
     """argv and env are bytes end to end: nothing on the way decodes them."""
     reply = client.run([SH, "-c", b'printf "%s|%s" "$1" "$X"', b"sh", b"\xff\xfe\x80"],
                        env={b"X": b"\xc3\x28\xf5"}, timeout_s=30)

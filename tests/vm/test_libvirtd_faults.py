@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from protocol.client.api import Client
-from tests.test_operations import OTHER_INSTANCE, service_config, start_service, wait_ready
-from tests.test_service import pool_vms, wait_until
+from tests.support.host import OTHER_INSTANCE
+from tests.support.service import pool_vms, service_config, start_service, wait_ready
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 CALL_TIMEOUT_S = 2.0

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from protocol.client.api import Client
-from tests.conftest import TEST_INSTANCE
-from tests.test_operations import status_once_up
-from tests.test_service import wait_until
+from tests.support.corrald import status_once_up
+from tests.support.host import TEST_INSTANCE
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 

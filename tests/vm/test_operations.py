@@ -2,14 +2,12 @@
 restart too), pool size, drain, /metrics through promtool, SIGTERM and
 SIGKILL of a real corrald. Real daemon, real VMs, real sockets."""
 
-import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -19,44 +17,13 @@ import pytest
 import config
 from protocol.client import admin
 from protocol.client.api import Client
-from protocol.client.reach import Unreachable
-from tests.conftest import STATE_DIR, TEST_INSTANCE
-from tests.test_service import pool_vms, scrape, wait_until
+from tests.support.corrald import corrald, daemon_ready, status_once_up, write_site_config
+from tests.support.host import NOBODY, OTHER_INSTANCE, STATE_DIR, TEST_INSTANCE, as_user
+from tests.support.service import (POOL_SIZE, operator, pool_vms, running_service, scrape, service_config,
+                                   start_service, wait_ready)
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
-POOL_SIZE = 2
-NOBODY = 65534
-
-
-# A second service running beside the module's needs its own instance (and so
-# its own Hypervisor), or each watchdog reaps the other's VMs as zombies.
-OTHER_INSTANCE = (TEST_INSTANCE + "b")[:16]
-
-
-def service_config(tmp: Path, instance: str = TEST_INSTANCE, **sections) -> config.Config:
-    overrides = {"daemon": {"endpoint": f"ipc://{tmp}/corrald.sock", "instance": instance},
-                 "control": {"endpoint": f"ipc://{tmp}/control/control.sock", "faults": True},
-                 "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}}
-    for name, values in sections.items():
-        overrides[name] = {**overrides.get(name, {}), **values}
-    return config.load(overrides=overrides)
-
-
-def start_service(cfg, hypervisor=None):
-    from actors.service import Corral
-
-    svc = Corral(cfg, hypervisor)  # None: its own, for the config's instance
-    svc.start()
-    return svc
-
-
-def wait_ready(svc, count: int = POOL_SIZE, timeout_s: float = 120):
-    wait_until(lambda: list(pool_vms(svc).values()).count("ready") == count, timeout_s,
-               f"{count} ready VMs")
-
-
-def operator(svc, *command: str) -> admin.AdminReply:
-    return admin.request(svc.cfg.control.endpoint, command[0], list(command[1:]))
 
 
 def fields(reply) -> dict[str, str]:
@@ -65,12 +32,8 @@ def fields(reply) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def service(hypervisor, tmp_path_factory):
-    svc = start_service(service_config(tmp_path_factory.mktemp("ops")), hypervisor)
-    try:
-        wait_ready(svc)
+    with running_service(service_config(tmp_path_factory.mktemp("ops")), hypervisor) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture
@@ -83,26 +46,6 @@ def client(service):
 
 
 # --- the control socket --------------------------------------------------------
-
-def as_user(uid: int, check, *args) -> str:
-    """Run `check(*args)` in a child process running as `uid`; what it raised,
-    or the text it returned ("no error" for None)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            result = check(*args)
-            os.write(write_end, b"no error" if result is None else result.encode())
-        except BaseException as e:
-            os.write(write_end, str(e).encode()[:4000])
-        os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as f:
-        return f.read().decode()
-
 
 def test_control_socket_is_for_corralds_user_only(service):
     path = Path(service.cfg.control.endpoint[len("ipc://"):])
@@ -298,38 +241,6 @@ def test_metrics_pass_promtool_and_track_vms(service, client):
 
 
 # --- a real corrald process: SIGTERM and SIGKILL -----------------------------------
-
-def write_site_config(tmp: Path, instance: str, **sections) -> Path:
-    """A site file for a corrald in `tmp`; `sections` add or change keys (name={key: value})."""
-    tables = {"daemon": {"endpoint": f"ipc://{tmp}/corrald.sock", "instance": instance, "shutdown_grace_s": 20.0},
-              "control": {"endpoint": f"ipc://{tmp}/control/control.sock"},
-              "pool": {"size": 1}, "metrics": {"port": 0}}
-    for name, values in sections.items():
-        tables[name] = {**tables.get(name, {}), **values}
-    site = tmp / "site.toml"
-    site.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
-                            for name, values in tables.items()))
-    return site
-
-
-def corrald(site: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "actors.daemon", "--config", str(site)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def status_once_up(client: Client):
-    """corrald's status, or None while a corrald just started has no socket yet."""
-    try:
-        return client.status()
-    except Unreachable:
-        return None
-
-
-def daemon_ready(endpoint: str, timeout_s: float = 120) -> None:
-    with Client(endpoint) as c:
-        wait_until(lambda: dict(getattr(status_once_up(c), "pool", ())).get(b"ready") == b"1", timeout_s,
-                   "corrald's VM ready")
-
 
 def test_sigkill_then_restart_reaps_and_refills(hypervisor, tmp_path):
     instance = (TEST_INSTANCE + "k")[:16]

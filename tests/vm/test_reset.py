@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from tests.conftest import BootedVm
+from tests.support.host import TEST_INSTANCE
+from tests.support.service import service_config, start_service, wait_ready
+from tests.support.vm import BootedVm
 
 pytestmark = pytest.mark.vm
 
@@ -244,8 +246,6 @@ CAPS = ["dev:python", "fs:write_tmp", "base:execute"]
 
 def test_through_corrald_with_a_pool_of_one_the_next_tasks_find_nothing(tmp_path):
     from protocol.client.api import Client
-    from tests.conftest import TEST_INSTANCE
-    from tests.test_operations import service_config, start_service, wait_ready
 
     # Its own instance: starting corrald reaps its instance's VMs (the module's VM among them).
     cfg = service_config(tmp_path, instance=f"{TEST_INSTANCE}s"[:16], pool={"size": 1})

@@ -3,92 +3,20 @@ TCG here), real ZeroMQ sockets, the real client and CLI. Faults are injected by
 sending actors messages, as an operator's test harness would."""
 
 import concurrent.futures
-import contextlib
 import gc
 import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-import config
 from actors.messages import InjectFault
 from protocol.client.api import Client
-from tests.conftest import TEST_INSTANCE
+from tests.support.service import POOL_SIZE, busy_vm, counter, kill_qemu_when_busy, pool_vms, scrape, wait_ready
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.vm
-POOL_SIZE = 2
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def pool_vms(service) -> dict:
-    """vm_id -> state, read from the PoolManager (from the test thread, not an actor)."""
-    state = service.directory.get("pool").proxy().state.get(timeout=5)
-    return {vm_id: vm.state for vm_id, vm in list(state.vms.items())}
-
-
-def wait_pool_ready(service, timeout_s: float = 120):
-    return wait_until(lambda: list(pool_vms(service).values()).count("ready") == POOL_SIZE,
-                      timeout_s, f"{POOL_SIZE} ready VMs")
-
-
-def busy_vm(service, timeout_s: float = 30) -> str:
-    return wait_until(lambda: next((v for v, s in pool_vms(service).items() if s == "busy"), None),
-                      timeout_s, "a busy VM")
-
-
-def kill_qemu_when_busy(service) -> str:
-    """Kill the QEMU of the VM that takes the next task, once it runs it."""
-    vm = busy_vm(service)
-    time.sleep(0.5)
-    service.directory.get("pool").tell(InjectFault("kill_qemu", vm))
-    return vm
-
-
-def counter(metric, **labels) -> float:
-    return metric.labels(**labels)._value.get() if labels else metric._value.get()
-
-
-@contextlib.contextmanager
-def running_service(hypervisor, socket_dir, instance: str = TEST_INSTANCE):
-    """corrald's supervision tree on `hypervisor`, its pool full, stopped on the way out."""
-    from actors.service import Corral
-
-    cfg = config.load(overrides={"daemon": {"endpoint": f"ipc://{socket_dir}/corrald.sock",
-                                            "instance": instance},
-                                 "control": {"endpoint": f"ipc://{socket_dir}/control.sock"},
-                                 "pool": {"size": POOL_SIZE}, "metrics": {"port": 0}})
-    svc = Corral(cfg, hypervisor)
-    svc.start()
-    try:
-        wait_pool_ready(svc)
-        yield svc
-    finally:
-        svc.stop()
-
-
-@pytest.fixture(scope="module")
-def service(hypervisor, tmp_path_factory):
-    with running_service(hypervisor, tmp_path_factory.mktemp("corrald")) as svc:
-        yield svc
-
-
-@pytest.fixture
-def client(service):
-    wait_pool_ready(service)  # each test starts from a healed pool
-    with Client(service.cfg.daemon.endpoint) as c:
-        yield c
 
 
 def corral_cli(service, *args, stdin=None):
@@ -154,7 +82,7 @@ def test_output_flood_is_truncated_and_read_at_the_configured_rate(service, clie
     warm_up = client.run(["yes"], output_cap=6 << 20, timeout_s=7)
     assert warm_up.stdout_truncated
     del warm_up
-    wait_pool_ready(service)  # the warm-up's VM timed out and was replaced
+    wait_ready(service)  # the warm-up's VM timed out and was replaced
     gc.collect()
     rss_before = _rss_kib()
     future = client.submit(["yes"], output_cap=6 << 20, timeout_s=9)
@@ -172,7 +100,7 @@ def test_output_flood_is_truncated_and_read_at_the_configured_rate(service, clie
     assert len(reply.stdout) == 6 << 20 and reply.stdout_truncated
     assert reply.stdout[:4] == b"y\ny\n"
     del reply, future
-    wait_pool_ready(service)  # this VM timed out too: compare like with like
+    wait_ready(service)  # this VM timed out too: compare like with like
     gc.collect()
     assert _rss_kib() < rss_before * 1.05
 
@@ -193,7 +121,7 @@ def test_timeout_answers_timeout_and_replaces_the_vm(service, client):
     assert time.monotonic() - started <= 2 + 5 + 1
     assert not service.hypervisor.domain_exists(vm)
     assert counter(service.metrics.vms_destroyed, reason="timed_out") == destroyed_before + 1
-    wait_pool_ready(service)
+    wait_ready(service)
 
 
 def test_hung_guest_is_killed_by_the_deadman_switch(service, client):
@@ -208,7 +136,7 @@ def test_hung_guest_is_killed_by_the_deadman_switch(service, client):
     assert time.monotonic() - started <= 2 + 5 + 1
     assert counter(service.metrics.deadman_kills) == kills_before + 1
     wait_until(lambda: not service.hypervisor.domain_exists(vm), 5, "the hung VM destroyed")
-    wait_pool_ready(service)
+    wait_ready(service)
 
 
 def test_killed_qemu_answers_vm_lost_and_heals(service, client):
@@ -216,7 +144,7 @@ def test_killed_qemu_answers_vm_lost_and_heals(service, client):
     kill_qemu_when_busy(service)
     reply = future.result(timeout=30)
     assert reply.error_code == "vm_lost", reply
-    wait_pool_ready(service)
+    wait_ready(service)
     assert client.run(["echo", "ok"]).stdout == b"ok\n"
 
 
@@ -229,7 +157,7 @@ def test_corrupted_frame_is_a_violation_and_heals(service, client):
     assert reply.error_code == "protocol_violation", reply
     assert counter(service.metrics.violations, kind="crc_mismatch") == violations_before + 1
     wait_until(lambda: vm not in pool_vms(service), 10, "the violating VM gone")
-    wait_pool_ready(service)
+    wait_ready(service)
 
 
 def test_dropped_libvirt_connection_is_reconnected(service, client):
@@ -267,7 +195,7 @@ def test_supervisor_crash_mid_task_answers_vm_lost(service, client):
     service.directory.get("pool").tell(InjectFault("crash", vm))  # the pool forwards to the VM
     assert future.result(timeout=30).error_code == "vm_lost"
     wait_until(lambda: not service.hypervisor.domain_exists(vm), 10, "the VM destroyed")
-    wait_pool_ready(service)
+    wait_ready(service)
 
 
 def test_watchdog_destroys_a_domain_no_supervisor_owns(service):
@@ -276,16 +204,6 @@ def test_watchdog_destroys_a_domain_no_supervisor_owns(service):
     wait_until(lambda: not service.hypervisor.domain_exists(stray.name), 3 * interval + 5,
                "the zombie destroyed")
     assert not stray.overlay.exists()
-
-
-def scrape(service) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read()
-    samples = {}
-    for line in text.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def test_metrics_endpoint_moves_with_real_tasks(service, client):

@@ -8,10 +8,8 @@ import sys
 
 import pytest
 
-import config
 from protocol.client.api import Client, HandshakeError, keygen
-from tests.conftest import TEST_INSTANCE
-from tests.test_service import pool_vms, scrape, wait_until
+from tests.support.service import running_service, scrape, service_config
 
 pytestmark = pytest.mark.vm
 
@@ -29,23 +27,13 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(hypervisor, tmp_path_factory, keys):
-    from actors.service import Corral
-
-    endpoint = f"ipc://{tmp_path_factory.mktemp('corrald')}/corrald.sock"
-    cfg = config.load(overrides={
-        "daemon": {"endpoint": endpoint, "instance": TEST_INSTANCE},
-        "pool": {"size": 1}, "metrics": {"port": 0},
-        "identity": {"server_secret_key": str(keys / "corrald.key_secret"),
-                     "client_keys_dir": str(keys / "clients"),
-                     "grants": {"alice": ["base:execute", "dev:python"]}},
-        "budget": {"overrides": {"alice": {"capacity": 4.0, "refill_per_s": 0.001}}}})
-    svc = Corral(cfg, hypervisor)
-    svc.start()
-    try:
-        wait_until(lambda: list(pool_vms(svc).values()) == ["ready"], 120, "one ready VM")
+    cfg = service_config(tmp_path_factory.mktemp("corrald"), pool={"size": 1},
+                         identity={"server_secret_key": str(keys / "corrald.key_secret"),
+                                   "client_keys_dir": str(keys / "clients"),
+                                   "grants": {"alice": ["base:execute", "dev:python"]}},
+                         budget={"overrides": {"alice": {"capacity": 4.0, "refill_per_s": 0.001}}})
+    with running_service(cfg, hypervisor) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def connect(service, keys, name: str | None = "alice") -> Client:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BootedVm
+from tests.support.vm import BootedVm
 
 pytestmark = pytest.mark.vm
 

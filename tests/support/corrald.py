@@ -1,0 +1,51 @@
+"""A real corrald process, as an operator runs it: its site file, its start,
+waiting until it serves, and its start-up checks (`corrald --check`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from protocol.client.api import Client
+from protocol.client.reach import Unreachable
+from tests.support.waiting import wait_until
+
+
+def write_site_config(tmp: Path, instance: str, **sections) -> Path:
+    """A site file for a corrald in `tmp`; `sections` add or change keys (name={key: value})."""
+    tables = {"daemon": {"endpoint": f"ipc://{tmp}/corrald.sock", "instance": instance, "shutdown_grace_s": 20.0},
+              "control": {"endpoint": f"ipc://{tmp}/control/control.sock"},
+              "pool": {"size": 1}, "metrics": {"port": 0}}
+    for name, values in sections.items():
+        tables[name] = {**tables.get(name, {}), **values}
+    site = tmp / "site.toml"
+    site.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+                            for name, values in tables.items()))
+    return site
+
+
+def corrald(site: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "actors.daemon", "--config", str(site)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def status_once_up(client: Client):
+    """corrald's status, or None while a corrald just started has no socket yet."""
+    try:
+        return client.status()
+    except Unreachable:
+        return None
+
+
+def daemon_ready(endpoint: str, timeout_s: float = 120) -> None:
+    with Client(endpoint) as c:
+        wait_until(lambda: dict(getattr(status_once_up(c), "pool", ())).get(b"ready") == b"1", timeout_s,
+                   "corrald's VM ready")
+
+
+def corrald_check(tmp_path: Path, site: str) -> subprocess.CompletedProcess:
+    """`corrald --check` with `site` as its site file."""
+    config = tmp_path / "site.toml"
+    config.write_text(site)
+    return subprocess.run([sys.executable, "-m", "actors.daemon", "--config", str(config), "--check"],
+                          capture_output=True, text=True, timeout=60)
