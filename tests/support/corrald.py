@@ -1,5 +1,6 @@
 """A real corrald process, as an operator runs it: its site file, its start,
-waiting until it serves, and its start-up checks (`corrald --check`)."""
+waiting until it serves, and its start-up checks (`corrald --check`) with the
+one clear line a failed one prints."""
 
 import json
 import subprocess
@@ -49,3 +50,15 @@ def corrald_check(tmp_path: Path, site: str) -> subprocess.CompletedProcess:
     config.write_text(site)
     return subprocess.run([sys.executable, "-m", "actors.daemon", "--config", str(config), "--check"],
                           capture_output=True, text=True, timeout=60)
+
+
+def assert_one_clear_line(done, *fragments):
+    """corrald refused to start with one line naming the problem (and each of
+    `fragments`), never a traceback."""
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    # Log records may come first; the error itself is one line of its own.
+    errors = [line for line in done.stderr.splitlines() if line.startswith("corrald: ")]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
