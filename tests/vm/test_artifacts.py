@@ -15,7 +15,6 @@ from protocol.client.api import Client
 from tests.support.service import kill_qemu_when_busy, running_service, service_config
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
 MiB = 1 << 20
 COLLECT_CAP = 3 * MiB
 

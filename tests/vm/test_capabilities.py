@@ -21,8 +21,6 @@ from tests.support.service import service_config, start_service
 from tests.support.vm import BootedVm
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
-
 BASE = caps.SOFT[caps.BASE_EXECUTE][0]
 COMPILER = caps.SOFT[caps.DEV_COMPILER][0]
 PYTHON = caps.SOFT[caps.DEV_PYTHON][0]

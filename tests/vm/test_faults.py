@@ -26,8 +26,6 @@ from tests.support.host import STATE_DIR, TEST_INSTANCE
 from tests.support.service import counter, pool_vms, service_config, start_service, wait_ready
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
-
 
 def no_actor_failed(svc) -> bool:
     return svc.metrics.counter_total(svc.metrics.actor_restarts) == 0 and not svc.gave_up.is_set()

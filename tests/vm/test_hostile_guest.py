@@ -20,7 +20,6 @@ from tests.support.host import STATE_DIR, TEST_INSTANCE
 from tests.support.service import counter, operator, pool_vms, running_service, service_config, wait_ready
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
 INSTANCE = f"{TEST_INSTANCE}h"[:16]  # its own VMs: no other service reaps them, nor they others'
 
 

@@ -15,7 +15,6 @@ from tests.support.service import counter, pool_vms, wait_ready
 from tests.support.vm import BootedVm
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
 SH = "sh"
 
 

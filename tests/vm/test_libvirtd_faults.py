@@ -18,14 +18,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from protocol.client.api import Client
 from tests.support.host import OTHER_INSTANCE
 from tests.support.service import pool_vms, service_config, start_service, wait_ready
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
 CALL_TIMEOUT_S = 2.0
 
 

@@ -25,8 +25,6 @@ from tests.support.corrald import status_once_up
 from tests.support.host import TEST_INSTANCE
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
-
 MiB = 1 << 20
 STDIN_BYTES, PUT_BYTES = 8 * MiB, 4 * MiB  # 12 MiB a task, as in the report
 # Room for 5 such tasks queued. The report's burst (21 tasks under the default

@@ -23,8 +23,6 @@ from tests.support.service import (POOL_SIZE, operator, pool_vms, running_servic
                                    start_service, wait_ready)
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.vm
-
 
 def fields(reply) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in reply.fields}

@@ -17,8 +17,6 @@ from tests.support.host import TEST_INSTANCE
 from tests.support.service import service_config, start_service, wait_ready
 from tests.support.vm import BootedVm
 
-pytestmark = pytest.mark.vm
-
 MARKER = "corral-planted"
 
 # Runs as the task user, holding every soft capability (the link's default).

@@ -9,14 +9,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from actors.messages import InjectFault
 from protocol.client.api import Client
 from tests.support.service import POOL_SIZE, busy_vm, counter, kill_qemu_when_busy, pool_vms, scrape, wait_ready
 from tests.support.waiting import wait_until
-
-pytestmark = pytest.mark.vm
 
 
 def corral_cli(service, *args, stdin=None):

@@ -11,8 +11,6 @@ import pytest
 from protocol.client.api import Client, HandshakeError, keygen
 from tests.support.service import running_service, scrape, service_config
 
-pytestmark = pytest.mark.vm
-
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):

@@ -10,8 +10,6 @@ import pytest
 
 from tests.support.vm import BootedVm
 
-pytestmark = pytest.mark.vm
-
 
 def test_agent_says_hello_with_its_kernel(booted_vm):
     assert booted_vm.hello.agent_version
