@@ -45,9 +45,11 @@ def daemon_ready(endpoint: str, timeout_s: float = 120) -> None:
 
 
 def corrald_check(tmp_path: Path, site: str) -> subprocess.CompletedProcess:
-    """`corrald --check` with `site` as its site file."""
+    """`corrald --check` with `site` as its site file, and its control socket
+    in tmp_path: a corrald running on this host holds the default one, and
+    the check would stop there. (`site` sets daemon.endpoint where it matters.)"""
     config = tmp_path / "site.toml"
-    config.write_text(site)
+    config.write_text(site + f'[control]\nendpoint = "ipc://{tmp_path}/control.sock"\n')
     return subprocess.run([sys.executable, "-m", "actors.daemon", "--config", str(config), "--check"],
                           capture_output=True, text=True, timeout=60)
 
