@@ -2,7 +2,8 @@
 
 tests/unit/   no VM, no libvirtd, no gold image: actors with probes, real
               sockets, the codecs, the client, config. `scripts/test tests/unit`
-              (or `-m 'not vm'`) runs them in about a minute.
+              (or `-m 'not vm'`) runs them alone (~100 s, most of it the
+              timed floods and rates of test_hostile_clients and test_ioguard).
 tests/vm/     real guest VMs under libvirtd, real corrald trees and processes
               (scripts/setup-host prepares what they need; a missing piece
               fails them). Every test there is marked `vm`, by the hook below.
