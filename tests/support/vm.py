@@ -1,0 +1,41 @@
+"""Real VMs for tests: BootedVm boots one through the Hypervisor and talks to
+its agent over the GuestLink; make_spec is a DomainSpec whose files all live
+under one directory, for tests of the domain XML (nothing is booted)."""
+
+import time
+
+from actors.vm.guest_link import GuestLink
+from actors.vm.domain import Disk, DomainSpec
+
+
+class BootedVm:
+    def __init__(self, hypervisor, boot_timeout_s: float, **create_args):
+        self.hypervisor = hypervisor
+        self.handle = hypervisor.create(**create_args)
+        self.link = GuestLink(self.handle.socket)
+        deadline = time.monotonic() + boot_timeout_s
+        try:
+            self.link.connect(deadline)
+            self.hello = self.link.wait_hello(deadline)
+        except BaseException:
+            self.destroy()
+            raise
+
+    def run(self, *argv: str | bytes, timeout_s: float = 30, **kwargs):
+        args = [a.encode() if isinstance(a, str) else a for a in argv]
+        return self.link.run(args, time.monotonic() + timeout_s, **kwargs)
+
+    def destroy(self) -> None:
+        self.link.close()
+        self.hypervisor.destroy(self.handle)
+
+
+def make_spec(tmp_path, accelerator="tcg", network=False):
+    return DomainSpec(
+        name="corral-0123456789ab", accelerator=accelerator, memory_mib=512, vcpus=1,
+        kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd.img", cmdline="quiet",
+        disks=(Disk(path=tmp_path / "o.qcow2", format="qcow2", serial="corral-root", target="vda",
+                    backing=tmp_path / "gold.qcow2"),
+               Disk(path=tmp_path / "agent.iso", format="raw", serial="corral-agent",
+                    target="vdb", readonly=True)),
+        channel_socket=tmp_path / "vm.sock", network=network)

@@ -1,0 +1,148 @@
+"""The PoolManager alone, with recording actors as its Supervisors: it keeps
+the pool full, offers ready VMs, backs off failing boots, retires old VMs and
+sheds idle ones under memory pressure."""
+
+import time
+import uuid
+
+import pykka
+import pytest
+
+from actors.directory import Directory
+from actors.messages import HostMemory, Retire, TierDemand, VmAvailable, VmState, VmWithdrawn
+from actors.edge.metrics import Metrics
+from actors.pool import PoolManager, PoolView, TierSizes
+from actors.vm.tiers import DEFAULT_TIER, Tier
+from actors.timers import Timers
+from tests.support.probe import Recorder, wait_for
+
+
+@pytest.fixture
+def pool_parts():
+    directory = Directory()
+    scheduler = Recorder.start()
+    directory["scheduler"] = scheduler
+    started = {}
+    tiers = {}
+
+    def start_supervisor(vm_id, tier):
+        started[vm_id] = Recorder.start()
+        tiers[vm_id] = tier
+        return started[vm_id]
+
+    timers = Timers()
+    view = PoolView()
+
+    def make(size=2, max_age_s=300.0, tier_sizes=TierSizes()):
+        pool = PoolManager.start(directory, Metrics(), timers, start_supervisor,
+                                 lambda: f"corral-test-{uuid.uuid4().hex[:12]}", view, size, max_age_s,
+                                 backoff_max_s=30.0, tiers=tier_sizes)
+        directory["pool"] = pool
+        return pool
+
+    make.tiers = tiers
+    yield make, directory, scheduler, started, view
+    pykka.ActorRegistry.stop_all()
+    timers.stop()
+
+
+def vm_ids(pool):
+    return sorted(pool.proxy().state.get().vms)
+
+
+def test_fills_to_size_and_offers_ready_vms(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=2)
+    time.sleep(0.1)
+    assert len(started) == 2 and view.owned == frozenset(started)
+    first = sorted(started)[0]
+    pool.tell(VmState(first, "ready"))
+    (offer,) = wait_for(scheduler, 1)
+    assert isinstance(offer, VmAvailable) and offer.vm_id == first
+
+
+def test_a_vm_that_goes_is_replaced(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=2)
+    time.sleep(0.1)
+    gone = sorted(started)[0]
+    pool.tell(VmState(gone, "gone", "vm_lost"))
+    time.sleep(0.2)
+    assert len(started) == 3 and gone not in vm_ids(pool) and len(vm_ids(pool)) == 2
+    assert any(isinstance(m, VmWithdrawn) and m.vm_id == gone for m in scheduler.proxy().seen.get())
+
+
+def test_failing_boots_back_off(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1)
+    time.sleep(0.1)
+    pool.tell(VmState(next(iter(started)), "gone", "boot_failed"))
+    time.sleep(0.3)
+    assert len(started) == 1  # the next boot waits out its backoff (1 s), not at once
+    time.sleep(1.5)
+    assert len(started) == 2
+
+
+def test_memory_pressure_sheds_the_oldest_idle_vm_and_regrows(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=2)
+    time.sleep(0.1)
+    oldest, newest = sorted(started, key=lambda v: list(started).index(v))
+    for vm_id in (oldest, newest):
+        pool.tell(VmState(vm_id, "ready"))
+    pool.tell(HostMemory(short=True))
+    assert isinstance(wait_for(started[oldest], 1)[0], Retire)
+    pool.tell(VmState(oldest, "gone", "retired_memory"))
+    time.sleep(0.2)
+    assert len(started) == 2  # stays one smaller while memory is short
+    pool.tell(HostMemory(short=False))
+    time.sleep(0.2)
+    assert len(started) == 3
+
+
+def test_idle_vms_past_their_age_are_retired(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1, max_age_s=0.2)
+    time.sleep(0.1)
+    vm_id = next(iter(started))
+    pool.tell(VmState(vm_id, "ready"))
+    retire = wait_for(started[vm_id], 1, timeout_s=5)[0]
+    assert retire == Retire("age")
+
+
+NET = Tier(network=True)
+BIG = Tier(large_mem=True)
+
+
+def test_rare_tiers_boot_on_demand_up_to_their_max_and_offer_with_their_tier(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1, tier_sizes=TierSizes(warm=0, max=2, idle_s=60))
+    time.sleep(0.1)
+    assert list(make.tiers.values()) == [DEFAULT_TIER]  # no rare-tier VM while nothing waits
+    pool.tell(TierDemand(((NET, 3), (BIG, 1))))
+    time.sleep(0.2)
+    assert sorted(make.tiers.values()) == sorted([DEFAULT_TIER, NET, NET, BIG])  # NET capped at 2
+    net_vm = next(v for v, t in make.tiers.items() if t == NET)
+    pool.tell(VmState(net_vm, "ready"))
+    offer = next(m for m in wait_for(scheduler, 1) if isinstance(m, VmAvailable))
+    assert offer.vm_id == net_vm and offer.tier == NET
+    pool.tell(TierDemand(()))  # demand gone: nothing more boots, nothing is killed
+    time.sleep(0.2)
+    assert len(make.tiers) == 4
+
+
+def test_idle_rare_tier_vms_are_retired_but_warm_ones_kept(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=0, tier_sizes=TierSizes(warm=1, max=2, idle_s=1))
+    time.sleep(0.1)
+    assert sorted(make.tiers.values()) == sorted([NET, BIG, Tier(network=True, large_mem=True)])
+    pool.tell(TierDemand(((NET, 2),)))
+    time.sleep(0.2)
+    nets = [v for v, t in make.tiers.items() if t == NET]
+    assert len(nets) == 2
+    pool.tell(TierDemand(()))
+    for vm_id in nets:
+        pool.tell(VmState(vm_id, "ready"))
+    time.sleep(2.5)  # idle_s plus a tick
+    retired = [v for v in nets if any(isinstance(m, Retire) for m in started[v].proxy().seen.get())]
+    assert len(retired) == 1  # one above the warm size of 1
