@@ -32,6 +32,7 @@ from actors.scheduler import Scheduler
 from actors.timers import Timers
 from protocol.channel import codec, messages
 from protocol.client.api import Client, keygen
+from protocol.wire import envelope
 from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply
 from tests.support.flood import flood_results, start_flooders
 from tests.support.host import free_port, process_fds, process_rss_mib
