@@ -47,13 +47,16 @@ def detect_accelerator(choice: str = "auto", cpuinfo_path: str = "/proc/cpuinfo"
 
 
 def qemu_user_can_open(path: str, uid: int, gid: int) -> bool:
-    """Whether a process of uid (primary group gid, plus that user's supplementary
-    groups) may open `path` read-write, by its owner, group and mode."""
+    """Whether a process of uid (group gid, plus the groups libvirt gives that
+    user: its passwd group and its supplementary groups) may open `path`
+    read-write, by its owner, group and mode."""
     st = os.stat(path)
     if uid == 0:
         return True
     try:
-        groups = {g.gr_gid for g in grp.getgrall() if pwd.getpwuid(uid).pw_name in g.gr_mem} | {gid}
+        user = pwd.getpwuid(uid)
+        # Debian's libvirt-qemu has kvm as its passwd group, which /etc/group does not list.
+        groups = {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem} | {gid, user.pw_gid}
     except KeyError:  # no such user in the passwd database: its primary group only
         groups = {gid}
     if st.st_uid == uid:

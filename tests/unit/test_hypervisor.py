@@ -146,6 +146,22 @@ def test_kvm_device_closed_to_qemus_user_is_one_warning(tmp_path, caplog):
     assert not warn_if_kvm_closed_to_qemu(qemu, str(tmp_path / "absent"))
 
 
+
+def test_the_users_passwd_group_counts_though_libvirt_names_another(tmp_path):
+    """Debian's libvirt-qemu: passwd group kvm (listed in no /etc/group member
+    list), while libvirt's capabilities may name the user's own group."""
+    import pwd
+
+    user = next(u for u in pwd.getpwall() if u.pw_uid != 0 and u.pw_gid != 0)
+    kvm = tmp_path / "kvm"
+    kvm.write_text("")
+    os.chown(kvm, 0, user.pw_gid)
+    kvm.chmod(0o660)
+    other_gid = user.pw_gid + 1
+    assert qemu_user_can_open(str(kvm), user.pw_uid, other_gid)
+    kvm.chmod(0o600)
+    assert not qemu_user_can_open(str(kvm), user.pw_uid, other_gid)
+
 # --- libvirt's errors as the VM layer's (test:///default: one running domain, "test") ---
 
 @pytest.fixture
