@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pykka
 
 from actors.directory import Directory, drain_inbox, send
-from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault,
+from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault, PoolVmState,
                              ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, TierDemand,
                              VmAvailable, VmState, VmWithdrawn)
 from actors.edge.metrics import POOL_STATES, Metrics
@@ -50,7 +50,7 @@ class TierSizes:
 class PoolVm:
     supervisor: Any
     tier: Tier = DEFAULT_TIER
-    state: str = "booting"
+    state: PoolVmState = PoolVmState.BOOTING
     since: float = field(default_factory=time.monotonic)
     born: float = field(default_factory=time.monotonic)
 
@@ -62,7 +62,7 @@ class PoolView:
 
     def __init__(self) -> None:
         self.owned: frozenset[str] = frozenset()
-        self.states: dict[str, str] = {}
+        self.states: dict[str, PoolVmState] = {}
         self.size = 0
 
 
@@ -145,7 +145,7 @@ class PoolManager(pykka.ThreadingActor):
         vm = self.state.vms.get(message.vm_id)
         if vm is None:
             return
-        if message.state == "gone":
+        if message.state == PoolVmState.GONE:
             del self.state.vms[message.vm_id]
             self.directory.tell("scheduler", VmWithdrawn(message.vm_id))
             self.metrics.vms_destroyed.labels(message.reason or "unknown").inc()
@@ -157,8 +157,8 @@ class PoolManager(pykka.ThreadingActor):
                 log.warning("VM %s failed to boot; next boot in %.0f s", message.vm_id, delay)
             self._fill()
             return
-        if message.state == "ready":
-            if vm.state == "booting":
+        if message.state == PoolVmState.READY:
+            if vm.state == PoolVmState.BOOTING:
                 self.state.boot_failures = 0
             self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor, vm.tier))
         vm.state = message.state
@@ -168,7 +168,7 @@ class PoolManager(pykka.ThreadingActor):
         now = time.monotonic()
         idle_of_tier = {tier: self._count(tier) - self.tiers.warm for tier in RARE_TIERS}
         for vm_id, vm in self.state.vms.items():
-            if vm.state != "ready":
+            if vm.state != PoolVmState.READY:
                 continue
             if now - vm.born > self.max_age_s:
                 reason = "age"
@@ -193,7 +193,7 @@ class PoolManager(pykka.ThreadingActor):
         tier's; the other tiers keep their own sizes."""
         extra = self._count(DEFAULT_TIER) - self.state.size
         idle = sorted((vm.born, vm_id) for vm_id, vm in self.state.vms.items()
-                      if vm.state == "ready" and vm.tier == DEFAULT_TIER)
+                      if vm.state == PoolVmState.READY and vm.tier == DEFAULT_TIER)
         for _, vm_id in idle[:max(0, extra)]:
             self.directory.tell("scheduler", VmWithdrawn(vm_id))
             send(self.state.vms[vm_id].supervisor, Retire("pool_size"))
@@ -201,14 +201,14 @@ class PoolManager(pykka.ThreadingActor):
     def _shed_one(self) -> None:
         """Memory is short: the oldest idle VM goes, and the pool stays one
         smaller until the watchdog sees memory back."""
-        idle = [(vm.born, vm_id) for vm_id, vm in self.state.vms.items() if vm.state == "ready"]
+        idle = [(vm.born, vm_id) for vm_id, vm in self.state.vms.items() if vm.state == PoolVmState.READY]
         if idle:
             _, vm_id = min(idle)
             self.directory.tell("scheduler", VmWithdrawn(vm_id))
             send(self.state.vms[vm_id].supervisor, Retire("memory"))
             self.state.shed += 1
 
-    def _count(self, tier: Tier, states: tuple[str, ...] | None = None) -> int:
+    def _count(self, tier: Tier, states: tuple[PoolVmState, ...] | None = None) -> int:
         return sum(1 for vm in self.state.vms.values()
                    if vm.tier == tier and (states is None or vm.state in states))
 
@@ -221,7 +221,7 @@ class PoolManager(pykka.ThreadingActor):
             return True
         # Tasks waiting beyond the VMs that will be free for them soon.
         waiting = self.state.demand.get(tier, 0)
-        return count < self.tiers.max and waiting > self._count(tier, ("booting", "ready"))
+        return count < self.tiers.max and waiting > self._count(tier, (PoolVmState.BOOTING, PoolVmState.READY))
 
     def _fill(self) -> None:
         if self.stopping or self.state.safe_mode:
