@@ -13,7 +13,8 @@ import pytest
 from actors.directory import Directory
 from actors.messages import Answer, Requeue, RunTask, Submit, Task, TierDemand, VmAvailable
 from actors.edge.metrics import Metrics
-from actors.scheduler import Scheduler, task_bytes
+from actors.ready_queue import task_bytes
+from actors.scheduler import Scheduler
 from actors.vm.tiers import Tier
 from actors.timers import Timers
 from protocol.channel.messages import decode, encode
@@ -71,7 +72,7 @@ def test_the_1001st_task_is_refused_at_once_and_the_queue_is_untouched(actors):
     (answer,) = wait_for(intake, 1)
     assert isinstance(answer, Answer) and answer.ticket == 1001
     assert answer.reply.error_code == "busy" and answer.reply.retry_after_ms == 750
-    assert scheduler.proxy().depth.get() == 1000
+    assert scheduler.proxy().state.get().ready.depth == 1000
     # The queue is intact and in order: a VM that frees up gets the first LOW task.
     scheduler.tell(VmAvailable("vm-1", vm))
     (run,) = wait_for(vm, 1)
@@ -127,7 +128,7 @@ def test_queued_input_bytes_are_bounded(actors):
     small.tell(Submit(big(2)))  # 1.2 MiB queued would pass the 1 MiB bound
     (answer,) = wait_for(intake, 1)
     assert answer.ticket == 2 and answer.reply.error_code == "busy"
-    assert small.proxy().depth.get() == 1
+    assert small.proxy().state.get().ready.depth == 1
 
 
 def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
@@ -150,8 +151,8 @@ def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
         small.tell(Submit(many_args(ticket)))
     answers = wait_for(intake, 10 - (1 << 20) // counted)
     assert {a.reply.error_code for a in answers} == {"busy"} and "bytes of memory" in answers[0].reply.error_message
-    assert small.proxy().depth.get() == (1 << 20) // counted  # 4, where counting lengths let all 10 in
-    assert small.proxy().state.get().queued_bytes == counted * ((1 << 20) // counted)
+    assert small.proxy().state.get().ready.depth == (1 << 20) // counted  # 4, where counting lengths let all 10 in
+    assert small.proxy().state.get().ready.queued_bytes == counted * ((1 << 20) // counted)
 
 
 def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):
@@ -161,7 +162,7 @@ def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):
     impatient.tell(Submit(task(7)))
     (answer,) = wait_for(intake, 1, timeout_s=5)
     assert answer.ticket == 7 and answer.reply.error_code == "unavailable"
-    assert impatient.proxy().depth.get() == 0
+    assert impatient.proxy().state.get().ready.depth == 0
 
 
 def test_tasks_go_to_vms_of_their_tier_and_rare_ones_never_block_default_ones(actors):
