@@ -22,7 +22,8 @@ from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, Inta
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard
 from actors.edge.metrics import Metrics
-from actors.pool import PoolManager, PoolView, TierSizes
+from actors.pool import PoolManager, PoolView
+from actors.pool_plan import TierSizes
 from actors.root import Root
 from actors.scheduler import Scheduler
 from actors.supervisor import Supervisor, VmSettings
