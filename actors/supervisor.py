@@ -24,12 +24,12 @@ leaves it so.
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others. So do pause and resume, through
 the VM's own QMP connection where it has one (actors/vm/qmp.py). Reading the
-channel is IOGuard's.
+channel is IOGuard's. The answer built from what the VM reported is
+actors/replies.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from typing import Any
 
 import pykka
 
-from actors.artifacts.files import Collection, FileSettings, files_out
+from actors.artifacts.files import Collection, FileSettings
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.vm.guest_link import CappedOutput, GuestLink
@@ -46,6 +46,7 @@ from actors.vm.hypervisor import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
                              PoolVmState, Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
 from actors.edge.metrics import Metrics
+from actors.replies import exit_reply, whole_ms, with_files
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
 from protocol.channel import messages as guest
@@ -315,7 +316,7 @@ class Supervisor(pykka.ThreadingActor):
         # the command at the timeout, the dead-man's switch 5 s later.
         deadman_at = running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s
         self._set_state(VmPhase.RUNNING, deadman_at - time.monotonic())
-        timeout_left_ms = request.timeout_ms - _ms(running.acquired_at - running.assigned_at)
+        timeout_left_ms = request.timeout_ms - whole_ms(running.acquired_at - running.assigned_at)
         try:
             for path, mode, data in request.files_in:  # the agent answers a failed put at the Exec
                 self.link.send(guest.PutFile(path=path, mode=mode, data=data))
@@ -350,24 +351,8 @@ class Supervisor(pykka.ThreadingActor):
         request = running.task.request
         exit_message = running.output.flag(exit_message)
         timed_out = exit_message.timed_out
-        outcome = outcomes.classify(
-            timed_out=timed_out, oom_killed=exit_message.oom_killed, signal=exit_message.signal,
-            exit_code=exit_message.exit_code,
-            truncated=exit_message.stdout_truncated or exit_message.stderr_truncated)
-        running.reply = TaskReply(
-            task_id=request.task_id,
-            error_code="timeout" if timed_out else "",
-            error_message=f"the command ran past its timeout of {request.timeout_ms / 1000:g} s "
-                          "and was killed" if timed_out else "",
-            exit_code=exit_message.exit_code, signal=exit_message.signal, timed_out=timed_out,
-            stdout=running.output.stdout(), stderr=running.output.stderr(),
-            stdout_truncated=exit_message.stdout_truncated,
-            stderr_truncated=exit_message.stderr_truncated,
-            queued_ms=_ms(running.assigned_at - running.task.accepted_at),
-            acquire_ms=_ms(running.acquired_at - running.assigned_at),
-            run_ms=exit_message.wall_ms, user_cpu_ms=exit_message.user_cpu_ms,
-            sys_cpu_ms=exit_message.sys_cpu_ms, max_rss_kib=exit_message.max_rss_kib,
-            retry_after_ms=0, outcome=outcome)
+        running.reply = exit_reply(running.task, exit_message, running.output.stdout(),
+                                   running.output.stderr(), running.assigned_at, running.acquired_at)
         if request.collect:
             files = self.settings.files
             running.collection = Collection(self._new_id(), request.collect, files.max_collect_bytes)
@@ -393,11 +378,8 @@ class Supervisor(pykka.ThreadingActor):
         """Answer with the command's result and its files (those missing get `reason`)."""
         running = self.current
         running.collection.give_up(reason)
-        reply, request = running.reply, running.task.request
-        signer = self.settings.files.signer
-        self._answer(dataclasses.replace(reply, files_out=files_out(
-            running.collection.results, signer, request.task_id, request.argv, reply.outcome,
-            reply.exit_code, reply.signal)))
+        reply = running.reply
+        self._answer(with_files(reply, running.task, running.collection.results, self.settings.files.signer))
         if vm_gone or reason:
             return self._end("collect_failed")
         self._after_task(reply.timed_out)
@@ -552,7 +534,3 @@ class Supervisor(pykka.ThreadingActor):
     def _new_id(self) -> int:
         self.next_id += 1
         return self.next_id
-
-
-def _ms(seconds: float) -> int:
-    return max(0, int(seconds * 1000))
