@@ -18,7 +18,8 @@ from actors.directory import Directory
 from actors.edge.endpoint import check_endpoint_free
 from actors.vm.hypervisor import Hypervisor, hypervisor_from_config
 from actors.edge.identity import Admission
-from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer, TaskLimits
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer, TaskLimits
+from actors.intake import Intake
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard
 from actors.edge.metrics import Metrics

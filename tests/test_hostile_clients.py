@@ -33,7 +33,8 @@ import zmq
 import config
 from actors.directory import Directory
 from actors.edge.identity import Admission
-from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer
+from actors.intake import Intake
 from actors.edge.metrics import Metrics
 from actors.scheduler import Scheduler
 from actors.timers import Timers
