@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import pykka
+
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from protocol.channel import messages as guest
 from protocol.wire.tasks import TaskReply, TaskRequest
@@ -62,7 +64,7 @@ class VmAvailable:
     """PoolManager -> Scheduler: a warm, paused VM can take a task."""
 
     vm_id: str
-    supervisor: Any  # pykka ActorRef of the VM's Supervisor
+    supervisor: pykka.ActorRef  # the VM's Supervisor
     tier: Tier = DEFAULT_TIER  # the hard capabilities it was booted with
 
 
@@ -126,7 +128,7 @@ class Watch:
 
     vm_id: str
     sock: socket.socket
-    supervisor: Any
+    supervisor: pykka.ActorRef  # where what the guest says goes
 
 
 @dataclass(frozen=True)
