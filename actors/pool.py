@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import pykka
 
@@ -36,10 +37,25 @@ from actors.pool_plan import (PoolState, PoolVm, TierSizes, boot_backoff_s, boot
                               over_size, retire_on_tick)
 from actors.vm.tiers import Tier
 from actors.timers import Timers
+from config import Config
 
 log = logging.getLogger("corral.pool")
 TICK_S = 1.0
 SHUTDOWN_S = 60.0
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    size: int  # warm VMs of the default tier, until an operator sets another (SetPoolSize)
+    max_age_s: float  # an idle VM older than this is retired
+    backoff_max_s: float = 30.0  # the longest wait between failing boots
+    tiers: TierSizes = TierSizes()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PoolSettings:
+        pool = cfg.pool
+        return cls(size=pool.size, max_age_s=pool.max_age_s, backoff_max_s=pool.boot_backoff_max_s,
+                   tiers=TierSizes(pool.tier_size, pool.tier_max, pool.tier_idle_s))
 
 
 class PoolView:
@@ -54,11 +70,13 @@ class PoolView:
 
 
 class PoolManager(pykka.ThreadingActor):
-    def __init__(self, directory: Directory, metrics: Metrics, timers: Timers,
-                 start_supervisor: Callable[[str, Tier], Any], new_name: Callable[[], str],
-                 view: PoolView, size: int,
-                 max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None,
-                 safe_mode: bool = False, tiers: TierSizes = TierSizes()):
+    def __init__(self, *, directory: Directory, metrics: Metrics, timers: Timers,
+                 start_supervisor: Callable[[str, Tier], pykka.ActorRef], new_name: Callable[[], str],
+                 view: PoolView, settings: PoolSettings, state: PoolState | None = None,
+                 safe_mode: bool = False):
+        """`start_supervisor(vm_id, tier)` starts a VM's Supervisor; `new_name()`
+        names a VM; `view` is published for other threads. `state`: a crashed
+        predecessor's, taken over; else an empty pool in `safe_mode` or not."""
         super().__init__()
         self.directory = directory
         self.metrics = metrics
@@ -66,12 +84,10 @@ class PoolManager(pykka.ThreadingActor):
         self.start_supervisor = start_supervisor
         self.new_name = new_name
         self.view = view
-        self.max_age_s = max_age_s
-        self.backoff_max_s = backoff_max_s
+        self.settings = settings
         self.state = state or PoolState(safe_mode=safe_mode)
         if self.state.size is None:
-            self.state.size = size
-        self.tiers = tiers
+            self.state.size = settings.size
         self.stopping = False
 
     def on_start(self) -> None:
@@ -125,7 +141,7 @@ class PoolManager(pykka.ThreadingActor):
             self.metrics.vms_destroyed.labels(message.reason or "unknown").inc()
             if message.reason == "boot_failed":
                 self.state.boot_failures += 1
-                delay = boot_backoff_s(self.state.boot_failures, self.backoff_max_s)
+                delay = boot_backoff_s(self.state.boot_failures, self.settings.backoff_max_s)
                 self.state.next_boot_at = time.monotonic() + delay
                 self.timers.call_later(delay, self.actor_ref, BackoffOver())
                 log.warning("VM %s failed to boot; next boot in %.0f s", message.vm_id, delay)
@@ -139,7 +155,8 @@ class PoolManager(pykka.ThreadingActor):
         vm.since = time.monotonic()
 
     def _tick(self) -> None:
-        for vm_id, reason in retire_on_tick(self.state, self.tiers, self.max_age_s, time.monotonic()):
+        settings = self.settings
+        for vm_id, reason in retire_on_tick(self.state, settings.tiers, settings.max_age_s, time.monotonic()):
             self._retire(vm_id, reason)
         self._fill()
         if not self.stopping:
@@ -170,7 +187,7 @@ class PoolManager(pykka.ThreadingActor):
     def _fill(self) -> None:
         if self.stopping:
             return
-        for tier in boots_wanted(self.state, self.tiers, time.monotonic()):
+        for tier in boots_wanted(self.state, self.settings.tiers, time.monotonic()):
             vm_id = self.new_name()
             # Published before the Supervisor creates the domain: never a zombie.
             self.state.vms[vm_id] = PoolVm(supervisor=None, tier=tier)

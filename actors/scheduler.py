@@ -30,9 +30,24 @@ from actors.messages import (ChildFailed, InjectFault, Requeue, ResumeService, R
 from actors.edge.metrics import Metrics
 from actors.ready_queue import ReadyQueue, task_bytes
 from actors.timers import Timers
+from config import Config
 from protocol.wire.tasks import error_reply
 
 log = logging.getLogger("corral.scheduler")
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    max_depth: int  # tasks queued at most; one more is refused `busy`
+    max_queued_bytes: int  # what queued tasks may hold in memory (ready_queue.task_bytes)
+    max_wait_s: float  # a task no VM took within this is answered `unavailable`
+    retry_after_ms: int = 1000  # what those refusals tell the caller to wait
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> QueueLimits:
+        tasks = cfg.tasks
+        return cls(max_depth=tasks.queue_depth, max_queued_bytes=tasks.max_queued_bytes,
+                   max_wait_s=tasks.max_queue_wait_s, retry_after_ms=int(tasks.busy_retry_after_s * 1000))
 
 
 @dataclass
@@ -45,17 +60,14 @@ class SchedulerState:
 
 
 class Scheduler(pykka.ThreadingActor):
-    def __init__(self, directory: Directory, metrics: Metrics, timers: Timers, max_depth: int,
-                 max_queued_bytes: int, max_wait_s: float, retry_after_ms: int = 1000,
+    def __init__(self, *, directory: Directory, metrics: Metrics, timers: Timers, limits: QueueLimits,
                  state: SchedulerState | None = None, safe_mode: bool = False):
+        """`state`: a crashed predecessor's, taken over; else an empty queue in `safe_mode` or not."""
         super().__init__()
         self.directory = directory
         self.metrics = metrics
         self.timers = timers
-        self.max_depth = max_depth
-        self.max_queued_bytes = max_queued_bytes
-        self.max_wait_s = max_wait_s
-        self.retry_after_ms = retry_after_ms
+        self.limits = limits
         self.state = state or SchedulerState(safe_mode=safe_mode)
 
     def on_start(self) -> None:
@@ -98,17 +110,18 @@ class Scheduler(pykka.ThreadingActor):
             self.state.ready.vm_withdrawn(message.vm_id)
 
     def _submit(self, task: Task) -> None:
-        if self.state.ready.depth >= self.max_depth:
-            return self._refuse(task, f"queue full ({self.max_depth} tasks waiting); retry later")
-        if self.state.ready.queued_bytes + task_bytes(task) > self.max_queued_bytes:
+        limits = self.limits
+        if self.state.ready.depth >= limits.max_depth:
+            return self._refuse(task, f"queue full ({limits.max_depth} tasks waiting); retry later")
+        if self.state.ready.queued_bytes + task_bytes(task) > limits.max_queued_bytes:
             return self._refuse(task, f"queued tasks hold {self.state.ready.queued_bytes} bytes of memory, "
                                       f"this one would add {task_bytes(task)}, the limit is "
-                                      f"{self.max_queued_bytes}; retry later")
+                                      f"{limits.max_queued_bytes}; retry later")
         self.state.ready.push(task)
 
     def _refuse(self, task: Task, text: str) -> None:
         self.directory.answer(task.ticket, error_reply(task.request.task_id, "busy", text,
-                                                       retry_after_ms=self.retry_after_ms))
+                                                       retry_after_ms=self.limits.retry_after_ms))
 
     def _flush_for_scram(self) -> None:
         for task in self.state.ready.take_all():
@@ -121,11 +134,11 @@ class Scheduler(pykka.ThreadingActor):
 
     def _expire_waiting(self) -> None:
         """No VM for too long (boots failing, pool shed): answer rather than hold forever."""
-        for task in self.state.ready.expire(time.monotonic(), self.max_wait_s):
+        for task in self.state.ready.expire(time.monotonic(), self.limits.max_wait_s):
             self.directory.answer(task.ticket, error_reply(
                 task.request.task_id, "unavailable",
-                f"no VM became free within {self.max_wait_s:g} s; retry later",
-                retry_after_ms=self.retry_after_ms))
+                f"no VM became free within {self.limits.max_wait_s:g} s; retry later",
+                retry_after_ms=self.limits.retry_after_ms))
 
     def _dispatch(self) -> None:
         if self.state.safe_mode:

@@ -39,6 +39,7 @@ from typing import Any
 import pykka
 
 from actors.artifacts.files import Collection, FileSettings
+from actors.artifacts.signing import Signer
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.vm.guest_link import CappedOutput, GuestLink
@@ -49,6 +50,7 @@ from actors.edge.metrics import Metrics
 from actors.replies import exit_reply, whole_ms, with_files
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
+from config import Config
 from protocol.channel import messages as guest
 from protocol.wire import outcomes
 from protocol.channel.capabilities import soft_bits
@@ -115,6 +117,22 @@ class VmSettings:
     cpu: tuple[int, int] = (1024, 50)  # (shares, quota %) of default tasks
     high_cpu: tuple[int, int] = (4096, 0)  # ... of res:high_cpu tasks
 
+    @classmethod
+    def from_config(cls, cfg: Config, signer: Signer | None) -> VmSettings:
+        pool, vm, tasks, artifacts = cfg.pool, cfg.vm, cfg.tasks, cfg.artifacts
+        return cls(
+            boot_timeout_s=vm.boot_timeout_s, acquire_timeout_s=pool.acquire_timeout_s,
+            reset_timeout_s=pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
+            settle_s=pool.settle_ms / 1000,
+            max_uses=pool.max_uses, max_age_s=pool.max_age_s, strict=pool.strict,
+            files=FileSettings(max_put_bytes=artifacts.max_put_bytes,
+                               max_collect_bytes=artifacts.max_collect_bytes,
+                               collect_timeout_s=artifacts.collect_timeout_s, signer=signer),
+            default_soft_bits=soft_bits(tasks.default_capabilities),
+            large_memory_mib=vm.large_memory_mib,
+            cpu=(vm.cpu_shares, vm.cpu_quota_pct),
+            high_cpu=(vm.high_cpu_shares, vm.high_cpu_quota_pct))
+
 
 @dataclass
 class RunningTask:
@@ -128,7 +146,7 @@ class RunningTask:
 
 
 class Supervisor(pykka.ThreadingActor):
-    def __init__(self, vm_id: str, directory: Directory, hypervisor: Hypervisor, timers: Timers,
+    def __init__(self, vm_id: str, *, directory: Directory, hypervisor: Hypervisor, timers: Timers,
                  metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER):
         super().__init__()
         self.vm_id = vm_id

@@ -14,7 +14,7 @@ from actors.directory import Directory
 from actors.messages import Answer, Requeue, RunTask, Submit, Task, TierDemand, VmAvailable
 from actors.edge.metrics import Metrics
 from actors.ready_queue import task_bytes
-from actors.scheduler import Scheduler
+from actors.scheduler import QueueLimits, Scheduler
 from actors.vm.tiers import Tier
 from actors.timers import Timers
 from protocol.channel.messages import decode, encode
@@ -50,13 +50,17 @@ def task(ticket, priority=NORMAL):
                                     capabilities=()), time.monotonic())
 
 
+def start_scheduler(directory, timers, **limits):
+    return Scheduler.start(directory=directory, metrics=Metrics(), timers=timers, limits=QueueLimits(**limits))
+
+
 @pytest.fixture
 def actors():
     directory = Directory()
     intake, vm = Recorder.start(), Recorder.start()
     directory["intake"] = intake
     timers = Timers()
-    scheduler = Scheduler.start(directory, Metrics(), timers, max_depth=1000, max_queued_bytes=1 << 30,
+    scheduler = start_scheduler(directory, timers, max_depth=1000, max_queued_bytes=1 << 30,
                                 max_wait_s=600, retry_after_ms=750)
     directory["scheduler"] = scheduler
     yield directory, scheduler, intake, vm
@@ -120,7 +124,7 @@ def test_stopping_answers_every_queued_task(actors):
 
 def test_queued_input_bytes_are_bounded(actors):
     directory, scheduler, intake, vm = actors
-    small = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=1000,
+    small = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=1000,
                             max_queued_bytes=1 << 20, max_wait_s=600)
     big = lambda ticket: Task(ticket, dataclasses.replace(task(ticket).request, stdin=b"x" * (600 << 10)),
                               time.monotonic())
@@ -145,7 +149,7 @@ def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
     print(f"FIGURE queued bytes: 4096 argv items of 1 byte: {measured:.0f} B held per task (tracemalloc), "
           f"{counted} B counted, {4096} B of input")
     assert measured <= counted <= 2 * measured
-    small = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=1000,
+    small = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=1000,
                             max_queued_bytes=1 << 20, max_wait_s=600)
     for ticket in range(1, 11):
         small.tell(Submit(many_args(ticket)))
@@ -157,7 +161,7 @@ def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
 
 def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):
     directory, scheduler, intake, vm = actors
-    impatient = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=10,
+    impatient = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=10,
                                 max_queued_bytes=1 << 20, max_wait_s=1)
     impatient.tell(Submit(task(7)))
     (answer,) = wait_for(intake, 1, timeout_s=5)

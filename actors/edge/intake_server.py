@@ -41,6 +41,7 @@ from actors.edge.identity import Admission
 from actors.edge.metrics import Metrics
 from actors.errors import CorralError, Rejected
 from actors.messages import Submit, Task
+from config import Config
 from protocol.channel import capabilities, messages
 from protocol.channel.errors import ProtocolError
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, StatusReply,
@@ -73,6 +74,14 @@ class TaskLimits:
     max_output_cap: int
     max_request_bytes: int
     max_put_bytes: int = 0  # files_in, all files of one task
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TaskLimits:
+        tasks = cfg.tasks
+        return cls(default_timeout_ms=int(tasks.default_timeout_s * 1000),
+                   max_timeout_ms=int(tasks.max_timeout_s * 1000),
+                   default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
+                   max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes)
 
 
 def _check_no_nul(what: str, value: bytes) -> None:
