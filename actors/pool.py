@@ -33,8 +33,8 @@ from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, Injec
                              ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, TierDemand,
                              VmAvailable, VmState, VmWithdrawn)
 from actors.edge.metrics import POOL_STATES, Metrics
-from actors.pool_plan import (PoolState, PoolVm, TierSizes, boot_backoff_s, boots_wanted, oldest_idle,
-                              over_size, retire_on_tick)
+from actors.pool_plan import (PoolState, PoolView, PoolVm, TierSizes, boot_backoff_s, boots_wanted,
+                              oldest_idle, over_size, retire_on_tick)
 from actors.vm.tiers import Tier
 from actors.timers import Timers
 from config import Config
@@ -56,17 +56,6 @@ class PoolSettings:
         pool = cfg.pool
         return cls(size=pool.size, max_age_s=pool.max_age_s, backoff_max_s=pool.boot_backoff_max_s,
                    tiers=TierSizes(pool.tier_size, pool.tier_max, pool.tier_idle_s))
-
-
-class PoolView:
-    """The VMs the pool owns and their states, readable from any thread without
-    asking the PoolManager (the Watchdog tells zombies from live VMs by it, the
-    control plane shows it). Each attribute is replaced whole, never mutated."""
-
-    def __init__(self) -> None:
-        self.owned: frozenset[str] = frozenset()
-        self.states: dict[str, PoolVmState] = {}
-        self.size = 0
 
 
 class PoolManager(pykka.ThreadingActor):

@@ -4,8 +4,9 @@ over the wanted size) and which one to give up when host memory is short.
 
 Plain data and functions, no actor: the PoolManager (actors/pool.py) keeps the
 table up to date from its messages, asks the plan what to do and does the
-telling; a restarted PoolManager takes the table over. Tests ask the plan
-directly, with times given, not waited for.
+telling; a restarted PoolManager takes the table over. It publishes what other
+threads may read of the table in a PoolView. Tests ask the plan directly, with
+times given, not waited for.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ class PoolVm:
     state: PoolVmState = PoolVmState.BOOTING
     since: float = field(default_factory=time.monotonic)  # in this state since (monotonic)
     born: float = field(default_factory=time.monotonic)
+
+
+class PoolView:
+    """The VMs the pool owns and their states, readable from any thread without
+    asking the PoolManager (the Watchdog tells zombies from live VMs by it, the
+    control plane shows it). Each attribute is replaced whole, never mutated."""
+
+    def __init__(self) -> None:
+        self.owned: frozenset[str] = frozenset()
+        self.states: dict[str, PoolVmState] = {}
+        self.size = 0
 
 
 @dataclass

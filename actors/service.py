@@ -24,7 +24,8 @@ from actors.intake import Intake
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard, ReadLimits
 from actors.edge.metrics import Metrics
-from actors.pool import PoolManager, PoolSettings, PoolView
+from actors.pool import PoolManager, PoolSettings
+from actors.pool_plan import PoolView
 from actors.root import Root
 from actors.scheduler import QueueLimits, Scheduler
 from actors.supervisor import Supervisor, VmSettings

@@ -18,7 +18,7 @@ from actors.directory import Directory
 from actors.errors import CorralError
 from actors.vm.hypervisor import Hypervisor
 from actors.messages import ChildFailed, HostMemory, Tick
-from actors.pool import PoolView
+from actors.pool_plan import PoolView
 from actors.timers import Timers
 
 log = logging.getLogger("corral.watchdog")

@@ -11,8 +11,8 @@ import pytest
 from actors.directory import Directory
 from actors.messages import HostMemory, Retire, TierDemand, VmAvailable, VmState, VmWithdrawn
 from actors.edge.metrics import Metrics
-from actors.pool import PoolManager, PoolSettings, PoolView
-from actors.pool_plan import TierSizes
+from actors.pool import PoolManager, PoolSettings
+from actors.pool_plan import PoolView, TierSizes
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from tests.test_scheduler import Recorder, wait_for
