@@ -1,7 +1,8 @@
 """corrald's Prometheus metrics, one registry per daemon (tests run several).
 
 Actors update them from their own threads (prometheus-client is thread-safe);
-Intake reads the gauges to answer `corral status` without asking any actor.
+the IntakeServer reads the gauges to answer `corral status` without asking any
+actor.
 """
 
 from __future__ import annotations
