@@ -326,7 +326,7 @@ def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:
     import pykka
 
     from actors.directory import Directory
-    from actors.intake import IntakeServer, TaskLimits
+    from actors.edge.intake_server import IntakeServer, TaskLimits
     from actors.messages import Submit
     from actors.edge.metrics import Metrics
     from protocol.client.api import Client
@@ -367,7 +367,7 @@ def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:
 
 def bench_intake(runs: int) -> None:
     from actors.edge.identity import Admission
-    from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES
+    from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES
     from protocol.client.api import keygen
 
     with tempfile.TemporaryDirectory() as keys:

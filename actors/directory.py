@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Callable
 
 import pykka
+
+from protocol.wire.tasks import TaskReply
 
 log = logging.getLogger("corral.actors")
 
 
-def send(ref, message) -> bool:
+def send(ref: pykka.ActorRef | None, message) -> bool:
     """Tell `message` to `ref`; a dead or missing actor is not an error for the
     sender (whoever supervises it answers for its work). True if delivered."""
     if ref is None:
@@ -26,7 +29,7 @@ def send(ref, message) -> bool:
         return False
 
 
-def drain_inbox(actor) -> list:
+def drain_inbox(actor: pykka.Actor) -> list:
     """Messages still queued for an actor that is failing or stopping: pykka
     would drop them; its on_failure/on_stop hands them on instead."""
     drained = []
@@ -40,29 +43,26 @@ def drain_inbox(actor) -> list:
 
 class Directory:
     def __init__(self) -> None:
-        self._refs: dict[str, object] = {}
+        self._refs: dict[str, pykka.ActorRef] = {}
         self._lock = threading.Lock()
-        self.answer_fallback = None  # set by the service: IntakeServer.post
+        # Set by the service: IntakeServer.post(ticket, reply).
+        self.answer_fallback: Callable[[int, TaskReply], None] | None = None
 
-    def __setitem__(self, name: str, ref) -> None:
+    def __setitem__(self, name: str, ref: pykka.ActorRef) -> None:
         with self._lock:
             self._refs[name] = ref
 
-    def get(self, name: str):
+    def get(self, name: str) -> pykka.ActorRef | None:
         with self._lock:
             return self._refs.get(name)
 
     def tell(self, name: str, message) -> bool:
         return send(self.get(name), message)
 
-    def answer(self, ticket: int, reply) -> None:
+    def answer(self, ticket: int, reply: TaskReply) -> None:
         """Answer a task through the Intake actor, or straight to its server
         thread while the actor is dead or restarting: an answer is never lost."""
         from actors.messages import Answer
 
         if not self.tell("intake", Answer(ticket, reply)) and self.answer_fallback is not None:
             self.answer_fallback(ticket, reply)
-
-    def items(self) -> list[tuple[str, object]]:
-        with self._lock:
-            return list(self._refs.items())

@@ -53,7 +53,9 @@ from typing import Any, Callable
 
 import pykka
 
+from actors.directory import Directory
 from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
+from config import Config
 from protocol.channel import codec, messages
 from protocol.channel.errors import ProtocolError, StalledFrame
 from protocol.channel.frame import HEADER_SIZE, FrameClock, FrameDecoder
@@ -122,6 +124,26 @@ class TokenBucket:
         return max(-tokens / self.refill_per_s, 1e-6)
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """How fast and how much IOGuard reads of each guest channel, and of all at once."""
+
+    burst_bytes: int = 256 * KiB  # the byte bucket's capacity
+    rate_bytes_per_s: float = 1 * MiB  # ... and its refill
+    frames_per_s: float = 200  # the frame bucket's refill
+    frames_burst: int = 64  # ... and its capacity
+    max_payload: int = messages.GUEST_TO_HOST_MAX_PAYLOAD  # the largest frame a guest may send
+    frame_stall_s: float = 1.0  # a frame's deadline, besides its length at rate_bytes_per_s
+    max_partial_bytes: int = 32 * MiB  # frames in progress, across all channels
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ReadLimits:
+        io = cfg.ioguard
+        return cls(burst_bytes=io.burst_bytes, rate_bytes_per_s=io.rate_bytes_per_s,
+                   frames_per_s=io.frames_per_s, frames_burst=io.frames_burst,
+                   frame_stall_s=io.frame_stall_s, max_partial_bytes=io.max_partial_bytes)
+
+
 @dataclass
 class _Channel:
     """What the I/O thread knows about one watched VM."""
@@ -129,7 +151,7 @@ class _Channel:
     vm_id: str
     sock: socket.socket
     fd: int
-    supervisor: Any
+    supervisor: pykka.ActorRef
     decoder: FrameDecoder
     byte_bucket: TokenBucket
     frame_bucket: TokenBucket
@@ -155,29 +177,19 @@ class IOGuard(pykka.ThreadingActor):
 
     Messages (tell): Watch, Unwatch, ChannelHold, InjectFault(kind="corrupt_frame",
     vm_id) and InjectFault(kind="crash"). Sends: GuestSaid and ChannelFailed to
-    the VM's Supervisor. Proxy calls: stats(), stats_for(vm_id).
+    the VM's Supervisor. Proxy call: stats().
     """
 
-    def __init__(self, burst_bytes: int = 256 * KiB, rate_bytes_per_s: float = 1 * MiB,
-                 frames_per_s: float = 200, frames_burst: int = 64,
-                 max_payload: int = messages.GUEST_TO_HOST_MAX_PAYLOAD,
-                 frame_stall_s: float = 1.0, max_partial_bytes: int = 32 * MiB,
-                 directory: Any = None) -> None:
+    def __init__(self, *, limits: ReadLimits = ReadLimits(), directory: Directory | None = None) -> None:
         super().__init__()
-        TokenBucket(burst_bytes, rate_bytes_per_s)  # validate now, not on the first Watch
-        TokenBucket(frames_burst, frames_per_s)
-        FrameClock(frame_stall_s, rate_bytes_per_s)
-        if max_partial_bytes < max_payload:
+        TokenBucket(limits.burst_bytes, limits.rate_bytes_per_s)  # validate now, not on the first Watch
+        TokenBucket(limits.frames_burst, limits.frames_per_s)
+        FrameClock(limits.frame_stall_s, limits.rate_bytes_per_s)
+        if limits.max_partial_bytes < limits.max_payload:
             # The largest frame could never be admitted: its channel would wait for ever.
-            raise ValueError(f"max_partial_bytes ({max_partial_bytes}) must be at least "
-                             f"max_payload ({max_payload})")
-        self.frame_stall_s = frame_stall_s
-        self.max_partial_bytes = max_partial_bytes
-        self.burst_bytes = burst_bytes
-        self.rate_bytes_per_s = rate_bytes_per_s
-        self.frames_per_s = frames_per_s
-        self.frames_burst = frames_burst
-        self.max_payload = max_payload
+            raise ValueError(f"max_partial_bytes ({limits.max_partial_bytes}) must be at least "
+                             f"max_payload ({limits.max_payload})")
+        self.limits = limits
         self.directory = directory  # optional: where to report our own crash ("root")
         self._io: _IOLoop | None = None
 
@@ -214,16 +226,13 @@ class IOGuard(pykka.ThreadingActor):
 
     def stats(self) -> dict:
         """{"total": {...}, "vms": {vm_id: {...}}}: bytes_read, frames_read,
-        throttled_s, stalls, room_waits per VM; totals also count VMs already
-        forgotten plus watched, violations, lost channels, partial_peak and
-        held_peak (the most bytes ever admitted, and held, at once), and now:
-        partial_bytes (admitted to frames in progress), partial_held (received
-        of them) and waiting_for_room."""
+        throttled_s, stalls, room_waits per watched VM; totals also count VMs
+        already forgotten plus watched, violations, lost channels, partial_peak
+        and held_peak (the most bytes ever admitted, and held, at once). Both
+        also say how things are now: partial_bytes (admitted to frames in
+        progress), partial_held (received of them) and waiting_for_room (a
+        count in the totals), and per VM whether it is `throttled`."""
         return self._io.stats() if self._io is not None else {"total": {}, "vms": {}}
-
-    def stats_for(self, vm_id: str) -> dict | None:
-        """One watched VM's counters (plus `throttled` now), None if not watched."""
-        return self.stats()["vms"].get(vm_id)
 
 
 class _IOLoop:
@@ -231,6 +240,7 @@ class _IOLoop:
 
     def __init__(self, owner: IOGuard) -> None:
         self.owner = owner
+        self.limits = owner.limits
         self.selector = selectors.DefaultSelector()
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = socket.socketpair()
@@ -355,14 +365,14 @@ class _IOLoop:
         if old is not None:
             log.warning("VM %s watched again: replacing its channel", command.vm_id)
             self._forget(old)
-        g = self.owner
+        limits = self.limits
         ch = _Channel(
             vm_id=command.vm_id, sock=command.sock, fd=command.sock.fileno(),
             supervisor=command.supervisor,
-            decoder=FrameDecoder(crc32, max_payload=g.max_payload),
-            byte_bucket=TokenBucket(g.burst_bytes, g.rate_bytes_per_s),
-            frame_bucket=TokenBucket(g.frames_burst, g.frames_per_s),
-            clock=FrameClock(g.frame_stall_s, g.rate_bytes_per_s))
+            decoder=FrameDecoder(crc32, max_payload=limits.max_payload),
+            byte_bucket=TokenBucket(limits.burst_bytes, limits.rate_bytes_per_s),
+            frame_bucket=TokenBucket(limits.frames_burst, limits.frames_per_s),
+            clock=FrameClock(limits.frame_stall_s, limits.rate_bytes_per_s))
         with self.lock:
             self.channels[ch.vm_id] = ch
         try:
@@ -551,7 +561,7 @@ class _IOLoop:
         """Admit `ch`'s frame against max_partial_bytes, or park the channel
         (unread, its clock standing) behind the frames already waiting."""
         length = ch.decoder.declared_length
-        if not self.waiting and self.partial_bytes + length <= self.owner.max_partial_bytes:
+        if not self.waiting and self.partial_bytes + length <= self.limits.max_partial_bytes:
             self._reserve(ch, length)
             return
         self._unregister(ch)
@@ -578,7 +588,7 @@ class _IOLoop:
         while self.waiting and not self.stopping:
             first = next(iter(self.waiting.values()))
             length = first.decoder.declared_length
-            if self.partial_bytes + length > self.owner.max_partial_bytes:
+            if self.partial_bytes + length > self.limits.max_partial_bytes:
                 return
             with self.lock:
                 del self.waiting[first.vm_id]

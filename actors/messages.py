@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
+
+import pykka
 
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from protocol.channel import codec
@@ -61,7 +64,7 @@ class VmAvailable:
     """PoolManager -> Scheduler: a warm, paused VM can take a task."""
 
     vm_id: str
-    supervisor: Any  # pykka ActorRef of the VM's Supervisor
+    supervisor: pykka.ActorRef  # the VM's Supervisor
     tier: Tier = DEFAULT_TIER  # the hard capabilities it was booted with
 
 
@@ -88,14 +91,25 @@ class RunTask:
     assigned_at: float  # monotonic
 
 
+class PoolVmState(StrEnum):
+    """A VM as the PoolManager sees it (VmState.state): coarser than the
+    Supervisor's phases. The values are also the `state` label of the pool's
+    metrics and what `corral status` shows."""
+
+    BOOTING = "booting"
+    READY = "ready"  # offered to the Scheduler
+    BUSY = "busy"  # a task is on it
+    RESETTING = "resetting"
+    GONE = "gone"  # destroyed: the pool forgets it
+
+
 @dataclass(frozen=True)
 class VmState:
-    """Supervisor -> PoolManager: the VM moved to `state` (booting, ready, busy,
-    resetting, gone). `reason` says why it is gone: retired, boot_failed,
-    protocol_violation, deadman, vm_lost, shed, ..."""
+    """Supervisor -> PoolManager: the VM moved to `state`. `reason` says why it
+    is gone: retired, boot_failed, protocol_violation, deadman, vm_lost, shed, ..."""
 
     vm_id: str
-    state: str
+    state: PoolVmState
     reason: str = ""
 
 
@@ -114,7 +128,7 @@ class Watch:
 
     vm_id: str
     sock: socket.socket
-    supervisor: Any
+    supervisor: pykka.ActorRef  # where what the guest says goes
 
 
 @dataclass(frozen=True)
@@ -157,8 +171,8 @@ class ChannelFailed:
 
 @dataclass(frozen=True)
 class DeadlinePassed:
-    """Timer -> Supervisor: the deadline armed for `phase` (boot, acquire, run,
-    reset) with `token` has passed; stale tokens are ignored."""
+    """Timer -> Supervisor: the deadline armed for `phase` (a VmPhase of
+    actors/supervisor.py) with `token` has passed; stale tokens are ignored."""
 
     phase: str
     token: int

@@ -13,24 +13,31 @@ are kept warm; each hard-capability tier (NIC, large memory) keeps
 tasks the Scheduler says are waiting for it (TierDemand), up to `tiers.max`,
 retiring them after `tiers.idle_s` idle. The default tier's warm path is
 untouched by the others.
+
+What to boot and what to retire is worked out from the pool's table of VMs
+by plain functions in actors/pool_plan.py; this actor keeps the table, asks
+them, and starts and tells.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import pykka
 
 from actors.directory import Directory, drain_inbox, send
-from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault,
+from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault, PoolVmState,
                              ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, TierDemand,
                              VmAvailable, VmState, VmWithdrawn)
 from actors.edge.metrics import POOL_STATES, Metrics
-from actors.vm.tiers import DEFAULT_TIER, RARE_TIERS, Tier
+from actors.pool_plan import (PoolState, PoolView, PoolVm, TierSizes, boot_backoff_s, boots_wanted,
+                              oldest_idle, over_size, retire_on_tick)
+from actors.vm.tiers import Tier
 from actors.timers import Timers
+from config import Config
 
 log = logging.getLogger("corral.pool")
 TICK_S = 1.0
@@ -38,53 +45,27 @@ SHUTDOWN_S = 60.0
 
 
 @dataclass(frozen=True)
-class TierSizes:
-    """VMs of each hard-capability tier: kept warm, at most, idle before retiring."""
+class PoolSettings:
+    size: int  # warm VMs of the default tier, until an operator sets another (SetPoolSize)
+    max_age_s: float  # an idle VM older than this is retired
+    backoff_max_s: float = 30.0  # the longest wait between failing boots
+    tiers: TierSizes = TierSizes()
 
-    warm: int = 0
-    max: int = 2
-    idle_s: float = 120.0
-
-
-@dataclass
-class PoolVm:
-    supervisor: Any
-    tier: Tier = DEFAULT_TIER
-    state: str = "booting"
-    since: float = field(default_factory=time.monotonic)
-    born: float = field(default_factory=time.monotonic)
-
-
-class PoolView:
-    """The VMs the pool owns and their states, readable from any thread without
-    asking the PoolManager (the Watchdog tells zombies from live VMs by it, the
-    control plane shows it). Each attribute is replaced whole, never mutated."""
-
-    def __init__(self) -> None:
-        self.owned: frozenset[str] = frozenset()
-        self.states: dict[str, str] = {}
-        self.size = 0
-
-
-@dataclass
-class PoolState:
-    """What a restarted PoolManager takes over: the live VMs and the backoff."""
-
-    vms: dict[str, PoolVm] = field(default_factory=dict)
-    boot_failures: int = 0
-    next_boot_at: float = 0.0
-    shed: int = 0  # VMs given up for host memory
-    safe_mode: bool = False
-    size: int | None = None  # set by an operator; None: the configured size
-    demand: dict = field(default_factory=dict)  # tier -> tasks waiting for it (from the Scheduler)
+    @classmethod
+    def from_config(cls, cfg: Config) -> PoolSettings:
+        pool = cfg.pool
+        return cls(size=pool.size, max_age_s=pool.max_age_s, backoff_max_s=pool.boot_backoff_max_s,
+                   tiers=TierSizes(pool.tier_size, pool.tier_max, pool.tier_idle_s))
 
 
 class PoolManager(pykka.ThreadingActor):
-    def __init__(self, directory: Directory, metrics: Metrics, timers: Timers,
-                 start_supervisor: Callable[[str, Tier], Any], new_name: Callable[[], str],
-                 view: PoolView, size: int,
-                 max_age_s: float, backoff_max_s: float = 30.0, state: PoolState | None = None,
-                 safe_mode: bool = False, tiers: TierSizes = TierSizes()):
+    def __init__(self, *, directory: Directory, metrics: Metrics, timers: Timers,
+                 start_supervisor: Callable[[str, Tier], pykka.ActorRef], new_name: Callable[[], str],
+                 view: PoolView, settings: PoolSettings, state: PoolState | None = None,
+                 safe_mode: bool = False):
+        """`start_supervisor(vm_id, tier)` starts a VM's Supervisor; `new_name()`
+        names a VM; `view` is published for other threads. `state`: a crashed
+        predecessor's, taken over; else an empty pool in `safe_mode` or not."""
         super().__init__()
         self.directory = directory
         self.metrics = metrics
@@ -92,12 +73,10 @@ class PoolManager(pykka.ThreadingActor):
         self.start_supervisor = start_supervisor
         self.new_name = new_name
         self.view = view
-        self.max_age_s = max_age_s
-        self.backoff_max_s = backoff_max_s
+        self.settings = settings
         self.state = state or PoolState(safe_mode=safe_mode)
         if self.state.size is None:
-            self.state.size = size
-        self.tiers = tiers
+            self.state.size = settings.size
         self.stopping = False
 
     def on_start(self) -> None:
@@ -145,40 +124,29 @@ class PoolManager(pykka.ThreadingActor):
         vm = self.state.vms.get(message.vm_id)
         if vm is None:
             return
-        if message.state == "gone":
+        if message.state == PoolVmState.GONE:
             del self.state.vms[message.vm_id]
             self.directory.tell("scheduler", VmWithdrawn(message.vm_id))
             self.metrics.vms_destroyed.labels(message.reason or "unknown").inc()
             if message.reason == "boot_failed":
                 self.state.boot_failures += 1
-                delay = min(self.backoff_max_s, 2 ** (self.state.boot_failures - 1))
+                delay = boot_backoff_s(self.state.boot_failures, self.settings.backoff_max_s)
                 self.state.next_boot_at = time.monotonic() + delay
                 self.timers.call_later(delay, self.actor_ref, BackoffOver())
                 log.warning("VM %s failed to boot; next boot in %.0f s", message.vm_id, delay)
             self._fill()
             return
-        if message.state == "ready":
-            if vm.state == "booting":
+        if message.state == PoolVmState.READY:
+            if vm.state == PoolVmState.BOOTING:
                 self.state.boot_failures = 0
             self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor, vm.tier))
         vm.state = message.state
         vm.since = time.monotonic()
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        idle_of_tier = {tier: self._count(tier) - self.tiers.warm for tier in RARE_TIERS}
-        for vm_id, vm in self.state.vms.items():
-            if vm.state != "ready":
-                continue
-            if now - vm.born > self.max_age_s:
-                reason = "age"
-            elif vm.tier != DEFAULT_TIER and idle_of_tier[vm.tier] > 0 and now - vm.since > self.tiers.idle_s:
-                idle_of_tier[vm.tier] -= 1
-                reason = "idle"
-            else:
-                continue
-            self.directory.tell("scheduler", VmWithdrawn(vm_id))
-            send(vm.supervisor, Retire(reason))
+        settings = self.settings
+        for vm_id, reason in retire_on_tick(self.state, settings.tiers, settings.max_age_s, time.monotonic()):
+            self._retire(vm_id, reason)
         self._fill()
         if not self.stopping:
             self.timers.call_later(TICK_S, self.actor_ref, Tick())
@@ -188,53 +156,32 @@ class PoolManager(pykka.ThreadingActor):
             send(vm.supervisor, message)
 
     def _shrink(self) -> None:
-        """Over the wanted size: idle VMs retire (oldest first); busy ones count
-        until their task ends and are then not replaced. The size is the default
-        tier's; the other tiers keep their own sizes."""
-        extra = self._count(DEFAULT_TIER) - self.state.size
-        idle = sorted((vm.born, vm_id) for vm_id, vm in self.state.vms.items()
-                      if vm.state == "ready" and vm.tier == DEFAULT_TIER)
-        for _, vm_id in idle[:max(0, extra)]:
-            self.directory.tell("scheduler", VmWithdrawn(vm_id))
-            send(self.state.vms[vm_id].supervisor, Retire("pool_size"))
+        """Over the wanted size: idle VMs retire (pool_plan.over_size)."""
+        for vm_id in over_size(self.state):
+            self._retire(vm_id, "pool_size")
 
     def _shed_one(self) -> None:
         """Memory is short: the oldest idle VM goes, and the pool stays one
         smaller until the watchdog sees memory back."""
-        idle = [(vm.born, vm_id) for vm_id, vm in self.state.vms.items() if vm.state == "ready"]
-        if idle:
-            _, vm_id = min(idle)
-            self.directory.tell("scheduler", VmWithdrawn(vm_id))
-            send(self.state.vms[vm_id].supervisor, Retire("memory"))
+        vm_id = oldest_idle(self.state)
+        if vm_id is not None:
+            self._retire(vm_id, "memory")
             self.state.shed += 1
 
-    def _count(self, tier: Tier, states: tuple[str, ...] | None = None) -> int:
-        return sum(1 for vm in self.state.vms.values()
-                   if vm.tier == tier and (states is None or vm.state in states))
-
-    def _wanted(self, tier: Tier) -> bool:
-        """Should one more VM of `tier` boot now?"""
-        if tier == DEFAULT_TIER:
-            return self._count(tier) < self.state.size - self.state.shed
-        count = self._count(tier)
-        if count < self.tiers.warm:
-            return True
-        # Tasks waiting beyond the VMs that will be free for them soon.
-        waiting = self.state.demand.get(tier, 0)
-        return count < self.tiers.max and waiting > self._count(tier, ("booting", "ready"))
+    def _retire(self, vm_id: str, reason: str) -> None:
+        """No more tasks for this VM; it ends once idle (at once if it is)."""
+        self.directory.tell("scheduler", VmWithdrawn(vm_id))
+        send(self.state.vms[vm_id].supervisor, Retire(reason))
 
     def _fill(self) -> None:
-        if self.stopping or self.state.safe_mode:
+        if self.stopping:
             return
-        for tier in (DEFAULT_TIER, *RARE_TIERS):
-            while self._wanted(tier) and time.monotonic() >= self.state.next_boot_at:
-                vm_id = self.new_name()
-                # Published before the Supervisor creates the domain: never a zombie.
-                self.state.vms[vm_id] = PoolVm(supervisor=None, tier=tier)
-                self.view.owned = frozenset(self.state.vms)
-                self.state.vms[vm_id].supervisor = self.start_supervisor(vm_id, tier)
-                if self.state.boot_failures:
-                    return  # while boots fail, try one at a time
+        for tier in boots_wanted(self.state, self.settings.tiers, time.monotonic()):
+            vm_id = self.new_name()
+            # Published before the Supervisor creates the domain: never a zombie.
+            self.state.vms[vm_id] = PoolVm(supervisor=None, tier=tier)
+            self.view.owned = frozenset(self.state.vms)
+            self.state.vms[vm_id].supervisor = self.start_supervisor(vm_id, tier)
 
     def _publish(self) -> None:
         self.view.owned = frozenset(self.state.vms)

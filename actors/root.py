@@ -22,19 +22,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 import pykka
 
 from actors.directory import Directory
+from actors.edge.metrics import Metrics
 from actors.messages import ChildFailed
 
 log = logging.getLogger("corral.root")
 
 
 class Root(pykka.ThreadingActor):
-    def __init__(self, directory: Directory, factories: dict[str, Callable], metrics,
-                 max_restarts: int, window_s: float, give_up: Callable[[str], None]):
+    def __init__(self, *, directory: Directory, factories: dict[str, Callable[[Any], pykka.ActorRef]],
+                 metrics: Metrics, max_restarts: int, window_s: float, give_up: Callable[[str], None]):
         super().__init__()
         self.directory = directory
         self.factories = factories  # name -> callable(salvage) -> ActorRef, in start order

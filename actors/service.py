@@ -8,30 +8,32 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import pykka
 
 from actors.edge.control import ControlServer, Mode, SafeModeFile
 from actors.artifacts import signing
-from actors.artifacts.files import FileSettings
 from actors.edge.connections import plan_fd_budget
 from actors.directory import Directory
 from actors.edge.endpoint import check_endpoint_free
 from actors.vm.host import Hypervisor
 from actors.edge.identity import Admission
-from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer, TaskLimits
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer, TaskLimits
+from actors.intake import Intake
 from actors.messages import ResumeService, Scram
-from actors.ioguard import IOGuard
+from actors.ioguard import IOGuard, ReadLimits
 from actors.edge.metrics import Metrics
-from actors.pool import PoolManager, PoolView, TierSizes
+from actors.pool import PoolManager, PoolSettings
+from actors.pool_plan import PoolView
 from actors.root import Root
-from actors.scheduler import Scheduler
+from actors.scheduler import QueueLimits, Scheduler
 from actors.supervisor import Supervisor, VmSettings
 from actors.vm.tiers import DEFAULT_TIER, RARE_TIERS, Tier
 from actors.timers import Timers
 from actors.watchdog import Watchdog
 
 import config
-from protocol.channel.capabilities import soft_bits
 
 log = logging.getLogger("corral.service")
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -50,8 +52,10 @@ def return_large_buffers_to_the_os(threshold: int = 32 * 1024) -> None:
 
 
 class Corral:
-    def __init__(self, cfg: config.Config, hypervisor: Hypervisor | None = None,
+    def __init__(self, cfg: config.Config, hypervisor: Hypervisor | None = None, *,
                  on_give_up: Callable[[str], None] | None = None):
+        """`hypervisor`: None to open one for `cfg` (closed at stop); `on_give_up(reason)`
+        is called when the Root gives up restarting a failing actor."""
         self.cfg = cfg
         self.hypervisor = hypervisor or Hypervisor.from_config(cfg)
         self.owns_hypervisor = hypervisor is None
@@ -61,33 +65,17 @@ class Corral:
         self.gave_up = threading.Event()
         self.give_up_reason = ""
         self.on_give_up = on_give_up
-        tasks = cfg.tasks
         self.fd_budget = plan_fd_budget(cfg.daemon.max_connections, cfg.control.max_connections,
                                         cfg.pool.size + cfg.pool.tier_max * len(RARE_TIERS))
-        self.server = IntakeServer(cfg.daemon.endpoint, TaskLimits(
-            default_timeout_ms=int(tasks.default_timeout_s * 1000),
-            max_timeout_ms=int(tasks.max_timeout_s * 1000),
-            default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
-            max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes),
-            self.metrics, self.directory,
+        self.server = IntakeServer(
+            cfg.daemon.endpoint, TaskLimits.from_config(cfg), self.metrics, self.directory,
             Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, self.metrics),
             max_connections=self.fd_budget.client)
         self.signer = signing.load_or_create(cfg.artifacts.key_path(cfg.state_dir))
-        self.vm_settings = VmSettings(
-            boot_timeout_s=cfg.vm.boot_timeout_s, acquire_timeout_s=cfg.pool.acquire_timeout_s,
-            reset_timeout_s=cfg.pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
-            settle_s=cfg.pool.settle_ms / 1000,
-            max_uses=cfg.pool.max_uses, max_age_s=cfg.pool.max_age_s, strict=cfg.pool.strict,
-            files=FileSettings(max_put_bytes=cfg.artifacts.max_put_bytes,
-                               max_collect_bytes=cfg.artifacts.max_collect_bytes,
-                               collect_timeout_s=cfg.artifacts.collect_timeout_s, signer=self.signer),
-            default_soft_bits=soft_bits(tasks.default_capabilities),
-            large_memory_mib=cfg.vm.large_memory_mib,
-            cpu=(cfg.vm.cpu_shares, cfg.vm.cpu_quota_pct),
-            high_cpu=(cfg.vm.high_cpu_shares, cfg.vm.high_cpu_quota_pct))
+        self.vm_settings = VmSettings.from_config(cfg, self.signer)
         self.directory.answer_fallback = self.server.post
         self.pool_view = PoolView()
-        self.root = None
+        self.root: pykka.ActorRef | None = None
         control_dir = Path(cfg.control.endpoint[len("ipc://"):]).parent
         self.safe_mode_file = SafeModeFile(control_dir / f"{cfg.daemon.instance}.safe-mode")
         self.mode = Mode()
@@ -100,34 +88,29 @@ class Corral:
 
     # --- factories: name -> callable(salvage) -> ActorRef, in start order ------
 
-    def _factories(self) -> dict:
+    def _factories(self) -> dict[str, Callable[[Any], pykka.ActorRef]]:
         cfg = self.cfg
         return {
             "ioguard": lambda salvage: IOGuard.start(
-                burst_bytes=cfg.ioguard.burst_bytes, rate_bytes_per_s=cfg.ioguard.rate_bytes_per_s,
-                frames_per_s=cfg.ioguard.frames_per_s, frames_burst=cfg.ioguard.frames_burst,
-                frame_stall_s=cfg.ioguard.frame_stall_s, max_partial_bytes=cfg.ioguard.max_partial_bytes,
-                directory=self.directory),
+                limits=ReadLimits.from_config(cfg), directory=self.directory),
             "intake": lambda salvage: Intake.start(self.server, self.directory),
             "scheduler": lambda salvage: Scheduler.start(
-                self.directory, self.metrics, self.timers, cfg.tasks.queue_depth,
-                cfg.tasks.max_queued_bytes, cfg.tasks.max_queue_wait_s,
-                retry_after_ms=int(cfg.tasks.busy_retry_after_s * 1000), state=salvage,
-                safe_mode=self.in_safe_mode),
+                directory=self.directory, metrics=self.metrics, timers=self.timers,
+                limits=QueueLimits.from_config(cfg), state=salvage, safe_mode=self.in_safe_mode),
             "pool": lambda salvage: PoolManager.start(
-                self.directory, self.metrics, self.timers, self._start_supervisor, self.hypervisor.new_name,
-                self.pool_view, cfg.pool.size,
-                cfg.pool.max_age_s, cfg.pool.boot_backoff_max_s, state=salvage,
-                safe_mode=self.in_safe_mode,
-                tiers=TierSizes(cfg.pool.tier_size, cfg.pool.tier_max, cfg.pool.tier_idle_s)),
+                directory=self.directory, metrics=self.metrics, timers=self.timers,
+                start_supervisor=self._start_supervisor, new_name=self.hypervisor.new_name,
+                view=self.pool_view, settings=PoolSettings.from_config(cfg), state=salvage,
+                safe_mode=self.in_safe_mode),
             "watchdog": lambda salvage: Watchdog.start(
-                self.directory, self.hypervisor, self.timers, self.pool_view,
-                cfg.watchdog.interval_s, cfg.watchdog.min_available_mib),
+                directory=self.directory, hypervisor=self.hypervisor, timers=self.timers,
+                pool_view=self.pool_view, interval_s=cfg.watchdog.interval_s,
+                min_available_mib=cfg.watchdog.min_available_mib),
         }
 
-    def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER):
-        return Supervisor.start(vm_id, self.directory, self.hypervisor, self.timers, self.metrics,
-                                self.vm_settings, tier)
+    def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER) -> pykka.ActorRef:
+        return Supervisor.start(vm_id, directory=self.directory, hypervisor=self.hypervisor, timers=self.timers,
+                                metrics=self.metrics, settings=self.vm_settings, tier=tier)
 
     def _ioguard_totals(self) -> dict:
         ioguard = self.directory.get("ioguard")
@@ -190,9 +173,9 @@ class Corral:
         self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
         self.metrics.watch_ioguard(self._ioguard_totals)
         self.metrics.watch_pool(self.pool_view)
-        self.root = Root.start(self.directory, self._factories(), self.metrics,
-                               self.cfg.supervision.max_restarts, self.cfg.supervision.window_s,
-                               self._give_up)
+        self.root = Root.start(directory=self.directory, factories=self._factories(), metrics=self.metrics,
+                               max_restarts=self.cfg.supervision.max_restarts,
+                               window_s=self.cfg.supervision.window_s, give_up=self._give_up)
         self.root.proxy().started().get(timeout=30)
         self.control.start()
 

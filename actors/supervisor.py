@@ -24,29 +24,33 @@ leaves it so.
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others. So do pause and resume, through
 the VM's own QMP connection where it has one (actors/vm/qmp.py). Reading the
-channel is IOGuard's.
+channel is IOGuard's. The answer built from what the VM reported is
+actors/replies.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import pykka
 
-from actors.artifacts.files import Collection, FileSettings, files_out
+from actors.artifacts.files import Collection, FileSettings
+from actors.artifacts.signing import Signer
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.vm.guest_link import CappedOutput, GuestLink
 from actors.vm.host import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
-                             Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
+                             PoolVmState, Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
 from actors.edge.metrics import Metrics
+from actors.replies import exit_reply, whole_ms, with_files
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
+from config import Config
 from protocol.channel import codec
 from protocol.channel import messages as guest
 from protocol.wire import outcomes
@@ -56,15 +60,42 @@ from protocol.wire.tasks import ErrorCode, TaskReply, error_reply
 log = logging.getLogger("corral.supervisor")
 SEND_TIMEOUT_S = 5.0
 
+
+class VmPhase(StrEnum):
+    """Where a VM is in its life (the cycle is drawn above); logs say the value."""
+
+    BOOTING = "booting"
+    SETTLING = "settling"
+    READY = "ready"
+    ACQUIRING = "acquiring"
+    RUNNING = "running"
+    COLLECTING = "collecting"
+    RESETTING = "resetting"
+    GONE = "gone"
+
+
+# What the PoolManager is told of each phase. Settling is ready to the pool:
+# offered, only not yet paused.
+POOL_STATE_OF = {
+    VmPhase.BOOTING: PoolVmState.BOOTING,
+    VmPhase.SETTLING: PoolVmState.READY,
+    VmPhase.READY: PoolVmState.READY,
+    VmPhase.ACQUIRING: PoolVmState.BUSY,
+    VmPhase.RUNNING: PoolVmState.BUSY,
+    VmPhase.COLLECTING: PoolVmState.BUSY,
+    VmPhase.RESETTING: PoolVmState.RESETTING,
+    VmPhase.GONE: PoolVmState.GONE,
+}
+
 ALLOWED = {
-    "booting": frozenset({guest.Hello}),
-    "ready": frozenset(),
-    "acquiring": frozenset({guest.HeartbeatAck}),
-    "running": frozenset({guest.Output, guest.Exit, guest.Error}),
-    "collecting": frozenset({guest.Collected}),
+    VmPhase.BOOTING: frozenset({guest.Hello}),
+    VmPhase.READY: frozenset(),
+    VmPhase.ACQUIRING: frozenset({guest.HeartbeatAck}),
+    VmPhase.RUNNING: frozenset({guest.Output, guest.Exit, guest.Error}),
+    VmPhase.COLLECTING: frozenset({guest.Collected}),
     # Output and Exit of a command the reset killed may still be in flight.
-    "resetting": frozenset({guest.ResetDone, guest.Output, guest.Exit}),
-    "settling": frozenset(),
+    VmPhase.RESETTING: frozenset({guest.ResetDone, guest.Output, guest.Exit}),
+    VmPhase.SETTLING: frozenset(),
 }
 # Guest errors that mean "this command was not started" (code -> text before the
 # agent's message): the task is answered with the code, the VM lives on.
@@ -88,6 +119,22 @@ class VmSettings:
     cpu: tuple[int, int] = (1024, 50)  # (shares, quota %) of default tasks
     high_cpu: tuple[int, int] = (4096, 0)  # ... of res:high_cpu tasks
 
+    @classmethod
+    def from_config(cls, cfg: Config, signer: Signer | None) -> VmSettings:
+        pool, vm, tasks, artifacts = cfg.pool, cfg.vm, cfg.tasks, cfg.artifacts
+        return cls(
+            boot_timeout_s=vm.boot_timeout_s, acquire_timeout_s=pool.acquire_timeout_s,
+            reset_timeout_s=pool.reset_timeout_s, deadman_grace_s=tasks.deadman_grace_s,
+            settle_s=pool.settle_ms / 1000,
+            max_uses=pool.max_uses, max_age_s=pool.max_age_s, strict=pool.strict,
+            files=FileSettings(max_put_bytes=artifacts.max_put_bytes,
+                               max_collect_bytes=artifacts.max_collect_bytes,
+                               collect_timeout_s=artifacts.collect_timeout_s, signer=signer),
+            default_soft_bits=soft_bits(tasks.default_capabilities),
+            large_memory_mib=vm.large_memory_mib,
+            cpu=(vm.cpu_shares, vm.cpu_quota_pct),
+            high_cpu=(vm.high_cpu_shares, vm.high_cpu_quota_pct))
+
 
 @dataclass
 class RunningTask:
@@ -101,7 +148,7 @@ class RunningTask:
 
 
 class Supervisor(pykka.ThreadingActor):
-    def __init__(self, vm_id: str, directory: Directory, hypervisor: Hypervisor, timers: Timers,
+    def __init__(self, vm_id: str, *, directory: Directory, hypervisor: Hypervisor, timers: Timers,
                  metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER):
         super().__init__()
         self.vm_id = vm_id
@@ -112,13 +159,13 @@ class Supervisor(pykka.ThreadingActor):
         self.timers = timers
         self.metrics = metrics
         self.settings = settings
-        self.state = "booting"
+        self.state: VmPhase = VmPhase.BOOTING
         self.handle = None
         self.run_control = None  # pauses and resumes the domain (QMP or libvirt)
         self.link: GuestLink | None = None
         self.current: RunningTask | None = None
         self.deadline_token = 0
-        self.deadline: tuple[str, float] | None = None  # (phase, monotonic time) armed last
+        self.deadline: tuple[VmPhase, float] | None = None  # (phase, monotonic time) armed last
         self.frozen_at: float | None = None  # monotonic time of the Freeze, while frozen
         self.uses = 0
         self.born = time.monotonic()
@@ -128,7 +175,7 @@ class Supervisor(pykka.ThreadingActor):
     # --- life cycle ------------------------------------------------------------
 
     def on_start(self) -> None:
-        self._tell_pool("booting")
+        self._tell_pool(PoolVmState.BOOTING)
         try:
             self.handle = self.hypervisor.create(
                 name=self.vm_id, network=self.tier.network,
@@ -142,10 +189,10 @@ class Supervisor(pykka.ThreadingActor):
             self._end("boot_failed")
             return
         self.directory.tell("ioguard", Watch(self.vm_id, self.link.sock, self.actor_ref))
-        self._arm("booting", self.settings.boot_timeout_s)
+        self._arm(VmPhase.BOOTING, self.settings.boot_timeout_s)
 
     def on_receive(self, message: Any) -> None:
-        if self.state == "gone":
+        if self.state == VmPhase.GONE:
             if isinstance(message, RunTask):  # raced with our end: someone else runs it
                 self._requeue(message.task)
             return
@@ -170,7 +217,7 @@ class Supervisor(pykka.ThreadingActor):
                 self._fail(ErrorCode.VM_LOST, f"the VM died ({message.detail})", reason=self._boot_failed())
         elif isinstance(message, Retire):
             self.retire_reason = message.reason
-            if self.state in ("ready", "settling", "booting"):
+            if self.state in (VmPhase.READY, VmPhase.SETTLING, VmPhase.BOOTING):
                 self._end("retired_" + message.reason)
         elif isinstance(message, InjectFault):
             self._inject(message.kind)
@@ -184,7 +231,7 @@ class Supervisor(pykka.ThreadingActor):
         self._requeue_stranded()
 
     def on_stop(self) -> None:
-        if self.state != "gone":
+        if self.state != VmPhase.GONE:
             self._fail(ErrorCode.CANCELLED, "corrald is shutting down", stop=False)
         self._requeue_stranded()
 
@@ -214,7 +261,7 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, guest.Output):
             self._output(message)
         elif isinstance(message, guest.Exit):
-            if self.state == "running":
+            if self.state == VmPhase.RUNNING:
                 self._finished(message)
         elif isinstance(message, guest.Collected):
             self._collected(message)
@@ -242,9 +289,9 @@ class Supervisor(pykka.ThreadingActor):
         if self.retire_reason:
             return self._end("retired_" + self.retire_reason)
         if self.settings.settle_s > 0:
-            self._set_state("settling", self.settings.settle_s)
+            self._set_state(VmPhase.SETTLING, self.settings.settle_s)
         elif self._pause():
-            self._set_state("ready")
+            self._set_state(VmPhase.READY)
 
     def _pause(self) -> bool:
         """Pause the VM to wait for a task; False if it had to end instead."""
@@ -258,13 +305,13 @@ class Supervisor(pykka.ThreadingActor):
         return True
 
     def _run_task(self, message: RunTask) -> None:
-        if self.state not in ("ready", "settling") or self.frozen_at is not None:
+        if self.state not in (VmPhase.READY, VmPhase.SETTLING) or self.frozen_at is not None:
             self._requeue(message.task)
             return
-        paused = self.state == "ready"
+        paused = self.state == VmPhase.READY
         self.current = RunningTask(message.task, message.assigned_at,
                                    CappedOutput(message.task.request.output_cap))
-        self.state = "acquiring"
+        self.state = VmPhase.ACQUIRING
         try:
             # Queued in the socket before the resume: the agent finds it the
             # moment it runs again, with no round trip after the resume call.
@@ -277,7 +324,7 @@ class Supervisor(pykka.ThreadingActor):
             return self._fail(ErrorCode.VM_LOST, f"the VM could not be resumed ({e})")
         # Telling the pool and arming the deadline wait until the guest runs:
         # they are off the acquire's path, and the answer cannot be read before.
-        self._set_state("acquiring", self.settings.acquire_timeout_s)
+        self._set_state(VmPhase.ACQUIRING, self.settings.acquire_timeout_s)
 
     def _start_command(self) -> None:
         running = self.current
@@ -288,8 +335,8 @@ class Supervisor(pykka.ThreadingActor):
         # Both clocks count from assignment, as callers see it: the guest kills
         # the command at the timeout, the dead-man's switch 5 s later.
         deadman_at = running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s
-        self._set_state("running", deadman_at - time.monotonic())
-        timeout_left_ms = request.timeout_ms - _ms(running.acquired_at - running.assigned_at)
+        self._set_state(VmPhase.RUNNING, deadman_at - time.monotonic())
+        timeout_left_ms = request.timeout_ms - whole_ms(running.acquired_at - running.assigned_at)
         try:
             for path, mode, data in request.files_in:  # the agent answers a failed put at the Exec
                 self.link.send(guest.PutFile(path=path, mode=mode, data=data))
@@ -310,7 +357,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _output(self, message: guest.Output) -> None:
         running = self.current
-        if self.state != "running":
+        if self.state != VmPhase.RUNNING:
             return  # output of a command a reset killed
         if message.exec_id != running.exec_id:
             return self._fail(ErrorCode.PROTOCOL_VIOLATION, f"output for exec {message.exec_id}")
@@ -324,28 +371,12 @@ class Supervisor(pykka.ThreadingActor):
         request = running.task.request
         exit_message = running.output.flag(exit_message)
         timed_out = exit_message.timed_out
-        outcome = outcomes.classify(
-            timed_out=timed_out, oom_killed=exit_message.oom_killed, signal=exit_message.signal,
-            exit_code=exit_message.exit_code,
-            truncated=exit_message.stdout_truncated or exit_message.stderr_truncated)
-        running.reply = TaskReply(
-            task_id=request.task_id,
-            error_code=ErrorCode.TIMEOUT if timed_out else "",
-            error_message=f"the command ran past its timeout of {request.timeout_ms / 1000:g} s "
-                          "and was killed" if timed_out else "",
-            exit_code=exit_message.exit_code, signal=exit_message.signal, timed_out=timed_out,
-            stdout=running.output.stdout(), stderr=running.output.stderr(),
-            stdout_truncated=exit_message.stdout_truncated,
-            stderr_truncated=exit_message.stderr_truncated,
-            queued_ms=_ms(running.assigned_at - running.task.accepted_at),
-            acquire_ms=_ms(running.acquired_at - running.assigned_at),
-            run_ms=exit_message.wall_ms, user_cpu_ms=exit_message.user_cpu_ms,
-            sys_cpu_ms=exit_message.sys_cpu_ms, max_rss_kib=exit_message.max_rss_kib,
-            retry_after_ms=0, outcome=outcome)
+        running.reply = exit_reply(running.task, exit_message, running.output.stdout(),
+                                   running.output.stderr(), running.assigned_at, running.acquired_at)
         if request.collect:
             files = self.settings.files
             running.collection = Collection(self._new_id(), request.collect, files.max_collect_bytes)
-            self._set_state("collecting", files.collect_timeout_s)
+            self._set_state(VmPhase.COLLECTING, files.collect_timeout_s)
             try:
                 self.link.send(guest.Collect(collect_id=running.collection.collect_id,
                                              paths=request.collect, max_bytes=files.max_collect_bytes))
@@ -367,11 +398,8 @@ class Supervisor(pykka.ThreadingActor):
         """Answer with the command's result and its files (those missing get `reason`)."""
         running = self.current
         running.collection.give_up(reason)
-        reply, request = running.reply, running.task.request
-        signer = self.settings.files.signer
-        self._answer(dataclasses.replace(reply, files_out=files_out(
-            running.collection.results, signer, request.task_id, request.argv, reply.outcome,
-            reply.exit_code, reply.signal)))
+        reply = running.reply
+        self._answer(with_files(reply, running.task, running.collection.results, self.settings.files.signer))
         if vm_gone or reason:
             return self._end("collect_failed")
         self._after_task(reply.timed_out)
@@ -384,7 +412,7 @@ class Supervisor(pykka.ThreadingActor):
         if timed_out or self.settings.strict or worn or self.retire_reason:
             # A timed-out task may have left the guest in any state: no reuse.
             return self._end("timed_out" if timed_out else "retired")
-        self._set_state("resetting", self.settings.reset_timeout_s)
+        self._set_state(VmPhase.RESETTING, self.settings.reset_timeout_s)
         try:
             self.link.send(guest.Reset(reset_id=self._new_id()))
         except CorralError:
@@ -393,33 +421,33 @@ class Supervisor(pykka.ThreadingActor):
     # --- deadlines, faults, endings ------------------------------------------
 
     def _deadline_passed(self) -> None:
-        if self.state == "booting":
+        if self.state == VmPhase.BOOTING:
             log.warning("VM %s did not say hello within %.0f s", self.vm_id, self.settings.boot_timeout_s)
             self._end("boot_failed")
-        elif self.state == "acquiring":
+        elif self.state == VmPhase.ACQUIRING:
             # The command never started: another VM can run it.
             self._requeue(self.current.task)
             self.current = None
             self._end("acquire_timeout")
-        elif self.state == "running":
+        elif self.state == VmPhase.RUNNING:
             self.metrics.deadman_kills.inc()
             timeout_s = self.current.task.request.timeout_ms / 1000
             self._fail(ErrorCode.TIMEOUT, f"no answer from the VM within the timeout ({timeout_s:g} s) "
                                   f"+ {self.settings.deadman_grace_s:g} s; the VM was destroyed",
                        reason="deadman")
-        elif self.state == "collecting":
+        elif self.state == VmPhase.COLLECTING:
             self._collect_ended(f"not collected within {self.settings.files.collect_timeout_s:g} s")
-        elif self.state == "resetting":
+        elif self.state == VmPhase.RESETTING:
             self._end("reset_timeout")
-        elif self.state == "settling" and self._pause():
-            self.state = "ready"  # offered already, as it began to settle
+        elif self.state == VmPhase.SETTLING and self._pause():
+            self.state = VmPhase.READY  # offered already, as it began to settle
 
     def _freeze(self) -> None:
         if self.frozen_at is not None:
             return
         # Before the pause: a frame the guest is sending stops its stall clock.
         self.directory.tell("ioguard", ChannelHold(self.vm_id, held=True))
-        if self.state != "ready":  # ready VMs are paused already
+        if self.state != VmPhase.READY:  # ready VMs are paused already
             try:
                 self.run_control.pause()
             except CorralError as e:
@@ -433,13 +461,13 @@ class Supervisor(pykka.ThreadingActor):
             return
         frozen_for = time.monotonic() - self.frozen_at
         self.frozen_at = None
-        if self.state != "ready":  # a ready VM stays paused
+        if self.state != VmPhase.READY:  # a ready VM stays paused
             try:
                 self.run_control.resume()
             except CorralError as e:
                 return self._fail(ErrorCode.VM_LOST, f"the VM could not be resumed after a SCRAM ({e})")
         self.directory.tell("ioguard", ChannelHold(self.vm_id, held=False))
-        if self.state != "ready" and self.deadline is not None:
+        if self.state != VmPhase.READY and self.deadline is not None:
             phase, at = self.deadline
             self._arm(phase, at + frozen_for - time.monotonic())
 
@@ -459,7 +487,7 @@ class Supervisor(pykka.ThreadingActor):
     def _fail(self, code: str, text: str, reason: str | None = None, stop: bool = True) -> None:
         """End the VM; the task on it (if its command started) gets `code`."""
         if self.current is not None:
-            if self.state == "acquiring":
+            if self.state == VmPhase.ACQUIRING:
                 self._requeue(self.current.task)
                 self.current = None
             else:
@@ -478,9 +506,9 @@ class Supervisor(pykka.ThreadingActor):
                 task.request.task_id, ErrorCode.UNAVAILABLE, "the scheduler was restarting; retry"))
 
     def _end(self, reason: str, stop: bool = True) -> None:
-        if self.state == "gone":
+        if self.state == VmPhase.GONE:
             return
-        self.state = "gone"
+        self.state = VmPhase.GONE
         self.deadline_token += 1
         self.directory.tell("ioguard", Unwatch(self.vm_id))
         if self.link is not None:
@@ -493,19 +521,17 @@ class Supervisor(pykka.ThreadingActor):
             except CorralError as e:
                 log.error("VM %s: destroy failed: %s (the watchdog will reap it)", self.vm_id, e)
         log.info("VM %s gone: %s", self.vm_id, reason)
-        self._tell_pool("gone", reason)
+        self._tell_pool(PoolVmState.GONE, reason)
         if stop:
             self.stop()
 
-    def _set_state(self, state: str, deadline_s: float | None = None) -> None:
+    def _set_state(self, state: VmPhase, deadline_s: float | None = None) -> None:
         self.state = state
-        # Settling is ready to the pool: offered, only not yet paused.
-        self._tell_pool({"acquiring": "busy", "running": "busy", "collecting": "busy",
-                         "settling": "ready"}.get(state, state))
+        self._tell_pool(POOL_STATE_OF[state])
         if deadline_s is not None:
             self._arm(state, deadline_s)
 
-    def _arm(self, phase: str, delay_s: float) -> None:
+    def _arm(self, phase: VmPhase, delay_s: float) -> None:
         self.deadline_token += 1
         self.deadline = (phase, time.monotonic() + delay_s)
         if self.frozen_at is None:  # a frozen VM's deadline is armed by Thaw
@@ -515,20 +541,16 @@ class Supervisor(pykka.ThreadingActor):
     def _boot_failed(self) -> str | None:
         """A VM that fails before its Hello is a failed boot, whatever broke: the
         pool backs off instead of boot-looping on a broken (or hostile) image."""
-        return "boot_failed" if self.state == "booting" else None
+        return "boot_failed" if self.state == VmPhase.BOOTING else None
 
     def _set_cpu(self, cpu: tuple[int, int]) -> None:
         if cpu != self.cpu:
             self.hypervisor.set_cpu(self.vm_id, *cpu)
             self.cpu = cpu
 
-    def _tell_pool(self, state: str, reason: str = "") -> None:
+    def _tell_pool(self, state: PoolVmState, reason: str = "") -> None:
         self.directory.tell("pool", VmState(self.vm_id, state, reason))
 
     def _new_id(self) -> int:
         self.next_id += 1
         return self.next_id
-
-
-def _ms(seconds: float) -> int:
-    return max(0, int(seconds * 1000))

@@ -13,19 +13,21 @@ import threading
 import time
 from typing import Any
 
+import pykka
+
 from actors.directory import send
 
 
 class Timers:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Any, Any]] = []
+        self._heap: list[tuple[float, int, pykka.ActorRef, Any]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
         self._thread.start()
 
-    def call_later(self, delay_s: float, ref, message) -> None:
+    def call_later(self, delay_s: float, ref: pykka.ActorRef, message) -> None:
         with self._wake:
             heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._order), ref, message))
             self._wake.notify()

@@ -18,6 +18,7 @@ from actors.directory import Directory
 from actors.errors import CorralError
 from actors.vm.host import Hypervisor
 from actors.messages import ChildFailed, HostMemory, Tick
+from actors.pool_plan import PoolView
 from actors.timers import Timers
 
 log = logging.getLogger("corral.watchdog")
@@ -33,8 +34,8 @@ def available_mib(meminfo: str = "/proc/meminfo") -> int:
 
 
 class Watchdog(pykka.ThreadingActor):
-    def __init__(self, directory: Directory, hypervisor: Hypervisor, timers: Timers,
-                 pool_view, interval_s: float, min_available_mib: int):
+    def __init__(self, *, directory: Directory, hypervisor: Hypervisor, timers: Timers,
+                 pool_view: PoolView, interval_s: float, min_available_mib: int):
         super().__init__()
         self.directory = directory
         self.hypervisor = hypervisor

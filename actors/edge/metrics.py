@@ -1,7 +1,8 @@
 """corrald's Prometheus metrics, one registry per daemon (tests run several).
 
 Actors update them from their own threads (prometheus-client is thread-safe);
-Intake reads the gauges to answer `corral status` without asking any actor.
+the IntakeServer reads the gauges to answer `corral status` without asking any
+actor.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from actors.messages import PoolVmState
 from protocol.wire.tasks import PRIORITY_NAMES
 
-POOL_STATES = ("booting", "ready", "busy", "resetting")
+# The states a live VM can be in: the corral_pool_vms series, each kept at 0 when none is.
+POOL_STATES = (PoolVmState.BOOTING, PoolVmState.READY, PoolVmState.BUSY, PoolVmState.RESETTING)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 

@@ -129,7 +129,7 @@ def make_server():
     """An IntakeServer whose thread never runs: _request is called directly.
     No Scheduler is registered, so an accepted task is answered `unavailable`."""
     from actors.directory import Directory
-    from actors.intake import IntakeServer, TaskLimits
+    from actors.edge.intake_server import IntakeServer, TaskLimits
     from actors.edge.metrics import Metrics
 
     limits = TaskLimits(default_timeout_ms=60_000, max_timeout_ms=3_600_000,

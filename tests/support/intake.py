@@ -2,7 +2,7 @@
 change a field of, and a CurveZMQ identity config."""
 
 import config
-from actors.intake import TaskLimits
+from actors.edge.intake_server import TaskLimits
 from protocol.wire.tasks import TaskRequest
 
 LIMITS = TaskLimits(default_timeout_ms=60_000, max_timeout_ms=3_600_000, default_output_cap=1 << 20,

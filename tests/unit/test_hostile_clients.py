@@ -26,9 +26,10 @@ import zmq
 
 from actors.directory import Directory
 from actors.edge.identity import Admission
-from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer
+from actors.intake import Intake
 from actors.edge.metrics import Metrics
-from actors.scheduler import Scheduler
+from actors.scheduler import QueueLimits, Scheduler
 from actors.timers import Timers
 from protocol.channel import codec, messages
 from protocol.client.api import Client, keygen
@@ -53,7 +54,9 @@ def world(tmp_path):
     directory.answer_fallback = server.post
     server.start()
     directory["pool"] = Recorder.start()
-    directory["scheduler"] = Scheduler.start(directory, metrics, timers, QUEUE_DEPTH, 1 << 30, 3600.0)
+    directory["scheduler"] = Scheduler.start(
+        directory=directory, metrics=metrics, timers=timers,
+        limits=QueueLimits(max_depth=QUEUE_DEPTH, max_queued_bytes=1 << 30, max_wait_s=3600.0))
     directory["intake"] = Intake.start(server, directory)
     yield directory, server, metrics
     pykka.ActorRegistry.stop_all()

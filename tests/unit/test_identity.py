@@ -14,7 +14,8 @@ import config
 from actors.directory import Directory
 from actors.errors import CorralError
 from actors.edge.identity import Admission, Identity, resolve_grants
-from actors.intake import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, Intake, IntakeServer
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer
+from actors.intake import Intake
 from actors.edge.metrics import Metrics
 from protocol.client import cli
 from protocol.client.api import Client, HandshakeError, keygen

@@ -8,7 +8,8 @@ import pykka
 import pytest
 
 from actors.directory import Directory
-from actors.intake import Intake, IntakeServer
+from actors.edge.intake_server import IntakeServer
+from actors.intake import Intake
 from actors.messages import InjectFault, Submit
 from actors.edge.metrics import Metrics
 import zmq

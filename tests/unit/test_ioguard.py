@@ -18,7 +18,7 @@ import zlib
 import pykka
 import pytest
 
-from actors.ioguard import IOGuard, TokenBucket
+from actors.ioguard import IOGuard, ReadLimits, TokenBucket
 from actors.messages import ChannelFailed, ChannelHold, ChildFailed, GuestSaid, InjectFault, Unwatch, Watch
 from protocol.channel import codec, constants, messages
 from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
@@ -194,8 +194,8 @@ def world():
     made = {"guests": [], "writers": []}
 
     class World:
-        def guard(self, **kwargs):
-            return IOGuard.start(**kwargs)
+        def guard(self, directory=None, **limits):
+            return IOGuard.start(limits=ReadLimits(**limits), directory=directory)
 
         def channel(self):
             guest = Guest()
@@ -226,7 +226,8 @@ def world():
 
 
 def stats_for(guard, vm_id):
-    return guard.proxy().stats_for(vm_id).get(timeout=5)
+    """One watched VM's counters, None if not watched."""
+    return guard.proxy().stats().get(timeout=5)["vms"].get(vm_id)
 
 
 def quiet(seconds: float = 0.3) -> None:

@@ -11,7 +11,8 @@ import pytest
 from actors.directory import Directory
 from actors.messages import HostMemory, Retire, TierDemand, VmAvailable, VmState, VmWithdrawn
 from actors.edge.metrics import Metrics
-from actors.pool import PoolManager, PoolView, TierSizes
+from actors.pool import PoolManager, PoolSettings
+from actors.pool_plan import PoolView, TierSizes
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from tests.support.probe import Recorder, wait_for
@@ -34,9 +35,10 @@ def pool_parts():
     view = PoolView()
 
     def make(size=2, max_age_s=300.0, tier_sizes=TierSizes()):
-        pool = PoolManager.start(directory, Metrics(), timers, start_supervisor,
-                                 lambda: f"corral-test-{uuid.uuid4().hex[:12]}", view, size, max_age_s,
-                                 backoff_max_s=30.0, tiers=tier_sizes)
+        pool = PoolManager.start(
+            directory=directory, metrics=Metrics(), timers=timers, start_supervisor=start_supervisor,
+            new_name=lambda: f"corral-test-{uuid.uuid4().hex[:12]}", view=view,
+            settings=PoolSettings(size=size, max_age_s=max_age_s, backoff_max_s=30.0, tiers=tier_sizes))
         directory["pool"] = pool
         return pool
 

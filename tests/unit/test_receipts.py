@@ -8,8 +8,8 @@ import pytest
 
 from actors.artifacts import signing
 from actors.artifacts.files import Collection, files_out
-from actors.errors import CorralError
-from actors.intake import Rejected, TaskLimits, validate
+from actors.edge.intake_server import TaskLimits, validate
+from actors.errors import CorralError, Rejected
 from protocol.channel import messages as guest
 from protocol.client import cli
 from protocol.wire import receipts, outcomes

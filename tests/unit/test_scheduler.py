@@ -12,7 +12,8 @@ import pytest
 from actors.directory import Directory
 from actors.messages import Answer, Requeue, RunTask, Submit, Task, TierDemand, VmAvailable
 from actors.edge.metrics import Metrics
-from actors.scheduler import Scheduler, task_bytes
+from actors.ready_queue import task_bytes
+from actors.scheduler import QueueLimits, Scheduler
 from actors.vm.tiers import Tier
 from actors.timers import Timers
 from protocol.channel.codec import decode, encode
@@ -26,13 +27,17 @@ def task(ticket, priority=NORMAL):
                                     capabilities=()), time.monotonic())
 
 
+def start_scheduler(directory, timers, **limits):
+    return Scheduler.start(directory=directory, metrics=Metrics(), timers=timers, limits=QueueLimits(**limits))
+
+
 @pytest.fixture
 def actors():
     directory = Directory()
     intake, vm = Recorder.start(), Recorder.start()
     directory["intake"] = intake
     timers = Timers()
-    scheduler = Scheduler.start(directory, Metrics(), timers, max_depth=1000, max_queued_bytes=1 << 30,
+    scheduler = start_scheduler(directory, timers, max_depth=1000, max_queued_bytes=1 << 30,
                                 max_wait_s=600, retry_after_ms=750)
     directory["scheduler"] = scheduler
     yield directory, scheduler, intake, vm
@@ -48,7 +53,7 @@ def test_the_1001st_task_is_refused_at_once_and_the_queue_is_untouched(actors):
     (answer,) = wait_for(intake, 1)
     assert isinstance(answer, Answer) and answer.ticket == 1001
     assert answer.reply.error_code == "busy" and answer.reply.retry_after_ms == 750
-    assert scheduler.proxy().depth.get() == 1000
+    assert scheduler.proxy().state.get().ready.depth == 1000
     # The queue is intact and in order: a VM that frees up gets the first LOW task.
     scheduler.tell(VmAvailable("vm-1", vm))
     (run,) = wait_for(vm, 1)
@@ -96,7 +101,7 @@ def test_stopping_answers_every_queued_task(actors):
 
 def test_queued_input_bytes_are_bounded(actors):
     directory, scheduler, intake, vm = actors
-    small = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=1000,
+    small = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=1000,
                             max_queued_bytes=1 << 20, max_wait_s=600)
     big = lambda ticket: Task(ticket, dataclasses.replace(task(ticket).request, stdin=b"x" * (600 << 10)),
                               time.monotonic())
@@ -104,7 +109,7 @@ def test_queued_input_bytes_are_bounded(actors):
     small.tell(Submit(big(2)))  # 1.2 MiB queued would pass the 1 MiB bound
     (answer,) = wait_for(intake, 1)
     assert answer.ticket == 2 and answer.reply.error_code == "busy"
-    assert small.proxy().depth.get() == 1
+    assert small.proxy().state.get().ready.depth == 1
 
 
 def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
@@ -121,24 +126,24 @@ def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
     print(f"FIGURE queued bytes: 4096 argv items of 1 byte: {measured:.0f} B held per task (tracemalloc), "
           f"{counted} B counted, {4096} B of input")
     assert measured <= counted <= 2 * measured
-    small = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=1000,
+    small = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=1000,
                             max_queued_bytes=1 << 20, max_wait_s=600)
     for ticket in range(1, 11):
         small.tell(Submit(many_args(ticket)))
     answers = wait_for(intake, 10 - (1 << 20) // counted)
     assert {a.reply.error_code for a in answers} == {"busy"} and "bytes of memory" in answers[0].reply.error_message
-    assert small.proxy().depth.get() == (1 << 20) // counted  # 4, where counting lengths let all 10 in
-    assert small.proxy().state.get().queued_bytes == counted * ((1 << 20) // counted)
+    assert small.proxy().state.get().ready.depth == (1 << 20) // counted  # 4, where counting lengths let all 10 in
+    assert small.proxy().state.get().ready.queued_bytes == counted * ((1 << 20) // counted)
 
 
 def test_a_task_no_vm_takes_is_answered_when_its_wait_runs_out(actors):
     directory, scheduler, intake, vm = actors
-    impatient = Scheduler.start(directory, Metrics(), scheduler.proxy().timers.get(), max_depth=10,
+    impatient = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=10,
                                 max_queued_bytes=1 << 20, max_wait_s=1)
     impatient.tell(Submit(task(7)))
     (answer,) = wait_for(intake, 1, timeout_s=5)
     assert answer.ticket == 7 and answer.reply.error_code == "unavailable"
-    assert impatient.proxy().depth.get() == 0
+    assert impatient.proxy().state.get().ready.depth == 0
 
 
 def test_tasks_go_to_vms_of_their_tier_and_rare_ones_never_block_default_ones(actors):

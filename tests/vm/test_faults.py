@@ -189,7 +189,7 @@ def test_a_guest_too_slow_to_acquire_is_given_up_and_its_task_answered_once(serv
     little CPU that it sometimes makes it, and then the command crawls into
     its timeout. Both are right; either way the slow VM goes and the task is
     answered once. Which path ran is printed with the figure."""
-    available = list(service.directory.get("scheduler").proxy().state.get(timeout=5).available)
+    available = list(service.directory.get("scheduler").proxy().state.get(timeout=5).ready.available)
     slow_vm, other_vm = available  # the Scheduler hands out the longest-waiting VM first
     service.hypervisor.faults.throttle_vcpus(slow_vm, 1_000, PERIOD_US)  # 0.1 %, while it is paused
     given_up_before = counter(service.metrics.vms_destroyed, reason="acquire_timeout")

@@ -1,0 +1,347 @@
+"""IntakeServer: the thread that owns the ZeroMQ ROUTER where callers submit
+tasks, and the ledger that makes every accepted task answered exactly once.
+
+zmq sockets are never shared between threads, so the ROUTER lives here. The
+server decodes and validates each request (validate, TaskLimits; which
+capabilities exist and which this host offers), refuses bad ones at once with
+a clear code, checks the caller's identity, grants and budget (Admission,
+actors/edge/identity.py), records accepted ones in the ledger (ticket -> the
+connection that asked) and hands them to the Scheduler. Answers reach it
+through `post()`, a thread-safe queue with a wake-up fd in the server's
+poller: the Intake actor (actors/intake.py) posts what other actors answer,
+and Directory.answer posts straight here while that actor is dead or
+restarting. The ledger entry is removed as the reply goes out: a second answer
+for the same ticket finds no entry and is dropped (and counted).
+
+An answer goes back over the connection the request came on, and only while
+it lives (actors/edge/connections.py): a caller that went away is not answered,
+and whoever connects with its routing id gets nothing. The same guard sheds
+connections past daemon.max_connections.
+
+The server thread outlives a crash of the Intake actor, so the ledger and the
+socket are never lost. At shutdown (stop) it answers whatever no actor did.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import socket
+import time
+from dataclasses import dataclass, replace
+
+import zmq
+
+from actors.artifacts.files import check_files_in, check_paths
+from actors.directory import Directory
+from actors.edge.connections import Connection, ConnectionGuard, caller_of
+from actors.edge.endpoint import SocketThread
+from actors.edge.identity import Admission
+from actors.edge.metrics import Metrics
+from actors.errors import CorralError, Rejected
+from actors.messages import Submit, Task
+from config import Config
+from protocol.channel import capabilities, codec
+from protocol.channel.errors import ProtocolError
+from protocol.wire import envelope
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode, StatusReply,
+                                 StatusRequest, TaskReply, TaskRequest, error_reply)
+
+log = logging.getLogger("corral.intake")
+STOP = None  # posted instead of an answer: the server answers what is left and ends
+READ_BATCH = 256  # requests read per turn, so answers and the monitor get turns in a flood
+ENDPOINT_LABEL = "client"
+
+KNOWN_CAPABILITIES = frozenset(capabilities.ALL)  # protocol/channel/capabilities.py: the one table
+UNAVAILABLE_CAPABILITIES = {
+    "dev:gpu": "capability 'dev:gpu' is not offered: this host has no GPU passthrough",
+}
+OFFERED_CAPABILITIES = KNOWN_CAPABILITIES - UNAVAILABLE_CAPABILITIES.keys()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    conn: Connection  # the only connection the answer may go to
+    routing_id: bytes
+    task_id: str
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    default_timeout_ms: int
+    max_timeout_ms: int
+    default_output_cap: int
+    max_output_cap: int
+    max_request_bytes: int
+    max_put_bytes: int = 0  # files_in, all files of one task
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TaskLimits:
+        tasks = cfg.tasks
+        return cls(default_timeout_ms=int(tasks.default_timeout_s * 1000),
+                   max_timeout_ms=int(tasks.max_timeout_s * 1000),
+                   default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
+                   max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes)
+
+
+def _check_no_nul(what: str, value: bytes) -> None:
+    if b"\0" in value:
+        raise Rejected(ErrorCode.INVALID_REQUEST, f"{what} contains a NUL byte")
+
+
+def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
+    """The request with defaults filled in, or Rejected naming what is wrong."""
+    if not request.task_id:
+        raise Rejected(ErrorCode.INVALID_REQUEST, "task_id is empty")
+    if not request.argv[0]:
+        raise Rejected(ErrorCode.INVALID_REQUEST, "argv[0] is empty")
+    for i, arg in enumerate(request.argv):
+        _check_no_nul(f"argv[{i}]", arg)
+    for key, value in request.env:
+        if not key or b"=" in key:
+            raise Rejected(ErrorCode.INVALID_REQUEST, f"env name {key!r} is empty or contains '='")
+        _check_no_nul(f"env {key!r}", key + value)
+    _check_no_nul("cwd", request.cwd)
+    if request.cwd and not request.cwd.startswith(b"/"):
+        raise Rejected(ErrorCode.INVALID_REQUEST, "cwd must be an absolute path")
+    timeout_ms = request.timeout_ms or limits.default_timeout_ms
+    if timeout_ms > limits.max_timeout_ms:
+        raise Rejected(ErrorCode.INVALID_REQUEST,
+                       f"timeout {timeout_ms / 1000:g} s is over the maximum of {limits.max_timeout_ms / 1000:g} s")
+    output_cap = request.output_cap or limits.default_output_cap
+    if output_cap > limits.max_output_cap:
+        raise Rejected(ErrorCode.INVALID_REQUEST,
+                       f"output cap {output_cap} is over the maximum of {limits.max_output_cap} bytes")
+    try:
+        check_files_in(request.files_in, limits.max_put_bytes)
+        check_paths("collect", request.collect)
+    except OverflowError as e:
+        raise Rejected(ErrorCode.FILES_TOO_LARGE, str(e)) from None
+    except ValueError as e:
+        raise Rejected(ErrorCode.INVALID_REQUEST, str(e)) from None
+    seen = set()
+    for raw in request.capabilities:
+        name = raw.decode("ascii", errors="replace")
+        if name not in KNOWN_CAPABILITIES:
+            raise Rejected(ErrorCode.UNKNOWN_CAPABILITY, f"unknown capability {name!r} "
+                           f"(known: {', '.join(sorted(KNOWN_CAPABILITIES))})")
+        if name in seen:
+            raise Rejected(ErrorCode.DUPLICATE_CAPABILITY, f"capability {name!r} is asked for twice")
+        if name in UNAVAILABLE_CAPABILITIES:
+            raise Rejected(ErrorCode.CAPABILITY_UNAVAILABLE, UNAVAILABLE_CAPABILITIES[name])
+        seen.add(name)
+    return replace(request, timeout_ms=timeout_ms, output_cap=output_cap)
+
+
+class IntakeServer:
+    """The thread that owns the ROUTER socket and the ledger."""
+
+    def __init__(self, endpoint: str, limits: TaskLimits, metrics: Metrics, directory: Directory,
+                 admission: Admission | None = None, max_connections: int = 1024):
+        self.endpoint = endpoint
+        self.limits = limits
+        self.metrics = metrics
+        self.directory = directory
+        # Who the caller is and what it may ask for (actors/edge/identity.py).
+        self.admission = admission or Admission.unlimited(OFFERED_CAPABILITIES)
+        self.context = zmq.Context.instance()
+        self.posted: queue.SimpleQueue = queue.SimpleQueue()  # (ticket, TaskReply) or STOP
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.tickets = itertools.count(1)
+        self.ledger: dict[int, LedgerEntry] = {}
+        self.in_flight: set[tuple[int, str]] = set()  # (connection id, task_id)
+        # routing id -> (connection, caller, unanswered tasks) while any is unanswered:
+        # a request from another connection with that id is a reuse attempt.
+        self.routing_ids: dict[bytes, tuple[Connection, str, int]] = {}
+        self.max_connections = max_connections
+        self.guard: ConnectionGuard | None = None
+        # None: accepting. Else (code, message) every new task is refused with:
+        # set from other threads (shutdown, control plane) as one atomic store.
+        self.refusal: tuple[str, str] | None = None
+        self._thread = SocketThread(self._run, "intake-server", f"cannot listen on {endpoint}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, ticket: int, reply: TaskReply) -> None:
+        """Hand an answer to the server thread; callable from any thread."""
+        self.posted.put((ticket, reply))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except BlockingIOError:
+            pass  # already full of wake-ups: the server will drain the queue anyway
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.posted.put(STOP)
+            self._wake()
+            self._thread.join(10)
+
+    def unanswered(self) -> int:
+        return len(self.ledger)
+
+    def _run(self) -> None:
+        router = self.context.socket(zmq.ROUTER)
+        guard = None
+        try:
+            router.setsockopt(zmq.LINGER, 1000)
+            router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
+            self.admission.secure(router, self.context)
+            guard = self.guard = ConnectionGuard(router, ENDPOINT_LABEL, self.max_connections, self.metrics)
+            router.bind(self.endpoint)
+            guard.bound(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        except (zmq.ZMQError, CorralError) as e:
+            if guard is not None:
+                guard.close(lambda: router.close(0))
+            else:
+                router.close(0)
+            self.admission.close()
+            self._thread.ready(e)
+            return
+        self._thread.ready()
+        log.info("listening on %s (at most %d connections)", self.endpoint, self.max_connections)
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(guard.monitor, zmq.POLLIN)
+        poller.register(self._wake_reader, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(guard.poll_timeout_ms()))
+                if not events:
+                    guard.tick()
+                if self._wake_reader.fileno() in events:
+                    try:
+                        self._wake_reader.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    if not self._deliver_posted():
+                        self._answer_the_rest()
+                        return
+                if router in events or guard.monitor in events:
+                    guard.pump(lambda: self._read_requests(router))
+        finally:
+            guard.close(router.close)
+            self.admission.close()
+
+    def _read_requests(self, router) -> bool:
+        """Handle up to READ_BATCH requests; True if the ROUTER is read empty."""
+        for _ in range(READ_BATCH):
+            try:
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            conn = self.guard.connection_of(parts[-1], parts[0].bytes)
+            if conn is None:  # libzmq announced no such connection: nothing can answer it safely
+                log.error("a request from a connection the monitor never announced (fd %s): dropped",
+                          parts[-1].get(zmq.SRCFD))
+                continue
+            self._request([p.bytes for p in parts], self.admission.user_of(parts), conn,
+                          caller_of(parts[-1], self.admission.curve))
+            # Frames cache their bytes: held until the next request, a 16 MiB
+            # one would stay twice in memory (the message and its copy).
+            del parts
+        return False
+
+    def _deliver_posted(self) -> bool:
+        """Send every posted answer; False once STOP was among them."""
+        while True:
+            try:
+                item = self.posted.get_nowait()
+            except queue.Empty:
+                return True
+            if item is STOP:
+                self._deliver_posted()  # answers posted before STOP still go out
+                return False
+            self._deliver(item[0], item[1])
+
+    def _answer_the_rest(self) -> None:
+        """At shutdown: what no actor answered is answered here, once."""
+        for ticket, entry in list(self.ledger.items()):
+            self._deliver(ticket, error_reply(
+                entry.task_id, ErrorCode.CANCELLED, "corrald stopped before this task finished"))
+
+    def _send(self, conn: Connection, routing_id: bytes, reply) -> None:
+        """`reply` over `conn` only; if it is gone, nowhere (counted)."""
+        if not self.guard.send(conn, [routing_id, *envelope.build(PROTOCOL_TAG, codec.encode(reply))]):
+            self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
+            log.info("an answer (%s) for a caller that has gone was dropped",
+                     getattr(reply, "task_id", None) or "status")
+
+    def _request(self, frames: list[bytes], user: bytes | None, conn: Connection,
+                 caller: str = "") -> None:
+        identity = frames[0]
+        self._check_routing_id(identity, conn, caller)
+        try:
+            payload = envelope.parse(PROTOCOL_TAG, frames[1:])
+        except envelope.MalformedEnvelope as e:
+            self.metrics.rejected.labels(ErrorCode.INVALID_REQUEST).inc()
+            return self._send(conn, identity, error_reply("", ErrorCode.INVALID_REQUEST, str(e)))
+        try:
+            request = codec.decode(payload, CLIENT_TO_DAEMON)
+        except ProtocolError as e:
+            self.metrics.rejected.labels(ErrorCode.INVALID_REQUEST).inc()
+            return self._send(conn, identity, error_reply("", ErrorCode.INVALID_REQUEST, f"undecodable request: {e}"))
+        if isinstance(request, StatusRequest):
+            return self._send(conn, identity, self._status(request.request_id))
+        try:
+            refusal = self.refusal
+            if refusal is not None:
+                raise Rejected(*refusal)
+            if (conn.id, request.task_id) in self.in_flight:
+                raise Rejected(ErrorCode.DUPLICATE_TASK, f"task {request.task_id!r} is already in flight")
+            request = validate(request, self.limits)
+            ticket = next(self.tickets)
+            self.admission.admit(user, request, ticket)
+        except Rejected as e:
+            self.metrics.rejected.labels(e.code).inc()
+            return self._send(conn, identity, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
+        self.ledger[ticket] = LedgerEntry(conn, identity, request.task_id)
+        self.in_flight.add((conn.id, request.task_id))
+        holder = self.routing_ids.get(identity)
+        self.routing_ids[identity] = (holder[0], holder[1], holder[2] + 1) if holder else (conn, caller, 1)
+        self.metrics.accepted.inc()
+        if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
+            self._deliver(ticket, error_reply(
+                request.task_id, ErrorCode.UNAVAILABLE, "the scheduler is restarting; retry"))
+
+    def _deliver(self, ticket: int, reply: TaskReply) -> None:
+        """The one answer for `ticket`; any later one finds no ledger entry."""
+        entry = self.ledger.pop(ticket, None)
+        if entry is None:
+            self.metrics.duplicate_answers.inc()
+            log.error("second answer for ticket %d dropped", ticket)
+            return
+        self.in_flight.discard((entry.conn.id, entry.task_id))
+        holder = self.routing_ids.pop(entry.routing_id, None)
+        if holder is not None and holder[2] > 1:
+            self.routing_ids[entry.routing_id] = (holder[0], holder[1], holder[2] - 1)
+        self.admission.answered(ticket, reply)
+        self.metrics.tasks.labels(reply.error_code or "completed").inc()
+        self.metrics.outcomes.labels(reply.outcome).inc()
+        self._send(entry.conn, entry.routing_id, reply)
+
+    def _check_routing_id(self, routing_id: bytes, conn: Connection, caller: str) -> None:
+        """Count a request whose routing id another connection's unanswered tasks use."""
+        holder = self.routing_ids.get(routing_id)
+        if holder is None or holder[0] is conn:
+            return
+        same = "same" if holder[1] == caller else "other"
+        self.metrics.routing_id_reuse.labels(ENDPOINT_LABEL, same).inc()
+        log.warning("routing id %s, still awaited by connection %d (%s), is used by connection %d (%s): "
+                    "it gets none of those answers", routing_id.hex(), holder[0].id, holder[1], conn.id, caller)
+
+    def _status(self, request_id: str) -> StatusReply:
+        depth = self.metrics.gauge_values(self.metrics.queue_depth)
+        pool = self.metrics.gauge_values(self.metrics.pool_vms)
+        return StatusReply(
+            request_id=request_id,
+            queue_depth=tuple((name.encode(), str(depth.get(name, 0)).encode()) for name in PRIORITY_NAMES),
+            pool=tuple((state.encode(), str(count).encode()) for state, count in pool.items()),
+            accepted=self.metrics.counter_total(self.metrics.accepted) & 0xFFFFFFFF,
+            answered=self.metrics.counter_total(self.metrics.tasks) & 0xFFFFFFFF)
