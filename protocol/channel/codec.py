@@ -4,9 +4,9 @@
 A payload is one byte of message type id, then the message's fields in
 schema order, big-endian, with nothing after the last field. Field types:
 
-    u8 u16 u32 u64 i32   fixed width integers
+    u8 u16 u32 u64 i32 i64  fixed width integers
     bool                 one byte, 0 or 1 only
-    bytes                u32 length + raw bytes             (bounded length)
+    bytes                u32 length + raw bytes             (bounded length, optionally a minimum)
     str                  u32 length + UTF-8                 (bounded byte length)
     bytes_list           u16 count + each item as bytes     (bounded count, item length)
     pairs                u16 count + each (key, value) as two bytes fields
@@ -132,13 +132,18 @@ class Bool(WireType):
 
 
 class Bytes(WireType):
-    """u32 length + raw bytes, length at most ``max_len``."""
+    """u32 length + raw bytes, length at most ``max_len`` and at least ``min_len``
+    (``Bytes(32, min_len=32)``: exactly 32)."""
 
-    __slots__ = ("max_len",)
+    __slots__ = ("max_len", "min_len")
 
-    def __init__(self, max_len: int) -> None:
-        self.label = f"bytes[<={max_len}]"
+    def __init__(self, max_len: int, min_len: int = 0) -> None:
+        if not 0 <= min_len <= max_len:
+            raise ValueError("lengths must satisfy 0 <= min_len <= max_len")
+        self.label = (f"bytes[<={max_len}]" if not min_len
+                      else f"bytes[{max_len}]" if min_len == max_len else f"bytes[{min_len}..{max_len}]")
         self.max_len = max_len
+        self.min_len = min_len
         self.max_size = _LENGTH.size + max_len
 
     def _check(self, value: Any) -> None:
@@ -146,6 +151,8 @@ class Bytes(WireType):
             raise TypeError(f"{self.label} needs bytes, got {type(value).__name__}")
         if len(value) > self.max_len:
             raise ValueError(f"{len(value)} bytes over the bound of {self.label}")
+        if len(value) < self.min_len:
+            raise ValueError(f"{len(value)} bytes under the minimum of {self.label}")
 
     def encode(self, value: Any, out: list[bytes]) -> None:
         self._check(value)
@@ -157,6 +164,8 @@ class Bytes(WireType):
         (length,) = _LENGTH.unpack_from(buf, pos)
         if length > self.max_len:  # bound first, then presence, then slice
             raise FieldTooLong(f"length {length} over the bound of {self.label}")
+        if length < self.min_len:
+            raise MalformedPayload(f"length {length} under the minimum of {self.label}")
         return start, _need(buf, start, length)
 
     def decode(self, buf: memoryview, pos: int) -> tuple[bytes, int]:
@@ -311,6 +320,7 @@ U16 = Integer("u16", "!H", 0, 0xFFFF)
 U32 = Integer("u32", "!I", 0, 0xFFFFFFFF)
 U64 = Integer("u64", "!Q", 0, 0xFFFFFFFFFFFFFFFF)
 I32 = Integer("i32", "!i", -0x80000000, 0x7FFFFFFF)
+I64 = Integer("i64", "!q", -0x8000000000000000, 0x7FFFFFFFFFFFFFFF)
 BOOL = Bool()
 
 
