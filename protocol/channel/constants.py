@@ -35,3 +35,5 @@ MAX_FILE_IN = 12 * MiB  # one PutFile must fit one frame with room to spare
 MAX_FILE_ERROR_LEN = 512
 MAX_ERROR_CODE_LEN = 64
 MAX_ERROR_MESSAGE_LEN = 4096
+# Random bytes a Resume carries for the guest's CRNG: exactly this many, 256 bits.
+RESUME_ENTROPY_LEN = 32

@@ -14,6 +14,10 @@ same CRC-32. It catches accidents, not attacks: a hostile peer computes it too.
 Sequence ids wrap from 2**32 - 1 to 0 on both sides; at one frame per
 microsecond that takes over an hour, and a replay would still need the exact
 wrapped id, so wrapping is simpler than a hard stop and loses nothing.
+
+``rebase(next_seq)`` moves either end to a new base between frames: a Resume
+(protocol/channel/messages.py) does it on both sides at one agreed frame, so
+that clones of one snapshot each continue from random sequence ids.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class FrameEncoder:
         header = HEADER.pack(MAGIC, length, self._crc(payload), self.next_seq)
         self.next_seq = (self.next_seq + 1) & _SEQ_MASK
         return b"".join((header, payload))
+
+    def rebase(self, next_seq: int) -> None:
+        """The next frame carries ``next_seq``, and counting goes on from there."""
+        self.next_seq = _check_seq(next_seq, "next_seq")
 
 
 class FrameDecoder:
@@ -153,6 +161,17 @@ class FrameDecoder:
     @property
     def expected_seq(self) -> int:
         return self._expected_seq
+
+    def rebase(self, next_seq: int) -> None:
+        """Expect ``next_seq`` on the next frame from now on: a frame with the
+        old count is then a SequenceError like any replay. Only between frames
+        (ValueError inside one: its header was checked against the old count,
+        so the caller must treat bytes there as the peer's violation first)."""
+        if self._closed_reason is not None:
+            raise DecoderPoisoned(f"decoder unusable: {self._closed_reason}")
+        if self.in_frame:
+            raise ValueError("cannot rebase inside a frame")
+        self._expected_seq = _check_seq(next_seq, "next_seq")
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Consume ``data``; return the payloads of every frame it completes."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from protocol.channel.codec import (BOOL, I32, U8, U16, U32, U64, Bytes, BytesList, Message, Pairs, Str,
+from protocol.channel.codec import (BOOL, I32, I64, U8, U16, U32, U64, Bytes, BytesList, Message, Pairs, Str,
                                     max_payload_size, message)
 from protocol.channel.constants import (MAX_AGENT_VERSION_LEN, MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_BOOT_ID_LEN,
                                         MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN,
                                         MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN, MAX_FILE_ERROR_LEN,
                                         MAX_FILE_IN, MAX_FILES, MAX_KERNEL_LEN, MAX_OUTPUT_CHUNK, MAX_PATH_LEN,
-                                        MAX_RESET_DETAIL_LEN, MAX_STDIN, STDERR, STDOUT)
+                                        MAX_RESET_DETAIL_LEN, MAX_STDIN, RESUME_ENTROPY_LEN, STDERR, STDOUT)
 
 _HOST = "host"
 _GUEST = "guest"
@@ -158,8 +158,30 @@ class Collected(Message):
     error: Annotated[str, Str(MAX_FILE_ERROR_LEN)]
 
 
+@message(13, _HOST)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resume(Message):
+    """To an agent restored from a snapshot, before any Exec: set the clock to
+    the host's, mix fresh entropy into the kernel's CRNG, and continue both
+    directions' sequence ids from new random bases. Answered by ResumeDone."""
+
+    time_ns: Annotated[int, U64]  # the host's CLOCK_REALTIME, ns since the epoch
+    entropy: Annotated[bytes, Bytes(RESUME_ENTROPY_LEN, min_len=RESUME_ENTROPY_LEN)]
+    host_seq: Annotated[int, U32]  # sequence id of the host's next frame after this one
+    guest_seq: Annotated[int, U32]  # sequence id of the guest's next frame (its ResumeDone)
+
+
+@message(14, _GUEST)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResumeDone(Message):
+    """A Resume is done: clock set, CRNG reseeded, sequences rebased."""
+
+    clock_step_ns: Annotated[int, I64]  # how far the guest's clock moved (new - old)
+
+
 ALL_MESSAGES: frozenset[type[Message]] = frozenset({
-    Hello, Exec, Output, Exit, Reset, ResetDone, Heartbeat, HeartbeatAck, Error, PutFile, Collect, Collected})
+    Hello, Exec, Output, Exit, Reset, ResetDone, Heartbeat, HeartbeatAck, Error, PutFile, Collect, Collected,
+    Resume, ResumeDone})
 HOST_TO_GUEST: frozenset[type[Message]] = frozenset(c for c in ALL_MESSAGES if _HOST in c.SENDERS)
 GUEST_TO_HOST: frozenset[type[Message]] = frozenset(c for c in ALL_MESSAGES if _GUEST in c.SENDERS)
 

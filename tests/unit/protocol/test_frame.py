@@ -351,6 +351,52 @@ def test_sequence_checked_before_payload_arrives():
         decoder.feed(header(1000, seq=5))
 
 
+def test_rebase_moves_both_ends_to_a_new_base_between_frames():
+    encoder = FrameEncoder(zlib.crc32)
+    decoder = FrameDecoder(zlib.crc32)
+    assert decoder.feed(encoder.encode(b"before")) == [b"before"]
+    encoder.rebase(0xFFFFFFFF)
+    decoder.rebase(0xFFFFFFFF)
+    assert (encoder.next_seq, decoder.expected_seq) == (0xFFFFFFFF, 0xFFFFFFFF)
+    stream = encoder.encode(b"after") + encoder.encode(b"wrapped")
+    assert struct.unpack_from("!I", stream, 12)[0] == 0xFFFFFFFF
+    assert decoder.feed(stream) == [b"after", b"wrapped"]
+    assert decoder.expected_seq == encoder.next_seq == 1
+
+
+def test_after_a_rebase_the_old_count_is_refused():
+    old = FrameEncoder(zlib.crc32)
+    decoder = FrameDecoder(zlib.crc32)
+    assert decoder.feed(old.encode(b"0")) == [b"0"]
+    decoder.rebase(0x12345678)
+    with pytest.raises(SequenceError, match="expected 305419896, got 1") as info:
+        decoder.feed(old.encode(b"1"))  # what the stream would have carried without the rebase
+    assert (info.value.expected, info.value.got) == (0x12345678, 1)
+
+
+def test_rebase_is_refused_inside_a_frame_and_on_a_closed_decoder():
+    stream = encode_all([b"abc"])
+    for cut in (1, HEADER_SIZE, HEADER_SIZE + 1):  # in the header, at its end, in the payload
+        decoder = FrameDecoder(zlib.crc32)
+        decoder.feed(stream[:cut])
+        with pytest.raises(ValueError, match="inside a frame"):
+            decoder.rebase(9)
+        assert decoder.expected_seq == (1 if cut >= HEADER_SIZE else 0)  # unchanged
+    decoder = FrameDecoder(zlib.crc32)
+    with pytest.raises(SequenceError):
+        decoder.feed(header(0, seq=3))
+    with pytest.raises(DecoderPoisoned):
+        decoder.rebase(3)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, "1", None])
+def test_rebase_values_are_checked(bad):
+    with pytest.raises(ValueError):
+        FrameEncoder(zlib.crc32).rebase(bad)
+    with pytest.raises(ValueError):
+        FrameDecoder(zlib.crc32).rebase(bad)
+
+
 def test_sequence_error_pickles():
     error = pickle.loads(pickle.dumps(SequenceError(3, 9)))
     assert (error.expected, error.got, str(error)) == (3, 9, "sequence gap: expected 3, got 9")

@@ -59,7 +59,7 @@ def minimal_value(wire):
     if isinstance(wire, Str):
         return ""
     if isinstance(wire, Bytes):
-        return b""
+        return b"\0" * wire.min_len
     if isinstance(wire, BytesList):
         return (b"",) * wire.min_count
     if isinstance(wire, Pairs):
@@ -81,7 +81,7 @@ def strategy_for(wire):
     if isinstance(wire, Str):
         return st.text(max_size=min(wire.max_len // 4, SMALL))  # <= 4 UTF-8 bytes a char
     if isinstance(wire, Bytes):
-        return st.binary(max_size=min(wire.max_len, SMALL))
+        return st.binary(min_size=wire.min_len, max_size=max(wire.min_len, min(wire.max_len, SMALL)))
     if isinstance(wire, BytesList):
         return st.lists(strategy_for(wire.item), min_size=wire.min_count, max_size=4).map(tuple)
     if isinstance(wire, Pairs):
@@ -154,7 +154,7 @@ def test_known_encoding():
 
 def test_every_message_is_a_frozen_slotted_dataclass_with_a_docstring():
     ids = [cls.TYPE_ID for cls in MESSAGES]
-    assert ids == list(range(1, 13))
+    assert ids == list(range(1, 15))
     for cls in MESSAGES:
         msg = minimal_message(cls)
         assert not hasattr(msg, "__dict__")
@@ -164,9 +164,9 @@ def test_every_message_is_a_frozen_slotted_dataclass_with_a_docstring():
 
 
 def test_directions():
-    assert m.HOST_TO_GUEST == {m.Exec, m.Reset, m.Heartbeat, m.Error, m.PutFile, m.Collect}
+    assert m.HOST_TO_GUEST == {m.Exec, m.Reset, m.Heartbeat, m.Error, m.PutFile, m.Collect, m.Resume}
     assert m.GUEST_TO_HOST == {m.Hello, m.Output, m.Exit, m.ResetDone, m.HeartbeatAck, m.Error,
-                               m.Collected}
+                               m.Collected, m.ResumeDone}
     assert m.HOST_TO_GUEST | m.GUEST_TO_HOST == m.ALL_MESSAGES
 
 
@@ -224,6 +224,73 @@ def test_argv_must_not_be_empty():
         codec.encode(_replace(minimal_message(m.Exec), "argv", ()))
 
 
+# --- Resume and ResumeDone ----------------------------------------------------------------
+
+def test_resume_known_encoding():
+    resume = m.Resume(time_ns=0x0102030405060708, entropy=bytes(range(32)), host_seq=0xAABBCCDD, guest_seq=7)
+    payload = codec.encode(resume)
+    assert payload == (bytes.fromhex("0d" "0102030405060708" "00000020") + bytes(range(32))
+                       + bytes.fromhex("aabbccdd" "00000007"))
+    assert codec.decode(payload, m.HOST_TO_GUEST) == resume
+    assert codec.max_payload_size([m.Resume]) == len(payload) == 1 + 8 + 4 + 32 + 4 + 4
+
+
+@pytest.mark.parametrize("length", [0, 1, 31])
+def test_resume_entropy_under_32_bytes_is_refused(length):
+    with pytest.raises(MalformedPayload, match="Resume.entropy"):
+        codec.decode(raw_payload(m.Resume, entropy=b"e" * length), m.HOST_TO_GUEST)
+    with pytest.raises(ValueError, match="Resume.entropy"):
+        codec.encode(m.Resume(time_ns=1, entropy=b"e" * length, host_seq=0, guest_seq=0))
+
+
+@pytest.mark.parametrize("length", [33, 0xFFFFFFFF])
+def test_resume_entropy_over_32_bytes_is_refused_from_its_length_alone(length):
+    # The declared length is judged before any byte of it is looked for.
+    payload = bytes([m.Resume.TYPE_ID]) + struct.pack("!QI", 1, length)
+    with pytest.raises(FieldTooLong, match="Resume.entropy"):
+        codec.decode(payload, m.HOST_TO_GUEST)
+    with pytest.raises(ValueError, match="Resume.entropy"):
+        codec.encode(m.Resume(time_ns=1, entropy=b"e" * 33, host_seq=0, guest_seq=0))
+
+
+def test_resume_fields_are_range_checked_on_encode():
+    entropy = b"e" * constants.RESUME_ENTROPY_LEN
+    for bad in ({"time_ns": -1}, {"time_ns": 1 << 64}, {"host_seq": 1 << 32}, {"guest_seq": -1}):
+        fields = {"time_ns": 1, "entropy": entropy, "host_seq": 0, "guest_seq": 0} | bad
+        with pytest.raises(ValueError, match="Resume"):
+            codec.encode(m.Resume(**fields))
+    with pytest.raises(TypeError, match="Resume.entropy"):
+        codec.encode(m.Resume(time_ns=1, entropy=bytearray(entropy), host_seq=0, guest_seq=0))
+
+
+@pytest.mark.parametrize("step", [0, 1, -1, 3600 * 10**9, -(1 << 63), (1 << 63) - 1])
+def test_resume_done_carries_a_signed_64_bit_clock_step(step):
+    payload = codec.encode(m.ResumeDone(clock_step_ns=step))
+    assert payload == bytes([14]) + step.to_bytes(8, "big", signed=True)
+    assert codec.decode(payload, m.GUEST_TO_HOST) == m.ResumeDone(clock_step_ns=step)
+
+
+@pytest.mark.parametrize("step", [-(1 << 63) - 1, 1 << 63])
+def test_resume_done_step_outside_i64_is_refused_on_encode(step):
+    with pytest.raises(ValueError, match="ResumeDone.clock_step_ns"):
+        codec.encode(m.ResumeDone(clock_step_ns=step))
+
+
+def test_resume_goes_only_host_to_guest_and_resume_done_only_back():
+    resume = codec.encode(m.Resume(time_ns=1, entropy=b"e" * 32, host_seq=0, guest_seq=0))
+    done = codec.encode(m.ResumeDone(clock_step_ns=5))
+    with pytest.raises(UnexpectedMessage):
+        codec.decode(resume, m.GUEST_TO_HOST)
+    with pytest.raises(UnexpectedMessage):
+        codec.decode(done, m.HOST_TO_GUEST)
+
+
+def test_bytes_bounds_are_checked_when_declared():
+    with pytest.raises(ValueError):
+        Bytes(31, min_len=32)
+    assert repr(Bytes(32, min_len=32)) == "bytes[32]" and repr(Bytes(8, min_len=2)) == "bytes[2..8]"
+
+
 @pytest.mark.parametrize("stream", [0, 3, 255])
 def test_output_stream_is_stdout_or_stderr(stream):
     with pytest.raises(MalformedPayload, match="Output.stream"):
@@ -274,7 +341,7 @@ def test_invalid_utf8(cls, name, bad):
         codec.decode(raw_payload(cls, **{name: bad}))
 
 
-@pytest.mark.parametrize("type_id", [0, 13, 0x80, 0xFF])
+@pytest.mark.parametrize("type_id", [0, 15, 0x80, 0xFF])
 def test_unknown_type_id(type_id):
     with pytest.raises(UnknownMessageType):
         codec.decode(bytes([type_id]) + b"\0" * 8)
