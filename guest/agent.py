@@ -5,7 +5,8 @@ SecureChannel protocol to the host over one virtio-serial port: says Hello,
 then runs Exec requests as the unprivileged task user, streams Output, reports
 Exit with resource use, answers Heartbeat, and on Reset kills every process of
 the task user and removes whatever it left: files anywhere in the root overlay,
-message queues, SysV IPC objects, keys.
+message queues, SysV IPC objects, keys. Restored from a snapshot, it takes one
+Resume before any work: the host's clock, fresh entropy, new sequence bases.
 
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
@@ -40,7 +41,7 @@ if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` i
 
 from protocol.channel import capabilities, codec, constants, messages
 from guest import files
-from protocol.channel.errors import ProtocolError
+from protocol.channel.errors import ProtocolError, UnexpectedMessage
 from protocol.channel.frame import FrameDecoder, FrameEncoder
 
 AGENT_VERSION = "0.2"
@@ -85,6 +86,14 @@ KEYCTL_GET_PERSISTENT = 22
 KEY_SPEC_THREAD_KEYRING = -1
 POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
+# Resume: mix the host's bytes into the kernel's CRNG and credit them
+# (RNDADDENTROPY = _IOW('R', 0x03, int[2]), its argument a struct rand_pool_info:
+# int entropy_count in bits, int buf_size in bytes, then the bytes), then make
+# the CRNG reseed from its pool now (RNDRESEEDCRNG = _IO('R', 0x07)). Both need
+# CAP_SYS_ADMIN, which PID 1 has.
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def log(message: str) -> None:
@@ -393,6 +402,12 @@ class Channel:
         self.encoder = FrameEncoder(zlib.crc32)
         self.decoder = FrameDecoder(zlib.crc32)
 
+    def rebase(self, host_seq: int, guest_seq: int) -> None:
+        """Continue from a Resume's sequence bases (read() made sure no host
+        frame follows the Resume yet)."""
+        self.decoder.rebase(host_seq)
+        self.encoder.rebase(guest_seq)
+
     def send(self, message) -> None:
         data = memoryview(self.encoder.encode(codec.encode(message)))
         while data:
@@ -406,7 +421,13 @@ class Channel:
         data = os.read(self.fd, READ_CHUNK)
         if not data:
             return None
-        return [codec.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
+        received = [codec.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
+        # After a Resume the host sends nothing until its ResumeDone: a byte after
+        # one was counted on the old sequence base, which the Resume ends.
+        if any(isinstance(message, messages.Resume) for message in received[:-1]) or (
+                received and isinstance(received[-1], messages.Resume) and self.decoder.in_frame):
+            raise UnexpectedMessage("host frame after a Resume, before its ResumeDone")
+        return received
 
 
 class Task:
@@ -553,6 +574,8 @@ class Agent:
             raise RuntimeError(f"task user {TASK_USER} must not be root")
         self.root_account = pwd.getpwuid(0)
         self.put_error = ""  # the first failed PutFile since the last Exec or Reset
+        # Idle since Hello, no work asked yet: the only state a Resume is for.
+        self.resumable = True
         self.ptrace_scope = -1  # as last written; -1: not yet
         self.set_ptrace_scope(capabilities.PTRACE_SCOPE_DENIED)
         self.share_tmp_dirs()
@@ -659,7 +682,12 @@ class Agent:
     def handle(self, message) -> None:
         if isinstance(message, messages.Heartbeat):
             self.channel.send(messages.HeartbeatAck(nonce=message.nonce))
-        elif isinstance(message, messages.Exec):
+            return
+        if isinstance(message, messages.Resume):
+            self.resume(message)
+            return
+        self.resumable = False  # any other message is work (or a host bug): a Resume is too late
+        if isinstance(message, messages.Exec):
             if self.task is not None:
                 self.channel.send(messages.Error(code="busy", message="an exec is already running"))
             else:
@@ -674,6 +702,44 @@ class Agent:
             self.channel.send(messages.ResetDone(reset_id=message.reset_id, ok=ok, detail=detail))
         else:
             self.channel.send(messages.Error(code="unexpected", message=type(message).__name__))
+
+    def resume(self, request: messages.Resume) -> None:
+        """A restored clone's first words from the host: rebase both sequences,
+        then take the host's entropy and clock. The answer (ResumeDone, or an
+        Error when refused) carries the new guest sequence either way, so the
+        host can read it."""
+        self.channel.rebase(request.host_seq, request.guest_seq)
+        if not self.resumable:
+            self.channel.send(messages.Error(
+                code="resume_refused", message="Resume is only for an agent idle since its Hello"))
+            return
+        try:
+            step_ns = self.reseed_and_set_clock(request.entropy, request.time_ns)
+        except (OSError, ValueError, OverflowError) as e:
+            log(f"resume failed: {e!r}")
+            detail = str(e).encode()[:constants.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
+            self.channel.send(messages.Error(code="resume_failed", message=detail))
+            return
+        # The agent keeps no random state of its own to reseed: it draws no
+        # random numbers (tasks are new processes and seed themselves).
+        self.channel.send(messages.ResumeDone(clock_step_ns=max(I64_MIN, min(I64_MAX, step_ns))))
+
+    @staticmethod
+    def reseed_and_set_clock(entropy: bytes, time_ns: int) -> int:
+        """Mix `entropy` into the kernel's CRNG and reseed it, then set the wall
+        clock to `time_ns`; return how far the clock stepped. fcntl only here:
+        a cold-booted agent never needs it."""
+        import fcntl
+        import struct
+        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        finally:
+            os.close(fd)
+        before = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+        return time_ns - before
 
     def put(self, request: messages.PutFile) -> None:
         if self.put_error:
