@@ -369,7 +369,7 @@ class _IOLoop:
         ch = _Channel(
             vm_id=command.vm_id, sock=command.sock, fd=command.sock.fileno(),
             supervisor=command.supervisor,
-            decoder=FrameDecoder(crc32, max_payload=limits.max_payload),
+            decoder=FrameDecoder(crc32, max_payload=limits.max_payload, first_seq=command.first_seq),
             byte_bucket=TokenBucket(limits.burst_bytes, limits.rate_bytes_per_s),
             frame_bucket=TokenBucket(limits.frames_burst, limits.frames_per_s),
             clock=FrameClock(limits.frame_stall_s, limits.rate_bytes_per_s))

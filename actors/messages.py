@@ -129,6 +129,13 @@ class Watch:
     vm_id: str
     sock: socket.socket
     supervisor: pykka.ActorRef  # where what the guest says goes
+    # Sequence id of the guest's next frame: 0 on a fresh boot; a restored VM's
+    # link hands over its rebased count (GuestLink.decoder.expected_seq after resume).
+    first_seq: int = 0
+
+    def __post_init__(self) -> None:  # the sender's bug, raised at the sender, not in IOGuard's thread
+        if not isinstance(self.first_seq, int) or not 0 <= self.first_seq <= 0xFFFFFFFF:
+            raise ValueError(f"first_seq must be an int in [0, 2**32), got {self.first_seq!r}")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,17 @@ IOGuard): a frame that stalls is a StalledFrame long before the caller's
 deadline. The host never holds more than the frame cap (grown as bytes arrive)
 plus a task's output cap for one guest. Any violation raises a ProtocolError and the VM's owner destroys it:
 there is no resynchronising on garbage.
+
+A VM restored from a snapshot continues the template's sequences (its agent
+said Hello, frame 0, before the save): its link starts with guest_first_seq=1,
+and `resume` then moves both directions to fresh random bases.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import secrets
 import socket
 import time
 from contextlib import contextmanager
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from actors.vm.errors import ChannelClosed, GuestTimeout
 from protocol.channel import codec, messages
 from protocol.channel.capabilities import ALL_SOFT_BITS
-from protocol.channel.constants import STDERR, STDOUT
+from protocol.channel.constants import RESUME_ENTROPY_LEN, STDERR, STDOUT
 from protocol.channel.errors import UnexpectedMessage
 from protocol.channel.frame import FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
@@ -76,11 +81,14 @@ class GuestLink:
     """One connection to one guest agent. Not thread-safe: its owner's thread uses it."""
 
     def __init__(self, path: str, frame_stall_s: float = FRAME_STALL_S,
-                 frame_rate_bytes_per_s: float = FRAME_RATE_BYTES_PER_S):
+                 frame_rate_bytes_per_s: float = FRAME_RATE_BYTES_PER_S, *,
+                 guest_first_seq: int = 0, host_first_seq: int = 0):
+        """`guest_first_seq`/`host_first_seq`: the sequence ids of the first
+        frame each side sends on this connection (0 on a fresh boot)."""
         self.path = str(path)
         self.sock: socket.socket | None = None
-        self.encoder = FrameEncoder(crc32)
-        self.decoder = FrameDecoder(crc32, max_payload=GUEST_FRAME_CAP)
+        self.encoder = FrameEncoder(crc32, first_seq=host_first_seq)
+        self.decoder = FrameDecoder(crc32, max_payload=GUEST_FRAME_CAP, first_seq=guest_first_seq)
         self.clock = FrameClock(frame_stall_s, frame_rate_bytes_per_s)
         self.pending: list = []  # decoded guest messages not yet consumed
         self.ids = itertools.count(1)
@@ -146,6 +154,24 @@ class GuestLink:
 
     def wait_hello(self, deadline: float) -> messages.Hello:
         return self.receive(frozenset({messages.Hello}), deadline)
+
+    def resume(self, deadline: float) -> messages.ResumeDone:
+        """Set a restored agent's clock to ours, give its CRNG fresh entropy and
+        move both directions to random sequence bases, so no frame recorded
+        on one clone of a snapshot passes on another. Only before any other
+        host frame (the agent refuses it later, with an Error read here as
+        UnexpectedMessage). Returns the ResumeDone (clock_step_ns)."""
+        if self.pending or self.decoder.in_frame:
+            raise UnexpectedMessage("guest sent a frame before the Resume")
+        host_seq, guest_seq = secrets.randbits(32), secrets.randbits(32)
+        self.send(messages.Resume(time_ns=time.time_ns(), entropy=secrets.token_bytes(RESUME_ENTROPY_LEN),
+                                  host_seq=host_seq, guest_seq=guest_seq))
+        self.encoder.rebase(host_seq)
+        self.decoder.rebase(guest_seq)
+        message = self.receive(frozenset({messages.ResumeDone, messages.Error}), deadline)
+        if isinstance(message, messages.Error):
+            raise UnexpectedMessage(f"guest refused the Resume: {message.code}: {message.message}")
+        return message
 
     def run(self, argv: list[bytes], deadline: float, *, env: dict[bytes, bytes] | None = None,
             cwd: bytes = b"", stdin: bytes = b"", timeout_ms: int = 0,

@@ -599,6 +599,25 @@ def test_a_violation_is_reported_once_and_nothing_is_delivered_after_it(world, m
     assert guard.proxy().stats().get(timeout=5)["total"]["violations"] == 1
 
 
+@pytest.mark.parametrize("first_seq", [0x89ABCDEF, 0xFFFFFFFF])
+def test_a_watch_from_a_rebased_sequence_reads_on_from_it_and_refuses_the_old_count(world, first_seq):
+    # A restored VM's Supervisor hands over its channel after GuestLink.resume:
+    # the guest's next frame carries the rebased sequence, not 0.
+    guard = world.guard()
+    guest = world.channel()
+    guest.encoder.rebase(first_seq)
+    box, ref = world.supervisor()
+    guard.ask(Watch("vm1", guest.host, ref, first_seq=first_seq))
+    guest.send(ack(1), ack(2))
+    stale = FrameEncoder(zlib.crc32, first_seq=2).encode(codec.encode(ack(3)))  # as if never rebased
+    guest.sock.sendall(stale)
+    assert box.wait_for(lambda ms: any(isinstance(m, ChannelFailed) for m in ms))
+    assert box.said() == [ack(1), ack(2)]
+    [failed] = box.failures()
+    assert failed.code == SequenceError.code and failed.violation
+    assert f"expected {(first_seq + 2) & 0xFFFFFFFF}, got 2" in failed.detail
+
+
 def test_a_frame_over_the_configured_max_payload_is_a_violation(world):
     guard = world.guard(max_payload=1024)
     guest = world.channel()
