@@ -93,7 +93,6 @@ POLLOUT = select.POLLOUT
 # CAP_SYS_ADMIN, which PID 1 has.
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
-I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def log(message: str) -> None:
@@ -422,8 +421,8 @@ class Channel:
         if not data:
             return None
         received = [codec.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
-        # After a Resume the host sends nothing until its ResumeDone: a byte after
-        # one was counted on the old sequence base, which the Resume ends.
+        # After a Resume the host sends nothing until it has the answer: a byte
+        # after one was counted on the old sequence base, which the Resume ends.
         if any(isinstance(message, messages.Resume) for message in received[:-1]) or (
                 received and isinstance(received[-1], messages.Resume) and self.decoder.in_frame):
             raise UnexpectedMessage("host frame after a Resume, before its ResumeDone")
@@ -721,8 +720,10 @@ class Agent:
             self.channel.send(messages.Error(code="resume_failed", message=detail))
             return
         # The agent keeps no random state of its own to reseed: it draws no
-        # random numbers (tasks are new processes and seed themselves).
-        self.channel.send(messages.ResumeDone(clock_step_ns=max(I64_MIN, min(I64_MAX, step_ns))))
+        # random numbers, and tasks are new processes that seed themselves from
+        # the kernel. (Its str hash seed, fixed at start-up, is the template's in
+        # every clone; it hashes only what the host sends, and trusts the host.)
+        self.channel.send(messages.ResumeDone(clock_step_ns=step_ns))
 
     @staticmethod
     def reseed_and_set_clock(entropy: bytes, time_ns: int) -> int:
