@@ -158,9 +158,9 @@ class GuestLink:
     def resume(self, deadline: float) -> messages.ResumeDone:
         """Set a restored agent's clock to ours, give its CRNG fresh entropy and
         move both directions to random sequence bases, so no frame recorded
-        on one clone of a snapshot passes on another. Only before any other
-        host frame (the agent refuses it later, with an Error read here as
-        UnexpectedMessage). Returns the ResumeDone (clock_step_ns)."""
+        on one clone of a snapshot passes on another. Only while the agent is
+        idle since its Hello (after any work it refuses, with an Error raised
+        here as UnexpectedMessage). Returns the ResumeDone (clock_step_ns)."""
         if self.pending or self.decoder.in_frame:
             raise UnexpectedMessage("guest sent a frame before the Resume")
         host_seq, guest_seq = secrets.randbits(32), secrets.randbits(32)
