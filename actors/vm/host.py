@@ -369,13 +369,16 @@ class Hypervisor:
         with libvirt_errors(f"cannot save VM {name}"):
             self.domain(name).saveFlags(str(image), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
 
-    @with_deadline
     def restore(self, template: Template, name: str | None = None) -> VmHandle:
         """A clone of `template`, running: a fresh overlay, the image's header
         rewritten to the clone's identity and restoreFlags, under the image's lock.
         Its handle says restored, and the sequence its guest's next frame carries.
         RestoreFailed, with nothing of the clone left behind, where any step fails;
-        template_removed where the template was at fault."""
+        template_removed where the template was at fault.
+
+        The caller's thread waits for the image's lock (other clones restoring,
+        ~0.5 s each under TCG); only restoreFlags itself runs under the libvirt
+        call deadline, so clones queued on one template hold no call worker."""
         name = name or self.new_name()
         overlay, socket = self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock"
         spec = self.spec_for(name, overlay, socket, template.key.network, template.key.memory_mib, genid=True)
@@ -394,11 +397,12 @@ class Hypervisor:
                 image.write(header.with_xml(xml).to_bytes())
                 image.flush()
                 try:
-                    with libvirt_errors(f"cannot restore VM {name} from {template.directory.name}"):
-                        self.conn.restoreFlags(str(template.image), None, 0)
+                    self.calls.run(f"restoring VM {name}", self._restore_image, name, template)
                 except HypervisorError as e:
                     # A save image libvirt or QEMU cannot load (a corrupt stream) fails every
-                    # restore alike: rebuild it rather than fail each refill.
+                    # restore alike: rebuild it rather than fail each refill. After a deadline
+                    # too: libvirt may still read this header late, so no other clone may
+                    # rewrite it.
                     removed = self.snapshots.remove_template(template, f"libvirt could not restore it: {e}")
                     raise
         except TemplateInvalid as e:
@@ -409,6 +413,10 @@ class Hypervisor:
             self._discard_vm(name)
             raise RestoreFailed(f"cannot restore VM {name}: {e}", template_removed=removed) from None
         return handle
+
+    def _restore_image(self, name: str, template: Template) -> None:
+        with libvirt_errors(f"cannot restore VM {name} from {template.directory.name}"):
+            self.conn.restoreFlags(str(template.image), None, 0)
 
     def _discard_vm(self, name: str) -> None:
         """What a failed build or restore leaves: domain and files."""

@@ -385,6 +385,8 @@ class SnapshotStore:
             with open(build / name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(build)
+        st = os.stat(build / IMAGE_FILE)
+        self._streams_checked.add((st.st_ino, st.st_size))  # meta's digest was just read from it
         target = self.directory(key)
         try:
             os.rename(build, target)

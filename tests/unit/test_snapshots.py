@@ -11,6 +11,7 @@ import os
 import random
 import struct
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -336,3 +337,18 @@ def test_a_restore_libvirt_refuses_leaves_nothing_and_removes_the_template(test_
     leftovers = [p for d in (hv.overlay_dir, hv.run_dir, hv.monitor_dir) for p in d.glob("corral-main-c10e*")]
     assert leftovers == []
     assert "corral-main-c10e00000001" not in hv.corral_domains()
+
+
+def test_a_restore_past_its_deadline_gives_the_template_up(test_driver, tmp_path):
+    """A libvirtd that hangs in restoreFlags may read the image's header late: no
+    other clone may rewrite that header, so the template goes with the clone."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    template = hv.template()
+    hv.calls.timeout_s = 0.2
+    hv._restore_image = lambda name, template: time.sleep(1)  # hung libvirtd
+    with pytest.raises(RestoreFailed, match="did not finish restoring VM") as failed:
+        hv.restore(template, name="corral-main-c10e00000002")
+    assert failed.value.template_removed and hv.template() is None
+    assert [p for d in (hv.overlay_dir, hv.run_dir) for p in d.glob("corral-main-c10e*")] == []
