@@ -37,6 +37,7 @@ from actors.vm.snapshots import (IMAGE_FILE, MIN_STREAM_BYTES, XML_FILE, SaveHea
                                  Template, TemplateInvalid, TemplateKey, clone_xml, fingerprint,
                                  stream_digest, template_meta, xml_digest)
 from guest.image.paths import GuestImage, guest_image
+from protocol.channel.errors import ProtocolError
 
 log = logging.getLogger("corral.hypervisor")
 
@@ -351,7 +352,7 @@ class Hypervisor:
                                      guest_next_seq=guest_next_seq, host_next_seq=host_next_seq,
                                      boot_s=boot_s, save_s=save_s)
                 template = self.snapshots.publish(build, key, meta)
-            except (CorralError, TemplateInvalid, OSError) as e:
+            except (CorralError, ProtocolError, TemplateInvalid, OSError) as e:
                 link.close()
                 self._discard_vm(name)
                 raise (e if isinstance(e, TemplateBuildFailed) else

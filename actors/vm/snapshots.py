@@ -248,16 +248,6 @@ class Template:
     def image(self) -> Path:
         return self.directory / IMAGE_FILE
 
-    @property
-    def has_monitor(self) -> bool:
-        root = ET.fromstring(self.xml)
-        return any(arg.get("value") == "-qmp"
-                   for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"))
-
-    @property
-    def has_console(self) -> bool:
-        return ET.fromstring(self.xml).find("devices/serial[@type='file']") is not None
-
 
 def stream_digest(f, offset: int) -> str:
     f.seek(offset)

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from actors.vm.domain import QEMU_NS
-from actors.vm.errors import RestoreFailed
+from actors.vm.errors import RestoreFailed, TemplateBuildFailed
 from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
 from actors.vm.snapshots import IMAGE_FILE
 from protocol.channel import messages
@@ -97,6 +97,17 @@ def test_a_template_is_private_complete_and_leaves_no_vm(hypervisor, template):
     assert template.name not in hypervisor.corral_domains()  # saved: the template VM is gone
     assert files_named_after(hypervisor, template.name) == []
     assert hypervisor.template() == template
+
+
+def test_a_failed_build_leaves_no_vm_and_no_template(hypervisor, template):
+    name = hypervisor.prefix + "b0170000dead"
+    with pytest.raises(TemplateBuildFailed, match="did not"):
+        hypervisor.build_template(network=True, memory_mib=256, name=name, boot_timeout_s=0.5)
+    assert name not in hypervisor.corral_domains()
+    assert files_named_after(hypervisor, name) == []
+    assert hypervisor.template(network=True, memory_mib=256) is None
+    assert not [p for p in hypervisor.snapshots.root.iterdir() if p.name.startswith(".build-")]
+    assert hypervisor.template() == template  # another tier's template is untouched
 
 
 def test_two_clones_alive_at_once_each_answer_on_their_own_channel(hypervisor, template, clones):
