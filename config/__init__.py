@@ -47,6 +47,12 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotsConfig:
+    # Refill from snapshot templates (actors/vm/snapshots.py); false: cold boots only.
+    enabled: bool = field()
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     endpoint: str = field(metadata={"pattern": "endpoint"})
     instance: str = field(metadata={"pattern": "instance"})
@@ -181,6 +187,7 @@ class Config:
     state_dir: Path = field()
     libvirt_uri: str = field()
     vm: VmConfig = field()
+    snapshots: SnapshotsConfig = field()
     daemon: DaemonConfig = field()
     control: ControlConfig = field()
     metrics: MetricsConfig = field()

@@ -1,7 +1,8 @@
 """The VM layer: corral's VMs under libvirt and the host's end of each guest's
 channel. No actor logic; the per-VM Supervisor (actors/supervisor.py) drives it.
 
-    host.py           the Hypervisor: create, destroy, pause, resume, reap VMs
+    host.py           the Hypervisor: create or restore, destroy, pause, resume, reap VMs
+    snapshots.py      snapshot templates on disk: key, save image header, clone XML, store
     libvirt_calls.py  every libvirt call under a deadline; libvirt's errors mapped
     domain.py         a VM's domain as typed data and its libvirt XML
     handle.py         what a caller holds of one VM (VmHandle, LibvirtRunControl)
@@ -11,7 +12,8 @@ channel. No actor logic; the per-VM Supervisor (actors/supervisor.py) drives it.
     guest_link.py     a synchronous host end of the channel (checks, benchmarks, tests)
     tiers.py          hardware tiers for the hard capabilities
     faults.py         faults made on purpose (tests, `corral admin fault`)
-    errors.py         the layer's failures: HypervisorError and its kinds, GuestTimeout, ChannelClosed
+    errors.py         the layer's failures: HypervisorError and its kinds (RestoreFailed...),
+                      GuestTimeout, ChannelClosed
 
 May import: the standard library, libvirt, actors.errors (CorralError, the root
 of every host error), protocol.channel and protocol.hostcrc (what the guest

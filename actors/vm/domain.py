@@ -7,7 +7,9 @@ Every VM is a transient libvirt domain with:
   - one virtio-serial port whose host end is a unix socket QEMU listens on,
   - no network interface unless asked for,
   - with vm.fast_resume, a QMP socket of corral's own (actors/vm/qmp.py): the
-    Supervisor pauses and resumes through it, ~3 ms faster than libvirt.
+    Supervisor pauses and resumes through it, ~3 ms faster than libvirt,
+  - for a snapshot template and its clones (actors/vm/snapshots.py), a VM
+    generation id (<genid/>) and SeaBIOS instead of qboot.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Disk:
     backing: Path | None = None  # backing file of a qcow2 overlay (always qcow2)
 
 
-@dataclass(frozen=True, kw_only=True)  # 15 fields: named at every construction
+@dataclass(frozen=True, kw_only=True)  # 16 fields: named at every construction
 class DomainSpec:
     name: str
     accelerator: str  # kvm | tcg
@@ -67,12 +69,19 @@ class DomainSpec:
     # stay root's (a QEMU escape cannot chmod them writable), and the Hypervisor
     # hands the VM's own files (its overlay) to that user itself.
     qemu_owner: tuple[int, int] | None = None
+    # A VM generation id device: each clone of a snapshot gets a new value
+    # (snapshots.clone_xml), and its kernel then reseeds its random pool ("crng
+    # reseeded due to virtual machine fork"), so clones never share that. SeaBIOS then, not
+    # qboot: with qboot and a generation id the guest never reaches its kernel.
+    genid: bool = False
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def to_xml(self) -> str:
         domain = ET.Element("domain", type="kvm" if self.accelerator == "kvm" else "qemu")
         _sub(domain, "name", self.name)
         _sub(domain, "uuid", self.uuid)
+        if self.genid:
+            _sub(domain, "genid")  # empty: libvirt chooses the value
         _sub(domain, "memory", str(self.memory_mib), unit="MiB")
         _sub(domain, "vcpu", str(self.vcpus))
         os_el = _sub(domain, "os")
@@ -80,7 +89,7 @@ class DomainSpec:
         # qboot, shipped with QEMU, does little more than start the kernel: the guest
         # reaches its kernel ~0.1 s sooner than with SeaBIOS under TCG. SeaBIOS if absent.
         qboot = "/usr/share/qemu/qboot.rom"
-        if os.path.isfile(qboot):
+        if os.path.isfile(qboot) and not self.genid:
             _sub(os_el, "loader", qboot, readonly="yes", type="rom")
         _sub(os_el, "kernel", str(self.kernel))
         _sub(os_el, "initrd", str(self.initrd))

@@ -9,6 +9,8 @@ root, or CorralError, and give the VM up):
       LibvirtDeadline       a libvirt call ran past vm.libvirt_call_timeout_s
       QmpError              QEMU's monitor answered a command with an error
       QmpTimeout            QEMU's monitor did not answer in time
+      TemplateBuildFailed   a snapshot template could not be booted, saved or checked
+      RestoreFailed         a clone could not be restored from a snapshot template
     GuestTimeout            the guest did not answer in time ("guest_timeout")
     ChannelClosed           the guest's channel closed: the VM is gone ("vm_lost")
 
@@ -47,6 +49,23 @@ class QmpError(HypervisorError):
 
 class QmpTimeout(HypervisorError):
     """QEMU's monitor did not answer a command before its deadline."""
+
+
+class TemplateBuildFailed(HypervisorError):
+    """A snapshot template (actors/vm/snapshots.py) could not be made: its VM did
+    not boot or say Hello, libvirt could not save it, or the saved VM had written
+    to its overlay. Nothing of it is left behind; the pool boots VMs instead."""
+
+
+class RestoreFailed(HypervisorError):
+    """A clone could not be restored from a snapshot template. Nothing of the
+    clone is left behind. `template_removed`: the template itself was at fault
+    (its image no longer reads, or libvirt refused it) and was removed, so the
+    next Hypervisor.template() is None and a new one gets built."""
+
+    def __init__(self, message: str, template_removed: bool = False):
+        super().__init__(message)
+        self.template_removed = template_removed
 
 
 class GuestTimeout(CorralError):

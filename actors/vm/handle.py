@@ -23,6 +23,11 @@ class VmHandle:
     console_log: Path | None
     spec: DomainSpec
     monitor: Path | None = None  # corral's QMP socket, until the Supervisor connects
+    # A clone restored from a snapshot template (Hypervisor.restore), not booted:
+    # its agent said Hello before the template was saved and will not again, and
+    # its next frame carries guest_first_seq (a booted VM's Hello carries 0).
+    restored: bool = False
+    guest_first_seq: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The Hypervisor: corral's VMs on one libvirt connection. It creates each VM
-(overlay, then a transient domain named ``corral-<instance>-<id>``),
+(overlay, then a transient domain named ``corral-<instance>-<id>``) by a cold
+boot or by restoring a clone of a snapshot template (actors/vm/snapshots.py),
 destroys it, pauses and resumes it, sets its CPU, and reaps what a crashed
 daemon left behind. No actor logic here; the per-VM Supervisor owns the calls.
 
@@ -10,24 +11,33 @@ call. The domain itself is typed data (actors/vm/domain.py).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
 import re
+import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
 from actors.vm.accelerator import detect_accelerator, warn_if_kvm_closed_to_qemu
 from actors.vm.domain import (AGENT_DISK_SERIAL, FAST_BOOT_CMDLINE, ROOT_DISK_SERIAL, Disk, DomainSpec,
                               qemu_confinement)
-from actors.vm.errors import HypervisorError, NoSuchDomain
+from actors.errors import CorralError
+from actors.vm.errors import HypervisorError, NoSuchDomain, RestoreFailed, TemplateBuildFailed
 from actors.vm.faults import FaultInjector
+from actors.vm.guest_link import GuestLink
 from actors.vm.handle import LibvirtRunControl, VmHandle
 from actors.vm.libvirt_calls import DeadlineCalls, libvirt_errors, libvirt_module, with_deadline
-from actors.vm.overlays import create_overlay, give_back_to_root, remove_quietly
+from actors.vm.overlays import create_overlay, give_back_to_root, overlay_data_bytes, remove_quietly
 from actors.vm.qmp import QmpMonitor
+from actors.vm.snapshots import (IMAGE_FILE, MIN_STREAM_BYTES, XML_FILE, SaveHeader, SnapshotStore,
+                                 Template, TemplateInvalid, TemplateKey, clone_xml, fingerprint,
+                                 stream_digest, template_meta, xml_digest)
 from guest.image.paths import GuestImage, guest_image
+from protocol.channel.errors import ProtocolError
 
 log = logging.getLogger("corral.hypervisor")
 
@@ -36,6 +46,12 @@ DOMAIN_PREFIX = "corral-"
 # a throttled VM still runs a short task (a `true`, a reset) at full speed and only
 # sustained CPU use is held to the quota.
 CPU_PERIOD_US = 1_000_000
+# A template VM idles this long after its Hello before it is saved: the guest
+# finishes what its start queued, so every clone starts from a quiet guest.
+TEMPLATE_SETTLE_S = 1.0
+# After the host closes the template's channel, QEMU tells the guest's port;
+# the save waits this long so the agent is back to polling for a host.
+TEMPLATE_CLOSE_S = 0.1
 
 
 class Hypervisor:
@@ -61,6 +77,7 @@ class Hypervisor:
         self.monitor_dir = self.run_dir / "qmp"
         for d in (self.overlay_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.snapshots = SnapshotStore(Path(state_dir) / "snapshots", instance)
         self.faults = FaultInjector(self)
         self._reconnect_lock = threading.Lock()
         self.calls = DeadlineCalls(call_timeout_s)
@@ -207,7 +224,7 @@ class Hypervisor:
             return self.domain(name).schedulerParametersFlags(libvirt_module().VIR_DOMAIN_AFFECT_LIVE)
 
     def spec_for(self, name: str, overlay: Path, socket: Path, network: bool = False,
-                 memory_mib: int | None = None) -> DomainSpec:
+                 memory_mib: int | None = None, genid: bool = False) -> DomainSpec:
         console = self.run_dir / f"{name}.console.log" if self.console_log else None
         monitor = self.monitor_dir / f"{name}.qmp" if self.fast_resume else None
         cmdline = FAST_BOOT_CMDLINE + f" corral.tmpfs={self.tmpfs_size}"
@@ -230,7 +247,7 @@ class Hypervisor:
                      target="vdb", readonly=True),
             ),
             channel_socket=socket, network=network, console_log=console, monitor_socket=monitor,
-            qemu_owner=self.qemu_owner,
+            qemu_owner=self.qemu_owner, genid=genid,
         )
 
     @with_deadline
@@ -238,24 +255,177 @@ class Hypervisor:
                memory_mib: int | None = None) -> VmHandle:
         """Overlay, then a transient domain; on any failure nothing is left behind."""
         name = name or self.new_name()
-        overlay = self.overlay_dir / f"{name}.qcow2"
-        socket = self.run_dir / f"{name}.sock"
-        spec = self.spec_for(name, overlay, socket, network, memory_mib)
-        handle = VmHandle(name=name, overlay=overlay, socket=socket,
-                          console_log=spec.console_log, spec=spec, monitor=spec.monitor_socket)
-        create_overlay(self.image.disk, overlay)
+        spec = self.spec_for(name, self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock",
+                             network, memory_mib)
+        self._start(spec)
+        return VmHandle(name=name, overlay=spec.disks[0].path, socket=spec.channel_socket,
+                        console_log=spec.console_log, spec=spec, monitor=spec.monitor_socket)
+
+    def _start(self, spec: DomainSpec) -> None:
+        """Boot `spec` on a fresh overlay; on any failure nothing is left behind."""
+        self._fresh_overlay(spec.name, spec.disks[0].path)
         try:
-            if spec.qemu_owner is not None:  # libvirt relabels nothing: the overlay is QEMU's to write
-                os.chown(overlay, *spec.qemu_owner)
-            with libvirt_errors(f"cannot start VM {name}"):
+            with libvirt_errors(f"cannot start VM {spec.name}"):
                 self.conn.createXML(spec.to_xml(), 0)
         except HypervisorError:
-            self.discard_files_of(name)
+            self.discard_files_of(spec.name)
             raise
-        except OSError as e:
-            self.discard_files_of(name)
-            raise HypervisorError(f"cannot give VM {name}'s overlay to QEMU's user: {e}") from None
+
+    def _fresh_overlay(self, name: str, overlay: Path) -> None:
+        create_overlay(self.image.disk, overlay)
+        if self.qemu_owner is not None:  # libvirt relabels nothing: the overlay is QEMU's to write
+            try:
+                os.chown(overlay, *self.qemu_owner)
+            except OSError as e:
+                self.discard_files_of(name)
+                raise HypervisorError(f"cannot give VM {name}'s overlay to QEMU's user: {e}") from None
+
+    # --- snapshot templates and their clones (actors/vm/snapshots.py) ----------------
+
+    def template_key(self, network: bool = False, memory_mib: int | None = None) -> TemplateKey:
+        """The key of this Hypervisor's template for a tier: its images, QEMU and
+        libvirt, the domain every VM of it gets (stat and string work only)."""
+        placeholder = self.spec_for(f"{self.prefix}template", Path("/overlay"), Path("/socket"), genid=True)
+        placeholder = dataclasses.replace(placeholder, uuid="00000000-0000-0000-0000-000000000000")
+        qemu = shutil.which("qemu-system-x86_64")
+        host = f"libvirt {libvirt_module().getVersion()}, " + (fingerprint(Path(qemu)) if qemu else "no qemu")
+        return TemplateKey(
+            gold=fingerprint(self.image.disk, self.image.kernel, self.image.initrd),
+            agent=fingerprint(self.image.agent_iso), host=host, domain=xml_digest(placeholder.to_xml()),
+            network=network, memory_mib=memory_mib or self.memory_mib)
+
+    def template(self, network: bool = False, memory_mib: int | None = None) -> Template | None:
+        """The valid template of this tier on disk, or None: none was built, or the
+        one there was stale or broken (removed with a warning). Cheap: stat, its
+        small files and the image's header; the image's whole stream is read once
+        per process, on its first load."""
+        return self.snapshots.load(self.template_key(network, memory_mib))
+
+    def build_template(self, network: bool = False, memory_mib: int | None = None, *,
+                       name: str | None = None, boot_timeout_s: float = 60.0,
+                       settle_s: float = TEMPLATE_SETTLE_S) -> Template:
+        """Boot a template VM of this tier (SeaBIOS, a generation id), wait for its
+        Hello, let it settle, close the channel without a host frame, save it
+        running, and publish the image whole. Slow (a boot and a save, ~5 s under
+        TCG). `name`: the template VM's domain name, so a caller can count it as
+        its own while it runs (the watchdog reaps unowned domains). This tier's
+        templates of another build are removed first. TemplateBuildFailed, with
+        nothing left behind, where any step fails."""
+        key = self.template_key(network, memory_mib)
+        self.snapshots.remove_stale(key)
+        name = name or self.new_name()
+        overlay, socket = self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock"
+        spec = self.spec_for(name, overlay, socket, network, memory_mib, genid=True)
+        with self.snapshots.building() as build:
+            image = build / IMAGE_FILE
+            link = GuestLink(socket)
+            try:
+                started = time.monotonic()
+                self.calls.run("starting a template VM", self._start, spec)
+                deadline = started + boot_timeout_s
+                link.connect(deadline)
+                link.wait_hello(deadline)
+                boot_s = time.monotonic() - started
+                time.sleep(settle_s)
+                guest_next_seq, host_next_seq = link.decoder.expected_seq, link.encoder.next_seq
+                link.close()  # saved with no host on the channel: each clone's host connects anew
+                time.sleep(TEMPLATE_CLOSE_S)
+                saving = time.monotonic()
+                self.calls.run("saving a template VM", self._save, name, image)
+                save_s = time.monotonic() - saving
+                os.chown(image, 0, 0)
+                os.chmod(image, 0o600)
+                # Clones get a fresh, empty overlay: a saved guest whose root took a
+                # write would read zeros there after a restore (GUEST-NOTES.md).
+                written = overlay_data_bytes(overlay)
+                if written:
+                    raise TemplateBuildFailed(f"template VM {name} wrote {written} bytes to its overlay; "
+                                              "its clones would not see them")
+                with open(image, "rb") as f:
+                    header = SaveHeader.read(f)
+                    image_bytes = os.fstat(f.fileno()).st_size
+                    if image_bytes - header.stream_offset < MIN_STREAM_BYTES:
+                        raise TemplateBuildFailed(f"template VM {name}'s save image is only {image_bytes} bytes")
+                    digest = stream_digest(f, header.stream_offset)
+                (build / XML_FILE).write_text(header.xml)
+                meta = template_meta(name=name, header=header, image_bytes=image_bytes, stream_sha256=digest,
+                                     guest_next_seq=guest_next_seq, host_next_seq=host_next_seq,
+                                     boot_s=boot_s, save_s=save_s)
+                template = self.snapshots.publish(build, key, meta)
+            except (CorralError, ProtocolError, TemplateInvalid, OSError) as e:
+                link.close()
+                self._discard_vm(name)
+                raise (e if isinstance(e, TemplateBuildFailed) else
+                       TemplateBuildFailed(f"cannot build a snapshot template ({name}): {e}")) from None
+            finally:
+                self.discard_files_of(name)
+        log.info("snapshot template %s built: boot %.2f s, save %.2f s, %d MiB",
+                 template.directory.name, boot_s, save_s, image_bytes >> 20)
+        return template
+
+    def _save(self, name: str, image: Path) -> None:
+        """Save the running domain into `image` (the domain is gone after): it
+        restores running."""
+        libvirt = libvirt_module()
+        with libvirt_errors(f"cannot save VM {name}"):
+            self.domain(name).saveFlags(str(image), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+
+    def restore(self, template: Template, name: str | None = None) -> VmHandle:
+        """A clone of `template`, running: a fresh overlay, the image's header
+        rewritten to the clone's identity and restoreFlags, under the image's lock.
+        Its handle says restored, and the sequence its guest's next frame carries.
+        RestoreFailed, with nothing of the clone left behind, where any step fails;
+        template_removed where the template was at fault.
+
+        The caller's thread waits for the image's lock (other clones restoring,
+        ~0.5 s each under TCG); only restoreFlags itself runs under the libvirt
+        call deadline, so clones queued on one template hold no call worker."""
+        name = name or self.new_name()
+        overlay, socket = self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock"
+        spec = self.spec_for(name, overlay, socket, template.key.network, template.key.memory_mib, genid=True)
+        handle = VmHandle(name=name, overlay=overlay, socket=socket, console_log=spec.console_log, spec=spec,
+                          monitor=spec.monitor_socket, restored=True, guest_first_seq=template.guest_next_seq)
+        removed = False
+        try:
+            xml = clone_xml(template.xml, name=name, uuid=spec.uuid, overlay=overlay, socket=socket,
+                            monitor=spec.monitor_socket, console=spec.console_log)
+            self._fresh_overlay(name, overlay)
+            with self.snapshots.locked_image(template) as image:
+                header = SaveHeader.read(image)
+                if header.data_len != template.data_len:
+                    raise TemplateInvalid("memory.save's header changed size")
+                image.seek(0)
+                image.write(header.with_xml(xml).to_bytes())
+                image.flush()
+                try:
+                    self.calls.run(f"restoring VM {name}", self._restore_image, name, template)
+                except HypervisorError as e:
+                    # A save image libvirt or QEMU cannot load (a corrupt stream) fails every
+                    # restore alike: rebuild it rather than fail each refill. After a deadline
+                    # too: libvirt may still read this header late, so no other clone may
+                    # rewrite it.
+                    removed = self.snapshots.remove_template(template, f"libvirt could not restore it: {e}")
+                    raise
+        except TemplateInvalid as e:
+            removed = self.snapshots.remove_template(template, str(e))
+            self._discard_vm(name)
+            raise RestoreFailed(f"cannot restore VM {name}: {e}", template_removed=removed) from None
+        except (HypervisorError, OSError) as e:
+            self._discard_vm(name)
+            raise RestoreFailed(f"cannot restore VM {name}: {e}", template_removed=removed) from None
         return handle
+
+    def _restore_image(self, name: str, template: Template) -> None:
+        with libvirt_errors(f"cannot restore VM {name} from {template.directory.name}"):
+            self.conn.restoreFlags(str(template.image), None, 0)
+
+    def _discard_vm(self, name: str) -> None:
+        """What a failed build or restore leaves: domain and files."""
+        try:
+            self.destroy_domain(name)
+        except HypervisorError as e:
+            log.warning("VM %s: destroy after a failure failed: %s (the watchdog will reap it)", name, e)
+        self.discard_files_of(name)
 
     @with_deadline
     def destroy(self, handle: VmHandle) -> None:

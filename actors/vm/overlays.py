@@ -4,6 +4,7 @@ image files kept root's so that QEMU's user can only read them."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -22,6 +23,17 @@ def create_overlay(gold: Path, overlay: Path) -> None:
         capture_output=True, text=True)
     if result.returncode != 0:
         raise HypervisorError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+
+
+def overlay_data_bytes(overlay: Path) -> int:
+    """Bytes of guest data held in the overlay itself (not read through from the
+    gold image). -U: no lock needed, so it also reads a running VM's overlay."""
+    result = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(overlay)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise HypervisorError(f"cannot map overlay {overlay}: {result.stderr.strip()}")
+    return sum(extent["length"] for extent in json.loads(result.stdout)
+               if extent.get("depth") == 0 and extent.get("data"))
 
 
 def remove_quietly(path: Path) -> None:
