@@ -129,7 +129,8 @@ def test_a_released_vm_is_offered_settling_then_paused(tmp_path, monkeypatch):
     resumes = []
     real_resume = QmpMonitor.resume
     monkeypatch.setattr(QmpMonitor, "resume", lambda monitor: resumes.append(1) or real_resume(monitor))
-    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1, "settle_ms": 1500})
+    # Settle long enough that a loaded host's slow checks still see it settling.
+    cfg = service_config(tmp_path, OTHER_INSTANCE, pool={"size": 1, "settle_ms": 3000})
     svc = start_service(cfg)
 
     def vm_is(pool_state, domain_state):
@@ -147,18 +148,18 @@ def test_a_released_vm_is_offered_settling_then_paused(tmp_path, monkeypatch):
             resumed_before = len(resumes)
             assert client.run(["echo", "two"]).stdout == b"two\n"
             assert len(resumes) == resumed_before, "a settling VM is taken running, not resumed"
-            wait_until(lambda: vm_is("ready", "paused"), 5, "paused once settled")
+            wait_until(lambda: vm_is("ready", "paused"), 8, "paused once settled")
 
             assert client.run(["echo", "three"]).stdout == b"three\n"
             assert len(resumes) == resumed_before + 1, "a paused VM is resumed"
             wait_until(lambda: vm_is("ready", "running"), 1, "settling again")
             assert operator(svc, "scram", "drill").ok  # answers once every VM is paused
             assert svc.hypervisor.domain_states()[vm] == "paused"
-            time.sleep(2)  # past the settle time: frozen, its clock stopped
+            time.sleep(3.5)  # past the settle time: frozen, its clock stopped
             assert svc.hypervisor.domain_states()[vm] == "paused"
             assert operator(svc, "resume").ok
             wait_until(lambda: vm_is("ready", "running"), 2, "settling on after the resume")
-            wait_until(lambda: vm_is("ready", "paused"), 5, "then paused")
+            wait_until(lambda: vm_is("ready", "paused"), 8, "then paused")
             assert client.run(["echo", "four"]).stdout == b"four\n"
     finally:
         svc.stop()
