@@ -1,9 +1,11 @@
-"""corral's tests, in two halves:
+"""corral's tests, in three folders:
 
 tests/unit/   no VM, no libvirtd, no gold image: actors with probes, real
               sockets, the codecs, the client, config. `scripts/test tests/unit`
-              (or `-m 'not vm'`) runs them alone (~100 s, most of it the
-              timed floods and rates of test_hostile_clients and test_ioguard).
+              runs them alone, in about a minute.
+tests/load/   no VM either: connection floods of thousands of sockets that run
+              for seconds by design (~35 s together). Marked `load`, so
+              `-m 'not vm'` runs unit and load, `-m 'not vm and not load'` unit alone.
 tests/vm/     real guest VMs under libvirtd, real corrald trees and processes
               (scripts/setup-host prepares what they need; a missing piece
               fails them). Every test there is marked `vm`, by the hook below.
@@ -15,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
-VM_TESTS = Path(__file__).parent / "vm"
+MARKED_FOLDERS = {Path(__file__).parent / "vm": pytest.mark.vm,
+                  Path(__file__).parent / "load": pytest.mark.load}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
     for item in items:
-        if VM_TESTS in item.path.parents:
-            item.add_marker(pytest.mark.vm)
+        for folder, mark in MARKED_FOLDERS.items():
+            if folder in item.path.parents:
+                item.add_marker(mark)

@@ -1,8 +1,19 @@
 """Intake under test: the task limits its tests run with, a valid request to
-change a field of, and a CurveZMQ identity config."""
+change a field of, a CurveZMQ identity config, and a real Intake in front of a
+real Scheduler that no VM serves."""
+
+from contextlib import contextmanager
+
+import pykka
 
 import config
-from actors.edge.intake_server import TaskLimits
+from actors.directory import Directory
+from actors.edge.intake_server import IntakeServer, TaskLimits
+from actors.edge.metrics import Metrics
+from actors.intake import Intake
+from actors.scheduler import QueueLimits, Scheduler
+from actors.timers import Timers
+from tests.support.probe import Recorder
 from protocol.wire.tasks import TaskRequest
 
 LIMITS = TaskLimits(default_timeout_ms=60_000, max_timeout_ms=3_600_000, default_output_cap=1 << 20,
@@ -23,3 +34,26 @@ def curve_config(keys, **budget) -> config.Config:
         "identity": {"server_secret_key": keys["server_secret"], "client_keys_dir": keys["clients"],
                      "grants": {"alice": ["base:execute", "dev:python"]}},
         "budget": {"overrides": {"alice": {"capacity": 3.0, "refill_per_s": 0.5}}, **budget}})
+
+
+@contextmanager
+def intake_world(socket_dir, queue_depth: int = 1000):
+    """Intake (real ROUTER) in front of a real Scheduler that no VM ever serves:
+    (directory, server, metrics)."""
+    directory = Directory()
+    metrics = Metrics()
+    timers = Timers()
+    server = IntakeServer(f"ipc://{socket_dir}/intake.sock", LIMITS, metrics, directory)
+    directory.answer_fallback = server.post
+    server.start()
+    directory["pool"] = Recorder.start()
+    directory["scheduler"] = Scheduler.start(
+        directory=directory, metrics=metrics, timers=timers,
+        limits=QueueLimits(max_depth=queue_depth, max_queued_bytes=1 << 30, max_wait_s=3600.0))
+    directory["intake"] = Intake.start(server, directory)
+    try:
+        yield directory, server, metrics
+    finally:
+        pykka.ActorRegistry.stop_all()
+        server.stop()
+        timers.stop()
