@@ -42,6 +42,8 @@
   one did) for --seconds through the Python client: end-to-end latency
   p50/p99 and p99/p50, with the VMs retired and booted meanwhile; time queued
   for a VM (the reply's queued_ms) says what of the tail the pool's refill is.
+  Baseline: the same load on a pool whose VMs never retire (pool.max_uses and
+  pool.max_age_s at their maximum), what the host does without any refill.
 - refill (with snapshot restore, to come): restore to agent ready against a
   cold boot in the same run.
 """
@@ -530,9 +532,12 @@ def steady_load(client, service, rate: float, seconds: float) -> dict:
 
 def bench_steady(cfg: config.Config, rate: float, seconds: float) -> None:
     hypervisor = Hypervisor.from_config(cfg)
+    never_retire = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, max_uses=1_000_000, max_age_s=86400))
     try:
         print(f"accelerator: {hypervisor.accelerator}")
         figures = run_service(cfg, hypervisor, cfg.pool.size, lambda c, s: steady_load(c, s, rate, seconds))
+        baseline = run_service(never_retire, hypervisor, cfg.pool.size,
+                               lambda c, s: steady_load(c, s, rate, seconds))["latencies"]
     finally:
         hypervisor.close()
     latencies, queued = figures["latencies"], figures["queued"]
@@ -543,6 +548,10 @@ def bench_steady(cfg: config.Config, rate: float, seconds: float) -> None:
     print(f"  of which queued:      {latency(queued)}  "
           f"{sum(1 for q in queued if q >= 0.5)} tasks queued 0.5 s or more")
     print(f"ratio (p99 / p50):      {p99 / p50:.1f}x")
+    print(f"baseline, VMs never retired: {latency(baseline)}  ratio (p99 / p50) "
+          f"{percentile(baseline, 99) / percentile(baseline, 50):.1f}x")
+    print(f"ratio (p50 / baseline p50): {p50 / percentile(baseline, 50):.1f}x  "
+          f"(p99 / baseline p99): {p99 / percentile(baseline, 99):.1f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
