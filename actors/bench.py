@@ -1,6 +1,7 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service|scram|intake|capabilities] [--boots N] [--tasks N] [--instance NAME]
+    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady] [--boots N] [--tasks N]
+                  [--strict-tasks N] [--rate R] [--seconds S] [--instance NAME]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
   kernel booting a busybox-only initramfs whose init powers off at once
@@ -31,6 +32,20 @@
   tiers booted on demand: `true` with net:egress, res:large_mem (the first
   one waits for its VM to boot, the rest find it warm) and res:high_cpu (CPU
   set live before the resume), against default `true` in the same run.
+- strict: through a real corrald in strict mode (pool.strict: one task per
+  VM) with a pool of 2, N sequential `corral run -- true` through the real CLI
+  (a process each): mean wall time per task, against a cold boot to the
+  agent's Hello measured in the same run (median of --boots), and the CLI's
+  own floor (`corral status`, a process each) beside it.
+- steady: through a real corrald with the default pool config, `true` at a
+  steady --rate tasks/s (open loop: each sent at its time, whatever the last
+  one did) for --seconds through the Python client: end-to-end latency
+  p50/p99 and p99/p50, with the VMs retired and booted meanwhile; time queued
+  for a VM (the reply's queued_ms) says what of the tail the pool's refill is.
+  Baseline: the same load on a pool whose VMs never retire (pool.max_uses and
+  pool.max_age_s at their maximum), what the host does without any refill.
+- refill (with snapshot restore, to come): restore to agent ready against a
+  cold boot in the same run.
 """
 
 from __future__ import annotations
@@ -40,7 +55,10 @@ import os
 import concurrent.futures
 import dataclasses
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +69,7 @@ from guest.image.build import Cpio
 from protocol.bench import frame_decode_throughput
 
 BUSYBOX_POWEROFF_INIT = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -431,12 +450,120 @@ def bench_acquire(cfg: config.Config, rounds: int, idle_s: float = 0.1) -> None:
         hypervisor.close()
 
 
+def histogram_count(histogram) -> float:
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                return sample.value
+    raise RuntimeError(f"{histogram} has no _count")
+
+
+def cli_wall_times(endpoint: str, argv: list[str], runs: int) -> list[float]:
+    """`corral ARGV...` (the real CLI, a process each) `runs` times, one after
+    another: the wall time of each, failing on a non-zero exit."""
+    samples = []
+    for _ in range(runs):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "protocol.client", argv[0], "--endpoint", endpoint, *argv[1:]],
+                              capture_output=True, timeout=300, cwd=REPO)
+        samples.append(time.monotonic() - started)
+        if done.returncode:
+            raise RuntimeError(f"corral {' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
+    return samples
+
+
+def strict_tasks(client, service, runs: int) -> dict:
+    endpoint = service.cfg.daemon.endpoint
+    boots_before = histogram_count(service.metrics.boot_seconds)
+    tasks = cli_wall_times(endpoint, ["run", "--", "true"], runs)
+    booted = histogram_count(service.metrics.boot_seconds) - boots_before
+    floor = cli_wall_times(endpoint, ["status"], 5)
+    return {"tasks": tasks, "floor": floor, "booted": booted}
+
+
+def bench_strict(cfg: config.Config, boots: int, runs: int) -> None:
+    hypervisor = Hypervisor.from_config(cfg)
+    strict_cfg = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, strict=True))
+    try:
+        print(f"accelerator: {hypervisor.accelerator}")
+        cold = [boot_to_hello(hypervisor, cfg.vm.boot_timeout_s) for _ in range(boots)]
+        figures = run_service(strict_cfg, hypervisor, 2, lambda c, s: strict_tasks(c, s, runs))
+    finally:
+        hypervisor.close()
+    mean = statistics.mean(figures["tasks"])
+    print(f"strict, pool of 2, {runs} sequential `corral run -- true`, {figures['booted']:.0f} VMs booted:")
+    print(f"  mean {mean:.2f} s per task; {summary(figures['tasks'])}")
+    print(f"  of which the CLI process, `corral status`:  median {statistics.median(figures['floor']):.2f} s")
+    print(f"baseline, cold boot to agent ready:           {summary(cold)}")
+    print(f"ratio (mean per task / median cold boot):     {mean / statistics.median(cold):.2f}x")
+
+
+def steady_load(client, service, rate: float, seconds: float) -> dict:
+    """`true` sent every 1/rate s for `seconds`: (end-to-end latencies, queued_ms of each)."""
+    done_at: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def finished(i: int):
+        def record(_future) -> None:
+            with lock:
+                done_at[i] = time.monotonic()
+        return record
+
+    boots_before = histogram_count(service.metrics.boot_seconds)
+    count = int(rate * seconds)
+    started = time.monotonic()
+    sent_at, futures = [], []
+    for i in range(count):
+        time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        sent_at.append(time.monotonic())
+        future = client.submit(["true"])
+        future.add_done_callback(finished(i))
+        futures.append(future)
+    replies = [future.result(timeout=600) for future in futures]
+    for reply in replies:
+        if reply.error_code or reply.exit_code:
+            raise RuntimeError(f"`true` failed: {reply.error_code} {reply.error_message}")
+    with lock:
+        latencies = [done_at[i] - sent_at[i] for i in range(count)]
+    return {"latencies": latencies, "queued": [reply.queued_ms / 1000 for reply in replies],
+            "sent_over_s": sent_at[-1] - started,
+            "booted": histogram_count(service.metrics.boot_seconds) - boots_before}
+
+
+def bench_steady(cfg: config.Config, rate: float, seconds: float) -> None:
+    hypervisor = Hypervisor.from_config(cfg)
+    never_retire = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, max_uses=1_000_000, max_age_s=86400))
+    try:
+        print(f"accelerator: {hypervisor.accelerator}")
+        figures = run_service(cfg, hypervisor, cfg.pool.size, lambda c, s: steady_load(c, s, rate, seconds))
+        baseline = run_service(never_retire, hypervisor, cfg.pool.size,
+                               lambda c, s: steady_load(c, s, rate, seconds))["latencies"]
+    finally:
+        hypervisor.close()
+    latencies, queued = figures["latencies"], figures["queued"]
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    print(f"steady `true`, {rate:g} tasks/s for {seconds:g} s (sent over {figures['sent_over_s']:.1f} s), "
+          f"pool.size {cfg.pool.size}, pool.max_uses {cfg.pool.max_uses}, {figures['booted']:.0f} VMs booted")
+    print(f"end to end:             {latency(latencies)}  max {max(latencies) * 1000:.1f} ms")
+    print(f"  of which queued:      {latency(queued)}  "
+          f"{sum(1 for q in queued if q >= 0.5)} tasks queued 0.5 s or more")
+    print(f"ratio (p99 / p50):      {p99 / p50:.1f}x")
+    print(f"baseline, VMs never retired: {latency(baseline)}  ratio (p99 / p50) "
+          f"{percentile(baseline, 99) / percentile(baseline, 50):.1f}x")
+    print(f"ratio (p50 / baseline p50): {p50 / percentile(baseline, 50):.1f}x  "
+          f"(p99 / baseline p99): {p99 / percentile(baseline, 99):.1f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
-    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "acquire", "intake", "capabilities"))
+    parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "acquire", "intake", "capabilities",
+                                           "strict", "steady"))
+    parser.add_argument("--strict-tasks", type=int, default=20, help="sequential tasks of the strict bench")
+    parser.add_argument("--rate", type=float, default=4.0, help="tasks/s of the steady bench")
+    parser.add_argument("--seconds", type=float, default=40.0, help="length of the steady bench")
     parser.add_argument("--scrams", type=int, default=5)
     parser.add_argument("--instance", help="names the VMs (default: daemon.instance of the config)")
     args = parser.parse_args(argv)
@@ -455,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_intake(max(args.tasks, 1000))
     if args.only in (None, "capabilities"):
         bench_capabilities(cfg, min(args.tasks, 8))  # under pool.max_uses: no retirement mid-run
+    if args.only in (None, "strict"):
+        bench_strict(cfg, args.boots, args.strict_tasks)
+    if args.only in (None, "steady"):
+        bench_steady(cfg, args.rate, args.seconds)
+    # refill (snapshot restore to agent ready against a cold boot) joins here with restore.
     return 0
 
 

@@ -106,11 +106,14 @@ class PoolVmState(StrEnum):
 @dataclass(frozen=True)
 class VmState:
     """Supervisor -> PoolManager: the VM moved to `state`. `reason` says why it
-    is gone: retired, boot_failed, protocol_violation, deadman, vm_lost, shed, ..."""
+    is gone: retired, boot_failed, protocol_violation, deadman, vm_lost, shed, ...
+    `last_task` (with BUSY): the task on it is its last, the VM ends after it;
+    the pool boots its replacement now."""
 
     vm_id: str
     state: PoolVmState
     reason: str = ""
+    last_task: bool = False
 
 
 @dataclass(frozen=True)

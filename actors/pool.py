@@ -3,6 +3,9 @@
 It starts Supervisors, learns their states (booting, ready, busy, resetting,
 gone), offers ready VMs to the Scheduler, retires idle VMs past their age,
 and replaces every VM that goes, with exponential backoff while boots fail.
+It replaces a VM before it retires: as soon as the VM takes its last task
+(its Supervisor says so) or nears its age limit, the replacement boots, so
+the pool is not empty for a whole boot each time a VM retires.
 
 In safe mode (SCRAM) it freezes every VM (each Supervisor pauses its domain)
 and boots nothing; resuming thaws them and refills the pool.
@@ -47,7 +50,7 @@ SHUTDOWN_S = 60.0
 @dataclass(frozen=True)
 class PoolSettings:
     size: int  # warm VMs of the default tier, until an operator sets another (SetPoolSize)
-    max_age_s: float  # an idle VM older than this is retired
+    max_age_s: float  # an idle VM older than this is retired; its replacement boots before
     backoff_max_s: float = 30.0  # the longest wait between failing boots
     tiers: TierSizes = TierSizes()
 
@@ -139,9 +142,13 @@ class PoolManager(pykka.ThreadingActor):
         if message.state == PoolVmState.READY:
             if vm.state == PoolVmState.BOOTING:
                 self.state.boot_failures = 0
+                self.state.refills.append(time.monotonic() - vm.born)
             self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor, vm.tier))
         vm.state = message.state
         vm.since = time.monotonic()
+        if message.last_task and not vm.last_task:
+            vm.last_task = True
+            self._fill()  # its replacement boots while it runs its last task
 
     def _tick(self) -> None:
         settings = self.settings
@@ -157,7 +164,7 @@ class PoolManager(pykka.ThreadingActor):
 
     def _shrink(self) -> None:
         """Over the wanted size: idle VMs retire (pool_plan.over_size)."""
-        for vm_id in over_size(self.state):
+        for vm_id in over_size(self.state, self.settings.max_age_s, time.monotonic()):
             self._retire(vm_id, "pool_size")
 
     def _shed_one(self) -> None:
@@ -169,14 +176,16 @@ class PoolManager(pykka.ThreadingActor):
             self.state.shed += 1
 
     def _retire(self, vm_id: str, reason: str) -> None:
-        """No more tasks for this VM; it ends once idle (at once if it is)."""
+        """No more tasks for this VM; it ends once idle (at once if it is).
+        From now on it is leaving: no longer counted in its tier's size."""
+        self.state.vms[vm_id].retired = reason
         self.directory.tell("scheduler", VmWithdrawn(vm_id))
         send(self.state.vms[vm_id].supervisor, Retire(reason))
 
     def _fill(self) -> None:
         if self.stopping:
             return
-        for tier in boots_wanted(self.state, self.settings.tiers, time.monotonic()):
+        for tier in boots_wanted(self.state, self.settings.tiers, self.settings.max_age_s, time.monotonic()):
             vm_id = self.new_name()
             # Published before the Supervisor creates the domain: never a zombie.
             self.state.vms[vm_id] = PoolVm(supervisor=None, tier=tier)

@@ -406,10 +406,9 @@ class Supervisor(pykka.ThreadingActor):
 
     def _after_task(self, timed_out: bool) -> None:
         """The task is answered: reset the VM for the next one, or end it."""
+        last_task = self._last_task()
         self.uses += 1
-        worn = (self.uses >= self.settings.max_uses
-                or time.monotonic() - self.born >= self.settings.max_age_s)
-        if timed_out or self.settings.strict or worn or self.retire_reason:
+        if timed_out or last_task:
             # A timed-out task may have left the guest in any state: no reuse.
             return self._end("timed_out" if timed_out else "retired")
         self._set_state(VmPhase.RESETTING, self.settings.reset_timeout_s)
@@ -549,7 +548,16 @@ class Supervisor(pykka.ThreadingActor):
             self.cpu = cpu
 
     def _tell_pool(self, state: PoolVmState, reason: str = "") -> None:
-        self.directory.tell("pool", VmState(self.vm_id, state, reason))
+        last_task = state == PoolVmState.BUSY and self._last_task()
+        self.directory.tell("pool", VmState(self.vm_id, state, reason, last_task))
+
+    def _last_task(self) -> bool:
+        """This VM ends after the task on it: strict, its uses or age used up,
+        or retired (a timeout, which ends it too, cannot be foreseen). Told to
+        the pool with BUSY, so its replacement boots while the task runs."""
+        return (self.settings.strict or bool(self.retire_reason)
+                or self.uses + 1 >= self.settings.max_uses
+                or time.monotonic() - self.born >= self.settings.max_age_s)
 
     def _new_id(self) -> int:
         self.next_id += 1

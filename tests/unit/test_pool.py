@@ -1,6 +1,6 @@
 """The PoolManager alone, with recording actors as its Supervisors: it keeps
-the pool full, offers ready VMs, backs off failing boots, retires old VMs and
-sheds idle ones under memory pressure."""
+the pool full, replaces a VM before it retires, offers ready VMs, backs off
+failing boots, retires old VMs and sheds idle ones under memory pressure."""
 
 import time
 import uuid
@@ -16,6 +16,7 @@ from actors.pool_plan import PoolView, TierSizes
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from tests.support.probe import Recorder, wait_for
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -72,6 +73,35 @@ def test_a_vm_that_goes_is_replaced(pool_parts):
     time.sleep(0.2)
     assert len(started) == 3 and gone not in vm_ids(pool) and len(vm_ids(pool)) == 2
     assert any(isinstance(m, VmWithdrawn) and m.vm_id == gone for m in scheduler.proxy().seen.get())
+
+
+def test_a_vm_taking_its_last_task_is_replaced_while_the_task_runs(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1)
+    time.sleep(0.1)
+    (first,) = started
+    pool.tell(VmState(first, "ready"))
+    pool.tell(VmState(first, "busy"))  # not its last task: nothing boots
+    time.sleep(0.2)
+    assert list(started) == [first]
+    pool.tell(VmState(first, "busy", last_task=True))
+    wait_until(lambda: len(started) == 2, 5, "the replacement's Supervisor")
+    assert view.owned == frozenset(started)  # both owned while the last task runs
+    pool.tell(VmState(first, "gone", "retired"))
+    time.sleep(0.2)
+    assert len(started) == 2 and vm_ids(pool) == sorted(set(started) - {first})
+
+
+def test_a_retired_vm_is_replaced_before_it_is_gone(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1, max_age_s=0.5)
+    time.sleep(0.1)
+    (first,) = started
+    pool.tell(VmState(first, "ready"))
+    assert wait_for(started[first], 1)[0] == Retire("age")
+    # No GONE told yet: the replacement boots all the same.
+    wait_until(lambda: len(started) == 2, 5, "the replacement's Supervisor")
+    assert pool.proxy().state.get().refills  # the first VM's refill, measured
 
 
 def test_failing_boots_back_off(pool_parts):
