@@ -11,7 +11,6 @@ there is no resynchronising on garbage.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import socket
 import time
@@ -59,7 +58,7 @@ class CappedOutput:
 
     def flag(self, exit_message: messages.Exit) -> messages.Exit:
         """The Exit with truncation flagged where the guest or the host cut."""
-        return dataclasses.replace(
+        return codec.replace(
             exit_message,
             stdout_truncated=exit_message.stdout_truncated or self.dropped[STDOUT],
             stderr_truncated=exit_message.stderr_truncated or self.dropped[STDERR])
