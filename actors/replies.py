@@ -9,12 +9,10 @@ protocol.wire.tasks.error_reply.
 
 from __future__ import annotations
 
-import dataclasses
-
 from actors.artifacts.files import files_out
 from actors.artifacts.signing import Signer
 from actors.messages import Task
-from protocol.channel import messages as guest
+from protocol.channel import codec, messages as guest
 from protocol.wire import outcomes
 from protocol.wire.tasks import ErrorCode, TaskReply
 
@@ -56,5 +54,5 @@ def with_files(reply: TaskReply, task: Task, results: list[tuple[bytes, str, byt
     """`reply` with the files collected for `task`: (path, error, data) in
     request order, each file signed (a receipt) unless it has an error."""
     request = task.request
-    return dataclasses.replace(reply, files_out=files_out(
+    return codec.replace(reply, files_out=files_out(
         results, signer, request.task_id, request.argv, reply.outcome, reply.exit_code, reply.signal))

@@ -29,7 +29,7 @@ import logging
 import queue
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import zmq
 
@@ -131,7 +131,7 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
         if name in UNAVAILABLE_CAPABILITIES:
             raise Rejected(ErrorCode.CAPABILITY_UNAVAILABLE, UNAVAILABLE_CAPABILITIES[name])
         seen.add(name)
-    return replace(request, timeout_ms=timeout_ms, output_cap=output_cap)
+    return codec.replace(request, timeout_ms=timeout_ms, output_cap=output_cap)
 
 
 class IntakeServer:

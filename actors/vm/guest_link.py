@@ -15,7 +15,6 @@ and `resume` then moves both directions to fresh random bases.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import secrets
 import socket
@@ -64,7 +63,7 @@ class CappedOutput:
 
     def flag(self, exit_message: messages.Exit) -> messages.Exit:
         """The Exit with truncation flagged where the guest or the host cut."""
-        return dataclasses.replace(
+        return codec.replace(
             exit_message,
             stdout_truncated=exit_message.stdout_truncated or self.dropped[STDOUT],
             stderr_truncated=exit_message.stderr_truncated or self.dropped[STDERR])

@@ -12,9 +12,11 @@ schema order, big-endian, with nothing after the last field. Field types:
     pairs                u16 count + each (key, value) as two bytes fields
     records              u16 count + each item as a fixed tuple of bytes/integer fields
 
-Each message is a frozen dataclass whose field annotations carry their wire
-type (``Annotated[int, U32]``); ``@message`` turns them into the class's
-``SCHEMA`` and registers it under its type id. One generic codec walks the
+Each message is a class whose fields are declared in order as
+``name: type = field(wire type)`` (``exec_id: int = field(U32)``); ``@message``
+turns them into the class's ``SCHEMA``, makes it a frozen, slotted value type
+(keyword or positional construction, equality, hash, repr; ``replace`` makes a
+changed copy) and registers it under its type id. One generic codec walks the
 schema: no message has hand-written code, nothing nests, nothing recurses.
 The guest channel's messages are in protocol/channel/messages.py; the caller's
 and the operator's (protocol/wire/) use this codec with type ids of their own.
@@ -25,16 +27,16 @@ Encoding checks Python types (TypeError) and bounds (ValueError), so a host
 bug cannot produce a payload the peer would reject. Semantic checks (e.g. an
 argument containing NUL, env keys with '=') are the receiver's job.
 
-Ships in the guest: standard library only. dataclasses (with the inspect, re
-and enum it pulls in) is most of the guest agent's import time at every boot:
-add no import here lightly.
+Ships in the guest: standard library only, and only what the interpreter has
+already loaded at start-up besides struct. Under TCG every module imported
+costs the guest's boot: dataclasses and typing (with the inspect, re and enum
+they pull in) once took ~0.45 s of it, so messages are built without them.
+Add no import here lightly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from typing import Any, ClassVar, Iterable, get_args, get_type_hints
 
 from protocol.channel.errors import (
     FieldTooLong,
@@ -44,6 +46,10 @@ from protocol.channel.errors import (
     UnexpectedMessage,
     UnknownMessageType,
 )
+
+TYPE_CHECKING = False  # typing costs the guest's boot: imported for type checkers only
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, Iterable
 
 _LENGTH = struct.Struct("!I")  # prefix of bytes and str fields
 _COUNT = struct.Struct("!H")  # prefix of bytes_list and pairs fields
@@ -326,40 +332,138 @@ BOOL = Bool()
 
 # --- message registry ----------------------------------------------------------
 
+class Field:
+    """One declared field of a message: its wire type and, optionally, a default."""
+
+    __slots__ = ("wire", "default")
+    NO_DEFAULT = object()
+
+    def __init__(self, wire: WireType, default: Any = NO_DEFAULT) -> None:
+        if not isinstance(wire, WireType):
+            raise TypeError(f"field() needs a wire type, got {wire!r:.80}")
+        self.wire = wire
+        self.default = default
+
+
+def field(wire: WireType, *, default: Any = Field.NO_DEFAULT) -> Any:
+    """Declare a message field: ``name: type = field(wire type[, default=value])``.
+    (Typed Any so that a type checker takes the declaration for the field's value.)"""
+    return Field(wire, default)
+
+
 class Message:
-    """Base of every message: ``TYPE_ID``, ``SCHEMA`` and ``SENDERS`` are set by ``@message``."""
+    """Base of every message: ``TYPE_ID``, ``SCHEMA`` and ``SENDERS`` are set by
+    ``@message``, and so is what the methods here read (``_NAMES``, ``_DEFAULTS``).
+    One generic ``__init__``, ``__eq__``, ... serves every message: no code is
+    generated per class, which would cost the guest's boot compiling it."""
 
     __slots__ = ()
     TYPE_ID: ClassVar[int]
     SCHEMA: ClassVar[tuple[tuple[str, WireType], ...]]
     SENDERS: ClassVar[frozenset[str]]  # who may send it: "host", "guest", "client", ...
+    _NAMES: ClassVar[tuple[str, ...]]
+    _DEFAULTS: ClassVar[dict[str, Any]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        names = cls._NAMES
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__}() takes {len(names)} positional arguments but {len(args)} were given")
+        init = object.__setattr__
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
+            init(self, name, value)
+        for name in names[len(args):]:
+            if name in kwargs:
+                init(self, name, kwargs.pop(name))
+            elif name in cls._DEFAULTS:
+                init(self, name, cls._DEFAULTS[name])
+            else:
+                raise TypeError(f"{cls.__name__}() missing required argument {name!r}")
+        if kwargs:  # what is left names no field
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {next(iter(kwargs))!r}")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._NAMES)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._NAMES)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+
+    # copy and pickle: a frozen object's state is set the way __init__ sets it.
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self._values()
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self._NAMES, state):
+            object.__setattr__(self, name, value)
+
+
+def replace(msg: Message, **changes: Any) -> Message:
+    """A copy of ``msg`` with ``changes`` applied (what dataclasses.replace does)."""
+    values = {name: getattr(msg, name) for name in msg._NAMES}
+    unknown = changes.keys() - values.keys()
+    if unknown:
+        raise TypeError(f"{type(msg).__name__} has no field {sorted(unknown)[0]!r}")
+    values.update(changes)
+    return type(msg)(**values)
 
 
 _BY_TYPE_ID: dict[int, type[Message]] = {}
 
 
 def message(type_id: int, *senders: str):
-    """Register a message dataclass under ``type_id``, sent by ``senders``;
-    build its SCHEMA from annotations."""
+    """Register a message class under ``type_id``, sent by ``senders``: build its
+    SCHEMA from its field() declarations, and make it frozen and slotted."""
 
     def register(cls: type[Message]) -> type[Message]:
         if not (0 <= type_id <= 0xFF) or type_id in _BY_TYPE_ID:
             raise ValueError(f"type id {type_id} invalid or already used")
-        params = cls.__dataclass_params__
-        if not (params.frozen and hasattr(cls, "__slots__")):
-            raise TypeError(f"{cls.__name__} must be a frozen, slotted dataclass")
-        hints = get_type_hints(cls, include_extras=True)
-        schema = []
-        for field in dataclasses.fields(cls):
-            wire = [meta for meta in get_args(hints[field.name])[1:] if isinstance(meta, WireType)]
-            if len(wire) != 1:
-                raise TypeError(f"{cls.__name__}.{field.name} needs exactly one wire type annotation")
-            schema.append((field.name, wire[0]))
-        cls.TYPE_ID = type_id
-        cls.SCHEMA = tuple(schema)
-        cls.SENDERS = frozenset(senders)
-        _BY_TYPE_ID[type_id] = cls
-        return cls
+        if cls.__bases__ != (Message,):
+            raise TypeError(f"{cls.__name__} must derive from Message alone")
+        namespace = dict(vars(cls))
+        declared = {name: value for name, value in namespace.items() if isinstance(value, Field)}
+        annotated = list(namespace.get("__annotations__", {}))
+        if annotated != list(declared):
+            raise TypeError(f"{cls.__name__}: declare each field, in order, as `name: type = field(wire type)`; "
+                            f"annotated {annotated}, declared {list(declared)}")
+        defaults = {}
+        for name, declaration in declared.items():
+            if declaration.default is not Field.NO_DEFAULT:
+                defaults[name] = declaration.default
+            elif defaults:
+                raise TypeError(f"{cls.__name__}.{name}: a field without a default after one with a default")
+            del namespace[name]
+        # Slotted like the base: no __dict__, so no attribute but the fields (the
+        # class is made anew, as __slots__ only counts at class creation).
+        namespace.pop("__dict__", None)
+        namespace.pop("__weakref__", None)
+        namespace["__slots__"] = tuple(declared)
+        namespace["__match_args__"] = tuple(declared)
+        namespace["TYPE_ID"] = type_id
+        namespace["SCHEMA"] = tuple((name, declaration.wire) for name, declaration in declared.items())
+        namespace["SENDERS"] = frozenset(senders)
+        namespace["_NAMES"] = tuple(declared)
+        namespace["_DEFAULTS"] = defaults
+        registered = type(cls)(cls.__name__, cls.__bases__, namespace)
+        registered.__qualname__ = cls.__qualname__
+        _BY_TYPE_ID[type_id] = registered
+        return registered
 
     return register
 

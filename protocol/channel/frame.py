@@ -23,7 +23,6 @@ that clones of one snapshot each continue from random sequence ids.
 from __future__ import annotations
 
 import struct
-from typing import Callable
 
 from protocol.channel.errors import (
     BadMagic,
@@ -35,12 +34,16 @@ from protocol.channel.errors import (
     TruncatedFrame,
 )
 
+TYPE_CHECKING = False  # typing costs the guest's boot (protocol/channel/codec.py): for type checkers only
+if TYPE_CHECKING:
+    from typing import Callable
+
+    Crc32 = Callable[[bytes], int]
+
 MAGIC = 0xDEADBEEF
 HEADER = struct.Struct("!IIII")  # magic, payload length, CRC-32 of payload, sequence id
 HEADER_SIZE = 16
 MAX_PAYLOAD = 16 * 1024 * 1024
-
-Crc32 = Callable[[bytes], int]
 
 _MAGIC_BYTES = MAGIC.to_bytes(4, "big")
 _MAGIC_SIZE = len(_MAGIC_BYTES)

@@ -16,10 +16,8 @@ Commands (AdminRequest.command, arguments as text in `args`):
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Annotated
 
-from protocol.channel.codec import BOOL, BytesList, Message, Pairs, Str, message
+from protocol.channel.codec import BOOL, BytesList, Message, Pairs, Str, field, message
 
 CONTROL_TAG = b"corral-admin/1"
 OPERATOR = "operator"
@@ -38,25 +36,23 @@ COMMANDS = ("status", "scram", "resume", "drain", "pool-size", "fault")
 
 
 @message(40, OPERATOR)
-@dataclasses.dataclass(frozen=True, slots=True)
 class AdminRequest(Message):
-    request_id: Annotated[str, Str(MAX_REQUEST_ID_LEN)]
-    command: Annotated[str, Str(MAX_COMMAND_LEN)]
-    args: Annotated[tuple[bytes, ...], BytesList(MAX_ARGS, MAX_ARG_LEN)]
+    request_id: str = field(Str(MAX_REQUEST_ID_LEN))
+    command: str = field(Str(MAX_COMMAND_LEN))
+    args: tuple[bytes, ...] = field(BytesList(MAX_ARGS, MAX_ARG_LEN))
 
 
 @message(41, DAEMON)
-@dataclasses.dataclass(frozen=True, slots=True)
 class AdminReply(Message):
     """`ok` false: `error_code` says why (unknown_command, invalid_argument,
     faults_disabled, ...). `fields` are ordered name/value pairs for display."""
 
-    request_id: Annotated[str, Str(MAX_REQUEST_ID_LEN)]
-    ok: Annotated[bool, BOOL]
-    error_code: Annotated[str, Str(64)]
-    message: Annotated[str, Str(MAX_MESSAGE_LEN)]
-    fields: Annotated[tuple[tuple[bytes, bytes], ...],
-                      Pairs(MAX_FIELDS, MAX_FIELD_NAME_LEN, MAX_FIELD_VALUE_LEN)]
+    request_id: str = field(Str(MAX_REQUEST_ID_LEN))
+    ok: bool = field(BOOL)
+    error_code: str = field(Str(64))
+    message: str = field(Str(MAX_MESSAGE_LEN))
+    fields: tuple[tuple[bytes, bytes], ...] = field(
+        Pairs(MAX_FIELDS, MAX_FIELD_NAME_LEN, MAX_FIELD_VALUE_LEN))
 
 
 OPERATOR_TO_DAEMON = frozenset({AdminRequest})

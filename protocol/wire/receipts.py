@@ -16,17 +16,15 @@ The signature scheme is Ed25519 from `cryptography`: no home-made crypto.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.channel.codec import I32, U8, U64, Bytes, BytesList, Message, Str, encode, message
+from protocol.channel.codec import I32, U8, U64, Bytes, BytesList, Message, Str, encode, field, message
 from protocol.channel.constants import MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_PATH_LEN
 from protocol.wire.tasks import MAX_RECEIPT, MAX_TASK_ID_LEN
 
@@ -39,18 +37,17 @@ class ReceiptInvalid(Exception):
 
 
 @message(48)  # never sent on any socket: only the bytes a receipt signs
-@dataclasses.dataclass(frozen=True, slots=True)
 class ReceiptBody(Message):
     """The signed facts of one receipt."""
 
-    task_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
-    command: Annotated[tuple[bytes, ...], BytesList(MAX_ARGV_ITEMS, MAX_ARG_LEN, min_count=1)]
-    outcome: Annotated[str, Str(32)]
-    exit_code: Annotated[int, I32]
-    signal: Annotated[int, U8]
-    path: Annotated[bytes, Bytes(MAX_PATH_LEN)]
-    sha256: Annotated[bytes, Bytes(32)]
-    size: Annotated[int, U64]
+    task_id: str = field(Str(MAX_TASK_ID_LEN))
+    command: tuple[bytes, ...] = field(BytesList(MAX_ARGV_ITEMS, MAX_ARG_LEN, min_count=1))
+    outcome: str = field(Str(32))
+    exit_code: int = field(I32)
+    signal: int = field(U8)
+    path: bytes = field(Bytes(MAX_PATH_LEN))
+    sha256: bytes = field(Bytes(32))
+    size: int = field(U64)
 
 
 def signed_bytes(body: ReceiptBody) -> bytes:

@@ -12,11 +12,10 @@ Intake's job; this module only bounds sizes and types.
 
 from __future__ import annotations
 
-import dataclasses
 from enum import StrEnum
-from typing import Annotated
 
-from protocol.channel.codec import BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str, message
+from protocol.channel.codec import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str, field,
+                                    message)
 from protocol.channel.constants import (MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN,
                                         MAX_ENV_VALUE_LEN, MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN,
                                         MAX_STDIN)
@@ -76,72 +75,68 @@ class ErrorCode(StrEnum):
 
 
 @message(32, CLIENT)
-@dataclasses.dataclass(frozen=True, slots=True)
 class TaskRequest(Message):
     """Run one command in a fresh sandbox VM."""
 
-    task_id: Annotated[str, Str(MAX_TASK_ID_LEN)]  # chosen by the client, echoed in the reply
-    priority: Annotated[int, U8.one_of(CRITICAL, HIGH, NORMAL, LOW)]
-    argv: Annotated[tuple[bytes, ...], BytesList(MAX_ARGV_ITEMS, MAX_ARG_LEN, min_count=1)]
-    env: Annotated[tuple[tuple[bytes, bytes], ...], Pairs(MAX_ENV_ITEMS, MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN)]
-    cwd: Annotated[bytes, Bytes(MAX_CWD_LEN)]
-    stdin: Annotated[bytes, Bytes(MAX_STDIN)]
-    timeout_ms: Annotated[int, U32]  # 0: the configured default
-    output_cap: Annotated[int, U32]  # bytes per stream; 0: the configured default
-    capabilities: Annotated[tuple[bytes, ...], BytesList(MAX_CAPABILITIES, MAX_CAPABILITY_LEN)]
+    task_id: str = field(Str(MAX_TASK_ID_LEN))  # chosen by the client, echoed in the reply
+    priority: int = field(U8.one_of(CRITICAL, HIGH, NORMAL, LOW))
+    argv: tuple[bytes, ...] = field(BytesList(MAX_ARGV_ITEMS, MAX_ARG_LEN, min_count=1))
+    env: tuple[tuple[bytes, bytes], ...] = field(Pairs(MAX_ENV_ITEMS, MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN))
+    cwd: bytes = field(Bytes(MAX_CWD_LEN))
+    stdin: bytes = field(Bytes(MAX_STDIN))
+    timeout_ms: int = field(U32)  # 0: the configured default
+    output_cap: int = field(U32)  # bytes per stream; 0: the configured default
+    capabilities: tuple[bytes, ...] = field(BytesList(MAX_CAPABILITIES, MAX_CAPABILITY_LEN))
     # (path, mode, data) written as the task user before the run; totals capped in config.
-    files_in: Annotated[tuple[tuple[bytes, int, bytes], ...],
-                        Records(MAX_FILES, Bytes(MAX_PATH_LEN), U16, Bytes(MAX_FILE_IN))] = ()
-    collect: Annotated[tuple[bytes, ...], BytesList(MAX_FILES, MAX_PATH_LEN)] = ()  # read after the run
+    files_in: tuple[tuple[bytes, int, bytes], ...] = field(
+        Records(MAX_FILES, Bytes(MAX_PATH_LEN), U16, Bytes(MAX_FILE_IN)), default=())
+    collect: tuple[bytes, ...] = field(BytesList(MAX_FILES, MAX_PATH_LEN), default=())  # read after the run
 
 
 @message(33, DAEMON)
-@dataclasses.dataclass(frozen=True, slots=True)
 class TaskReply(Message):
     """The one answer to a TaskRequest: a result, or an error code and message."""
 
-    task_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
-    error_code: Annotated[str, Str(64)]  # an ErrorCode, or "" when the command ran (whatever its exit status)
-    error_message: Annotated[str, Str(MAX_ERROR_TEXT)]
-    exit_code: Annotated[int, I32]  # -1 when killed by a signal or not run
-    signal: Annotated[int, U8]
-    timed_out: Annotated[bool, BOOL]
-    stdout: Annotated[bytes, Bytes(MAX_REPLY_OUTPUT)]
-    stderr: Annotated[bytes, Bytes(MAX_REPLY_OUTPUT)]
-    stdout_truncated: Annotated[bool, BOOL]
-    stderr_truncated: Annotated[bool, BOOL]
-    queued_ms: Annotated[int, U32]  # accepted until a VM was assigned
-    acquire_ms: Annotated[int, U32]  # assigned until the VM answered (resume + agent)
-    run_ms: Annotated[int, U32]  # the command's wall time in the guest
-    user_cpu_ms: Annotated[int, U32]
-    sys_cpu_ms: Annotated[int, U32]
-    max_rss_kib: Annotated[int, U32]
-    retry_after_ms: Annotated[int, U32]  # with busy-like errors: when to try again
-    outcome: Annotated[str, Str(32)] = "not_run"  # protocol.wire.outcomes: one word for what happened
+    task_id: str = field(Str(MAX_TASK_ID_LEN))
+    error_code: str = field(Str(64))  # an ErrorCode, or "" when the command ran (whatever its exit status)
+    error_message: str = field(Str(MAX_ERROR_TEXT))
+    exit_code: int = field(I32)  # -1 when killed by a signal or not run
+    signal: int = field(U8)
+    timed_out: bool = field(BOOL)
+    stdout: bytes = field(Bytes(MAX_REPLY_OUTPUT))
+    stderr: bytes = field(Bytes(MAX_REPLY_OUTPUT))
+    stdout_truncated: bool = field(BOOL)
+    stderr_truncated: bool = field(BOOL)
+    queued_ms: int = field(U32)  # accepted until a VM was assigned
+    acquire_ms: int = field(U32)  # assigned until the VM answered (resume + agent)
+    run_ms: int = field(U32)  # the command's wall time in the guest
+    user_cpu_ms: int = field(U32)
+    sys_cpu_ms: int = field(U32)
+    max_rss_kib: int = field(U32)
+    retry_after_ms: int = field(U32)  # with busy-like errors: when to try again
+    outcome: str = field(Str(32), default="not_run")  # protocol.wire.outcomes: one word for what happened
     # One per collect path, in order: (path, error, data, receipt); error "" when collected.
-    files_out: Annotated[tuple[tuple[bytes, str, bytes, bytes], ...],
-                         Records(MAX_FILES, Bytes(MAX_PATH_LEN), Str(MAX_FILE_ERROR_LEN),
-                                 Bytes(MAX_COLLECTED), Bytes(MAX_RECEIPT))] = ()
+    files_out: tuple[tuple[bytes, str, bytes, bytes], ...] = field(
+        Records(MAX_FILES, Bytes(MAX_PATH_LEN), Str(MAX_FILE_ERROR_LEN), Bytes(MAX_COLLECTED), Bytes(MAX_RECEIPT)),
+        default=())
 
 
 @message(34, CLIENT)
-@dataclasses.dataclass(frozen=True, slots=True)
 class StatusRequest(Message):
     """Ask for queue depth and pool states."""
 
-    request_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
 
 
 @message(35, DAEMON)
-@dataclasses.dataclass(frozen=True, slots=True)
 class StatusReply(Message):
     """Queue depth per priority (critical, high, normal, low) and VMs per pool state."""
 
-    request_id: Annotated[str, Str(MAX_TASK_ID_LEN)]
-    queue_depth: Annotated[tuple[tuple[bytes, bytes], ...], Pairs(8, 16, 16)]
-    pool: Annotated[tuple[tuple[bytes, bytes], ...], Pairs(16, 32, 16)]
-    accepted: Annotated[int, U32]
-    answered: Annotated[int, U32]
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    queue_depth: tuple[tuple[bytes, bytes], ...] = field(Pairs(8, 16, 16))
+    pool: tuple[tuple[bytes, bytes], ...] = field(Pairs(16, 32, 16))
+    accepted: int = field(U32)
+    answered: int = field(U32)
 
 
 CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import configparser
-import dataclasses
 import importlib
 import io
 import logging
@@ -24,7 +23,7 @@ import zmq
 import config
 from protocol.client.api import ClientClosedError, Client
 from protocol.client.cli import main
-from protocol.channel.codec import decode, encode
+from protocol.channel.codec import decode, encode, replace
 from protocol.wire import envelope
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
                             TaskRequest, error_reply)
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def ok_reply(task_id: str, **fields) -> TaskReply:
     """A reply for a command that ran; ``fields`` override the defaults."""
-    return dataclasses.replace(error_reply(task_id, "", ""), **{"exit_code": 0, **fields})
+    return replace(error_reply(task_id, "", ""), **{"exit_code": 0, **fields})
 
 
 def framed(identity: bytes, message) -> list[bytes]:
@@ -332,7 +331,7 @@ def test_cli_notes_truncated_output(daemon, capsysbinary):
 
 
 def test_cli_timed_out_command_keeps_its_output(daemon, capsysbinary):
-    daemon.answer = answer_each_with(lambda req: dataclasses.replace(
+    daemon.answer = answer_each_with(lambda req: replace(
         error_reply(req.task_id, "timeout", "killed at its deadline"), stdout=b"partial", timed_out=True,
         signal=9, run_ms=2000))
     assert cli(daemon, "--timeout", "2", "--", "sleep", "9") == 124

@@ -2,11 +2,10 @@
 the head, tiers, expiry and the memory count. Supervisors are stand-in
 objects; nothing is told."""
 
-import dataclasses
-
 from actors.messages import Task
 from actors.ready_queue import ReadyQueue, task_bytes
 from actors.vm.tiers import DEFAULT_TIER, Tier
+from protocol.channel.codec import replace
 from protocol.wire.tasks import CRITICAL, HIGH, LOW, NORMAL, TaskRequest
 
 NET = Tier(network=True)
@@ -124,7 +123,7 @@ def test_depth_by_name_counts_each_level():
 
 def test_queued_bytes_follow_every_way_in_and_out():
     queue = ReadyQueue()
-    big = Task(1, dataclasses.replace(task(1).request, stdin=b"x" * 10_000), 100.0)
+    big = Task(1, replace(task(1).request, stdin=b"x" * 10_000), 100.0)
     small = task(2)
     queue.push(big)
     queue.push(small)

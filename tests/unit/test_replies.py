@@ -1,7 +1,6 @@
 """The answer built from a finished task, no actor and no VM: made-up Exit
 reports and collected files in, TaskReply out."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from actors.artifacts.signing import Signer
 from actors.messages import Task
 from actors.replies import exit_reply, whole_ms, with_files
 from protocol.channel import messages as guest
+from protocol.channel.codec import replace
 from protocol.wire import outcomes, receipts
 from protocol.wire.tasks import NORMAL, TaskRequest
 
@@ -79,7 +79,7 @@ def test_collected_files_come_with_receipts_that_verify_and_failed_ones_without(
     assert (body.task_id, body.command, body.outcome, body.exit_code) == (
         "t7", (b"make", b"it"), outcomes.EXITED_NONZERO, 3)
     assert missing == (b"/tmp/missing", "not found", b"", b"")
-    assert dataclasses.replace(answered, files_out=()) == reply  # nothing else changed
+    assert replace(answered, files_out=()) == reply  # nothing else changed
 
 
 def test_without_a_signer_files_come_unsigned():

@@ -16,7 +16,7 @@ from actors.ready_queue import task_bytes
 from actors.scheduler import QueueLimits, Scheduler
 from actors.vm.tiers import Tier
 from actors.timers import Timers
-from protocol.channel.codec import decode, encode
+from protocol.channel.codec import decode, encode, replace
 from protocol.wire.tasks import CLIENT_TO_DAEMON, CRITICAL, LOW, NORMAL, TaskRequest
 from tests.support.probe import Recorder, wait_for
 
@@ -103,7 +103,7 @@ def test_queued_input_bytes_are_bounded(actors):
     directory, scheduler, intake, vm = actors
     small = start_scheduler(directory, scheduler.proxy().timers.get(), max_depth=1000,
                             max_queued_bytes=1 << 20, max_wait_s=600)
-    big = lambda ticket: Task(ticket, dataclasses.replace(task(ticket).request, stdin=b"x" * (600 << 10)),
+    big = lambda ticket: Task(ticket, replace(task(ticket).request, stdin=b"x" * (600 << 10)),
                               time.monotonic())
     small.tell(Submit(big(1)))
     small.tell(Submit(big(2)))  # 1.2 MiB queued would pass the 1 MiB bound
@@ -116,7 +116,7 @@ def test_queued_bytes_count_what_decoded_requests_hold_not_their_length(actors):
     """4096 one-byte argv items are 4 KiB of input but ~180 KiB of Python
     objects (measured with tracemalloc); the bound counts the objects."""
     directory, scheduler, intake, vm = actors
-    payload = encode(dataclasses.replace(task(0).request, argv=(b"x",) * 4096))
+    payload = encode(replace(task(0).request, argv=(b"x",) * 4096))
     many_args = lambda ticket: Task(ticket, decode(payload, CLIENT_TO_DAEMON), time.monotonic())
     tracemalloc.start()
     held = [many_args(n) for n in range(50)]  # each decoded on its own, as Intake does
@@ -151,7 +151,7 @@ def test_tasks_go_to_vms_of_their_tier_and_rare_ones_never_block_default_ones(ac
     pool = Recorder.start()
     directory["pool"] = pool
     net = Tier(network=True)
-    net_task = dataclasses.replace(task(1, CRITICAL), request=dataclasses.replace(
+    net_task = dataclasses.replace(task(1, CRITICAL), request=replace(
         task(1).request, priority=CRITICAL, capabilities=(b"net:egress", b"dev:python")))
     scheduler.tell(Submit(net_task))
     scheduler.tell(Submit(task(2, LOW)))
