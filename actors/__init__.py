@@ -19,6 +19,8 @@ Their plain logic (no threads, no actors: unit-tested alone)
     replies.py      the answer built from a finished task
 
 Plumbing
+    refill.py       how a new VM is made: a snapshot clone, a template build, a cold
+                    boot; one shared by every Supervisor (blocking, thread-safe)
     messages.py     every message between actors: small, named, immutable
     directory.py    name -> ActorRef, updated on restarts; the one answer path
     timers.py       one timer thread for every deadline
@@ -42,6 +44,7 @@ What may import what
     edge/ imports the plumbing, artifacts/, protocol/ and config/; never vm/ nor
     an actor module: it is handed what it needs (a Directory, the service) and
     tells actors messages.
+    refill.py imports vm/, errors.py and edge/metrics.py; never an actor module.
     The plain-logic modules import the plumbing, vm/tiers.py, artifacts/ and
     protocol/; never an actor module.
     An actor module imports any of those, never another actor module (actors

@@ -1,6 +1,6 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady] [--boots N] [--tasks N]
+    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady|refill] [--boots N] [--tasks N]
                   [--strict-tasks N] [--rate R] [--seconds S] [--instance NAME]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
@@ -44,8 +44,10 @@
   for a VM (the reply's queued_ms) says what of the tail the pool's refill is.
   Baseline: the same load on a pool whose VMs never retire (pool.max_uses and
   pool.max_age_s at their maximum), what the host does without any refill.
-- refill (with snapshot restore, to come): restore to agent ready against a
-  cold boot in the same run.
+- refill: a clone of the snapshot template restored until it is ready as a
+  Supervisor makes it (restore, Resume, one warm-up `true`) against a cold
+  boot until the agent's Hello, interleaved over N rounds; then one clone's
+  QEMU RSS beside one booted VM's.
 """
 
 from __future__ import annotations
@@ -554,13 +556,81 @@ def bench_steady(cfg: config.Config, rate: float, seconds: float) -> None:
           f"(p99 / baseline p99): {p99 / percentile(baseline, 99):.1f}x")
 
 
+def qemu_rss_mib(name: str) -> float:
+    """Resident memory of the VM's QEMU process (libvirtd's pid file names it)."""
+    from actors.vm.faults import QEMU_PID_DIR
+
+    pid = int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def clone_to_ready(hypervisor: Hypervisor, template, timeout_s: float):
+    """A clone made ready as a Supervisor makes it (actors/supervisor.py):
+    restore, connect, Resume, one warm-up `true`. (seconds, handle, link)."""
+    from actors.vm.guest_link import GuestLink
+
+    started = time.monotonic()
+    handle = hypervisor.restore(template)
+    link = GuestLink(handle.socket, guest_first_seq=handle.guest_first_seq)
+    try:
+        deadline = time.monotonic() + timeout_s
+        link.connect(deadline)
+        link.resume(deadline)
+        link.run([b"true"], deadline)
+    except BaseException:
+        link.close()
+        hypervisor.destroy(handle)
+        raise
+    return time.monotonic() - started, handle, link
+
+
+def bench_refill(cfg: config.Config, rounds: int) -> None:
+    """A refill by restoring a clone of the snapshot template until it is ready
+    (restore, Resume, warm-up `true`) against a cold boot until the agent's
+    Hello, interleaved in the same run; then one clone's QEMU RSS beside one
+    booted VM's, each after one `true`."""
+    hypervisor = Hypervisor.from_config(cfg)
+    try:
+        print(f"accelerator: {hypervisor.accelerator}")
+        template = hypervisor.template()
+        if template is None:
+            started = time.monotonic()
+            template = hypervisor.build_template(boot_timeout_s=max(60.0, cfg.vm.boot_timeout_s))
+            print(f"snapshot template built in {time.monotonic() - started:.1f} s "
+                  f"({template.image.stat().st_size >> 20} MiB)")
+        restores, boots = [], []
+        for _ in range(rounds):
+            seconds, handle, link = clone_to_ready(hypervisor, template, cfg.vm.boot_timeout_s)
+            link.close()
+            hypervisor.destroy(handle)
+            restores.append(seconds)
+            boots.append(boot_to_hello(hypervisor, cfg.vm.boot_timeout_s))
+        _, clone, clone_link = clone_to_ready(hypervisor, template, cfg.vm.boot_timeout_s)
+        try:
+            with booted_vm(hypervisor, cfg.vm.boot_timeout_s) as (booted, link, _):
+                link.run([b"true"], time.monotonic() + 30)
+                rss = {"clone": qemu_rss_mib(clone.name), "booted": qemu_rss_mib(booted.name)}
+        finally:
+            clone_link.close()
+            hypervisor.destroy(clone)
+    finally:
+        hypervisor.close()
+    ratio = statistics.median(restores) / statistics.median(boots)
+    print(f"restore to agent ready (Resume, warm-up `true`): {summary(restores)}")
+    print(f"baseline, cold boot to agent Hello:              {summary(boots)}")
+    print(f"ratio (median, restore / cold boot):             {ratio:.2f}x")
+    print(f"qemu RSS, one clone: {rss['clone']:.0f} MiB; one booted VM: {rss['booted']:.0f} MiB "
+          f"(ratio {rss['clone'] / rss['booted']:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
     parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "acquire", "intake", "capabilities",
-                                           "strict", "steady"))
+                                           "strict", "steady", "refill"))
     parser.add_argument("--strict-tasks", type=int, default=20, help="sequential tasks of the strict bench")
     parser.add_argument("--rate", type=float, default=4.0, help="tasks/s of the steady bench")
     parser.add_argument("--seconds", type=float, default=40.0, help="length of the steady bench")
@@ -586,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_strict(cfg, args.boots, args.strict_tasks)
     if args.only in (None, "steady"):
         bench_steady(cfg, args.rate, args.seconds)
-    # refill (snapshot restore to agent ready against a cold boot) joins here with restore.
+    if args.only in (None, "refill"):
+        bench_refill(cfg, args.boots)
     return 0
 
 

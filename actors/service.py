@@ -26,6 +26,7 @@ from actors.ioguard import IOGuard, ReadLimits
 from actors.edge.metrics import Metrics
 from actors.pool import PoolManager, PoolSettings
 from actors.pool_plan import PoolView
+from actors.refill import Refill
 from actors.root import Root
 from actors.scheduler import QueueLimits, Scheduler
 from actors.supervisor import Supervisor, VmSettings
@@ -60,6 +61,8 @@ class Corral:
         self.hypervisor = hypervisor or Hypervisor.from_config(cfg)
         self.owns_hypervisor = hypervisor is None
         self.metrics = Metrics()
+        self.refill = Refill(self.hypervisor, self.metrics, enabled=cfg.snapshots.enabled,
+                             boot_timeout_s=cfg.vm.boot_timeout_s)
         self.directory = Directory()
         self.timers = Timers()
         self.gave_up = threading.Event()
@@ -104,13 +107,14 @@ class Corral:
                 safe_mode=self.in_safe_mode),
             "watchdog": lambda salvage: Watchdog.start(
                 directory=self.directory, hypervisor=self.hypervisor, timers=self.timers,
-                pool_view=self.pool_view, interval_s=cfg.watchdog.interval_s,
+                pool_view=self.pool_view, templates_building=self.refill.building,
+                interval_s=cfg.watchdog.interval_s,
                 min_available_mib=cfg.watchdog.min_available_mib),
         }
 
     def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER) -> pykka.ActorRef:
-        return Supervisor.start(vm_id, directory=self.directory, hypervisor=self.hypervisor, timers=self.timers,
-                                metrics=self.metrics, settings=self.vm_settings, tier=tier)
+        return Supervisor.start(vm_id, directory=self.directory, hypervisor=self.hypervisor, refill=self.refill,
+                                timers=self.timers, metrics=self.metrics, settings=self.vm_settings, tier=tier)
 
     def _ioguard_totals(self) -> dict:
         ioguard = self.directory.get("ioguard")

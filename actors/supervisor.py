@@ -9,6 +9,13 @@ RunTask also takes a settling VM, without a resume. Settling lets the guest
 finish the clean-up its boot or reset queued before it is paused, so that work
 does not slow the next acquire (pool.settle_ms).
 
+A VM restored from a snapshot template (actors/refill.py makes it) starts
+differently: resuming (Resume sent: the host's clock, fresh entropy, random
+sequence bases) --ResumeDone--> warming (Exec `true` sent: the first command
+after a restore is slow, TCG's code cache is empty) --Exit 0--> settling, as a
+booted VM after its Hello. A clone that fails before that ends as
+restore_failed, and its tier's next refills boot (Refill.restore_failed).
+
 Every state has an allow-list of what the guest may send (default deny) and
 a deadline. A violation, a deadline passed or a lost channel ends the VM:
 destroyed, overlay deleted, the PoolManager told (it boots a replacement),
@@ -22,7 +29,8 @@ late, and so does IOGuard's stall clock of a frame it was sending
 leaves it so.
 
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
-hypervisor stalls one VM, never the others. So do pause and resume, through
+hypervisor stalls one VM, never the others (and so does making the VM: a
+restore, a template build, a boot). So do pause and resume, through
 the VM's own QMP connection where it has one (actors/vm/qmp.py). Reading the
 channel is IOGuard's. The answer built from what the VM reported is
 actors/replies.py.
@@ -42,6 +50,7 @@ from actors.artifacts.files import Collection, FileSettings
 from actors.artifacts.signing import Signer
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
+from actors.refill import NewVm, Refill
 from actors.vm.guest_link import CappedOutput, GuestLink
 from actors.vm.host import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
@@ -65,6 +74,8 @@ class VmPhase(StrEnum):
     """Where a VM is in its life (the cycle is drawn above); logs say the value."""
 
     BOOTING = "booting"
+    RESUMING = "resuming"  # a restored clone: Resume sent, its ResumeDone awaited
+    WARMING = "warming"  # a restored clone: its warm-up command runs
     SETTLING = "settling"
     READY = "ready"
     ACQUIRING = "acquiring"
@@ -78,6 +89,8 @@ class VmPhase(StrEnum):
 # offered, only not yet paused.
 POOL_STATE_OF = {
     VmPhase.BOOTING: PoolVmState.BOOTING,
+    VmPhase.RESUMING: PoolVmState.BOOTING,
+    VmPhase.WARMING: PoolVmState.BOOTING,
     VmPhase.SETTLING: PoolVmState.READY,
     VmPhase.READY: PoolVmState.READY,
     VmPhase.ACQUIRING: PoolVmState.BUSY,
@@ -89,6 +102,9 @@ POOL_STATE_OF = {
 
 ALLOWED = {
     VmPhase.BOOTING: frozenset({guest.Hello}),
+    # Error: the agent refused the Resume or could not apply it.
+    VmPhase.RESUMING: frozenset({guest.ResumeDone, guest.Error}),
+    VmPhase.WARMING: frozenset({guest.Exit, guest.Error}),  # `true` prints nothing
     VmPhase.READY: frozenset(),
     VmPhase.ACQUIRING: frozenset({guest.HeartbeatAck}),
     VmPhase.RUNNING: frozenset({guest.Output, guest.Exit, guest.Error}),
@@ -97,6 +113,9 @@ ALLOWED = {
     VmPhase.RESETTING: frozenset({guest.ResetDone, guest.Output, guest.Exit}),
     VmPhase.SETTLING: frozenset(),
 }
+# Before the VM is first offered: a boot waits for its Hello, a clone answers its Resume and warm-up.
+STARTING = (VmPhase.BOOTING, VmPhase.RESUMING, VmPhase.WARMING)
+CLONE_STARTING = (VmPhase.RESUMING, VmPhase.WARMING)
 # Guest errors that mean "this command was not started" (code -> text before the
 # agent's message): the task is answered with the code, the VM lives on.
 REFUSED_IN_GUEST = {ErrorCode.PUT_FAILED: "a file could not be put into the VM: ",
@@ -148,19 +167,21 @@ class RunningTask:
 
 
 class Supervisor(pykka.ThreadingActor):
-    def __init__(self, vm_id: str, *, directory: Directory, hypervisor: Hypervisor, timers: Timers,
-                 metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER):
+    def __init__(self, vm_id: str, *, directory: Directory, hypervisor: Hypervisor, refill: Refill,
+                 timers: Timers, metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER):
         super().__init__()
         self.vm_id = vm_id
         self.tier = tier
         self.cpu: tuple[int, int] | None = None  # as last set live; None: as booted
         self.directory = directory
         self.hypervisor = hypervisor
+        self.refill = refill
         self.timers = timers
         self.metrics = metrics
         self.settings = settings
         self.state: VmPhase = VmPhase.BOOTING
         self.handle = None
+        self.made: NewVm | None = None  # how the VM was made, until it is first offered
         self.run_control = None  # pauses and resumes the domain (QMP or libvirt)
         self.link: GuestLink | None = None
         self.current: RunningTask | None = None
@@ -177,19 +198,32 @@ class Supervisor(pykka.ThreadingActor):
     def on_start(self) -> None:
         self._tell_pool(PoolVmState.BOOTING)
         try:
-            self.handle = self.hypervisor.create(
-                name=self.vm_id, network=self.tier.network,
+            self.made = self.refill.new_vm(
+                self.vm_id, network=self.tier.network,
                 memory_mib=self.settings.large_memory_mib if self.tier.large_mem else None)
-            self.run_control = self.hypervisor.run_control(self.handle)
-            self.link = GuestLink(self.handle.socket)
-            self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
-            self.link.sock.settimeout(SEND_TIMEOUT_S)
+            self.handle = self.made.handle
         except Exception as e:  # pykka calls no hook for on_start failures: end cleanly here
             log.warning("VM %s: cannot start: %s", self.vm_id, e)
             self._end("boot_failed")
             return
-        self.directory.tell("ioguard", Watch(self.vm_id, self.link.sock, self.actor_ref))
-        self._arm(VmPhase.BOOTING, self.settings.boot_timeout_s)
+        if self.handle.restored:
+            self.state = VmPhase.RESUMING
+        try:
+            self.run_control = self.hypervisor.run_control(self.handle)
+            # A clone's agent said Hello before its template was saved: its next frame follows it.
+            self.link = GuestLink(self.handle.socket, guest_first_seq=self.handle.guest_first_seq)
+            self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
+            self.link.sock.settimeout(SEND_TIMEOUT_S)
+            if self.handle.restored:
+                self.link.send_resume()  # ResumeDone comes through IOGuard, on the new base
+        except Exception as e:
+            if not self.handle.restored:  # a clone's failure is warned of by Refill.restore_failed
+                log.warning("VM %s: cannot start: %s", self.vm_id, e)
+            self._end(self._start_failed(f"cannot connect: {e}"))
+            return
+        self.directory.tell("ioguard", Watch(self.vm_id, self.link.sock, self.actor_ref,
+                                             first_seq=self.link.decoder.expected_seq))
+        self._arm(self.state, self.settings.boot_timeout_s)
 
     def on_receive(self, message: Any) -> None:
         if self.state == VmPhase.GONE:
@@ -212,12 +246,13 @@ class Supervisor(pykka.ThreadingActor):
                 self.metrics.violations.labels(message.code).inc()
                 log.warning("VM %s violated the protocol: %s", self.vm_id, message.detail)
                 self._fail(ErrorCode.PROTOCOL_VIOLATION, f"the VM broke the channel protocol ({message.code})",
-                           reason=self._boot_failed())
+                           reason=self._start_failed(f"protocol violation: {message.detail}"))
             else:
-                self._fail(ErrorCode.VM_LOST, f"the VM died ({message.detail})", reason=self._boot_failed())
+                self._fail(ErrorCode.VM_LOST, f"the VM died ({message.detail})",
+                           reason=self._start_failed(f"channel lost: {message.detail}"))
         elif isinstance(message, Retire):
             self.retire_reason = message.reason
-            if self.state in (VmPhase.READY, VmPhase.SETTLING, VmPhase.BOOTING):
+            if self.state in (VmPhase.READY, VmPhase.SETTLING, *STARTING):
                 self._end("retired_" + message.reason)
         elif isinstance(message, InjectFault):
             self._inject(message.kind)
@@ -246,11 +281,12 @@ class Supervisor(pykka.ThreadingActor):
     def _guest_said(self, message: codec.Message) -> None:
         if type(message) not in ALLOWED[self.state]:
             self.metrics.violations.labels("unexpected_message").inc()
-            self._fail(ErrorCode.PROTOCOL_VIOLATION,
-                       f"the VM sent {type(message).__name__} while {self.state}",
-                       reason=self._boot_failed())
+            text = f"the VM sent {type(message).__name__} while {self.state}"
+            self._fail(ErrorCode.PROTOCOL_VIOLATION, text, reason=self._start_failed(text))
             return
-        if isinstance(message, guest.Hello):
+        if self.state in CLONE_STARTING:
+            self._clone_said(message)
+        elif isinstance(message, guest.Hello):
             self.metrics.boot_seconds.observe(time.monotonic() - self.born)
             log.info("VM %s booted in %.2f s", self.vm_id, time.monotonic() - self.born)
             self._offer()
@@ -274,6 +310,29 @@ class Supervisor(pykka.ThreadingActor):
                 return self._end("reset_failed")
             self._offer()
 
+    def _clone_said(self, message: codec.Message) -> None:
+        """A restored clone's answers before it is offered: ResumeDone, then the
+        warm-up's Exit."""
+        if isinstance(message, guest.ResumeDone):
+            log.info("VM %s restored from %s; its clock stepped %+.3f s", self.vm_id,
+                     self.made.key.digest, message.clock_step_ns / 1e9)
+            self.state = VmPhase.WARMING
+            self._arm(VmPhase.WARMING, self.settings.boot_timeout_s)
+            try:
+                self.link.send(guest.Exec(
+                    exec_id=self._new_id(), argv=(b"true",), env=(), cwd=b"", stdin=b"",
+                    timeout_ms=int(self.settings.boot_timeout_s * 1000), output_cap=0, as_root=False,
+                    capabilities=self.settings.default_soft_bits))
+            except CorralError as e:
+                self._end(self._start_failed(f"the warm-up could not be sent ({e})"))
+        elif isinstance(message, guest.Error):
+            self._end(self._start_failed(f"the agent answered {message.code}: {message.message}"))
+        elif message.exec_id != self.next_id or message.exit_code != 0 or message.timed_out:
+            self._end(self._start_failed(f"the warm-up `true` ended with {message}"))
+        else:
+            self.refill.restored(self.made.key)
+            self._offer()
+
     def _offer(self) -> None:
         """After its Hello or a Reset: offered to the Scheduler, settling first if
         pool.settle_ms, so the guest does the clean-up that step queued now and
@@ -288,6 +347,9 @@ class Supervisor(pykka.ThreadingActor):
             return self._end("pause_failed")
         if self.retire_reason:
             return self._end("retired_" + self.retire_reason)
+        if self.made is not None:  # first offered: the refill is done
+            self.metrics.refill_seconds.labels(self.made.kind).observe(time.monotonic() - self.born)
+            self.made = None
         if self.settings.settle_s > 0:
             self._set_state(VmPhase.SETTLING, self.settings.settle_s)
         elif self._pause():
@@ -423,6 +485,8 @@ class Supervisor(pykka.ThreadingActor):
         if self.state == VmPhase.BOOTING:
             log.warning("VM %s did not say hello within %.0f s", self.vm_id, self.settings.boot_timeout_s)
             self._end("boot_failed")
+        elif self.state in CLONE_STARTING:
+            self._end(self._start_failed(f"no answer within {self.settings.boot_timeout_s:g} s"))
         elif self.state == VmPhase.ACQUIRING:
             # The command never started: another VM can run it.
             self._requeue(self.current.task)
@@ -537,10 +601,19 @@ class Supervisor(pykka.ThreadingActor):
             self.timers.call_later(max(0.0, delay_s), self.actor_ref,
                                    DeadlinePassed(phase, self.deadline_token))
 
-    def _boot_failed(self) -> str | None:
-        """A VM that fails before its Hello is a failed boot, whatever broke: the
-        pool backs off instead of boot-looping on a broken (or hostile) image."""
-        return "boot_failed" if self.state == VmPhase.BOOTING else None
+    def _start_failed(self, detail: str) -> str | None:
+        """The pool's reason for a VM that fails before it is first offered,
+        whatever broke; None for one that was offered. A boot: boot_failed (the
+        pool backs off instead of boot-looping on a broken or hostile image). A
+        clone: restore_failed, counted and warned of by the Refill, which has
+        its tier's next refills boot (a clone that failed after its restore is
+        not retried in place: IOGuard may still deliver what its channel said)."""
+        if self.state == VmPhase.BOOTING:
+            return "boot_failed"
+        if self.state in CLONE_STARTING:
+            self.refill.restore_failed(self.made.key, self.state.value, f"VM {self.vm_id}: {detail}")
+            return "restore_failed"
+        return None
 
     def _set_cpu(self, cpu: tuple[int, int]) -> None:
         if cpu != self.cpu:

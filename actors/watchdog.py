@@ -4,13 +4,15 @@ Every `interval_s` it checks that each core actor is alive (a dead one is
 reported to the Root, which restarts it), tells the PoolManager whether host
 memory is short (idle VMs go first), and destroys `corral-` domains that no
 Supervisor owns (seen unowned on two ticks running, so a VM being created is
-never mistaken for a zombie). It asks no actor anything: the pool's VM ids
-come from its PoolView.
+never mistaken for a zombie) and that is no snapshot template being built. It
+asks no actor anything: the pool's VM ids come from its PoolView, the
+templates' from the Refill (actors/refill.py).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import pykka
 
@@ -35,12 +37,15 @@ def available_mib(meminfo: str = "/proc/meminfo") -> int:
 
 class Watchdog(pykka.ThreadingActor):
     def __init__(self, *, directory: Directory, hypervisor: Hypervisor, timers: Timers,
-                 pool_view: PoolView, interval_s: float, min_available_mib: int):
+                 pool_view: PoolView, interval_s: float, min_available_mib: int,
+                 templates_building: Callable[[], frozenset[str]] = frozenset):
+        """`templates_building()`: names of the template VMs being built now."""
         super().__init__()
         self.directory = directory
         self.hypervisor = hypervisor
         self.timers = timers
         self.pool_view = pool_view
+        self.templates_building = templates_building
         self.interval_s = interval_s
         self.min_available_mib = min_available_mib
         self.suspects: set[str] = set()
@@ -83,7 +88,7 @@ class Watchdog(pykka.ThreadingActor):
 
     def _reap_zombies(self) -> None:
         try:
-            unowned = set(self.hypervisor.corral_domains()) - self.pool_view.owned
+            unowned = set(self.hypervisor.corral_domains()) - self.pool_view.owned - self.templates_building()
         except CorralError as e:
             log.warning("cannot list domains: %s", e)
             return

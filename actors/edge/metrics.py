@@ -16,6 +16,11 @@ from protocol.wire.tasks import PRIORITY_NAMES
 # The states a live VM can be in: the corral_pool_vms series, each kept at 0 when none is.
 POOL_STATES = (PoolVmState.BOOTING, PoolVmState.READY, PoolVmState.BUSY, PoolVmState.RESETTING)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# A refill: ~0.5-1 s for a restored clone, ~3-5 s for a cold boot under TCG, ~8 s with a template build.
+REFILL_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30, 60)
+# How a VM was made (actors/refill.py): restored from its tier's snapshot template; restored
+# after building that template first; cold booted.
+REFILL_KINDS = ("restore", "build", "boot")
 
 
 class Metrics:
@@ -43,6 +48,16 @@ class Metrics:
                                       registry=r)
         self.boot_seconds = Histogram("corral_vm_boot_seconds", "Cold boot until the agent's hello",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.refill_seconds = Histogram(
+            "corral_vm_refill_seconds", "A new VM's Supervisor start until the VM is offered, by how it was made "
+            "(restore: a snapshot clone; build: a clone after building its tier's template; boot: a cold boot)",
+            ["kind"], buckets=REFILL_BUCKETS, registry=r)
+        self.snapshot_builds = Counter("corral_snapshot_builds_total",
+                                       "Snapshot template builds, by result (ok, failed)", ["result"], registry=r)
+        self.restore_failures = Counter(
+            "corral_snapshot_restore_failures_total", "Snapshot clones that failed and fell back to cold boots, "
+            "by stage (restore: libvirt's restore; resuming: the Resume exchange; warming: the warm-up exec)",
+            ["stage"], registry=r)
         self.acquire_seconds = Histogram("corral_vm_acquire_seconds", "Resume until the agent answers",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.handshakes_denied = Counter(
@@ -72,6 +87,12 @@ class Metrics:
             self.queue_depth.labels(name)
         for state in POOL_STATES:
             self.pool_vms.labels(state)
+        for kind in REFILL_KINDS:
+            self.refill_seconds.labels(kind)
+        for result in ("ok", "failed"):
+            self.snapshot_builds.labels(result)
+        for stage in ("restore", "resuming", "warming"):
+            self.restore_failures.labels(stage)
 
     def serve(self, address: str, port: int) -> int:
         """Serve /metrics over HTTP from a thread of its own; returns the port bound."""

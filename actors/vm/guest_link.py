@@ -160,6 +160,16 @@ class GuestLink:
         on one clone of a snapshot passes on another. Only while the agent is
         idle since its Hello (after any work it refuses, with an Error raised
         here as UnexpectedMessage). Returns the ResumeDone (clock_step_ns)."""
+        self.send_resume()
+        message = self.receive(frozenset({messages.ResumeDone, messages.Error}), deadline)
+        if isinstance(message, messages.Error):
+            raise UnexpectedMessage(f"guest refused the Resume: {message.code}: {message.message}")
+        return message
+
+    def send_resume(self) -> None:
+        """resume's first half, for an owner that reads the answer elsewhere (a
+        Supervisor hands the channel to IOGuard with Watch(first_seq=
+        decoder.expected_seq)): send the Resume and rebase both directions."""
         if self.pending or self.decoder.in_frame:
             raise UnexpectedMessage("guest sent a frame before the Resume")
         host_seq, guest_seq = secrets.randbits(32), secrets.randbits(32)
@@ -167,10 +177,6 @@ class GuestLink:
                                   host_seq=host_seq, guest_seq=guest_seq))
         self.encoder.rebase(host_seq)
         self.decoder.rebase(guest_seq)
-        message = self.receive(frozenset({messages.ResumeDone, messages.Error}), deadline)
-        if isinstance(message, messages.Error):
-            raise UnexpectedMessage(f"guest refused the Resume: {message.code}: {message.message}")
-        return message
 
     def run(self, argv: list[bytes], deadline: float, *, env: dict[bytes, bytes] | None = None,
             cwd: bytes = b"", stdin: bytes = b"", timeout_ms: int = 0,

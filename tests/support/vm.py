@@ -1,11 +1,13 @@
 """Real VMs for tests: BootedVm boots one through the Hypervisor and talks to
-its agent over the GuestLink; make_spec is a DomainSpec whose files all live
-under one directory, for tests of the domain XML (nothing is booted)."""
+its agent over the GuestLink; live_identity is what a running domain's own XML
+says it is; make_spec is a DomainSpec whose files all live under one
+directory, for tests of the domain XML (nothing is booted)."""
 
 import time
+import xml.etree.ElementTree as ET
 
 from actors.vm.guest_link import GuestLink
-from actors.vm.domain import Disk, DomainSpec
+from actors.vm.domain import QEMU_NS, Disk, DomainSpec
 
 
 class BootedVm:
@@ -28,6 +30,20 @@ class BootedVm:
     def destroy(self) -> None:
         self.link.close()
         self.hypervisor.destroy(self.handle)
+
+
+def live_identity(hypervisor, name: str) -> dict:
+    """What the running domain itself says of its per-VM identity and files."""
+    root = ET.fromstring(hypervisor.conn.lookupByName(name).XMLDesc(0))
+    vda = next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == "vda")
+    args = [a.get("value") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    mac = root.find("devices/interface/mac")
+    return {"name": root.findtext("name"), "uuid": root.findtext("uuid"), "genid": root.findtext("genid"),
+            "overlay": vda.find("source").get("file"),
+            "channel": root.find("devices/channel/source").get("path"),
+            "qmp": args[args.index("-qmp") + 1] if "-qmp" in args else None,
+            "mac": mac.get("address") if mac is not None else None,
+            "xml": ET.tostring(root, encoding="unicode")}
 
 
 def make_spec(tmp_path, accelerator="tcg", network=False):

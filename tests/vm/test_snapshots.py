@@ -12,24 +12,19 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from actors.vm.domain import QEMU_NS
 from actors.vm.errors import RestoreFailed, TemplateBuildFailed
-from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
+from actors.vm.guest_link import GuestLink
 from actors.vm.snapshots import IMAGE_FILE
 from protocol.channel import messages
-from protocol.channel.frame import FrameDecoder
-from protocol.hostcrc import crc32
+from tests.support.vm import live_identity
 
 BOOT_S = 90  # a template's boot under TCG on a loaded host
 
 
 def clone_link(handle, timeout_s: float = 20) -> GuestLink:
     """A connected host end for a clone. Its agent said Hello before the template
-    was saved, so its next frame carries handle.guest_first_seq, not 0.
-    (Local to these tests: GuestLink learns a guest_first_seq of its own with the
-    channel side of issue 13.)"""
-    link = GuestLink(handle.socket)
-    link.decoder = FrameDecoder(crc32, max_payload=GUEST_FRAME_CAP, first_seq=handle.guest_first_seq)
+    was saved, so its next frame carries handle.guest_first_seq, not 0."""
+    link = GuestLink(handle.socket, guest_first_seq=handle.guest_first_seq)
     link.connect(time.monotonic() + timeout_s)
     return link
 
@@ -38,19 +33,6 @@ def heartbeat(link: GuestLink, nonce: int, timeout_s: float = 20) -> None:
     link.send(messages.Heartbeat(nonce=nonce))
     ack = link.receive(frozenset({messages.HeartbeatAck}), time.monotonic() + timeout_s)
     assert ack.nonce == nonce
-
-
-def live_identity(hypervisor, name: str) -> dict:
-    """What the running domain itself says of its per-VM identity and files."""
-    root = ET.fromstring(hypervisor.conn.lookupByName(name).XMLDesc(0))
-    vda = next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == "vda")
-    args = [a.get("value") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
-    mac = root.find("devices/interface/mac")
-    return {"name": root.findtext("name"), "uuid": root.findtext("uuid"), "genid": root.findtext("genid"),
-            "overlay": vda.find("source").get("file"),
-            "channel": root.find("devices/channel/source").get("path"),
-            "qmp": args[args.index("-qmp") + 1] if "-qmp" in args else None,
-            "mac": mac.get("address") if mac is not None else None}
 
 
 def files_named_after(hypervisor, name: str) -> list:
