@@ -53,7 +53,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import concurrent.futures
 import dataclasses
 import statistics
