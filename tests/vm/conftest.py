@@ -46,3 +46,13 @@ def client(service):
     wait_ready(service)  # each test starts from a healed pool
     with Client(service.cfg.daemon.endpoint) as c:
         yield c
+
+
+@pytest.fixture
+def clones(hypervisor):
+    """Restored clones as (handle, link) pairs a test appends to, destroyed at its end."""
+    made = []
+    yield made
+    for handle, link in made:
+        link.close()
+        hypervisor.destroy(handle)

@@ -79,15 +79,6 @@ def template(hypervisor):
     remove_templates(hypervisor)
 
 
-@pytest.fixture
-def clones(hypervisor):
-    made = []
-    yield made
-    for handle, link in made:
-        link.close()
-        hypervisor.destroy(handle)
-
-
 # --- the channel, on bare clones (before the module's service: its watchdog would
 # reap VMs its pool does not own) --------------------------------------------------------
 

@@ -50,16 +50,6 @@ def template(hypervisor):
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def clones(hypervisor):
-    """Restored clones, destroyed at the end of the test."""
-    made = []
-    yield made
-    for handle, link in made:
-        link.close()
-        hypervisor.destroy(handle)
-
-
 def restore_clone(hypervisor, template, made: list):
     handle = hypervisor.restore(template)
     link = None
