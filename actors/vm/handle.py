@@ -28,6 +28,9 @@ class VmHandle:
     # its next frame carries guest_first_seq (a booted VM's Hello carries 0).
     restored: bool = False
     guest_first_seq: int = 0
+    # A clone's NIC's MAC ("52:54:00:..."), which its guest takes from the Resume;
+    # None where it has no NIC or was booted (the guest read its MAC at probe time).
+    mac: str | None = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from actors.vm.overlays import create_overlay, give_back_to_root, overlay_data_b
 from actors.vm.qmp import QmpMonitor
 from actors.vm.snapshots import (IMAGE_FILE, MIN_STREAM_BYTES, XML_FILE, SaveHeader, SnapshotStore,
                                  Template, TemplateInvalid, TemplateKey, clone_xml, fingerprint,
-                                 stream_digest, template_meta, xml_digest)
+                                 new_mac, stream_digest, template_meta, xml_digest)
 from guest.image.paths import GuestImage, guest_image
 from protocol.channel.errors import ProtocolError
 
@@ -383,12 +383,14 @@ class Hypervisor:
         name = name or self.new_name()
         overlay, socket = self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock"
         spec = self.spec_for(name, overlay, socket, template.key.network, template.key.memory_mib, genid=True)
+        mac = new_mac() if template.key.network else None
         handle = VmHandle(name=name, overlay=overlay, socket=socket, console_log=spec.console_log, spec=spec,
-                          monitor=spec.monitor_socket, restored=True, guest_first_seq=template.guest_next_seq)
+                          monitor=spec.monitor_socket, restored=True, guest_first_seq=template.guest_next_seq,
+                          mac=mac)
         removed = False
         try:
             xml = clone_xml(template.xml, name=name, uuid=spec.uuid, overlay=overlay, socket=socket,
-                            monitor=spec.monitor_socket, console=spec.console_log)
+                            monitor=spec.monitor_socket, console=spec.console_log, mac=mac)
             self._fresh_overlay(name, overlay)
             with self.snapshots.locked_image(template) as image:
                 header = SaveHeader.read(image)

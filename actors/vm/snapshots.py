@@ -18,7 +18,10 @@ reads as absent: the caller builds a new one, no task fails for it.
 Clones. libvirt restores a save image only under the name and uuid it was saved
 with (restoreFlags' own XML may change paths, never those), so each clone
 rewrites the XML inside the image's header in place (SaveHeader, clone_xml):
-its name, uuid, generation id, overlay, channel, QMP socket and console log.
+its name, uuid, generation id, overlay, channel, QMP socket and console log,
+and on the network tier a MAC address of its own (new_mac: libvirt and QEMU
+report it at once; the guest's kernel learns it from the Resume, having read
+the template's when it probed the NIC).
 The image's flock is held from that rewrite until restoreFlags returns, so no
 two restores see each other's header; QEMU's stream after it is never touched.
 """
@@ -31,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import struct
 import time
@@ -184,11 +188,21 @@ class SaveHeader:
 
 # --- a clone's domain XML ----------------------------------------------------------
 
+# libvirt's own prefix for the MACs it makes up (locally administered, unicast).
+MAC_PREFIX = (0x52, 0x54, 0x00)
+
+
+def new_mac() -> str:
+    """A fresh random MAC in libvirt's form, "52:54:00:xx:xx:xx"."""
+    return ":".join(f"{b:02x}" for b in (*MAC_PREFIX, *secrets.token_bytes(3)))
+
+
 def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket: Path,
-              monitor: Path | None, console: Path | None) -> str:
+              monitor: Path | None, console: Path | None, mac: str | None = None) -> str:
     """The template's saved domain XML as one clone's: its own name, uuid and
-    generation id (the guest reseeds its random pool on a new one), and its own
-    root overlay, channel socket, QMP socket and console log. Raises
+    generation id (the guest reseeds its random pool on a new one), its own
+    root overlay, channel socket, QMP socket and console log, and its NIC's
+    MAC `mac` (given exactly where the template has a NIC). Raises
     TemplateInvalid if the template's name is still anywhere in the result: a
     per-VM path this function does not know of would be shared by every clone."""
     root = ET.fromstring(template_xml)
@@ -223,6 +237,14 @@ def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket:
         raise TemplateInvalid("template and clone differ on a console log")
     for source in logs:
         source.set("path", str(console))
+    nics = root.findall("devices/interface")
+    if len(nics) > 1 or bool(nics) != (mac is not None):
+        raise TemplateInvalid("template and clone differ on a NIC")
+    if nics:
+        address = nics[0].find("mac")
+        if address is None:
+            address = ET.SubElement(nics[0], "mac")
+        address.set("address", mac)
     xml = ET.tostring(root, encoding="unicode")
     if old_name in xml:
         raise TemplateInvalid(f"template XML names {old_name} where clone_xml does not rewrite it")

@@ -20,7 +20,8 @@ from actors.vm.domain import QEMU_NS
 from actors.vm.errors import RestoreFailed
 from actors.vm.host import Hypervisor
 from actors.vm.snapshots import (IMAGE_FILE, META_FILE, XML_FILE, SaveHeader, SnapshotStore, TemplateInvalid,
-                                 TemplateKey, clone_xml, fingerprint, stream_digest, template_meta)
+                                 TemplateKey, clone_xml, fingerprint, new_mac, stream_digest,
+                                 template_meta)
 from guest.image.paths import GuestImage
 from tests.support.vm import make_spec
 
@@ -31,13 +32,16 @@ KEY = TemplateKey(gold="gold-1/aaaa", agent="agent-1/bbbb", host="libvirt 900000
                   domain="dddd", network=False, memory_mib=512)
 
 
-def template_xml(tmp_path) -> str:
+def template_xml(tmp_path, network: bool = False) -> str:
     """A domain XML as libvirt saves it: generation id filled in, the serial file
-    shown again as <console>, corral's QMP socket on QEMU's command line."""
-    spec = dataclasses.replace(make_spec(tmp_path), genid=True, console_log=tmp_path / "vm.console.log",
-                               monitor_socket=tmp_path / "vm.qmp")
+    shown again as <console>, corral's QMP socket on QEMU's command line, a
+    NIC's made-up MAC."""
+    spec = dataclasses.replace(make_spec(tmp_path, network=network), genid=True,
+                               console_log=tmp_path / "vm.console.log", monitor_socket=tmp_path / "vm.qmp")
     root = ET.fromstring(spec.to_xml())
     root.find("genid").text = "fa5735e5-8cbd-408d-ab72-a21309fca189"
+    for nic in root.iterfind("devices/interface"):
+        ET.SubElement(nic, "mac", address="52:54:00:0e:0e:0e")
     console = ET.SubElement(root.find("devices"), "console", type="file")
     ET.SubElement(console, "source", path=str(tmp_path / "vm.console.log"))
     return ET.tostring(root, encoding="unicode")
@@ -157,6 +161,35 @@ def test_clone_xml_refuses_a_template_of_other_settings(tmp_path):
         clone_xml(template_xml(tmp_path), monitor=None, console=Path("/c"), **args)
     with pytest.raises(TemplateInvalid, match="console"):
         clone_xml(template_xml(tmp_path), monitor=Path("/m"), console=None, **args)
+
+
+def test_clone_xml_gives_a_network_clone_its_own_mac_and_nothing_else_more(tmp_path):
+    xml = template_xml(tmp_path, network=True)
+    args = dict(uuid="u", overlay=Path("/o"), socket=Path("/s"), monitor=Path("/m"), console=Path("/c"))
+    a = ET.fromstring(clone_xml(xml, name="corral-test-c10e00000001", mac="52:54:00:aa:bb:01", **args))
+    b = ET.fromstring(clone_xml(xml, name="corral-test-c10e00000002", mac="52:54:00:aa:bb:02", **args))
+    assert a.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:01"
+    assert b.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:02"
+    assert a.find("devices/interface").get("type") == "user"
+    assert [e.tag for e in a.iter()] == [e.tag for e in ET.fromstring(xml).iter()]
+
+
+def test_clone_xml_refuses_a_mac_where_the_template_has_no_nic_and_none_where_it_has(tmp_path):
+    args = dict(name="corral-test-c10e00000001", uuid="u", overlay=Path("/o"), socket=Path("/s"),
+                monitor=Path("/m"), console=Path("/c"))
+    with pytest.raises(TemplateInvalid, match="NIC"):
+        clone_xml(template_xml(tmp_path), mac="52:54:00:aa:bb:01", **args)
+    with pytest.raises(TemplateInvalid, match="NIC"):
+        clone_xml(template_xml(tmp_path, network=True), mac=None, **args)
+
+
+def test_new_macs_are_libvirts_locally_administered_unicast_form_and_random():
+    macs = {new_mac() for _ in range(50)}
+    assert len(macs) == 50  # 24 random bits: a repeat in 50 is a ~1e-4 fluke
+    for mac in macs:
+        octets = bytes.fromhex(mac.replace(":", ""))
+        assert mac == mac.lower() and mac.count(":") == 5 and octets[:3] == bytes.fromhex("525400")
+        assert octets[0] & 0b11 == 0b10  # locally administered, not multicast
 
 
 def test_a_template_domain_has_a_generation_id_and_no_qboot(tmp_path):

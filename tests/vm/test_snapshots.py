@@ -138,25 +138,35 @@ def test_a_destroyed_clone_leaves_nothing_and_the_template_stays_valid(hyperviso
     assert again is not None and again.xml == template.xml  # the pristine XML, not the last clone's
 
 
-def test_network_clones_restore_each_with_its_own_user_network(hypervisor, clones):
+def test_network_clones_restore_each_with_its_own_user_network_and_mac(hypervisor, clones):
     net = hypervisor.build_template(network=True, boot_timeout_s=BOOT_S)
     assert net.key.network and net.directory != hypervisor.snapshots.directory(hypervisor.template_key())
+    template_mac = ET.fromstring(net.xml).find("devices/interface/mac").get("address")
     for _ in range(2):
         restore_clone(hypervisor, net, clones)
     macs = []
-    for nonce, (handle, link) in enumerate(clones, start=1):
-        heartbeat(link, nonce)
-        result = link.run([b"/bin/sh", b"-c", b"cat /sys/class/net/eth0/address"], time.monotonic() + 30)
+    for handle, link in clones:
+        assert handle.mac is not None and handle.mac != template_mac
+        link.resume(time.monotonic() + 30, mac=handle.mac)
+        # The guest kernel read the template's MAC when it probed the NIC; the
+        # Resume gave eth0 the clone's. (read: a shell builtin, tasks may lack cat.)
+        result = link.run([b"/bin/sh", b"-c", b"read a < /sys/class/net/eth0/address; echo $a"],
+                          time.monotonic() + 30)
+        assert result.exit.exit_code == 0, result.stderr
         macs.append(result.stdout.strip().decode())
-        identity = live_identity(hypervisor, handle.name)
-        assert identity["mac"] == macs[-1]  # what libvirt says is what the guest has
+        assert macs[-1] == handle.mac
+        assert live_identity(hypervisor, handle.name)["mac"] == handle.mac  # what libvirt says, the guest has
         root = ET.fromstring(hypervisor.conn.lookupByName(handle.name).XMLDesc(0))
         assert root.find("devices/interface").get("type") == "user"  # slirp inside this clone's QEMU
-    # The guest kernel read its MAC when it probed the NIC, before the template
-    # was saved: a restore cannot change it (QEMU's device would, the guest's
-    # netdev would not). With user networking each clone's QEMU has a network of
-    # its own, so the shared MAC meets no other VM on any link.
-    assert macs[0] == macs[1]
+    assert macs[0] != macs[1]
+
+
+def test_a_clone_without_a_nic_has_no_mac_and_resumes_without_one(hypervisor, template, clones):
+    handle, link = restore_clone(hypervisor, template, clones)
+    assert handle.mac is None
+    link.resume(time.monotonic() + 30, mac=handle.mac)
+    result = link.run([b"/bin/sh", b"-c", b"echo /sys/class/net/*"], time.monotonic() + 30)
+    assert result.stdout == b"/sys/class/net/lo\n"
 
 
 def test_a_truncated_image_is_detected_rebuilt_and_never_restored(hypervisor, template, clones):
