@@ -81,7 +81,9 @@ def test_a_failed_build_leaves_no_vm_and_no_template(hypervisor, template):
     assert name not in hypervisor.corral_domains()
     assert files_named_after(hypervisor, name) == []
     assert hypervisor.template(network=True, memory_mib=256) is None
-    assert not [p for p in hypervisor.snapshots.root.iterdir() if p.name.startswith(".build-")]
+    # This instance's: other runs sharing the state directory may be building now.
+    builds = f".build-{hypervisor.snapshots.instance}-"
+    assert not [p for p in hypervisor.snapshots.root.iterdir() if p.name.startswith(builds)]
     assert hypervisor.template() == template  # another tier's template is untouched
 
 
