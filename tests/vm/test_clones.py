@@ -217,9 +217,17 @@ def test_hard_capability_tiers_restore_from_templates_of_their_own(service, clie
     for capability, network, memory in (("net:egress", True, None), ("res:large_mem", False, large)):
         built = counter(service.metrics.snapshot_builds, result="ok")
         restored = refills(service, "restore") + refills(service, "build")
+        macs = set()
         for _ in range(2):  # strict: the second task gets another VM of the tier
-            reply = client.run(["true"], capabilities=[capability], wait_s=180)
+            # Each VM's eth0 address (a shell builtin: tasks may lack cat); none without a NIC.
+            reply = client.run(["sh", "-c", "read a < /sys/class/net/eth0/address && echo $a || echo none"],
+                               capabilities=[capability], wait_s=180)
             assert (reply.error_code, reply.exit_code) == ("", 0), (capability, reply)
+            macs.add(reply.stdout.strip().decode())
+        if network:  # each VM its own MAC: a clone's guest takes its handle's from the Resume
+            assert len(macs) == 2 and all(m.startswith("52:54:00:") for m in macs), macs
+        else:
+            assert macs == {"none"}
         tier_template = hv.template(network=network, memory_mib=memory)
         assert tier_template is not None, capability
         assert (tier_template.key.network, tier_template.key.memory_mib) == (network, memory or hv.memory_mib)
