@@ -105,12 +105,12 @@ ACQUIRE_TIMEOUT_S = 2.0
 DEADMAN_GRACE_S = 5.0  # the design's figure
 PERIOD_US = 1_000_000
 # A CPU-bound command: well inside its timeout on a healthy VM, hopeless on a throttled one.
-# Sized for this machine's range of speeds: ~0.9 s of vCPU when it is fast (20x that
-# at a 5 % quota, far past the timeout; 25 000 rounds, ~0.35 s, once finished before
-# the throttle landed under load) and ~5 s when it is slow (~8 s at the default
-# 50 % quota, inside the timeout).
-CPU_WORK = ["sh", "-c", "i=0; while [ $i -lt 60000 ]; do i=$((i+1)); done; echo done"]
-TASK_TIMEOUT_S = 12.0
+# Sized for this machine's range of speeds: ~0.35 s of vCPU when it is fast (20x that
+# at a 5 % quota, past the timeout) and ~2 s when it is slow (~3.5 s at the default
+# 50 % quota, inside the timeout). The second's sleep first gives the throttle time
+# to land before the work starts (without it a fast run once finished first).
+CPU_WORK = ["sh", "-c", "sleep 1; i=0; while [ $i -lt 25000 ]; do i=$((i+1)); done; echo done"]
+TASK_TIMEOUT_S = 7.0
 
 
 @pytest.fixture(scope="module")
