@@ -57,6 +57,50 @@ class Answer:
     reply: TaskReply
 
 
+# --- streams: a task's live output and stdin (issue 14) ------------------------
+
+@dataclass(frozen=True)
+class TaskStarted:
+    """Supervisor -> Intake: the command of a task with stream or stdin_open is
+    about to start on this VM: stdin and reader holds for `ticket` go to
+    `supervisor` from now on, until the ticket's Answer."""
+
+    ticket: int
+    supervisor: pykka.ActorRef
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Supervisor -> Intake: a chunk of a streaming task's output, as the guest
+    sent it (in order per stream; `offset` is the stream's bytes before it).
+    The ticket's Answer comes after its last chunk, through the same inbox."""
+
+    ticket: int
+    stream: int  # 1 stdout, 2 stderr
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StdinChunk:
+    """IntakeServer -> Supervisor: more stdin for the command of `ticket`;
+    `eof`: none after this."""
+
+    ticket: int
+    data: bytes
+    eof: bool
+
+
+@dataclass(frozen=True)
+class ReaderHold:
+    """IntakeServer -> Supervisor: the caller of `ticket` is behind (held:
+    corrald holds as much of its output as it may) or has caught up: stop or
+    resume reading the VM's channel (ChannelHold reason "reader")."""
+
+    ticket: int
+    held: bool
+
+
 # --- PoolManager, Scheduler, Supervisor ----------------------------------------
 
 @dataclass(frozen=True)
@@ -150,12 +194,15 @@ class Unwatch:
 
 @dataclass(frozen=True)
 class ChannelHold:
-    """Supervisor -> IOGuard: the host paused (`held`) or resumed this VM for a
-    SCRAM; a frame in progress does not count the paused time against its
-    stall deadline, since a paused guest cannot send."""
+    """Supervisor -> IOGuard: stop (`held`) or resume reading this VM's channel
+    for `reason`: "paused" (the host paused the VM for a SCRAM) or "reader" (a
+    streaming task's caller is behind). Reading resumes when no reason holds;
+    a frame in progress does not count held time against its stall deadline,
+    since the guest cannot send then."""
 
     vm_id: str
     held: bool
+    reason: str = "paused"
 
 
 @dataclass(frozen=True)

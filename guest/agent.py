@@ -527,9 +527,9 @@ class Task:
             self.truncated[stream] = True
             chunk = chunk[:max(room, 0)]
         if chunk:
+            self.agent.channel.send(messages.Output(
+                exec_id=self.request.exec_id, stream=stream, offset=self.sent[stream], data=chunk))
             self.sent[stream] += len(chunk)
-            self.agent.channel.send(
-                messages.Output(exec_id=self.request.exec_id, stream=stream, data=chunk))
 
     def _feed_stdin(self) -> None:
         try:
@@ -852,7 +852,7 @@ class Agent:
         # The missing file may be the command or the working directory.
         name = os.fsdecode(error.filename or request.argv[0])
         self.channel.send(messages.Output(
-            exec_id=request.exec_id, stream=2,
+            exec_id=request.exec_id, stream=2, offset=0,
             data=f"corral-agent: {name}: {error.strerror}\n".encode(errors="surrogateescape")))
         self.channel.send(messages.Exit(
             exec_id=request.exec_id, exit_code=code, signal=0, timed_out=False,

@@ -66,7 +66,7 @@ class HostileAgent:
     def attack(self, name: str, exec_id: int, args: tuple[int, ...] = ()) -> None:
         """Break the channel as `name` says, then wait for the host to end the VM."""
         seq = self.encoder.next_seq
-        output = codec.encode(messages.Output(exec_id=exec_id, stream=constants.STDOUT, data=b"x"))
+        output = codec.encode(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=0, data=b"x"))
         if name == "bad_magic":
             self.write(HEADER.pack(0x0BADF00D, 0, 0, seq))
         elif name == "oversize":  # a length far over any cap, then nothing
@@ -143,7 +143,7 @@ class HostileAgent:
             if name != "ok":
                 args = tuple(int(arg) for arg in message.argv[1:] if arg.isdigit())
                 self.attack(name, message.exec_id, args)
-            self.send(messages.Output(exec_id=message.exec_id, stream=constants.STDOUT, data=b"ok\n"))
+            self.send(messages.Output(exec_id=message.exec_id, stream=constants.STDOUT, offset=0, data=b"ok\n"))
             self.send(messages.Exit(exec_id=message.exec_id, exit_code=0, signal=0, timed_out=False,
                                     stdout_truncated=False, stderr_truncated=False, wall_ms=1,
                                     user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))

@@ -20,7 +20,8 @@ MAX_ENV_ITEMS = 1024
 MAX_ENV_KEY_LEN = 4 * KiB
 MAX_ENV_VALUE_LEN = 128 * KiB
 MAX_CWD_LEN = 4096
-MAX_STDIN = 8 * MiB
+MAX_STDIN = 8 * MiB  # all stdin of one exec: Exec.stdin and every Stdin chunk together
+MAX_STDIN_CHUNK = 64 * KiB  # one Stdin message
 
 MAX_OUTPUT_CHUNK = 1 * MiB  # the guest splits output into chunks of at most this
 STDOUT = 1

@@ -17,7 +17,7 @@ from protocol.channel.constants import (MAX_AGENT_VERSION_LEN, MAX_ARG_LEN, MAX_
                                         MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN,
                                         MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN, MAX_FILE_ERROR_LEN,
                                         MAX_FILE_IN, MAX_FILES, MAX_KERNEL_LEN, MAX_OUTPUT_CHUNK, MAX_PATH_LEN,
-                                        MAC_LEN, MAX_RESET_DETAIL_LEN, MAX_STDIN, RESUME_ENTROPY_LEN, STDERR, STDOUT)
+                                        MAC_LEN, MAX_RESET_DETAIL_LEN, MAX_STDIN, MAX_STDIN_CHUNK, RESUME_ENTROPY_LEN, STDERR, STDOUT)
 
 _HOST = "host"
 _GUEST = "guest"
@@ -45,6 +45,8 @@ class Exec(Message):
     output_cap: int = field(U32)  # bytes kept per stream; the rest is dropped and flagged
     as_root: bool = field(BOOL)  # host-internal diagnostics only; never settable by clients
     capabilities: int = field(U16)  # soft capability bits (protocol/channel/capabilities.py)
+    # More stdin follows in Stdin messages, ended by one with eof; False: `stdin` is all of it.
+    stdin_open: bool = field(BOOL, default=False)
 
 
 @message(3, _GUEST)
@@ -53,6 +55,9 @@ class Output(Message):
 
     exec_id: int = field(U32)
     stream: int = field(U8.one_of(STDOUT, STDERR))
+    # Bytes of this stream sent before this chunk: the host refuses a gap or an
+    # overlap (a chunk out of order) as a protocol violation.
+    offset: int = field(U64)
     data: bytes = field(Bytes(MAX_OUTPUT_CHUNK))
 
 
@@ -167,9 +172,20 @@ class ResumeDone(Message):
     clock_step_ns: int = field(I64)  # how far the guest's clock moved (new - old)
 
 
+@message(15, _HOST)
+class Stdin(Message):
+    """More stdin for the running exec that was started with stdin_open; `eof`
+    closes the command's stdin once everything before it was written. Stdin of
+    one exec, Exec.stdin included, is at most MAX_STDIN bytes in all."""
+
+    exec_id: int = field(U32)
+    data: bytes = field(Bytes(MAX_STDIN_CHUNK))
+    eof: bool = field(BOOL)
+
+
 ALL_MESSAGES: frozenset[type[Message]] = frozenset({
     Hello, Exec, Output, Exit, Reset, ResetDone, Heartbeat, HeartbeatAck, Error, PutFile, Collect, Collected,
-    Resume, ResumeDone})
+    Resume, ResumeDone, Stdin})
 HOST_TO_GUEST: frozenset[type[Message]] = frozenset(c for c in ALL_MESSAGES if _HOST in c.SENDERS)
 GUEST_TO_HOST: frozenset[type[Message]] = frozenset(c for c in ALL_MESSAGES if _GUEST in c.SENDERS)
 

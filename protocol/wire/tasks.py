@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from protocol.channel.codec import (BOOL, I32, U8, U16, U32, Bytes, BytesList, Message, Pairs, Records, Str, field,
+from protocol.channel.codec import (BOOL, I32, U8, U16, U32, U64, Bytes, BytesList, Message, Pairs, Records, Str, field,
                                     message)
 from protocol.channel.constants import (MAX_ARG_LEN, MAX_ARGV_ITEMS, MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN,
                                         MAX_ENV_VALUE_LEN, MAX_FILE_ERROR_LEN, MAX_FILE_IN, MAX_FILES, MAX_PATH_LEN,
-                                        MAX_STDIN)
+                                        MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT)
 
 PROTOCOL_TAG = b"corral/1"
 CLIENT = "client"
@@ -31,6 +31,9 @@ MAX_REPLY_OUTPUT = 16 * 1024 * 1024
 MAX_ERROR_TEXT = 4096
 MAX_COLLECTED = 16 * 1024 * 1024  # all collected files of one reply (config caps it lower)
 MAX_RECEIPT = 8192
+MAX_STREAM_CHUNK = 1024 * 1024  # one TaskOutput's data
+MAX_EGRESS_RULES = 64
+MAX_EGRESS_RULE_LEN = 256
 
 CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
 PRIORITY_NAMES = {"critical": CRITICAL, "high": HIGH, "normal": NORMAL, "low": LOW}
@@ -72,6 +75,9 @@ class ErrorCode(StrEnum):
     GUEST_ERROR = "guest_error"
     # Set by the client library alone: the connection dropped with the task in flight.
     CONNECTION_LOST = "connection_lost"
+    # A TaskAttach or TaskStdin for a task this identity has not in flight (or
+    # another identity's: the same answer, so that ids of others leak nothing).
+    UNKNOWN_TASK = "unknown_task"
 
 
 @message(32, CLIENT)
@@ -91,6 +97,14 @@ class TaskRequest(Message):
     files_in: tuple[tuple[bytes, int, bytes], ...] = field(
         Records(MAX_FILES, Bytes(MAX_PATH_LEN), U16, Bytes(MAX_FILE_IN)), default=())
     collect: tuple[bytes, ...] = field(BytesList(MAX_FILES, MAX_PATH_LEN), default=())  # read after the run
+    # Send the output as TaskOutput frames while the command runs; the reply
+    # then carries no stdout or stderr (only their flags).
+    stream: bool = field(BOOL, default=False)
+    # More stdin follows in TaskStdin frames, ended by one with eof.
+    stdin_open: bool = field(BOOL, default=False)
+    # With net:egress: where the task may connect (domain names with *. wildcards;
+    # CIDR:port or CIDR:port-port). Empty: config [egress] default_allow.
+    egress_allow: tuple[bytes, ...] = field(BytesList(MAX_EGRESS_RULES, MAX_EGRESS_RULE_LEN), default=())
 
 
 @message(33, DAEMON)
@@ -139,8 +153,50 @@ class StatusReply(Message):
     answered: int = field(U32)
 
 
-CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest})
-DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply})
+@message(36, DAEMON)
+class TaskOutput(Message):
+    """A chunk of a streaming task's stdout (1) or stderr (2), in order; the
+    task's one TaskReply comes after its last chunk."""
+
+    task_id: str = field(Str(MAX_TASK_ID_LEN))
+    stream: int = field(U8.one_of(STDOUT, STDERR))
+    offset: int = field(U64)  # bytes of this stream before this chunk
+    data: bytes = field(Bytes(MAX_STREAM_CHUNK))
+
+
+@message(37, CLIENT)
+class TaskStdin(Message):
+    """More stdin for a task submitted with stdin_open (same identity);
+    `eof` closes the command's stdin. Unknown task: a TaskReply unknown_task."""
+
+    task_id: str = field(Str(MAX_TASK_ID_LEN))
+    data: bytes = field(Bytes(MAX_STDIN_CHUNK))
+    eof: bool = field(BOOL)
+
+
+@message(38, CLIENT)
+class StreamAck(Message):
+    """The caller consumed a streaming task's output up to these offsets:
+    corrald sends at most tasks.stream_window_bytes beyond them."""
+
+    task_id: str = field(Str(MAX_TASK_ID_LEN))
+    stdout_offset: int = field(U64)
+    stderr_offset: int = field(U64)
+
+
+@message(39, CLIENT)
+class TaskAttach(Message):
+    """After a lost connection, on a new one (same identity): send this task's
+    output again from these offsets, as far as corrald still holds it, then
+    its reply. Unknown task (or another identity's): a TaskReply unknown_task."""
+
+    task_id: str = field(Str(MAX_TASK_ID_LEN))
+    stdout_offset: int = field(U64)
+    stderr_offset: int = field(U64)
+
+
+CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest, TaskStdin, StreamAck, TaskAttach})
+DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply, TaskOutput})
 
 
 def error_reply(task_id: str, code: ErrorCode, text: str, retry_after_ms: int = 0,

@@ -198,8 +198,8 @@ def test_output_past_the_cap_is_dropped_and_flagged_by_the_host(pair):
 
     def guest():
         peer.conn.recv(65536)
-        peer.send(messages.Output(exec_id=1, stream=constants.STDOUT, data=b"x" * 1000))
-        peer.send(messages.Output(exec_id=1, stream=constants.STDERR, data=b"e" * 10))
+        peer.send(messages.Output(exec_id=1, stream=constants.STDOUT, offset=0, data=b"x" * 1000))
+        peer.send(messages.Output(exec_id=1, stream=constants.STDERR, offset=0, data=b"e" * 10))
         peer.send(messages.Exit(exec_id=1, exit_code=0, signal=0, timed_out=False,
                                 stdout_truncated=False, stderr_truncated=False, wall_ms=1,
                                 user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))

@@ -185,7 +185,7 @@ def ack(n: int) -> messages.HeartbeatAck:
 
 
 def output(data: bytes, exec_id: int = 1) -> messages.Output:
-    return messages.Output(exec_id=exec_id, stream=constants.STDOUT, data=data)
+    return messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=0, data=data)
 
 
 @pytest.fixture

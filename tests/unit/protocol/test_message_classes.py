@@ -31,14 +31,14 @@ def test_positional_and_keyword_construction_agree_and_defaults_fill_in():
     assert positional == exit_message()
     assert positional.oom_killed is False
     assert exit_message(oom_killed=True).oom_killed is True
-    assert m.Output(1, stream=2, data=b"x") == m.Output(exec_id=1, stream=2, data=b"x")
+    assert m.Output(1, stream=2, offset=0, data=b"x") == m.Output(exec_id=1, stream=2, offset=0, data=b"x")
 
 
 @pytest.mark.parametrize(("args", "kwargs", "complaint"), [
-    ((1, 2), {}, "missing required argument 'data'"),
-    ((1, 2, b"", 4), {}, "takes 3 positional arguments but 4 were given"),
+    ((1, 2, 0), {}, "missing required argument 'data'"),
+    ((1, 2, 0, b"", 4), {}, "takes 4 positional arguments but 5 were given"),
     ((1,), {"exec_id": 1, "stream": 2, "data": b""}, "multiple values for argument 'exec_id'"),
-    ((1, 2, b""), {"colour": "red"}, "unexpected keyword argument 'colour'"),
+    ((1, 2, 0, b""), {"colour": "red"}, "unexpected keyword argument 'colour'"),
 ])
 def test_construction_refuses_what_a_function_call_would(args, kwargs, complaint):
     with pytest.raises(TypeError, match=complaint):
@@ -82,9 +82,9 @@ def test_copies_and_pickles_are_equal_messages():
 
 
 def test_schema_lists_the_declared_fields_in_order():
-    assert [name for name, _ in m.Output.SCHEMA] == ["exec_id", "stream", "data"]
-    assert m.Output.__slots__ == ("exec_id", "stream", "data")
-    assert not hasattr(m.Output(1, 1, b""), "__dict__")
+    assert [name for name, _ in m.Output.SCHEMA] == ["exec_id", "stream", "offset", "data"]
+    assert m.Output.__slots__ == ("exec_id", "stream", "offset", "data")
+    assert not hasattr(m.Output(1, 1, 0, b""), "__dict__")
 
 
 def test_a_field_declared_the_old_way_is_refused_with_the_new_way_named():

@@ -146,15 +146,15 @@ def test_round_trip_every_message(cls, data):
 
 
 def test_known_encoding():
-    payload = codec.encode(m.Output(exec_id=7, stream=constants.STDERR, data=b"hi"))
-    assert payload == bytes.fromhex("03" "00000007" "02" "00000002") + b"hi"
+    payload = codec.encode(m.Output(exec_id=7, stream=constants.STDERR, offset=0, data=b"hi"))
+    assert payload == bytes.fromhex("03" "00000007" "02" "0000000000000000" "00000002") + b"hi"
     exit_payload = codec.encode(m.Exit(1, -1, 9, True, False, True, 2, 3, 4, 5))
     assert exit_payload == bytes.fromhex("04 00000001 ffffffff 09 01 00 01 00000002 00000003 00000004 00000005 00")
 
 
 def test_every_message_is_a_frozen_slotted_dataclass_with_a_docstring():
     ids = [cls.TYPE_ID for cls in MESSAGES]
-    assert ids == list(range(1, 15))
+    assert ids == list(range(1, 16))
     for cls in MESSAGES:
         msg = minimal_message(cls)
         assert not hasattr(msg, "__dict__")
@@ -164,7 +164,7 @@ def test_every_message_is_a_frozen_slotted_dataclass_with_a_docstring():
 
 
 def test_directions():
-    assert m.HOST_TO_GUEST == {m.Exec, m.Reset, m.Heartbeat, m.Error, m.PutFile, m.Collect, m.Resume}
+    assert m.HOST_TO_GUEST == {m.Exec, m.Reset, m.Heartbeat, m.Error, m.PutFile, m.Collect, m.Resume, m.Stdin}
     assert m.GUEST_TO_HOST == {m.Hello, m.Output, m.Exit, m.ResetDone, m.HeartbeatAck, m.Error,
                                m.Collected, m.ResumeDone}
     assert m.HOST_TO_GUEST | m.GUEST_TO_HOST == m.ALL_MESSAGES
@@ -317,7 +317,7 @@ def test_output_stream_is_stdout_or_stderr(stream):
     with pytest.raises(MalformedPayload, match="Output.stream"):
         codec.decode(raw_payload(m.Output, stream=stream))
     with pytest.raises(ValueError, match="Output.stream"):
-        codec.encode(m.Output(1, stream, b""))
+        codec.encode(m.Output(1, stream, 0, b""))
 
 
 def test_guest_to_host_max_payload_is_the_largest_collected_chunk():
@@ -362,7 +362,7 @@ def test_invalid_utf8(cls, name, bad):
         codec.decode(raw_payload(cls, **{name: bad}))
 
 
-@pytest.mark.parametrize("type_id", [0, 15, 0x80, 0xFF])
+@pytest.mark.parametrize("type_id", [0, 16, 0x80, 0xFF])
 def test_unknown_type_id(type_id):
     with pytest.raises(UnknownMessageType):
         codec.decode(bytes([type_id]) + b"\0" * 8)
@@ -417,8 +417,8 @@ def test_allowed_filter():
     (m.ResetDone(1, 1, ""), TypeError),
     (m.ResetDone(1, True, b"bytes"), TypeError),
     (m.Error("\ud800", ""), ValueError),
-    (m.Output(1, 1, "text"), TypeError),
-    (m.Output(1, 1, bytearray(b"x")), TypeError),
+    (m.Output(1, 1, 0, "text"), TypeError),
+    (m.Output(1, 1, 0, bytearray(b"x")), TypeError),
     (m.Exec(1, [b"ls", "-l"], (), b"/", b"", 0, 0, False, 0), TypeError),
     (m.Exec(1, b"ls", (), b"/", b"", 0, 0, False, 0), TypeError),
     (m.Exec(1, (b"ls",), ((b"K",),), b"/", b"", 0, 0, False, 0), TypeError),
