@@ -74,6 +74,10 @@ class DomainSpec:
     # reseeded due to virtual machine fork"), so clones never share that. SeaBIOS then, not
     # qboot: with qboot and a generation id the guest never reaches its kernel.
     genid: bool = False
+    # cgroup cpu.shares from the first instruction (None: libvirt's 1024). A new VM
+    # boots or restores with few, so that under contention the VMs running tasks
+    # win the CPU; the Supervisor gives it the task's shares when it is offered.
+    cpu_shares: int | None = None
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def to_xml(self) -> str:
@@ -84,6 +88,8 @@ class DomainSpec:
             _sub(domain, "genid")  # empty: libvirt chooses the value
         _sub(domain, "memory", str(self.memory_mib), unit="MiB")
         _sub(domain, "vcpu", str(self.vcpus))
+        if self.cpu_shares is not None:
+            _sub(_sub(domain, "cputune"), "shares", str(self.cpu_shares))
         os_el = _sub(domain, "os")
         _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
         # qboot, shipped with QEMU, does little more than start the kernel: the guest

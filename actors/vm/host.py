@@ -46,6 +46,9 @@ DOMAIN_PREFIX = "corral-"
 # a throttled VM still runs a short task (a `true`, a reset) at full speed and only
 # sustained CPU use is held to the quota.
 CPU_PERIOD_US = 1_000_000
+# cpu.shares of a VM from its creation until it is offered (a default task's are
+# 1024): a boot, restore or warm-up in progress yields the CPU to running tasks.
+REFILL_CPU_SHARES = 64
 # A template VM idles this long after its Hello before it is saved: the guest
 # finishes what its start queued, so every clone starts from a quiet guest.
 TEMPLATE_SETTLE_S = 1.0
@@ -247,7 +250,7 @@ class Hypervisor:
                      target="vdb", readonly=True),
             ),
             channel_socket=socket, network=network, console_log=console, monitor_socket=monitor,
-            qemu_owner=self.qemu_owner, genid=genid,
+            qemu_owner=self.qemu_owner, genid=genid, cpu_shares=REFILL_CPU_SHARES,
         )
 
     @with_deadline

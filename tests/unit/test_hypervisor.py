@@ -17,7 +17,7 @@ import pytest
 from actors.vm.accelerator import detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu
 from actors.vm.domain import AGENT_PORT_NAME, Disk, DomainSpec
 from actors.vm.errors import HypervisorError, LibvirtDeadline, NoSuchDomain
-from actors.vm.host import Hypervisor
+from actors.vm.host import REFILL_CPU_SHARES, Hypervisor
 from actors.vm.libvirt_calls import DeadlineCalls, libvirt_errors
 from actors.vm.overlays import create_overlay
 from guest.image.paths import GuestImage
@@ -174,6 +174,21 @@ def test_driver(tmp_path):
                     accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5)
     yield hv
     hv.close()
+
+
+def test_a_new_vm_starts_with_few_cpu_shares_which_libvirt_accepts(test_driver, tmp_path):
+    """Booted or restored, a VM not yet offered yields the CPU to VMs running tasks."""
+    spec = test_driver.spec_for("corral-shares", tmp_path / "o.qcow2", tmp_path / "vm.sock")
+    assert spec.cpu_shares == REFILL_CPU_SHARES < 1024
+    assert ET.fromstring(spec.to_xml()).findtext("cputune/shares") == str(REFILL_CPU_SHARES)
+    assert ET.fromstring(dataclasses.replace(spec, cpu_shares=None).to_xml()).find("cputune") is None
+    conn = libvirt.open("test:///default")
+    try:
+        domain = conn.defineXML(spec.to_xml())
+        assert ET.fromstring(domain.XMLDesc(0)).findtext("cputune/shares") == str(REFILL_CPU_SHARES)
+        domain.undefine()
+    finally:
+        conn.close()
 
 
 def test_an_unknown_domain_is_no_such_domain(test_driver):

@@ -28,7 +28,7 @@ import config
 from actors.vm.domain import DomainSpec
 from actors.vm.errors import ChannelClosed
 from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
-from actors.vm.host import Hypervisor
+from actors.vm.host import REFILL_CPU_SHARES, Hypervisor
 from actors.vm.snapshots import SaveHeader
 from protocol.channel import codec, messages
 from protocol.channel.errors import SequenceError
@@ -109,6 +109,13 @@ def test_a_frame_recorded_from_one_clone_is_refused_by_another_both_ways(hypervi
         b.receive(frozenset({messages.HeartbeatAck}), time.monotonic() + 20)
     wait_until(lambda: not hypervisor.domain_exists(b_handle.name), 20, "clone B powered off")
     a.run([b"true"], time.monotonic() + 20)  # A goes on
+
+
+def test_a_clone_not_yet_offered_yields_the_cpu_to_running_tasks(hypervisor, template, clones):
+    """Restored with few cpu.shares (the template's XML carries them); the
+    Supervisor gives an offered VM the task's (test_capabilities checks 1024)."""
+    handle, _ = connected_clone(hypervisor, template, clones)
+    assert hypervisor.cpu_setting(handle.name)["cpu_shares"] == REFILL_CPU_SHARES
 
 
 # --- through the service ---------------------------------------------------------------
