@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import struct
+import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -291,11 +292,17 @@ class SnapshotStore:
     """This instance's templates under <state_dir>/snapshots: load and validate,
     publish a build, lock an image for a restore, remove stale or broken ones.
     Each instance keeps its own (as with its VMs), so services sharing a state
-    directory never remove each other's templates. Thread-safe."""
+    directory never remove each other's templates. Thread-safe.
+
+    Directories are flocked against other processes (a build's while it runs,
+    an image while a clone restores from it). Within this process, one lock
+    makes each look-then-act on a directory whole: a build's mkdir and its
+    flock, which a sweep would otherwise see unlocked between the two."""
 
     def __init__(self, root: Path, instance: str):
         self.root = Path(root)
         self.instance = instance
+        self._lock = threading.Lock()
         # memory.save files whose stream digest matched in this process, by (inode, size):
         # the full read happens once per template per process, the cheap checks on every load.
         self._streams_checked: set[tuple[int, int]] = set()
@@ -376,13 +383,16 @@ class SnapshotStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         build = self.root / f"{BUILD_PREFIX}{self.instance}-{uuidlib.uuid4().hex[:12]}"
-        build.mkdir(mode=0o700)
-        fd = os.open(build, os.O_RDONLY | os.O_DIRECTORY)
+        fd = None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._lock:  # a sweep (under the same lock) sees it locked, or not at all
+                build.mkdir(mode=0o700)
+                fd = os.open(build, os.O_RDONLY | os.O_DIRECTORY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield build
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             shutil.rmtree(build, ignore_errors=True)
 
     def publish(self, build: Path, key: TemplateKey, meta: dict) -> Template:
@@ -447,14 +457,15 @@ class SnapshotStore:
         removed = []
         if not self.root.is_dir():
             return removed
-        for path in self.root.iterdir():
-            if path.name.startswith(f"{BUILD_PREFIX}{self.instance}-"):
-                if self._unlocked(path):
-                    shutil.rmtree(path, ignore_errors=True)
+        with self._lock:  # no build of this process is between its mkdir and its flock
+            for path in self.root.iterdir():
+                if path.name.startswith(f"{BUILD_PREFIX}{self.instance}-"):
+                    if self._unlocked(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                        removed.append(path.name)
+                elif path.name.startswith(f"{self.instance}-") and not self._same_build(path, current):
+                    self._discard(path)
                     removed.append(path.name)
-            elif path.name.startswith(f"{self.instance}-") and not self._same_build(path, current):
-                self._discard(path)
-                removed.append(path.name)
         if removed:
             log.info("removed stale snapshot templates: %s", ", ".join(removed))
         return removed

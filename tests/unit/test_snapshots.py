@@ -10,6 +10,7 @@ import os
 import random
 import struct
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -341,6 +342,45 @@ def test_stale_templates_and_dead_builds_go_other_tiers_and_instances_stay(tmp_p
         assert running.is_dir()
     assert sorted(removed) == sorted([old.directory.name, dead.name])
     assert tier.directory.is_dir() and theirs.directory.is_dir()
+
+
+def test_a_sweep_waits_for_a_build_between_its_mkdir_and_its_flock(tmp_path, monkeypatch):
+    """Another tier's build sweeps first (build_template): it must not take a
+    build directory made a moment ago and not yet flocked for a crashed one."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    made, may_lock = threading.Event(), threading.Event()
+    mkdir = Path.mkdir
+
+    def mkdir_then_pause(self, *args, **kwargs):
+        mkdir(self, *args, **kwargs)
+        if self.name.startswith(".build-"):  # between the build's mkdir and its flock
+            made.set()
+            assert may_lock.wait(5)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_pause)
+    swept: list[str] = []
+    sweeper = threading.Thread(target=lambda: swept.extend(store.remove_stale(KEY)))
+    seen: dict = {}
+
+    def build() -> None:
+        try:
+            with store.building() as directory:
+                seen["locked"] = True
+                sweeper.join(5)  # the sweep ran while this build holds its directory
+                seen["after sweep"] = directory.is_dir()
+        except Exception as e:  # before the fix: the sweep took the directory, the flock found none
+            seen["error"] = e
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    assert made.wait(5)
+    sweeper.start()
+    sweeper.join(0.3)
+    assert sweeper.is_alive(), f"the sweep did not wait for the build (removed {swept})"
+    may_lock.set()
+    builder.join(10)
+    assert seen == {"locked": True, "after sweep": True}
+    assert not sweeper.is_alive() and swept == []
 
 
 def test_a_second_publish_of_one_key_keeps_the_first(tmp_path):
