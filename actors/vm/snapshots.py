@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.vm.domain import QEMU_NS
+from actors.vm.errors import TemplateGone
 
 log = logging.getLogger("corral.snapshots")
 
@@ -362,17 +363,26 @@ class SnapshotStore:
     @contextmanager
     def locked_image(self, template: Template):
         """memory.save opened for a header rewrite, flocked until the block ends
-        (held through restoreFlags). TemplateInvalid if the file is not the one
-        `template` was loaded from (removed or rebuilt since)."""
-        with open(template.image, "r+b") as f:
+        (held through restoreFlags). TemplateGone if the file is not the one
+        `template` was loaded from: removed or rebuilt since, maybe while this
+        waited for the lock. That says nothing against the template on disk now."""
+        try:
+            f = open(template.image, "r+b")
+        except FileNotFoundError:
+            raise TemplateGone(f"template {template.directory.name} was removed meanwhile") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                current = os.stat(template.image).st_ino
-            except FileNotFoundError:
-                current = None
-            if current != template.inode or os.fstat(f.fileno()).st_ino != template.inode:
-                raise TemplateInvalid("the template was removed or rebuilt meanwhile")
+            if not self.is_current(template) or os.fstat(f.fileno()).st_ino != template.inode:
+                raise TemplateGone(f"template {template.directory.name} was removed or rebuilt meanwhile")
             yield f
+
+    @staticmethod
+    def is_current(template: Template) -> bool:
+        """True while `template`'s image is the one on disk (not removed or rebuilt)."""
+        try:
+            return os.stat(template.image).st_ino == template.inode
+        except FileNotFoundError:
+            return False
 
     # --- writing ---------------------------------------------------------------
 
@@ -432,10 +442,7 @@ class SnapshotStore:
     def remove_template(self, template: Template, why: str) -> bool:
         """Remove `template` if it is still the one on disk (not rebuilt since);
         True if it was."""
-        try:
-            if os.stat(template.image).st_ino != template.inode:
-                return False
-        except FileNotFoundError:
+        if not self.is_current(template):
             return False
         self.remove(template.directory, why)
         return True

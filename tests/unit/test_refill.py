@@ -5,6 +5,7 @@ restore is tests/vm/test_clones.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from actors.edge.metrics import Metrics
 from actors.refill import BUILD_HOLD_OFF_S, RESTORE_HOLD_OFF_S, Refill
-from actors.vm.errors import HypervisorError, RestoreFailed, TemplateBuildFailed
+from actors.vm.errors import HypervisorError, RestoreFailed, TemplateBuildFailed, TemplateGone
 from actors.vm.handle import VmHandle
 from actors.vm.snapshots import Template, TemplateKey
 
@@ -226,3 +227,56 @@ def test_a_builder_that_finds_the_template_published_meanwhile_restores_without_
     made = r.new_vm("corral-t-vm1")
     assert made.kind == "restore" and [c[0] for c in hv.calls] == ["restore"]
     assert value(metrics.snapshot_builds, result="ok") == 0
+
+
+def template_goes_on_restore(hv, times: int, rebuilt: bool):
+    """hv.restore raising TemplateGone the first `times` calls, as for a clone
+    that waited on the image while another removed the template (and, if
+    `rebuilt`, a builder published a new one)."""
+    restore = hv.restore
+    gone = 0
+
+    def restore_or_gone(tmpl, name=None):
+        nonlocal gone
+        if gone < times:
+            gone += 1
+            hv.calls.append(("gone", name))
+            del hv.templates[tmpl.key]
+            if rebuilt:
+                hv.templates[tmpl.key] = dataclasses.replace(tmpl, inode=tmpl.inode + 1)
+            raise TemplateGone(f"cannot restore VM {name}: template {tmpl.key.digest} was removed meanwhile")
+        return restore(tmpl, name)
+
+    hv.restore = restore_or_gone
+
+
+def no_restore_failure(metrics, caplog) -> bool:
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    return value(metrics.restore_failures, stage="restore") == 0 and warnings == []
+
+
+def test_a_template_rebuilt_while_the_clone_waited_is_looked_up_again_and_restored(hv, metrics, clock, caplog):
+    hv.templates[key()] = template(key())
+    template_goes_on_restore(hv, times=1, rebuilt=True)
+    r = refill(hv, metrics, clock)
+    made = r.new_vm("corral-t-vm1")
+    assert made.kind == "restore" and made.handle.restored
+    assert hv.calls == [("gone", "corral-t-vm1"), ("restore", "corral-t-vm1")]
+    assert no_restore_failure(metrics, caplog)
+    assert r.new_vm("corral-t-vm2").kind == "restore"  # no hold-off either
+
+
+def test_a_template_removed_while_the_clone_waited_is_built_anew_without_a_failure(hv, metrics, clock, caplog):
+    hv.templates[key()] = template(key())
+    template_goes_on_restore(hv, times=1, rebuilt=False)
+    made = refill(hv, metrics, clock).new_vm("corral-t-vm1")
+    assert made.kind == "build" and [c for c, _ in hv.calls] == ["gone", "build", "restore"]
+    assert no_restore_failure(metrics, caplog)
+
+
+def test_a_template_that_keeps_going_is_given_up_for_a_boot_without_a_failure(hv, metrics, clock, caplog):
+    hv.templates[key()] = template(key())
+    template_goes_on_restore(hv, times=10, rebuilt=True)
+    made = refill(hv, metrics, clock).new_vm("corral-t-vm1")
+    assert made.kind == "boot" and [c for c, _ in hv.calls] == ["gone", "gone", "create"]
+    assert no_restore_failure(metrics, caplog)

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from actors.vm.domain import QEMU_NS
-from actors.vm.errors import RestoreFailed
+from actors.vm.errors import LibvirtDeadline, RestoreFailed, TemplateGone
 from actors.vm.host import Hypervisor
+from actors.vm.libvirt_calls import DeadlineCalls
 from actors.vm.snapshots import (IMAGE_FILE, META_FILE, XML_FILE, SaveHeader, SnapshotStore, TemplateInvalid,
                                  TemplateKey, clone_xml, fingerprint, new_mac, stream_digest,
                                  template_meta)
@@ -423,3 +424,102 @@ def test_a_restore_past_its_deadline_gives_the_template_up(test_driver, tmp_path
         hv.restore(template, name="corral-main-c10e00000002")
     assert failed.value.template_removed and hv.template() is None
     assert [p for d in (hv.overlay_dir, hv.run_dir) for p in d.glob("corral-main-c10e*")] == []
+
+
+def test_an_image_removed_or_rebuilt_before_its_lock_is_template_gone_not_invalid(tmp_path):
+    """Clones wait on the image's lock; one ahead of them may remove the template
+    (found broken) and a build replace it: theirs is gone, nothing is broken."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    removed = publish_synthetic(store, tmp_path)
+    assert store.remove_template(removed, "found broken")
+    with pytest.raises(TemplateGone, match="was removed meanwhile"):
+        with store.locked_image(removed):
+            pass
+    template = publish_synthetic(store, tmp_path)
+    outcome: dict = {}
+
+    def waiting_clone() -> None:
+        try:
+            with store.locked_image(template):
+                outcome["locked"] = True
+        except Exception as e:
+            outcome["error"] = e
+
+    with store.locked_image(template):  # the clone ahead of it
+        waiter = threading.Thread(target=waiting_clone)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # waits for the lock
+        assert store.remove_template(template, "libvirt could not restore it")
+        rebuilt = publish_synthetic(store, tmp_path)
+    waiter.join(5)
+    assert isinstance(outcome.get("error"), TemplateGone), outcome
+    assert store.load(KEY) == rebuilt and rebuilt.inode != template.inode  # the rebuilt one stays
+
+
+def test_a_clone_whose_template_goes_while_it_waits_is_template_gone_and_leaves_nothing(test_driver, tmp_path):
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    name = "corral-main-c10e00000003"
+    outcome: dict = {}
+
+    def restore() -> None:
+        try:
+            hv.restore(template, name=name)
+        except Exception as e:
+            outcome["error"] = e
+
+    with hv.snapshots.locked_image(template):
+        clone = threading.Thread(target=restore)
+        clone.start()
+        deadline = time.monotonic() + 5
+        while not (hv.overlay_dir / f"{name}.qcow2").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # its overlay is made before it waits for the lock
+        clone.join(0.1)
+        assert hv.snapshots.remove_template(template, "swept as stale")
+    clone.join(5)
+    error = outcome.get("error")
+    assert isinstance(error, TemplateGone), outcome
+    assert not error.template_removed and not error.may_finish_late
+    assert [p for d in (hv.overlay_dir, hv.run_dir, hv.monitor_dir) for p in d.glob(name + ".*")] == []
+    assert name not in hv.corral_domains()
+
+
+def test_a_template_removed_under_the_lock_before_libvirt_opened_it_is_template_gone(test_driver, tmp_path):
+    """A sweep or a loader takes no image lock to remove a template: libvirt then
+    finds no file. That clone's template is gone; no one's restore failed."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    restore_image = hv._restore_image
+
+    def removed_first(name, template):
+        hv.snapshots.remove(template.directory, "swept as stale")
+        restore_image(name, template)
+
+    hv._restore_image = removed_first
+    with pytest.raises(TemplateGone, match="removed before libvirt read it") as gone:
+        hv.restore(template, name="corral-main-c10e00000004")
+    assert not gone.value.template_removed
+    assert [p for d in (hv.overlay_dir, hv.run_dir) for p in d.glob("corral-main-c10e*")] == []
+
+
+def test_a_restore_call_that_never_started_before_its_deadline_leaves_the_template(test_driver, tmp_path):
+    """Every call worker busy (a hung libvirtd): the restore never left the queue,
+    so it read nothing and will not finish late; the template is not at fault."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    hv.calls = DeadlineCalls(0.2, workers=1)
+    hung = threading.Event()
+    threading.Thread(target=lambda: pytest.raises(LibvirtDeadline, hv.calls.run, "hanging", hung.wait),
+                     daemon=True).start()
+    try:
+        time.sleep(0.05)  # the only worker is taken
+        with pytest.raises(RestoreFailed, match="did not start restoring VM") as failed:
+            hv.restore(template, name="corral-main-c10e00000005")
+    finally:
+        hung.set()
+    assert not failed.value.template_removed and not failed.value.may_finish_late
+    assert hv.template() == template
