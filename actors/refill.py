@@ -81,7 +81,11 @@ class Refill:
     def new_vm(self, name: str, network: bool = False, memory_mib: int | None = None) -> NewVm:
         """A running VM named `name` of this tier: restored, or cold booted where
         that cannot be. Blocks its caller's thread (a build takes seconds).
-        Raises what Hypervisor.create raises if the cold boot fails too."""
+        Raises what Hypervisor.create raises if the cold boot fails too, and
+        RestoreFailed (may_finish_late) where a restore ran past its deadline:
+        libvirt may still create a domain named `name`, so no boot may take the
+        name; the caller gives it up (its Supervisor ends, the pool starts a VM
+        of a fresh name, and the Watchdog reaps the late domain if one comes)."""
         if self.enabled:
             clone = self._clone(name, network, memory_mib)
             if clone is not None:
@@ -109,6 +113,8 @@ class Refill:
                 log.info("%s; looking for its template again", e)
             except RestoreFailed as e:
                 self.restore_failed(key, "restore", str(e), template_removed=e.template_removed)
+                if e.may_finish_late:
+                    raise
                 return None
         return None
 
