@@ -496,7 +496,7 @@ def test_a_template_removed_under_the_lock_before_libvirt_opened_it_is_template_
     restore_image = hv._restore_image
 
     def removed_first(name, template):
-        hv.snapshots.remove(template.directory, "swept as stale")
+        hv.snapshots.remove_template(template, "swept as stale")
         restore_image(name, template)
 
     hv._restore_image = removed_first
@@ -524,3 +524,68 @@ def test_a_restore_call_that_never_started_before_its_deadline_leaves_the_templa
         hung.set()
     assert not failed.value.template_removed and not failed.value.may_finish_late
     assert hv.template() == template
+
+
+def test_a_template_rebuilt_while_a_remover_checked_the_old_one_stays(tmp_path, monkeypatch):
+    """Two clones find one template broken; the first removes it and a build
+    publishes a new one while the second is between its check and its removal:
+    the second must not remove the new template."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    broken = publish_synthetic(store, tmp_path)
+    checked, may_remove = threading.Event(), threading.Event()
+    is_current = SnapshotStore.is_current
+
+    def check_then_pause(template):
+        current = is_current(template)
+        if threading.current_thread().name == "second clone":
+            checked.set()
+            may_remove.wait(1)
+        return current
+
+    monkeypatch.setattr(SnapshotStore, "is_current", staticmethod(check_then_pause))
+    second = threading.Thread(target=store.remove_template, args=(broken, "libvirt could not restore it"),
+                              name="second clone")
+    second.start()
+    assert checked.wait(5)
+
+    def first_clone_and_builder() -> None:
+        store.remove_template(broken, "libvirt could not restore it")
+        publish_synthetic(store, tmp_path)
+
+    rebuild = threading.Thread(target=first_clone_and_builder)
+    rebuild.start()
+    rebuild.join(0.3)
+    may_remove.set()
+    second.join(5)
+    rebuild.join(5)
+    rebuilt = store.load(KEY)
+    assert rebuilt is not None and rebuilt.inode != broken.inode
+
+
+def test_a_loader_that_found_a_template_broken_leaves_the_one_rebuilt_meanwhile(tmp_path, monkeypatch):
+    """Validating reads the whole image once per process (~1 s for a real one);
+    the template it is reading may be replaced by a good one meanwhile. Found
+    broken, it removes only what it read."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    broken = publish_synthetic(store, tmp_path)
+    flip_byte(broken.image, 92 + DATA_LEN + 12345)  # a corrupt stream: only the digest tells
+    reading, may_finish = threading.Event(), threading.Event()
+    digest = stream_digest
+
+    def slow_digest(f, offset):
+        reading.set()
+        may_finish.wait(5)
+        return digest(f, offset)
+
+    monkeypatch.setattr("actors.vm.snapshots.stream_digest", slow_digest)
+    loader_store = SnapshotStore(tmp_path / "snapshots", "t1")  # its first look at the image: a full read
+    loaded: list = []
+    loader = threading.Thread(target=lambda: loaded.append(loader_store.load(KEY)))
+    loader.start()
+    assert reading.wait(5)
+    assert store.remove_template(broken, "found broken by another")
+    rebuilt = publish_synthetic(store, tmp_path)  # this store checked its stream: no digest read
+    may_finish.set()
+    loader.join(5)
+    assert loaded == [None]  # what it read was broken
+    assert store.load(KEY) == rebuilt  # and the good one there now stays
