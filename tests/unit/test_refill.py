@@ -23,7 +23,7 @@ from actors.timers import Timers
 from actors.vm.snapshots import Template, TemplateKey
 from tests.support.probe import Recorder, wait_for
 from tests.support.waiting import wait_until
-from tests.unit.test_snapshots import publish_synthetic, test_driver  # noqa: F401 (a fixture)
+from tests.unit.test_snapshots import publish_synthetic, hypervisor_on_test_driver
 
 
 def key(network: bool = False, memory_mib: int = 512) -> TemplateKey:
@@ -307,8 +307,15 @@ SETTINGS = VmSettings(boot_timeout_s=1, acquire_timeout_s=1, reset_timeout_s=1, 
                       max_uses=1, max_age_s=600, strict=True)
 
 
+@pytest.fixture
+def test_driver(tmp_path):
+    hv = hypervisor_on_test_driver(tmp_path)
+    yield hv
+    hv.close()
+
+
 def test_a_restore_past_its_deadline_ends_its_supervisor_and_the_late_domain_clashes_with_nothing(
-        test_driver, tmp_path):  # noqa: F811 (the fixture)
+        test_driver, tmp_path):
     """libvirt may finish a restore after its deadline and create the clone's
     domain then; it refuses a second domain of one name. So the clone's name is
     never booted: its Supervisor ends (the pool starts a VM of a fresh name) and

@@ -203,16 +203,20 @@ def test_a_template_domain_has_a_generation_id_and_no_qboot(tmp_path):
 
 # --- the key --------------------------------------------------------------------------
 
-@pytest.fixture
-def test_driver(tmp_path):
+def hypervisor_on_test_driver(tmp_path) -> Hypervisor:
     """A Hypervisor on libvirt's test driver (nothing boots), with a real qcow2 gold image."""
     files = {name: tmp_path / "images" / name for name in ("kernel", "initrd", "disk", "agent_iso")}
     files["disk"].parent.mkdir()
     for path in files.values():
         path.write_text("")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(files["disk"]), "16M"], check=True)
-    hv = Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
-                    accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5)
+    return Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
+                      accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5)
+
+
+@pytest.fixture
+def test_driver(tmp_path):
+    hv = hypervisor_on_test_driver(tmp_path)
     yield hv
     hv.close()
 
