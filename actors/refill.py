@@ -12,6 +12,8 @@ the Supervisor's; it reports a clone that failed there with restore_failed.
 Failures never fail a task: a restore that fails falls back to a cold boot
 with one warning and corral_snapshot_restore_failures_total, and that tier's
 refills boot for a while (RESTORE_HOLD_OFF_S, doubling while failures go on);
+a template removed or rebuilt while a clone waited for it is no failure: the
+clone looks it up again (restores a rebuilt one, builds or boots otherwise);
 a build that fails is counted in corral_snapshot_builds_total{result="failed"}
 and not retried for BUILD_HOLD_OFF_S (doubling), so a broken image or host
 never makes a build loop.
@@ -27,7 +29,7 @@ from typing import Callable
 
 from actors.edge.metrics import Metrics
 from actors.errors import CorralError
-from actors.vm.errors import RestoreFailed, TemplateBuildFailed
+from actors.vm.errors import RestoreFailed, TemplateBuildFailed, TemplateGone
 from actors.vm.handle import VmHandle
 from actors.vm.host import Hypervisor
 from actors.vm.snapshots import Template, TemplateKey
@@ -35,6 +37,7 @@ from actors.vm.snapshots import Template, TemplateKey
 log = logging.getLogger("corral.refill")
 
 RESTORE_HOLD_OFF_S = (10.0, 600.0)  # after a failed clone: first, longest
+TEMPLATE_LOOKUPS = 2  # a template removed or rebuilt under a waiting clone is looked up again, once
 BUILD_HOLD_OFF_S = (60.0, 3600.0)  # after a failed template build: first, longest
 
 
@@ -78,7 +81,11 @@ class Refill:
     def new_vm(self, name: str, network: bool = False, memory_mib: int | None = None) -> NewVm:
         """A running VM named `name` of this tier: restored, or cold booted where
         that cannot be. Blocks its caller's thread (a build takes seconds).
-        Raises what Hypervisor.create raises if the cold boot fails too."""
+        Raises what Hypervisor.create raises if the cold boot fails too, and
+        RestoreFailed (may_finish_late) where a restore ran past its deadline:
+        libvirt may still create a domain named `name`, so no boot may take the
+        name; the caller gives it up (its Supervisor ends, the pool starts a VM
+        of a fresh name, and the Watchdog reaps the late domain if one comes)."""
         if self.enabled:
             clone = self._clone(name, network, memory_mib)
             if clone is not None:
@@ -86,24 +93,30 @@ class Refill:
         return NewVm(self.hypervisor.create(name=name, network=network, memory_mib=memory_mib), "boot")
 
     def _clone(self, name: str, network: bool, memory_mib: int | None) -> NewVm | None:
-        try:
-            key = self.hypervisor.template_key(network, memory_mib)
-            with self._lock:
-                if self._held_off("restore", key):
-                    return None
-            template, kind = self.hypervisor.template(network, memory_mib), "restore"
-            if template is None:
-                template, kind = self._build(key, network, memory_mib)
+        for _ in range(TEMPLATE_LOOKUPS):
+            try:
+                key = self.hypervisor.template_key(network, memory_mib)
+                with self._lock:
+                    if self._held_off("restore", key):
+                        return None
+                template, kind = self.hypervisor.template(network, memory_mib), "restore"
                 if template is None:
-                    return None
-        except (CorralError, OSError) as e:  # the images cannot be read: the boot will say so
-            log.warning("no snapshot for VM %s (%s); booting it", name, e)
-            return None
-        try:
-            return NewVm(self.hypervisor.restore(template, name=name), kind, key)
-        except RestoreFailed as e:
-            self.restore_failed(key, "restore", str(e), template_removed=e.template_removed)
-            return None
+                    template, kind = self._build(key, network, memory_mib)
+                    if template is None:
+                        return None
+            except (CorralError, OSError) as e:  # the images cannot be read: the boot will say so
+                log.warning("no snapshot for VM %s (%s); booting it", name, e)
+                return None
+            try:
+                return NewVm(self.hypervisor.restore(template, name=name), kind, key)
+            except TemplateGone as e:  # another clone or a sweep removed it, or a build replaced it
+                log.info("%s; looking for its template again", e)
+            except RestoreFailed as e:
+                self.restore_failed(key, "restore", str(e), template_removed=e.template_removed)
+                if e.may_finish_late:
+                    raise
+                return None
+        return None
 
     def _build(self, key: TemplateKey, network: bool, memory_mib: int | None) -> tuple[Template | None, str]:
         """(template, refill kind): this tier's template, built by the caller if no

@@ -51,6 +51,7 @@ from actors.artifacts.signing import Signer
 from actors.directory import Directory, drain_inbox
 from actors.errors import CorralError
 from actors.refill import NewVm, Refill
+from actors.vm.errors import RestoreFailed
 from actors.vm.guest_link import CappedOutput, GuestLink
 from actors.vm.host import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
@@ -202,6 +203,9 @@ class Supervisor(pykka.ThreadingActor):
                 self.vm_id, network=self.tier.network,
                 memory_mib=self.settings.large_memory_mib if self.tier.large_mem else None)
             self.handle = self.made.handle
+        except RestoreFailed:  # may still finish under this name (the Refill warned): a fresh VM takes over
+            self._end("restore_failed")
+            return
         except Exception as e:  # pykka calls no hook for on_start failures: end cleanly here
             log.warning("VM %s: cannot start: %s", self.vm_id, e)
             self._end("boot_failed")

@@ -11,6 +11,7 @@ root, or CorralError, and give the VM up):
       QmpTimeout            QEMU's monitor did not answer in time
       TemplateBuildFailed   a snapshot template could not be booted, saved or checked
       RestoreFailed         a clone could not be restored from a snapshot template
+        TemplateGone        ...because its template was removed or rebuilt first
     GuestTimeout            the guest did not answer in time ("guest_timeout")
     ChannelClosed           the guest's channel closed: the VM is gone ("vm_lost")
 
@@ -35,7 +36,13 @@ class NoSuchDomain(HypervisorError):
 
 class LibvirtDeadline(HypervisorError):
     """A libvirt call did not return within its deadline (libvirtd or QEMU's
-    monitor hung); the call itself may still finish later on its worker."""
+    monitor hung); the call itself may still finish later on its worker.
+    `started`: False where it never left the queue (every call worker was busy):
+    then it never runs, and it says nothing of what it was given."""
+
+    def __init__(self, message: str, started: bool = True):
+        super().__init__(message)
+        self.started = started
 
 
 class QmpError(HypervisorError):
@@ -61,11 +68,21 @@ class RestoreFailed(HypervisorError):
     """A clone could not be restored from a snapshot template. Nothing of the
     clone is left behind. `template_removed`: the template itself was at fault
     (its image no longer reads, or libvirt refused it) and was removed, so the
-    next Hypervisor.template() is None and a new one gets built."""
+    next Hypervisor.template() is None and a new one gets built.
+    `may_finish_late`: libvirt's restore ran past its deadline and may still
+    create the clone's domain later, so its name must not be used again."""
 
-    def __init__(self, message: str, template_removed: bool = False):
+    def __init__(self, message: str, template_removed: bool = False, may_finish_late: bool = False):
         super().__init__(message)
         self.template_removed = template_removed
+        self.may_finish_late = may_finish_late
+
+
+class TemplateGone(RestoreFailed):
+    """The template was removed (found broken, swept as stale) or rebuilt before
+    this clone's restore could use it. Nothing is wrong with the clone, the
+    template or the host: the caller loads the template again, or boots.
+    Nothing of the clone is left behind."""
 
 
 class GuestTimeout(CorralError):

@@ -26,7 +26,8 @@ from actors.vm.accelerator import detect_accelerator, warn_if_kvm_closed_to_qemu
 from actors.vm.domain import (AGENT_DISK_SERIAL, FAST_BOOT_CMDLINE, ROOT_DISK_SERIAL, Disk, DomainSpec,
                               qemu_confinement)
 from actors.errors import CorralError
-from actors.vm.errors import HypervisorError, NoSuchDomain, RestoreFailed, TemplateBuildFailed
+from actors.vm.errors import (HypervisorError, LibvirtDeadline, NoSuchDomain, RestoreFailed, TemplateBuildFailed,
+                               TemplateGone)
 from actors.vm.faults import FaultInjector
 from actors.vm.guest_link import GuestLink
 from actors.vm.handle import LibvirtRunControl, VmHandle
@@ -378,7 +379,10 @@ class Hypervisor:
         rewritten to the clone's identity and restoreFlags, under the image's lock.
         Its handle says restored, and the sequence its guest's next frame carries.
         RestoreFailed, with nothing of the clone left behind, where any step fails;
-        template_removed where the template was at fault.
+        template_removed where the template was at fault; may_finish_late where
+        libvirt may still create the clone's domain under `name` after a deadline.
+        TemplateGone (a RestoreFailed) where the template was removed or rebuilt
+        before libvirt read it: no fault of anyone's, the caller looks again.
 
         The caller's thread waits for the image's lock (other clones restoring,
         ~0.5 s each under TCG); only restoreFlags itself runs under the libvirt
@@ -390,7 +394,7 @@ class Hypervisor:
         handle = VmHandle(name=name, overlay=overlay, socket=socket, console_log=spec.console_log, spec=spec,
                           monitor=spec.monitor_socket, restored=True, guest_first_seq=template.guest_next_seq,
                           mac=mac)
-        removed = False
+        removed = late = False
         try:
             xml = clone_xml(template.xml, name=name, uuid=spec.uuid, overlay=overlay, socket=socket,
                             monitor=spec.monitor_socket, console=spec.console_log, mac=mac)
@@ -404,20 +408,33 @@ class Hypervisor:
                 image.flush()
                 try:
                     self.calls.run(f"restoring VM {name}", self._restore_image, name, template)
+                except LibvirtDeadline as e:
+                    if e.started:  # one that never started read nothing: the template is fine
+                        # libvirt may still read this header late, so no other clone may
+                        # rewrite it; and create the domain late, so no one may take the name.
+                        late = True
+                        removed = self.snapshots.remove_template(template, f"libvirt did not restore it: {e}")
+                    raise
                 except HypervisorError as e:
+                    if not self.snapshots.is_current(template):
+                        # Removed (swept, found broken by a loader) before libvirt opened it.
+                        raise TemplateGone(f"template {template.directory.name} was removed "
+                                           f"before libvirt read it ({e})") from None
                     # A save image libvirt or QEMU cannot load (a corrupt stream) fails every
-                    # restore alike: rebuild it rather than fail each refill. After a deadline
-                    # too: libvirt may still read this header late, so no other clone may
-                    # rewrite it.
+                    # restore alike: rebuild it rather than fail each refill.
                     removed = self.snapshots.remove_template(template, f"libvirt could not restore it: {e}")
                     raise
+        except TemplateGone as e:
+            self._discard_vm(name)
+            raise TemplateGone(f"cannot restore VM {name}: {e}") from None
         except TemplateInvalid as e:
             removed = self.snapshots.remove_template(template, str(e))
             self._discard_vm(name)
             raise RestoreFailed(f"cannot restore VM {name}: {e}", template_removed=removed) from None
         except (HypervisorError, OSError) as e:
             self._discard_vm(name)
-            raise RestoreFailed(f"cannot restore VM {name}: {e}", template_removed=removed) from None
+            raise RestoreFailed(f"cannot restore VM {name}: {e}", template_removed=removed,
+                                may_finish_late=late) from None
         return handle
 
     def _restore_image(self, name: str, template: Template) -> None:

@@ -75,7 +75,9 @@ class DeadlineCalls:
         try:
             return future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
-            future.cancel()  # if it has not started yet, it never will
+            if future.cancel():  # it had not started: now it never will
+                raise LibvirtDeadline(f"libvirt did not start {what} within {self.timeout_s:g} s "
+                                      "(every call worker is busy: is libvirtd hung?)", started=False) from None
             raise LibvirtDeadline(f"libvirt did not finish {what} within {self.timeout_s:g} s "
                                   "(is libvirtd hung?)") from None
 

@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import struct
+import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.vm.domain import QEMU_NS
+from actors.vm.errors import TemplateGone
 
 log = logging.getLogger("corral.snapshots")
 
@@ -291,11 +293,21 @@ class SnapshotStore:
     """This instance's templates under <state_dir>/snapshots: load and validate,
     publish a build, lock an image for a restore, remove stale or broken ones.
     Each instance keeps its own (as with its VMs), so services sharing a state
-    directory never remove each other's templates. Thread-safe."""
+    directory never remove each other's templates. Thread-safe.
+
+    Directories are flocked against other processes (a build's while it runs,
+    an image while a clone restores from it). Within this process, one lock
+    makes each look-then-act on a directory whole: a build's mkdir and its
+    flock, which a sweep would otherwise see unlocked between the two; a
+    publish's rename into place; and each removal's check that what is at the
+    path is still what it found stale or broken (a template may be rebuilt
+    there meanwhile). Removed directories are renamed away under the lock and
+    deleted after it."""
 
     def __init__(self, root: Path, instance: str):
         self.root = Path(root)
         self.instance = instance
+        self._lock = threading.Lock()
         # memory.save files whose stream digest matched in this process, by (inode, size):
         # the full read happens once per template per process, the cheap checks on every load.
         self._streams_checked: set[tuple[int, int]] = set()
@@ -309,28 +321,38 @@ class SnapshotStore:
         """The template of `key` if one is on disk and valid; one that is not is
         removed with a warning naming why, and None returned."""
         directory = self.directory(key)
-        if not directory.is_dir():
+        try:
+            # Every file is read through this one directory: one replaced meanwhile is not mixed in.
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            return self._validate(key, directory)
+            return self._validate(key, directory, dir_fd)
         except TemplateInvalid as e:
-            self.remove(directory, str(e))
+            self._remove_if_same(directory, dir_fd, str(e))
         except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, or meta.json is not ours
-            self.remove(directory, f"{type(e).__name__}: {e}")
+            self._remove_if_same(directory, dir_fd, f"{type(e).__name__}: {e}")
+        finally:
+            os.close(dir_fd)
         return None
 
-    def _validate(self, key: TemplateKey, directory: Path) -> Template:
-        meta = json.loads((directory / META_FILE).read_text())
+    def _validate(self, key: TemplateKey, directory: Path, dir_fd: int) -> Template:
+        def opener(name, flags):
+            return os.open(name, flags, dir_fd=dir_fd)
+
+        with open(META_FILE, opener=opener) as f:
+            meta = json.load(f)
         if meta.get("version") != META_VERSION or meta.get("key") != dataclasses.asdict(key):
             raise TemplateInvalid("meta.json is of another key or format")
-        xml = (directory / XML_FILE).read_text()
+        with open(XML_FILE, opener=opener) as f:
+            xml = f.read()
         try:
             name = ET.fromstring(xml).findtext("name")
         except ET.ParseError as e:
             raise TemplateInvalid(f"domain.xml does not parse: {e}") from None
         if name != meta["template_name"]:
             raise TemplateInvalid("domain.xml names another VM than meta.json")
-        with open(directory / IMAGE_FILE, "rb") as f:
+        with open(IMAGE_FILE, "rb", opener=opener) as f:
             st = os.fstat(f.fileno())
             if st.st_size != meta["image_bytes"]:
                 raise TemplateInvalid(f"memory.save is {st.st_size} bytes, not the {meta['image_bytes']} saved")
@@ -355,17 +377,26 @@ class SnapshotStore:
     @contextmanager
     def locked_image(self, template: Template):
         """memory.save opened for a header rewrite, flocked until the block ends
-        (held through restoreFlags). TemplateInvalid if the file is not the one
-        `template` was loaded from (removed or rebuilt since)."""
-        with open(template.image, "r+b") as f:
+        (held through restoreFlags). TemplateGone if the file is not the one
+        `template` was loaded from: removed or rebuilt since, maybe while this
+        waited for the lock. That says nothing against the template on disk now."""
+        try:
+            f = open(template.image, "r+b")
+        except FileNotFoundError:
+            raise TemplateGone(f"template {template.directory.name} was removed meanwhile") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                current = os.stat(template.image).st_ino
-            except FileNotFoundError:
-                current = None
-            if current != template.inode or os.fstat(f.fileno()).st_ino != template.inode:
-                raise TemplateInvalid("the template was removed or rebuilt meanwhile")
+            if not self.is_current(template) or os.fstat(f.fileno()).st_ino != template.inode:
+                raise TemplateGone(f"template {template.directory.name} was removed or rebuilt meanwhile")
             yield f
+
+    @staticmethod
+    def is_current(template: Template) -> bool:
+        """True while `template`'s image is the one on disk (not removed or rebuilt)."""
+        try:
+            return os.stat(template.image).st_ino == template.inode
+        except FileNotFoundError:
+            return False
 
     # --- writing ---------------------------------------------------------------
 
@@ -376,13 +407,16 @@ class SnapshotStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         build = self.root / f"{BUILD_PREFIX}{self.instance}-{uuidlib.uuid4().hex[:12]}"
-        build.mkdir(mode=0o700)
-        fd = os.open(build, os.O_RDONLY | os.O_DIRECTORY)
+        fd = None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._lock:  # a sweep (under the same lock) sees it locked, or not at all
+                build.mkdir(mode=0o700)
+                fd = os.open(build, os.O_RDONLY | os.O_DIRECTORY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield build
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             shutil.rmtree(build, ignore_errors=True)
 
     def publish(self, build: Path, key: TemplateKey, meta: dict) -> Template:
@@ -400,61 +434,82 @@ class SnapshotStore:
         st = os.stat(build / IMAGE_FILE)
         self._streams_checked.add((st.st_ino, st.st_size))  # meta's digest was just read from it
         target = self.directory(key)
-        try:
-            os.rename(build, target)
-        except OSError:  # ENOTEMPTY/EEXIST: one is there already
+        with self._lock:
+            try:
+                os.rename(build, target)
+                placed = True
+            except OSError:  # ENOTEMPTY/EEXIST: one is there already
+                placed = False
+        if not placed:
             existing = self.load(key)
             if existing is not None:
                 return existing
-            os.rename(build, target)  # the one there was broken and is removed now
+            with self._lock:
+                os.rename(build, target)  # the one there was broken and is removed now
         _fsync_dir(self.root)
         template = self.load(key)
         if template is None:
             raise TemplateInvalid("the template just published does not validate")
         return template
 
-    def remove(self, directory: Path, why: str) -> None:
-        """Remove a template found broken, with a warning naming why."""
-        if self._discard(directory):
-            log.warning("snapshot template %s is unusable (%s); removed, a new one will be built",
-                        directory.name, why)
-
     def remove_template(self, template: Template, why: str) -> bool:
-        """Remove `template` if it is still the one on disk (not rebuilt since);
-        True if it was."""
-        try:
-            if os.stat(template.image).st_ino != template.inode:
-                return False
-        except FileNotFoundError:
-            return False
-        self.remove(template.directory, why)
-        return True
+        """Remove `template`, found broken, with a warning naming why, if it is
+        still the one on disk (not removed or rebuilt since); True if it was."""
+        with self._lock:
+            doomed = self._take_away(template.directory) if self.is_current(template) else None
+        return self._removed(doomed, template.directory, why)
 
-    def _discard(self, directory: Path) -> bool:
-        # Renamed away first, so a reader never sees a half-removed template.
+    def _remove_if_same(self, directory: Path, dir_fd: int, why: str) -> None:
+        """Remove the template directory open at dir_fd, found broken, if it is
+        still the one at `directory` (not rebuilt while it was validated)."""
+        with self._lock:
+            try:
+                same = os.path.samestat(os.stat(directory), os.fstat(dir_fd))
+            except FileNotFoundError:
+                same = False
+            doomed = self._take_away(directory) if same else None
+        self._removed(doomed, directory, why)
+
+    def _take_away(self, directory: Path) -> Path | None:
+        """Under self._lock: rename `directory` out of the way (a reader never sees a
+        half-removed template; a build may take its name at once); its new path,
+        to delete after the lock; None if it was gone already."""
         doomed = directory.with_name(f"{BUILD_PREFIX}{self.instance}-rm-{uuidlib.uuid4().hex[:12]}")
         try:
             os.rename(directory, doomed)
         except FileNotFoundError:
+            return None
+        return doomed
+
+    @staticmethod
+    def _removed(doomed: Path | None, directory: Path, why: str) -> bool:
+        if doomed is None:
             return False
         shutil.rmtree(doomed, ignore_errors=True)
+        log.warning("snapshot template %s is unusable (%s); removed, a new one will be built",
+                    directory.name, why)
         return True
 
     def remove_stale(self, current: TemplateKey) -> list[str]:
         """Remove this instance's templates of another build than `current` (other
         images, QEMU or domain: they would never be restored again) and what a
         crashed build left. Templates of other tiers of the same build stay."""
-        removed = []
+        removed, doomed = [], []
         if not self.root.is_dir():
             return removed
-        for path in self.root.iterdir():
-            if path.name.startswith(f"{BUILD_PREFIX}{self.instance}-"):
-                if self._unlocked(path):
-                    shutil.rmtree(path, ignore_errors=True)
+        with self._lock:  # no build of this process is between its mkdir and its flock
+            for path in self.root.iterdir():
+                if path.name.startswith(f"{BUILD_PREFIX}{self.instance}-"):
+                    stale = self._unlocked(path)
+                elif path.name.startswith(f"{self.instance}-"):
+                    stale = not self._same_build(path, current)
+                else:
+                    continue
+                if stale and (away := self._take_away(path)) is not None:
+                    doomed.append(away)
                     removed.append(path.name)
-            elif path.name.startswith(f"{self.instance}-") and not self._same_build(path, current):
-                self._discard(path)
-                removed.append(path.name)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
         if removed:
             log.info("removed stale snapshot templates: %s", ", ".join(removed))
         return removed

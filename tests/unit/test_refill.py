@@ -1,20 +1,29 @@
 """The Refill's choice between a restored clone, a template build and a cold
 boot, without a VM: a scripted Hypervisor that records what it was asked,
-real Metrics, a clock the tests move. What a real clone does after its
-restore is tests/vm/test_clones.py's."""
+real Metrics, a clock the tests move; and a restore past its deadline through
+a real Supervisor and Hypervisor on libvirt's test driver. What a real clone
+does after its restore is tests/vm/test_clones.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
 import pytest
 
+from actors.directory import Directory
 from actors.edge.metrics import Metrics
+from actors.messages import PoolVmState
 from actors.refill import BUILD_HOLD_OFF_S, RESTORE_HOLD_OFF_S, Refill
-from actors.vm.errors import HypervisorError, RestoreFailed, TemplateBuildFailed
+from actors.vm.errors import HypervisorError, RestoreFailed, TemplateBuildFailed, TemplateGone
 from actors.vm.handle import VmHandle
+from actors.supervisor import Supervisor, VmSettings
+from actors.timers import Timers
 from actors.vm.snapshots import Template, TemplateKey
+from tests.support.probe import Recorder, wait_for
+from tests.support.waiting import wait_until
+from tests.unit.test_snapshots import publish_synthetic, hypervisor_on_test_driver
 
 
 def key(network: bool = False, memory_mib: int = 512) -> TemplateKey:
@@ -226,3 +235,123 @@ def test_a_builder_that_finds_the_template_published_meanwhile_restores_without_
     made = r.new_vm("corral-t-vm1")
     assert made.kind == "restore" and [c[0] for c in hv.calls] == ["restore"]
     assert value(metrics.snapshot_builds, result="ok") == 0
+
+
+def template_goes_on_restore(hv, times: int, rebuilt: bool):
+    """hv.restore raising TemplateGone the first `times` calls, as for a clone
+    that waited on the image while another removed the template (and, if
+    `rebuilt`, a builder published a new one)."""
+    restore = hv.restore
+    gone = 0
+
+    def restore_or_gone(tmpl, name=None):
+        nonlocal gone
+        if gone < times:
+            gone += 1
+            hv.calls.append(("gone", name))
+            del hv.templates[tmpl.key]
+            if rebuilt:
+                hv.templates[tmpl.key] = dataclasses.replace(tmpl, inode=tmpl.inode + 1)
+            raise TemplateGone(f"cannot restore VM {name}: template {tmpl.key.digest} was removed meanwhile")
+        return restore(tmpl, name)
+
+    hv.restore = restore_or_gone
+
+
+def no_restore_failure(metrics, caplog) -> bool:
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    return value(metrics.restore_failures, stage="restore") == 0 and warnings == []
+
+
+def test_a_template_rebuilt_while_the_clone_waited_is_looked_up_again_and_restored(hv, metrics, clock, caplog):
+    hv.templates[key()] = template(key())
+    template_goes_on_restore(hv, times=1, rebuilt=True)
+    r = refill(hv, metrics, clock)
+    made = r.new_vm("corral-t-vm1")
+    assert made.kind == "restore" and made.handle.restored
+    assert hv.calls == [("gone", "corral-t-vm1"), ("restore", "corral-t-vm1")]
+    assert no_restore_failure(metrics, caplog)
+    assert r.new_vm("corral-t-vm2").kind == "restore"  # no hold-off either
+
+
+def test_a_template_removed_while_the_clone_waited_is_built_anew_without_a_failure(hv, metrics, clock, caplog):
+    hv.templates[key()] = template(key())
+    template_goes_on_restore(hv, times=1, rebuilt=False)
+    made = refill(hv, metrics, clock).new_vm("corral-t-vm1")
+    assert made.kind == "build" and [c for c, _ in hv.calls] == ["gone", "build", "restore"]
+    assert no_restore_failure(metrics, caplog)
+
+
+def test_a_template_that_keeps_going_is_given_up_for_a_boot_without_a_failure(hv, metrics, clock, caplog):
+    hv.templates[key()] = template(key())
+    template_goes_on_restore(hv, times=10, rebuilt=True)
+    made = refill(hv, metrics, clock).new_vm("corral-t-vm1")
+    assert made.kind == "boot" and [c for c, _ in hv.calls] == ["gone", "gone", "create"]
+    assert no_restore_failure(metrics, caplog)
+
+
+# --- a restore past its deadline --------------------------------------------------
+
+def test_a_restore_that_may_finish_late_is_raised_never_booted_under_its_name(hv, metrics, clock):
+    hv.templates[key()] = template(key())
+    hv.restore_failure = RestoreFailed("libvirt did not finish restoring VM corral-t-vm1 within 30 s",
+                                       template_removed=True, may_finish_late=True)
+    with pytest.raises(RestoreFailed) as failed:
+        refill(hv, metrics, clock).new_vm("corral-t-vm1")
+    assert failed.value.may_finish_late
+    assert hv.calls == [("restore", "corral-t-vm1")]  # no create of that name
+    assert value(metrics.restore_failures, stage="restore") == 1
+
+
+SETTINGS = VmSettings(boot_timeout_s=1, acquire_timeout_s=1, reset_timeout_s=1, deadman_grace_s=1,
+                      max_uses=1, max_age_s=600, strict=True)
+
+
+@pytest.fixture
+def test_driver(tmp_path):
+    hv = hypervisor_on_test_driver(tmp_path)
+    yield hv
+    hv.close()
+
+
+def test_a_restore_past_its_deadline_ends_its_supervisor_and_the_late_domain_clashes_with_nothing(
+        test_driver, tmp_path):
+    """libvirt may finish a restore after its deadline and create the clone's
+    domain then; it refuses a second domain of one name. So the clone's name is
+    never booted: its Supervisor ends (the pool starts a VM of a fresh name) and
+    the late domain is a zombie for the Watchdog."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    hv.calls.timeout_s = 0.3
+    finish, finished = threading.Event(), []
+
+    def restore_late(name, template):  # a libvirtd stuck in restoreFlags that finishes later
+        finish.wait(10)
+        hv.conn.createXML(f"<domain type='test'><name>{name}</name><memory>1024</memory>"
+                          "<os><type>hvm</type></os></domain>", 0)
+        finished.append(name)
+
+    hv._restore_image = restore_late
+    booted = []
+    create = hv.create
+    hv.create = lambda name=None, **tier: (booted.append(name), create(name=name, **tier))[1]
+    metrics, timers, directory = Metrics(), Timers(), Directory()
+    pool = Recorder.start()
+    directory["pool"] = pool
+    vm_id = "corral-main-c10e000000a1"
+    Supervisor.start(vm_id, directory=directory, hypervisor=hv, timers=timers, metrics=metrics,
+                     refill=Refill(hv, metrics, enabled=True, boot_timeout_s=1), settings=SETTINGS)
+    try:
+        told = wait_for(pool, 2, timeout_s=10)
+        assert [(m.vm_id, m.state, m.reason) for m in told] == [
+            (vm_id, PoolVmState.BOOTING, ""), (vm_id, PoolVmState.GONE, "restore_failed")]
+        assert booted == []
+        assert value(metrics.restore_failures, stage="restore") == 1
+        finish.set()
+        wait_until(lambda: finished == [vm_id], 5, "the late restore's domain")
+        assert vm_id in hv.corral_domains()
+    finally:
+        finish.set()
+        pool.stop()
+        timers.stop()

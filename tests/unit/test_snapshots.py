@@ -10,6 +10,7 @@ import os
 import random
 import struct
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from actors.vm.domain import QEMU_NS
-from actors.vm.errors import RestoreFailed
+from actors.vm.errors import LibvirtDeadline, RestoreFailed, TemplateGone
 from actors.vm.host import Hypervisor
+from actors.vm.libvirt_calls import DeadlineCalls
 from actors.vm.snapshots import (IMAGE_FILE, META_FILE, XML_FILE, SaveHeader, SnapshotStore, TemplateInvalid,
                                  TemplateKey, clone_xml, fingerprint, new_mac, stream_digest,
                                  template_meta)
@@ -201,16 +203,20 @@ def test_a_template_domain_has_a_generation_id_and_no_qboot(tmp_path):
 
 # --- the key --------------------------------------------------------------------------
 
-@pytest.fixture
-def test_driver(tmp_path):
+def hypervisor_on_test_driver(tmp_path) -> Hypervisor:
     """A Hypervisor on libvirt's test driver (nothing boots), with a real qcow2 gold image."""
     files = {name: tmp_path / "images" / name for name in ("kernel", "initrd", "disk", "agent_iso")}
     files["disk"].parent.mkdir()
     for path in files.values():
         path.write_text("")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(files["disk"]), "16M"], check=True)
-    hv = Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
-                    accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5)
+    return Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
+                      accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5)
+
+
+@pytest.fixture
+def test_driver(tmp_path):
+    hv = hypervisor_on_test_driver(tmp_path)
     yield hv
     hv.close()
 
@@ -343,6 +349,45 @@ def test_stale_templates_and_dead_builds_go_other_tiers_and_instances_stay(tmp_p
     assert tier.directory.is_dir() and theirs.directory.is_dir()
 
 
+def test_a_sweep_waits_for_a_build_between_its_mkdir_and_its_flock(tmp_path, monkeypatch):
+    """Another tier's build sweeps first (build_template): it must not take a
+    build directory made a moment ago and not yet flocked for a crashed one."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    made, may_lock = threading.Event(), threading.Event()
+    mkdir = Path.mkdir
+
+    def mkdir_then_pause(self, *args, **kwargs):
+        mkdir(self, *args, **kwargs)
+        if self.name.startswith(".build-"):  # between the build's mkdir and its flock
+            made.set()
+            assert may_lock.wait(5)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_pause)
+    swept: list[str] = []
+    sweeper = threading.Thread(target=lambda: swept.extend(store.remove_stale(KEY)))
+    seen: dict = {}
+
+    def build() -> None:
+        try:
+            with store.building() as directory:
+                seen["locked"] = True
+                sweeper.join(5)  # the sweep ran while this build holds its directory
+                seen["after sweep"] = directory.is_dir()
+        except Exception as e:  # before the fix: the sweep took the directory, the flock found none
+            seen["error"] = e
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    assert made.wait(5)
+    sweeper.start()
+    sweeper.join(0.3)
+    assert sweeper.is_alive(), f"the sweep did not wait for the build (removed {swept})"
+    may_lock.set()
+    builder.join(10)
+    assert seen == {"locked": True, "after sweep": True}
+    assert not sweeper.is_alive() and swept == []
+
+
 def test_a_second_publish_of_one_key_keeps_the_first(tmp_path):
     store = SnapshotStore(tmp_path / "snapshots", "t1")
     first = publish_synthetic(store, tmp_path)
@@ -382,4 +427,169 @@ def test_a_restore_past_its_deadline_gives_the_template_up(test_driver, tmp_path
     with pytest.raises(RestoreFailed, match="did not finish restoring VM") as failed:
         hv.restore(template, name="corral-main-c10e00000002")
     assert failed.value.template_removed and hv.template() is None
+    assert failed.value.may_finish_late  # libvirt may still create corral-main-c10e00000002
     assert [p for d in (hv.overlay_dir, hv.run_dir) for p in d.glob("corral-main-c10e*")] == []
+
+
+def test_an_image_removed_or_rebuilt_before_its_lock_is_template_gone_not_invalid(tmp_path):
+    """Clones wait on the image's lock; one ahead of them may remove the template
+    (found broken) and a build replace it: theirs is gone, nothing is broken."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    removed = publish_synthetic(store, tmp_path)
+    assert store.remove_template(removed, "found broken")
+    with pytest.raises(TemplateGone, match="was removed meanwhile"):
+        with store.locked_image(removed):
+            pass
+    template = publish_synthetic(store, tmp_path)
+    outcome: dict = {}
+
+    def waiting_clone() -> None:
+        try:
+            with store.locked_image(template):
+                outcome["locked"] = True
+        except Exception as e:
+            outcome["error"] = e
+
+    with store.locked_image(template):  # the clone ahead of it
+        waiter = threading.Thread(target=waiting_clone)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # waits for the lock
+        assert store.remove_template(template, "libvirt could not restore it")
+        rebuilt = publish_synthetic(store, tmp_path)
+    waiter.join(5)
+    assert isinstance(outcome.get("error"), TemplateGone), outcome
+    assert store.load(KEY) == rebuilt and rebuilt.inode != template.inode  # the rebuilt one stays
+
+
+def test_a_clone_whose_template_goes_while_it_waits_is_template_gone_and_leaves_nothing(test_driver, tmp_path):
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    name = "corral-main-c10e00000003"
+    outcome: dict = {}
+
+    def restore() -> None:
+        try:
+            hv.restore(template, name=name)
+        except Exception as e:
+            outcome["error"] = e
+
+    with hv.snapshots.locked_image(template):
+        clone = threading.Thread(target=restore)
+        clone.start()
+        deadline = time.monotonic() + 5
+        while not (hv.overlay_dir / f"{name}.qcow2").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # its overlay is made before it waits for the lock
+        clone.join(0.1)
+        assert hv.snapshots.remove_template(template, "swept as stale")
+    clone.join(5)
+    error = outcome.get("error")
+    assert isinstance(error, TemplateGone), outcome
+    assert not error.template_removed and not error.may_finish_late
+    assert [p for d in (hv.overlay_dir, hv.run_dir, hv.monitor_dir) for p in d.glob(name + ".*")] == []
+    assert name not in hv.corral_domains()
+
+
+def test_a_template_removed_under_the_lock_before_libvirt_opened_it_is_template_gone(test_driver, tmp_path):
+    """A sweep or a loader takes no image lock to remove a template: libvirt then
+    finds no file. That clone's template is gone; no one's restore failed."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    restore_image = hv._restore_image
+
+    def removed_first(name, template):
+        hv.snapshots.remove_template(template, "swept as stale")
+        restore_image(name, template)
+
+    hv._restore_image = removed_first
+    with pytest.raises(TemplateGone, match="removed before libvirt read it") as gone:
+        hv.restore(template, name="corral-main-c10e00000004")
+    assert not gone.value.template_removed
+    assert [p for d in (hv.overlay_dir, hv.run_dir) for p in d.glob("corral-main-c10e*")] == []
+
+
+def test_a_restore_call_that_never_started_before_its_deadline_leaves_the_template(test_driver, tmp_path):
+    """Every call worker busy (a hung libvirtd): the restore never left the queue,
+    so it read nothing and will not finish late; the template is not at fault."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    hv.calls = DeadlineCalls(0.2, workers=1)
+    hung = threading.Event()
+    threading.Thread(target=lambda: pytest.raises(LibvirtDeadline, hv.calls.run, "hanging", hung.wait),
+                     daemon=True).start()
+    try:
+        time.sleep(0.05)  # the only worker is taken
+        with pytest.raises(RestoreFailed, match="did not start restoring VM") as failed:
+            hv.restore(template, name="corral-main-c10e00000005")
+    finally:
+        hung.set()
+    assert not failed.value.template_removed and not failed.value.may_finish_late
+    assert hv.template() == template
+
+
+def test_a_template_rebuilt_while_a_remover_checked_the_old_one_stays(tmp_path, monkeypatch):
+    """Two clones find one template broken; the first removes it and a build
+    publishes a new one while the second is between its check and its removal:
+    the second must not remove the new template."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    broken = publish_synthetic(store, tmp_path)
+    checked, may_remove = threading.Event(), threading.Event()
+    is_current = SnapshotStore.is_current
+
+    def check_then_pause(template):
+        current = is_current(template)
+        if threading.current_thread().name == "second clone":
+            checked.set()
+            may_remove.wait(1)
+        return current
+
+    monkeypatch.setattr(SnapshotStore, "is_current", staticmethod(check_then_pause))
+    second = threading.Thread(target=store.remove_template, args=(broken, "libvirt could not restore it"),
+                              name="second clone")
+    second.start()
+    assert checked.wait(5)
+
+    def first_clone_and_builder() -> None:
+        store.remove_template(broken, "libvirt could not restore it")
+        publish_synthetic(store, tmp_path)
+
+    rebuild = threading.Thread(target=first_clone_and_builder)
+    rebuild.start()
+    rebuild.join(0.3)
+    may_remove.set()
+    second.join(5)
+    rebuild.join(5)
+    rebuilt = store.load(KEY)
+    assert rebuilt is not None and rebuilt.inode != broken.inode
+
+
+def test_a_loader_that_found_a_template_broken_leaves_the_one_rebuilt_meanwhile(tmp_path, monkeypatch):
+    """Validating reads the whole image once per process (~1 s for a real one);
+    the template it is reading may be replaced by a good one meanwhile. Found
+    broken, it removes only what it read."""
+    store = SnapshotStore(tmp_path / "snapshots", "t1")
+    broken = publish_synthetic(store, tmp_path)
+    flip_byte(broken.image, 92 + DATA_LEN + 12345)  # a corrupt stream: only the digest tells
+    reading, may_finish = threading.Event(), threading.Event()
+    digest = stream_digest
+
+    def slow_digest(f, offset):
+        reading.set()
+        may_finish.wait(5)
+        return digest(f, offset)
+
+    monkeypatch.setattr("actors.vm.snapshots.stream_digest", slow_digest)
+    loader_store = SnapshotStore(tmp_path / "snapshots", "t1")  # its first look at the image: a full read
+    loaded: list = []
+    loader = threading.Thread(target=lambda: loaded.append(loader_store.load(KEY)))
+    loader.start()
+    assert reading.wait(5)
+    assert store.remove_template(broken, "found broken by another")
+    rebuilt = publish_synthetic(store, tmp_path)  # this store checked its stream: no digest read
+    may_finish.set()
+    loader.join(5)
+    assert loaded == [None]  # what it read was broken
+    assert store.load(KEY) == rebuilt  # and the good one there now stays
