@@ -20,12 +20,22 @@ from protocol.wire.tasks import TaskReply, TaskRequest
 
 
 @dataclass(frozen=True)
+class SessionClaim:
+    """On the Task that opens a session: the VM that runs it becomes the
+    session's (it runs the task's `true`, then keeps its state for the session)."""
+
+    session_id: str
+    owner: str  # the identity that opened it
+
+
+@dataclass(frozen=True)
 class Task:
     """An accepted request. `ticket` is Intake's unique key for the one answer."""
 
     ticket: int
     request: TaskRequest
     accepted_at: float  # monotonic
+    claim: SessionClaim | None = None  # this task opens a session (Sessions made it)
 
     @property
     def priority(self) -> int:
@@ -101,6 +111,53 @@ class ReaderHold:
     held: bool
 
 
+# --- sessions (issue 15) --------------------------------------------------------
+
+@dataclass(frozen=True)
+class SessionExec:
+    """IntakeServer -> Sessions: an accepted exec in a session
+    (task.request.session_id), from identity `owner`; Sessions hands it to the
+    session's Supervisor as a RunTask, or answers it session_not_found."""
+
+    task: Task
+    owner: str
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    """Supervisor -> Sessions: the VM that ran a claiming task is the
+    session's now; execs go to `supervisor`."""
+
+    session_id: str
+    vm_id: str
+    supervisor: pykka.ActorRef
+
+
+@dataclass(frozen=True)
+class SessionExecDone:
+    """Supervisor -> Sessions: an exec of this session was answered (idle time counts from here)."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """Sessions -> Supervisor: end the session (closed, idle, lifetime, budget,
+    operator, draining): execs still running are answered session_lost, the VM
+    is destroyed."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """Supervisor -> Sessions: the session's VM is gone (after EndSession, or on
+    its own: deadman, vm_lost, protocol violation); `reason` says which."""
+
+    session_id: str
+    reason: str
+
+
 # --- PoolManager, Scheduler, Supervisor ----------------------------------------
 
 @dataclass(frozen=True)
@@ -144,6 +201,7 @@ class PoolVmState(StrEnum):
     READY = "ready"  # offered to the Scheduler
     BUSY = "busy"  # a task is on it
     RESETTING = "resetting"
+    SESSION = "session"  # held by a session: not counted in the pool's size, replaced at once
     GONE = "gone"  # destroyed: the pool forgets it
 
 

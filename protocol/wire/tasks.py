@@ -1,4 +1,5 @@
-"""The caller protocol: what clients and corrald say over ZeroMQ.
+"""The caller protocol: what clients and corrald say over ZeroMQ: tasks,
+their live output and stdin (streams), status, and sessions.
 
 Same bounded, non-recursive binary encoding as the guest channel (one codec in
 protocol.channel.codec), other type ids (32 and up) and other senders, so a guest
@@ -34,6 +35,11 @@ MAX_RECEIPT = 8192
 MAX_STREAM_CHUNK = 1024 * 1024  # one TaskOutput's data
 MAX_EGRESS_RULES = 64
 MAX_EGRESS_RULE_LEN = 256
+MAX_SESSION_ID_LEN = 64
+MAX_LABELS = 16
+MAX_LABEL_KEY_LEN = 64
+MAX_LABEL_VALUE_LEN = 256
+MAX_SESSIONS_LISTED = 1024
 
 CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
 PRIORITY_NAMES = {"critical": CRITICAL, "high": HIGH, "normal": NORMAL, "low": LOW}
@@ -78,6 +84,13 @@ class ErrorCode(StrEnum):
     # A TaskAttach or TaskStdin for a task this identity has not in flight (or
     # another identity's: the same answer, so that ids of others leak nothing).
     UNKNOWN_TASK = "unknown_task"
+    # Sessions (a VM kept across execs). An exec or close for a session this
+    # identity has not open (or another identity's: the same answer).
+    SESSION_NOT_FOUND = "session_not_found"
+    SESSION_LIMIT = "session_limit"  # sessions.max_per_identity or sessions.max_total reached
+    # The session ended under the exec (its agent stopped answering, its VM died,
+    # corrald restarted, an operator or a drain closed it): the VM is destroyed.
+    SESSION_LOST = "session_lost"
 
 
 @message(32, CLIENT)
@@ -105,6 +118,9 @@ class TaskRequest(Message):
     # With net:egress: where the task may connect (domain names with *. wildcards;
     # CIDR:port or CIDR:port-port). Empty: config [egress] default_allow.
     egress_allow: tuple[bytes, ...] = field(BytesList(MAX_EGRESS_RULES, MAX_EGRESS_RULE_LEN), default=())
+    # An exec in this open session (its capabilities are the session's; this
+    # request's must be empty). "": a one-shot task on a fresh VM.
+    session_id: str = field(Str(MAX_SESSION_ID_LEN), default="")
 
 
 @message(33, DAEMON)
@@ -195,8 +211,56 @@ class TaskAttach(Message):
     stderr_offset: int = field(U64)
 
 
-CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest, TaskStdin, StreamAck, TaskAttach})
-DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply, TaskOutput})
+# --- sessions: a VM that lives across execs (TaskRequest.session_id) ----------------
+
+@message(42, CLIENT)
+class SessionOpen(Message):
+    """Open a session: a VM of these capabilities (fixed for its life) that
+    keeps its files and processes between execs."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    capabilities: tuple[bytes, ...] = field(BytesList(MAX_CAPABILITIES, MAX_CAPABILITY_LEN))
+    idle_s: int = field(U32)  # closed after this long without an exec; 0: sessions.default_idle_s
+    max_life_s: int = field(U32)  # closed this long after it opened; 0: sessions.default_life_s
+    labels: tuple[tuple[bytes, bytes], ...] = field(Pairs(MAX_LABELS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN))
+    egress_allow: tuple[bytes, ...] = field(BytesList(MAX_EGRESS_RULES, MAX_EGRESS_RULE_LEN), default=())
+
+
+@message(43, CLIENT)
+class SessionClose(Message):
+    """Close one of this identity's sessions; its VM is destroyed."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    session_id: str = field(Str(MAX_SESSION_ID_LEN))
+
+
+@message(44, CLIENT)
+class SessionList(Message):
+    """List this identity's open sessions."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+
+
+@message(45, DAEMON)
+class SessionReply(Message):
+    """The one answer to a SessionOpen, SessionClose or SessionList (same
+    request_id): error_code "" on success, else an ErrorCode."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    error_code: str = field(Str(64))
+    error_message: str = field(Str(MAX_ERROR_TEXT))
+    session_id: str = field(Str(MAX_SESSION_ID_LEN))  # opened or closed; "" for a list
+    # A list's sessions: (id, labels as k=v lines, age ms, idle ms, execs run, state).
+    sessions: tuple[tuple[str, bytes, int, int, int, str], ...] = field(
+        Records(MAX_SESSIONS_LISTED, Str(MAX_SESSION_ID_LEN),
+                Bytes(MAX_LABELS * (MAX_LABEL_KEY_LEN + MAX_LABEL_VALUE_LEN + 2)), U64, U64, U32, Str(32)),
+        default=())
+    retry_after_ms: int = field(U32, default=0)
+
+
+CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest, TaskStdin, StreamAck, TaskAttach,
+                              SessionOpen, SessionClose, SessionList})
+DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply, TaskOutput, SessionReply})
 
 
 def error_reply(task_id: str, code: ErrorCode, text: str, retry_after_ms: int = 0,
