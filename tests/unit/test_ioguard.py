@@ -488,9 +488,16 @@ def hold(guard, vm_id: str, reason: str, held: bool = True) -> None:
     """Tell a ChannelHold and wait until the I/O thread took it."""
     guard.tell(ChannelHold(vm_id, held=held, reason=reason))
     deadline = time.monotonic() + 5
-    while (reason in stats_for(guard, vm_id)["held_by"]) != held:
+    while (reason in (stats_for(guard, vm_id) or {"held_by": ()})["held_by"]) != held:  # None: Watch not yet taken
         assert time.monotonic() < deadline, f"hold {reason} {held} not taken"
         time.sleep(0.005)
+
+
+def wait_throttled(guard, vm_id: str) -> None:
+    deadline = time.monotonic() + 5
+    while not (stats_for(guard, vm_id) or {}).get("throttled"):  # None: Watch not yet taken
+        assert time.monotonic() < deadline, "never throttled"
+        time.sleep(0.01)
 
 
 def fill(guest: Guest, message) -> int:
@@ -551,10 +558,7 @@ def test_a_hold_on_a_throttled_channel_outlasts_the_refill(world):
     guest = world.channel()
     box = world.watch(guard, "vm1", guest)
     fill(guest, output(b"y" * 8 * KiB))
-    wait_deadline = time.monotonic() + 5
-    while not stats_for(guard, "vm1")["throttled"]:
-        assert time.monotonic() < wait_deadline
-        time.sleep(0.01)
+    wait_throttled(guard, "vm1")
     hold(guard, "vm1", "reader")
     read = stats_for(guard, "vm1")["bytes_read"]
     quiet(1.5)  # the 8 KiB debt is paid off in 0.5 s
@@ -574,10 +578,7 @@ def test_a_release_of_a_hold_not_held_and_unknown_reasons_change_nothing(world):
     assert box.wait_for(lambda ms: ms) and box.said() == [ack(1)]
     # IOGuard's own reasons cannot be released from outside: a throttled channel stays so.
     fill(guest, output(b"y" * 8 * KiB))
-    deadline = time.monotonic() + 5
-    while not stats_for(guard, "vm1")["throttled"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_throttled(guard, "vm1")
     guard.tell(ChannelHold("vm1", held=False, reason="tokens"))
     quiet(0.3)
     stats = stats_for(guard, "vm1")
