@@ -87,8 +87,8 @@ class HostileAgent:
             self.write(self.frame(bytes([200])))
         elif name == "malformed":  # stream 7: neither stdout nor stderr
             self.write(self.frame(output[:5] + b"\x07" + output[6:]))
-        elif name == "field_too_long":  # Output.data declares 2 MiB, over its 1 MiB bound
-            self.write(self.frame(output[:6] + (2 << 20).to_bytes(4, "big") + b"x"))
+        elif name == "field_too_long":  # Output.data (the last field, b"x") declares 2 MiB, over its 1 MiB bound
+            self.write(self.frame(output[:-5] + (2 << 20).to_bytes(4, "big") + b"x"))
         elif name == "host_message":  # a message only the host may send
             self.send(messages.Reset(reset_id=1))
         elif name == "host_stdin":  # the host's stdin message, from the guest
