@@ -31,12 +31,19 @@ while it does not fit the channel is not read (first come, first admitted) and
 nothing more is held for it. An admitted frame always gets to finish (or is
 ended by its deadline), so room always frees and no channel waits for ever.
 
+Holds: a channel is read only while nothing holds it. IOGuard holds it while
+its buckets are empty ("tokens") and while its frame waits for room under the
+cap ("room"); the Supervisor holds it with `ChannelHold` while the host has the
+VM paused for a SCRAM ("paused") and while a streaming task's caller is behind
+("reader": the guest's writer then blocks in the guest, as with empty
+buckets). Each reason is held and released on its own; reading resumes only
+when none holds.
+
 Stalls: each frame in progress has a deadline (protocol.channel.frame.FrameClock):
 `frame_stall_s` from its first byte plus its declared length at
 `rate_bytes_per_s`, counted only while the host is willing to read it, that is
-not while its buckets are empty, nor while it waits for room under the cap,
-nor while the host has the VM paused (`ChannelHold`). Past it the channel
-ends as a violation, `stalled_frame`, long before any task timeout.
+while no hold stands. Past it the channel ends as a violation,
+`stalled_frame`, long before any task timeout.
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ READ_CHUNK = 64 * KiB
 # wake the loop to find the bucket still (by float rounding) not positive.
 MIN_PAUSE_S = 0.001
 STOP_JOIN_S = 5.0
+# ChannelHold reasons: the host, not IOGuard, chose not to read ("tokens" and
+# "room" are IOGuard's own and cannot be released from outside).
+HOST_HOLDS = frozenset({"paused", "reader"})
 
 
 class TokenBucket:
@@ -161,7 +171,7 @@ class _Channel:
     throttled_since: float = 0.0
     corrupt_next: bool = False  # InjectFault corrupt_frame armed
     bytes_fed: int = 0  # bytes given to the decoder (to find frame boundaries)
-    holds: set = field(default_factory=set)  # why the frame clock stands: "tokens", "room", "paused"
+    holds: set = field(default_factory=set)  # why the channel is not read: "tokens", "room", HOST_HOLDS
     admitted: int | None = None  # decoder.frames_decoded when its frame in progress was admitted
     reserved: int = 0  # bytes of max_partial_bytes admitted to that frame
     held: int = 0  # bytes its decoder holds (after the last read)
@@ -231,7 +241,8 @@ class IOGuard(pykka.ThreadingActor):
         and held_peak (the most bytes ever admitted, and held, at once). Both
         also say how things are now: partial_bytes (admitted to frames in
         progress), partial_held (received of them) and waiting_for_room (a
-        count in the totals), and per VM whether it is `throttled`."""
+        count in the totals), and per VM whether it is `throttled` and which
+        ChannelHold reasons hold it (`held_by`, sorted)."""
         return self._io.stats() if self._io is not None else {"total": {}, "vms": {}}
 
 
@@ -283,7 +294,8 @@ class _IOLoop:
             vms = {}
             for vm_id, ch in self.channels.items():
                 s = dict(ch.stats, throttled=vm_id in self.throttled, waiting_for_room=vm_id in self.waiting,
-                         partial_bytes=ch.reserved, partial_held=ch.held)
+                         partial_bytes=ch.reserved, partial_held=ch.held,
+                         held_by=sorted(ch.holds & HOST_HOLDS))
                 if s["throttled"]:  # count the pause in progress too
                     s["throttled_s"] += now - ch.throttled_since
                 vms[vm_id] = s
@@ -345,7 +357,7 @@ class _IOLoop:
             elif isinstance(command, ChannelHold):
                 ch = self.channels.get(command.vm_id)
                 if ch is not None:
-                    (self._hold if command.held else self._release)(ch, "paused", time.monotonic())
+                    self._host_hold(ch, command)
             elif isinstance(command, InjectFault):
                 ch = self.channels.get(command.vm_id)
                 if command.kind == "corrupt_frame" and ch is not None:
@@ -549,6 +561,20 @@ class _IOLoop:
             if not ch.holds:
                 ch.clock.release(now)
 
+    def _host_hold(self, ch: _Channel, command: ChannelHold) -> None:
+        """The Supervisor stops (or lets resume) reading `ch` for its reason."""
+        if command.reason not in HOST_HOLDS:
+            log.warning("ioguard ignores a hold for an unknown reason: %r", command)
+            return
+        now = time.monotonic()
+        if command.held:
+            self._hold(ch, command.reason, now)
+            self._unregister(ch)
+        elif command.reason in ch.holds:
+            self._release(ch, command.reason, now)
+            if not ch.holds:  # tokens and room hold on their own: their ends register it
+                self._resume_reading(ch, "cannot watch the channel again")
+
     def _end_stalled(self) -> None:
         now = time.monotonic()
         for ch in [c for c in self.channels.values() if c.clock.deadline is not None]:
@@ -594,10 +620,12 @@ class _IOLoop:
                 del self.waiting[first.vm_id]
             self._reserve(first, length)
             self._release(first, "room", now)
-            if first.vm_id not in self.throttled:
+            if not first.holds:
                 self._resume_reading(first, "cannot watch the channel again")
 
     def _resume_reading(self, ch: _Channel, failure: str) -> None:
+        if ch.registered:
+            return
         try:
             self._register(ch)
         except (ValueError, KeyError, OSError) as e:  # its owner closed it meanwhile
@@ -612,5 +640,5 @@ class _IOLoop:
                 continue
             with self.lock:
                 self._end_pause(ch, now)
-            if ch.vm_id not in self.waiting:
+            if not ch.holds:
                 self._resume_reading(ch, "cannot watch the channel again")

@@ -28,6 +28,17 @@ late, and so does IOGuard's stall clock of a frame it was sending
 (ChannelHold); Thaw resumes all three. A ready VM is always paused, so Thaw
 leaves it so.
 
+A task with `stream` or `stdin_open` talks to its caller while its command
+runs. Just before the Exec the Supervisor tells Intake TaskStarted (its own
+ref), so the caller's edge can send it stdin (StdinChunk, forwarded to the guest
+as Stdin while the command runs, dropped otherwise) and hold the VM's channel
+while the caller is behind (ReaderHold -> IOGuard ChannelHold "reader"). A
+streaming task's output goes to Intake chunk by chunk (OutputChunk), in the
+guest's order and within the output cap, and none is kept: its answer, after
+the last chunk through the same inbox, carries only the truncation flags.
+Every chunk must start where its stream ended (Output.offset) and belong to
+the running exec; one after its exec's Exit is a violation too.
+
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others (and so does making the VM: a
 restore, a template build, a boot). So do pause and resume, through
@@ -40,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -55,7 +66,8 @@ from actors.vm.errors import RestoreFailed
 from actors.vm.guest_link import CappedOutput, GuestLink
 from actors.vm.host import Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
-                             PoolVmState, Requeue, Retire, RunTask, Task, Thaw, Unwatch, VmState, Watch)
+                             OutputChunk, PoolVmState, ReaderHold, Requeue, Retire, RunTask, StdinChunk, Task,
+                             TaskStarted, Thaw, Unwatch, VmState, Watch)
 from actors.edge.metrics import Metrics
 from actors.replies import exit_reply, whole_ms, with_files
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
@@ -63,6 +75,8 @@ from actors.timers import Timers
 from config import Config
 from protocol.channel import codec
 from protocol.channel import messages as guest
+from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK
+from protocol.channel.errors import OutputAfterExit, OutputOutOfOrder, ProtocolError, WrongExec
 from protocol.wire import outcomes
 from protocol.channel.capabilities import soft_bits
 from protocol.wire.tasks import ErrorCode, TaskReply, error_reply
@@ -110,8 +124,9 @@ ALLOWED = {
     VmPhase.ACQUIRING: frozenset({guest.HeartbeatAck}),
     VmPhase.RUNNING: frozenset({guest.Output, guest.Exit, guest.Error}),
     VmPhase.COLLECTING: frozenset({guest.Collected}),
-    # Output and Exit of a command the reset killed may still be in flight.
-    VmPhase.RESETTING: frozenset({guest.ResetDone, guest.Output, guest.Exit}),
+    # The host resets only after the command's Exit, and the agent sends all
+    # of a command's Output before its Exit: nothing of it may follow.
+    VmPhase.RESETTING: frozenset({guest.ResetDone}),
     VmPhase.SETTLING: frozenset(),
 }
 # Before the VM is first offered: a boot waits for its Hello, a clone answers its Resume and warm-up.
@@ -165,6 +180,14 @@ class RunningTask:
     acquired_at: float = 0.0
     reply: TaskReply | None = None  # the command's result while its files are collected
     collection: Collection | None = None
+    stdin_sent: int = 0  # bytes of stdin given to the guest, Exec.stdin included
+    stdin_closed: bool = True  # no more stdin goes to the command (no stdin_open, or eof sent)
+    stdin_held: list = field(default_factory=list)  # (data, eof) that came while the VM was frozen
+    reader_held: bool = False  # IOGuard holds the channel for this task's caller ("reader")
+
+    @property
+    def streaming(self) -> bool:
+        return self.task.request.stream
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -193,6 +216,7 @@ class Supervisor(pykka.ThreadingActor):
         self.born = time.monotonic()
         self.retire_reason = ""
         self.next_id = 0
+        self.exited_exec: int | None = None  # the last exec whose Exit came: no Output of it may follow
 
     # --- life cycle ------------------------------------------------------------
 
@@ -238,6 +262,10 @@ class Supervisor(pykka.ThreadingActor):
             self._guest_said(message.message)
         elif isinstance(message, RunTask):
             self._run_task(message)
+        elif isinstance(message, StdinChunk):
+            self._stdin(message)
+        elif isinstance(message, ReaderHold):
+            self._reader_hold(message)
         elif isinstance(message, Freeze):
             self._freeze()
         elif isinstance(message, Thaw):
@@ -283,6 +311,8 @@ class Supervisor(pykka.ThreadingActor):
     # --- guest messages --------------------------------------------------------
 
     def _guest_said(self, message: codec.Message) -> None:
+        if isinstance(message, guest.Output) and message.exec_id == self.exited_exec:
+            return self._violation(OutputAfterExit(f"output of exec {message.exec_id} after its exit"))
         if type(message) not in ALLOWED[self.state]:
             self.metrics.violations.labels("unexpected_message").inc()
             text = f"the VM sent {type(message).__name__} while {self.state}"
@@ -301,8 +331,7 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, guest.Output):
             self._output(message)
         elif isinstance(message, guest.Exit):
-            if self.state == VmPhase.RUNNING:
-                self._finished(message)
+            self._finished(message)
         elif isinstance(message, guest.Collected):
             self._collected(message)
         elif isinstance(message, guest.Error) and message.code in REFUSED_IN_GUEST:
@@ -334,6 +363,7 @@ class Supervisor(pykka.ThreadingActor):
         elif message.exec_id != self.next_id or message.exit_code != 0 or message.timed_out:
             self._end(self._start_failed(f"the warm-up `true` ended with {message}"))
         else:
+            self.exited_exec = message.exec_id
             self.refill.restored(self.made.key)
             self._offer()
 
@@ -375,8 +405,9 @@ class Supervisor(pykka.ThreadingActor):
             self._requeue(message.task)
             return
         paused = self.state == VmPhase.READY
+        request = message.task.request
         self.current = RunningTask(message.task, message.assigned_at,
-                                   CappedOutput(message.task.request.output_cap))
+                                   CappedOutput(request.output_cap, keep=not request.stream))
         self.state = VmPhase.ACQUIRING
         try:
             # Queued in the socket before the resume: the agent finds it the
@@ -403,14 +434,20 @@ class Supervisor(pykka.ThreadingActor):
         deadman_at = running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s
         self._set_state(VmPhase.RUNNING, deadman_at - time.monotonic())
         timeout_left_ms = request.timeout_ms - whole_ms(running.acquired_at - running.assigned_at)
+        running.stdin_sent, running.stdin_closed = len(request.stdin), not request.stdin_open
         try:
             for path, mode, data in request.files_in:  # the agent answers a failed put at the Exec
                 self.link.send(guest.PutFile(path=path, mode=mode, data=data))
+            if request.stream or request.stdin_open:
+                # Before the Exec, so that stdin sent early (held by the edge)
+                # reaches this actor only once it can go after the Exec.
+                self.directory.tell("intake", TaskStarted(running.task.ticket, self.actor_ref))
             self.link.send(guest.Exec(
                 exec_id=running.exec_id, argv=request.argv, env=request.env, cwd=request.cwd,
                 stdin=request.stdin, timeout_ms=max(1, timeout_left_ms),
                 output_cap=request.output_cap, as_root=False,
-                capabilities=soft_bits(request.capabilities) | self.settings.default_soft_bits))
+                capabilities=soft_bits(request.capabilities) | self.settings.default_soft_bits,
+                stdin_open=request.stdin_open))
         except CorralError as e:
             self._fail(ErrorCode.VM_LOST, f"the VM stopped taking input ({e})")
 
@@ -423,16 +460,61 @@ class Supervisor(pykka.ThreadingActor):
 
     def _output(self, message: guest.Output) -> None:
         running = self.current
-        if self.state != VmPhase.RUNNING:
-            return  # output of a command a reset killed
         if message.exec_id != running.exec_id:
-            return self._fail(ErrorCode.PROTOCOL_VIOLATION, f"output for exec {message.exec_id}")
-        running.output.add(message.stream, message.data)
+            return self._violation(WrongExec(f"output for exec {message.exec_id}, not {running.exec_id}"))
+        try:
+            data = running.output.add(message.stream, message.offset, message.data)
+        except OutputOutOfOrder as e:
+            return self._violation(e)
+        if running.streaming and data:
+            self.directory.tell("intake", OutputChunk(running.task.ticket, message.stream, message.offset, data))
+
+    def _stdin(self, message: StdinChunk) -> None:
+        """More stdin from the caller: to the guest while the ticket's command
+        runs; dropped otherwise (it ended, or took no more stdin)."""
+        running = self.current
+        if self.state != VmPhase.RUNNING or running.task.ticket != message.ticket or running.stdin_closed:
+            return
+        data = message.data[:max(0, MAX_STDIN - running.stdin_sent)]
+        eof = message.eof or len(data) < len(message.data)
+        if len(data) < len(message.data):  # the edge caps stdin lower: a bug there, not the caller's doing
+            log.warning("VM %s: stdin past %d bytes dropped; the command's stdin is closed", self.vm_id, MAX_STDIN)
+        if not data and not eof:
+            return
+        running.stdin_sent += len(data)
+        running.stdin_closed = eof
+        if self.frozen_at is not None:  # a paused guest reads nothing: sent at the Thaw
+            running.stdin_held.append((data, eof))
+            return
+        self._send_stdin(running, data, eof)
+
+    def _send_stdin(self, running: RunningTask, data: bytes, eof: bool) -> None:
+        try:
+            for start in range(0, max(len(data), 1), MAX_STDIN_CHUNK):
+                piece = data[start:start + MAX_STDIN_CHUNK]
+                self.link.send(guest.Stdin(exec_id=running.exec_id, data=piece,
+                                           eof=eof and start + MAX_STDIN_CHUNK >= len(data)))
+        except CorralError as e:
+            self._fail(ErrorCode.VM_LOST, f"the VM stopped taking input ({e})")
+
+    def _reader_hold(self, message: ReaderHold) -> None:
+        running = self.current
+        if self.state != VmPhase.RUNNING or running.task.ticket != message.ticket:
+            return  # its command is over: the hold ended with it
+        self._hold_for_reader(running, message.held)
+
+    def _hold_for_reader(self, running: RunningTask, held: bool) -> None:
+        """Stop (or resume) reading the channel while the task's caller is behind."""
+        if running.reader_held != held:
+            running.reader_held = held
+            self.directory.tell("ioguard", ChannelHold(self.vm_id, held=held, reason="reader"))
 
     def _finished(self, exit_message: guest.Exit) -> None:
         running = self.current
         if exit_message.exec_id != running.exec_id:
-            return self._fail(ErrorCode.PROTOCOL_VIOLATION, f"exit for exec {exit_message.exec_id}")
+            return self._violation(WrongExec(f"exit for exec {exit_message.exec_id}, not {running.exec_id}"))
+        self.exited_exec = running.exec_id
+        self._hold_for_reader(running, False)  # no more output: collected files and the reset must flow
         self.metrics.run_seconds.observe(exit_message.wall_ms / 1000)
         request = running.task.request
         exit_message = running.output.flag(exit_message)
@@ -499,8 +581,10 @@ class Supervisor(pykka.ThreadingActor):
         elif self.state == VmPhase.RUNNING:
             self.metrics.deadman_kills.inc()
             timeout_s = self.current.task.request.timeout_ms / 1000
+            # A caller that stops reading holds the guest's writer, the agent with it.
+            why = " (its output was held for its caller, who was not reading it)" if self.current.reader_held else ""
             self._fail(ErrorCode.TIMEOUT, f"no answer from the VM within the timeout ({timeout_s:g} s) "
-                                  f"+ {self.settings.deadman_grace_s:g} s; the VM was destroyed",
+                                  f"+ {self.settings.deadman_grace_s:g} s{why}; the VM was destroyed",
                        reason="deadman")
         elif self.state == VmPhase.COLLECTING:
             self._collect_ended(f"not collected within {self.settings.files.collect_timeout_s:g} s")
@@ -537,6 +621,13 @@ class Supervisor(pykka.ThreadingActor):
         if self.state != VmPhase.READY and self.deadline is not None:
             phase, at = self.deadline
             self._arm(phase, at + frozen_for - time.monotonic())
+        running = self.current
+        if self.state == VmPhase.RUNNING and running.stdin_held:
+            held, running.stdin_held = running.stdin_held, []
+            for data, eof in held:
+                if self.state == VmPhase.GONE:  # the VM stopped taking input
+                    break
+                self._send_stdin(running, data, eof)
 
     def _inject(self, kind: str) -> None:
         log.warning("VM %s: injected fault %s", self.vm_id, kind)
@@ -551,6 +642,15 @@ class Supervisor(pykka.ThreadingActor):
         else:
             log.warning("unknown fault %r", kind)
 
+    def _violation(self, error: ProtocolError) -> None:
+        """The guest broke the protocol in a message it sent (IOGuard finds the
+        violations in the bytes): counted by kind, the VM ended, its task
+        answered protocol_violation."""
+        self.metrics.violations.labels(error.code).inc()
+        log.warning("VM %s violated the protocol: %s: %s", self.vm_id, error.code, error)
+        text = f"the VM broke the channel protocol ({error.code}: {error})"
+        self._fail(ErrorCode.PROTOCOL_VIOLATION, text, reason=self._start_failed(text))
+
     def _fail(self, code: str, text: str, reason: str | None = None, stop: bool = True) -> None:
         """End the VM; the task on it (if its command started) gets `code`."""
         if self.current is not None:
@@ -563,6 +663,7 @@ class Supervisor(pykka.ThreadingActor):
         self._end(reason or code, stop=stop)
 
     def _answer(self, reply: TaskReply) -> None:
+        self._hold_for_reader(self.current, False)
         self.directory.answer(self.current.task.ticket, reply)
         self.current = None
 

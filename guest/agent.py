@@ -2,8 +2,10 @@
 
 Runs from the read-only agent ISO (standard library only). It speaks the
 SecureChannel protocol to the host over one virtio-serial port: says Hello,
-then runs Exec requests as the unprivileged task user, streams Output, reports
-Exit with resource use, answers Heartbeat, and on Reset kills every process of
+then runs Exec requests as the unprivileged task user, streams Output as the
+command writes it (each chunk stamped with its stream's offset), feeds it the
+Stdin that follows an Exec with stdin_open, reports Exit with resource use,
+answers Heartbeat, and on Reset kills every process of
 the task user and removes whatever it left: files anywhere in the root overlay,
 message queues, SysV IPC objects, keys. Restored from a snapshot, it takes one
 Resume before any work: the host's clock, fresh entropy, new sequence bases,
@@ -403,12 +405,20 @@ def _back_to_root() -> None:
 
 
 class Channel:
-    """The agent's end of the SecureChannel: framing and sequence ids."""
+    """The agent's end of the SecureChannel: framing and sequence ids.
+
+    The port is non-blocking. While a send waits for the host to read (the
+    host's backpressure: its buckets, or a streaming task's caller that is
+    behind), the agent goes on reading the host's frames into `inbox`, so the
+    host is never stuck sending to an agent stuck sending to it (stdin for
+    the running command, say). The main loop handles them in order."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        os.set_blocking(fd, False)
         self.encoder = FrameEncoder(zlib.crc32)
         self.decoder = FrameDecoder(zlib.crc32)
+        self.inbox: list = []  # host messages read while a send waited, not yet handled
 
     def rebase(self, host_seq: int, guest_seq: int) -> None:
         """Continue from a Resume's sequence bases (read() made sure no host
@@ -419,14 +429,39 @@ class Channel:
     def send(self, message) -> None:
         data = memoryview(self.encoder.encode(codec.encode(message)))
         while data:
-            # Blocks while the host does not read: that is the backpressure.
-            written = os.write(self.fd, data)
+            try:
+                written = os.write(self.fd, data)
+            except BlockingIOError:  # the host does not read: that is the backpressure
+                self._wait_writable()
+                continue
             data = data[written:]
+
+    def _wait_writable(self) -> None:
+        """Until the port may take more, or the host sent something (kept in
+        `inbox`). No host connected (after a restore, before the first
+        connection): the port says so at once, so look again a little later."""
+        poller = select.poll()
+        poller.register(self.fd, POLLIN | POLLOUT)
+        for _, events in poller.poll():
+            if events & POLLOUT:
+                return
+            received = self.read() if events & POLLIN else None
+            if received is None:
+                time.sleep(NO_HOST_RETRY_S)
+            else:
+                self.inbox += received
+
+    def take_inbox(self) -> list:
+        taken, self.inbox = self.inbox, []
+        return taken
 
     def read(self) -> list | None:
         """The host messages that the bytes available now complete; None while
         no host is connected (read() gives EOF then)."""
-        data = os.read(self.fd, READ_CHUNK)
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:  # woken for nothing after all
+            return []
         if not data:
             return None
         received = [codec.decode(payload, messages.HOST_TO_GUEST) for payload in self.decoder.feed(data)]
@@ -451,12 +486,14 @@ class Task:
         self.streams = {stdout_fd: 1, stderr_fd: 2}
         self.sent = {1: 0, 2: 0}
         self.truncated = {1: False, 2: False}
-        self.stdin = memoryview(request.stdin)
+        # Stdin not yet written to the command: Exec.stdin, then each Stdin's
+        # data (stdin_open). The pipe closes once it is written and the eof came.
+        self.stdin = bytearray(request.stdin)
+        self.stdin_taken = len(request.stdin)  # all of it so far, at most MAX_STDIN
+        self.stdin_eof = not request.stdin_open
         self.stdin_fd: int | None = stdin_fd
-        if self.stdin:
-            os.set_blocking(stdin_fd, False)
-        else:
-            self._close_stdin()
+        os.set_blocking(stdin_fd, False)
+        self._close_stdin_when_done()
         # Readable when the process exits: no polling on the latency-critical path.
         self.pidfd: int | None = os.pidfd_open(pid)
         self.timed_out = False
@@ -469,7 +506,9 @@ class Task:
         if self.pidfd is not None:
             fds.append((self.pidfd, POLLIN))
         if self.stdin_fd is not None:
-            fds.append((self.stdin_fd, POLLOUT))
+            # POLLOUT only with something to write (an empty pipe is always
+            # writable); registered anyway, to see the task close its end (POLLERR).
+            fds.append((self.stdin_fd, POLLOUT if self.stdin else 0))
         return fds
 
     def wait_s(self, now: float) -> float | None:
@@ -531,7 +570,23 @@ class Task:
                 exec_id=self.request.exec_id, stream=stream, offset=self.sent[stream], data=chunk))
             self.sent[stream] += len(chunk)
 
+    def add_stdin(self, data: bytes, eof: bool) -> None:
+        """More stdin from the host (a Stdin message for this exec)."""
+        if self.stdin_eof:
+            return  # after the eof, or the task closed its stdin: nobody reads it
+        room = constants.MAX_STDIN - self.stdin_taken
+        if len(data) > room:  # the host refuses past its cap first: a host bug; the command gets EOF
+            log(f"exec {self.request.exec_id}: stdin over {constants.MAX_STDIN} bytes; closed")
+            data, eof = data[:room], True
+        self.stdin += data
+        self.stdin_taken += len(data)
+        self.stdin_eof = eof
+        self._close_stdin_when_done()
+
     def _feed_stdin(self) -> None:
+        if not self.stdin:  # an error with nothing to write: the task closed its end
+            self._close_stdin()
+            return
         try:
             written = os.write(self.stdin_fd, self.stdin[:STDIN_CHUNK])
         except BlockingIOError:
@@ -539,14 +594,20 @@ class Task:
         except OSError:
             self._close_stdin()  # the task closed its stdin early: its choice
             return
-        self.stdin = self.stdin[written:]
-        if not self.stdin:
+        del self.stdin[:written]
+        self._close_stdin_when_done()
+
+    def _close_stdin_when_done(self) -> None:
+        if self.stdin_eof and not self.stdin:
             self._close_stdin()
 
     def _close_stdin(self) -> None:
+        """No more stdin for the command: what is pending is dropped."""
         if self.stdin_fd is not None:
             os.close(self.stdin_fd)
             self.stdin_fd = None
+        self.stdin = bytearray()
+        self.stdin_eof = True
 
     def close(self) -> None:
         for fd in self.streams:
@@ -616,42 +677,56 @@ class Agent:
 
     # --- the loop -------------------------------------------------------------
 
+    # When the loop next reaps orphans, and until when it leaves a port with no host alone.
+    next_reap = 0.0
+    port_quiet_until = 0.0
+
     def serve(self) -> None:
         self.channel.send(self.hello())
-        next_reap = time.monotonic() + REAP_INTERVAL_S
-        port_quiet_until = 0.0
+        self.next_reap = time.monotonic() + REAP_INTERVAL_S
         while True:
-            now = time.monotonic()
-            poller = select.poll()
-            timeout = next_reap - now
-            if now >= port_quiet_until:
-                poller.register(self.channel.fd, POLLIN)
+            self.turn()
+
+    def turn(self, max_wait_s: float | None = None) -> None:
+        """One pass of the loop: wait (at most `max_wait_s`) for the task's
+        pipes, the port or a deadline, then act on what is ready."""
+        now = time.monotonic()
+        poller = select.poll()
+        timeout = self.next_reap - now
+        if max_wait_s is not None:
+            timeout = min(timeout, max_wait_s)
+        if now >= self.port_quiet_until:
+            poller.register(self.channel.fd, POLLIN)
+        else:
+            timeout = min(timeout, self.port_quiet_until - now)
+        task = self.task
+        if task is not None:
+            for fd, events in task.poll_fds():
+                poller.register(fd, events)
+            wait = task.wait_s(now)
+            if wait is not None:
+                timeout = min(timeout, wait)
+        if self.channel.inbox:  # read while a send waited: handle them now
+            timeout = 0.0
+        port_ready = False
+        for fd, _ in poller.poll(max(timeout, 0.0) * 1000):
+            if fd == self.channel.fd:
+                port_ready = True
+            elif task is self.task:  # still the task these fds were registered for
+                self._task_event(task, fd)
+        self._check_task()
+        received = self.channel.take_inbox()  # older than what is read now
+        if port_ready:
+            more = self.channel.read()
+            if more is None:
+                self.port_quiet_until = time.monotonic() + NO_HOST_RETRY_S
             else:
-                timeout = min(timeout, port_quiet_until - now)
-            task = self.task
-            if task is not None:
-                for fd, events in task.poll_fds():
-                    poller.register(fd, events)
-                wait = task.wait_s(now)
-                if wait is not None:
-                    timeout = min(timeout, wait)
-            port_ready = False
-            for fd, _ in poller.poll(max(timeout, 0.0) * 1000):
-                if fd == self.channel.fd:
-                    port_ready = True
-                elif task is self.task:  # still the task these fds were registered for
-                    self._task_event(task, fd)
-            self._check_task()
-            if port_ready:
-                received = self.channel.read()
-                if received is None:
-                    port_quiet_until = time.monotonic() + NO_HOST_RETRY_S
-                else:
-                    for message in received:
-                        self.handle(message)
-            if time.monotonic() >= next_reap:
-                self.reap()
-                next_reap = time.monotonic() + REAP_INTERVAL_S
+                received += more
+        for message in received:
+            self.handle(message)
+        if time.monotonic() >= self.next_reap:
+            self.reap()
+            self.next_reap = time.monotonic() + REAP_INTERVAL_S
 
     def _task_event(self, task: Task, fd: int) -> None:
         try:
@@ -694,7 +769,14 @@ class Agent:
         if isinstance(message, messages.Resume):
             self.resume(message)
             return
-        self.resumable = False  # any other message is work (or a host bug): a Resume is too late
+        self.resumable = False
+        if isinstance(message, messages.Stdin):
+            task = self.task
+            # For another exec, or after the exit: the command may have just
+            # ended while the host sent it; not an error.
+            if task is not None and task.request.exec_id == message.exec_id and task.request.stdin_open:
+                task.add_stdin(message.data, message.eof)
+            return  # any other message is work (or a host bug): a Resume is too late
         if isinstance(message, messages.Exec):
             if self.task is not None:
                 self.channel.send(messages.Error(code="busy", message="an exec is already running"))

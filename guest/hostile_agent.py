@@ -10,7 +10,8 @@ Which attack, and when:
     Hypervisor.faults.extra_cmdline): the attack replaces the Hello, at boot;
   - otherwise the agent behaves until an Exec arrives and then performs the
     attack its argv[0] names (some take numbers from argv[1:]). ``ok`` is a
-    well-behaved command (prints "ok").
+    well-behaved command (prints "ok"). Stdin from the host is taken and
+    ignored.
 
 It runs as root (PID 1), so it also stands for a task that got root: it can
 panic the kernel, power off, reboot or simply die. Standard library only.
@@ -86,10 +87,27 @@ class HostileAgent:
             self.write(self.frame(bytes([200])))
         elif name == "malformed":  # stream 7: neither stdout nor stderr
             self.write(self.frame(output[:5] + b"\x07" + output[6:]))
-        elif name == "field_too_long":  # Output.data declares 2 MiB, over its 1 MiB bound
-            self.write(self.frame(output[:6] + (2 << 20).to_bytes(4, "big") + b"x"))
+        elif name == "field_too_long":  # Output.data (the last field, b"x") declares 2 MiB, over its 1 MiB bound
+            self.write(self.frame(output[:-5] + (2 << 20).to_bytes(4, "big") + b"x"))
         elif name == "host_message":  # a message only the host may send
             self.send(messages.Reset(reset_id=1))
+        elif name == "host_stdin":  # the host's stdin message, from the guest
+            self.send(messages.Stdin(exec_id=exec_id, data=b"x", eof=True))
+        elif name == "output_gap":  # the first chunk claims 1 byte went before it
+            self.send(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=1, data=b"x"))
+        elif name == "output_overlap":  # the second chunk starts inside the first
+            self.send(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=0, data=b"ab"))
+            self.send(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=1, data=b"b"))
+        elif name == "output_repeat":  # a chunk sent twice, as on a replay of the message (new frame)
+            chunk = messages.Output(exec_id=exec_id, stream=constants.STDERR, offset=0, data=b"e")
+            self.send(chunk)
+            self.send(chunk)
+        elif name == "output_other_exec":  # output for an exec the host never started
+            self.send(messages.Output(exec_id=exec_id + 1, stream=constants.STDOUT, offset=0, data=b"x"))
+        elif name == "output_after_exit":  # the command's output, its Exit, then more of it
+            self.send(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=0, data=b"ok\n"))
+            self.send(self.exit(exec_id))
+            self.send(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=3, data=b"late\n"))
         elif name == "wrong_state":  # Hello while running; HeartbeatAck instead of Hello
             self.send(self.hello() if exec_id else messages.HeartbeatAck(nonce=0))
         elif name == "stall_frame":  # declare 1 MiB, send argv[1] bytes of it (10), then nothing
@@ -144,9 +162,12 @@ class HostileAgent:
                 args = tuple(int(arg) for arg in message.argv[1:] if arg.isdigit())
                 self.attack(name, message.exec_id, args)
             self.send(messages.Output(exec_id=message.exec_id, stream=constants.STDOUT, offset=0, data=b"ok\n"))
-            self.send(messages.Exit(exec_id=message.exec_id, exit_code=0, signal=0, timed_out=False,
-                                    stdout_truncated=False, stderr_truncated=False, wall_ms=1,
-                                    user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))
+            self.send(self.exit(message.exec_id))
+
+    @staticmethod
+    def exit(exec_id: int) -> messages.Exit:
+        return messages.Exit(exec_id=exec_id, exit_code=0, signal=0, timed_out=False, stdout_truncated=False,
+                             stderr_truncated=False, wall_ms=1, user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0)
 
 
 def boot_attack() -> str:

@@ -26,7 +26,7 @@ from actors.vm.errors import ChannelClosed, GuestTimeout
 from protocol.channel import codec, messages
 from protocol.channel.capabilities import ALL_SOFT_BITS
 from protocol.channel.constants import MAC_LEN, RESUME_ENTROPY_LEN, STDERR, STDOUT
-from protocol.channel.errors import UnexpectedMessage
+from protocol.channel.errors import OutputOutOfOrder, UnexpectedMessage, WrongExec
 from protocol.channel.frame import FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
 
@@ -41,19 +41,32 @@ FRAME_RATE_BYTES_PER_S = 1024 * 1024
 class CappedOutput:
     """A command's stdout and stderr as the host keeps them: at most `cap`
     bytes per stream, the rest dropped and flagged. The host does not trust
-    the guest to truncate."""
+    the guest to truncate, nor to send its chunks in order: each chunk must
+    start where its stream ended (Output.offset). With `keep` False (a
+    streaming task, whose chunks go on to the caller) nothing is kept, only
+    counted and flagged."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, keep: bool = True):
         self.cap = cap
+        self.keep = keep
         self.streams = {STDOUT: bytearray(), STDERR: bytearray()}
+        self.received = {STDOUT: 0, STDERR: 0}  # bytes the guest sent per stream: the next offset
         self.dropped = {STDOUT: False, STDERR: False}
 
-    def add(self, stream: int, data: bytes) -> None:
-        buffer = self.streams[stream]
-        room = self.cap - len(buffer)
+    def add(self, stream: int, offset: int, data: bytes) -> bytes:
+        """Take a chunk; return the part of it within the cap (kept if `keep`).
+        OutputOutOfOrder if it does not start where its stream ended."""
+        if offset != self.received[stream]:
+            raise OutputOutOfOrder(f"stream {stream} chunk at offset {offset}, "
+                                   f"expected {self.received[stream]}")
+        room = self.cap - min(offset, self.cap)
+        self.received[stream] += len(data)
         if len(data) > room:
             self.dropped[stream] = True
-        buffer += data[:max(room, 0)]
+            data = data[:room]
+        if self.keep:
+            self.streams[stream] += data
+        return data
 
     def stdout(self) -> bytes:
         return bytes(self.streams[STDOUT])
@@ -203,11 +216,11 @@ class GuestLink:
             if isinstance(message, messages.Error):
                 raise UnexpectedMessage(f"guest error during exec: {message.code}: {message.message}")
             if message.exec_id != exec_id:
-                raise UnexpectedMessage(f"message for exec {message.exec_id}, expected {exec_id}")
+                raise WrongExec(f"message for exec {message.exec_id}, expected {exec_id}")
             if isinstance(message, messages.Exit):
                 return ExecResult(stdout=output.stdout(), stderr=output.stderr(),
                                   exit=output.flag(message))
-            output.add(message.stream, message.data)
+            output.add(message.stream, message.offset, message.data)
 
     def reset(self, deadline: float) -> messages.ResetDone:
         reset_id = next(self.ids)

@@ -8,6 +8,9 @@ The tree says who is at fault and where the bytes went wrong:
     ├── FrameError          the byte stream is not a valid frame sequence
     ├── PayloadError        a frame's payload is not a valid message
     └── UnexpectedMessage   a valid message that is not allowed here
+        ├── WrongExec           output or an exit for an exec that is not running
+        ├── OutputOutOfOrder    an output chunk that does not start where its stream ends
+        └── OutputAfterExit     an output chunk of an exec that has exited
 """
 
 from __future__ import annotations
@@ -118,3 +121,22 @@ class UnexpectedMessage(ProtocolError):
     """A well-formed message that is not allowed here (wrong direction or state)."""
 
     code = "unexpected_message"
+
+
+class WrongExec(UnexpectedMessage):
+    """An Output or Exit names an exec other than the one running."""
+
+    code = "wrong_exec"
+
+
+class OutputOutOfOrder(UnexpectedMessage):
+    """An Output's offset is not the bytes of its stream received so far: a
+    gap, an overlap or a chunk sent twice."""
+
+    code = "output_out_of_order"
+
+
+class OutputAfterExit(UnexpectedMessage):
+    """An Output of an exec whose Exit came already."""
+
+    code = "output_after_exit"

@@ -1,7 +1,9 @@
-"""Time-bounded fuzzing of the two decoders that face untrusted bytes: the
-guest frame decoder (protocol.channel.frame) and the caller request path (Intake's
-decode + validate, up to the reply it sends). Hypothesis generates and
-shrinks; a run is as many batches of fresh random examples as fit in the time.
+"""Time-bounded fuzzing of what faces untrusted bytes: the guest frame decoder
+(protocol.channel.frame), the caller request path (Intake's decode +
+validate, up to the reply it sends), and a Supervisor taking a command's
+output from a guest (chunks, offsets, exec ids, the Exit). Hypothesis
+generates and shrinks; a run is as many batches of fresh random examples as
+fit in the time.
 
 CI runs each target for a few seconds (tests/unit/test_fuzz.py); a longer run:
 
@@ -14,11 +16,28 @@ Properties checked on every example:
            an error it stays poisoned.
   requests Intake's request handler never raises, and sends exactly one
            decodable reply to the caller, whatever the frames.
+  guest_output
+           a real Supervisor (its libvirt, timers and neighbours stand-ins)
+           running a task, streaming or not, fed a command's Output chunks
+           and Exit with offsets, exec ids, order and what follows the Exit
+           mutated, or their encoded bytes mutated: it never raises, answers
+           the task exactly once, forwards a streaming task's chunks in order
+           from offset 0 within the output cap and before the answer. With
+           only the messages mutated, the answer and the end of the VM are
+           exactly the channel rules' (docs/protocol.md): a chunk out of
+           order or for another exec is output_out_of_order or wrong_exec
+           before the Exit; anything after the Exit (output_after_exit for
+           its chunks) ends the VM without a second answer. Beside it, a
+           Stdin (the host's stdin for a running command) with its bytes
+           mutated, through the agent's decoder: a protocol error or a
+           message within its bounds that re-encodes to the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -26,7 +45,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from actors.edge.connections import Connection
-from protocol.channel import codec
+from protocol.channel import codec, messages as guest
 from protocol.channel.errors import DecoderPoisoned, ProtocolError
 from protocol.channel.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
 from protocol.wire import envelope
@@ -183,7 +202,222 @@ def request_target(tally: Tally):
     return run
 
 
-TARGETS = {"frames": frame_target, "requests": request_target}
+# --- target 3: a Supervisor taking a command's output -------------------------------
+
+class Told:
+    """Stands in for a neighbour actor (Intake, IOGuard, the pool...): records what it is told."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def tell(self, message) -> None:
+        self.seen.append(message)
+
+
+class StandIn:
+    """Libvirt, timers, the VM's run control and its channel: whatever is asked, done; what is sent, kept."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def __getattr__(self, name):  # pause, resume, close, set_cpu, call_later, destroy...
+        return lambda *args, **kwargs: None
+
+
+VM = "fuzz-vm"
+EXEC_OUTPUT_CAPS = [0, 1, 5, 64]
+KINDS = ("wrong_exec", "output_out_of_order", "output_after_exit", "unexpected_message")
+
+
+@st.composite
+def command_output(draw):
+    """An honest command's chunks and Exit (exec id 0 here: the runner puts the
+    real one in), then some of its messages mutated."""
+    said, sent = [], {1: 0, 2: 0}
+    for stream, data in draw(st.lists(st.tuples(st.sampled_from([1, 2]), st.binary(min_size=1, max_size=24)),
+                                      max_size=6)):
+        said.append(guest.Output(exec_id=0, stream=stream, offset=sent[stream], data=data))
+        sent[stream] += len(data)
+    said.append(guest.Exit(exec_id=0, exit_code=draw(st.integers(0, 3)), signal=0, timed_out=False,
+                           stdout_truncated=False, stderr_truncated=False, wall_ms=1, user_cpu_ms=0, sys_cpu_ms=0,
+                           max_rss_kib=0))
+    for _ in range(draw(st.integers(0, 2))):
+        if not said:
+            break
+        op = draw(st.sampled_from(["offset", "exec", "swap", "repeat", "drop", "late", "cut"]))
+        at = draw(st.integers(0, len(said) - 1))
+        message = said[at]
+        if op == "offset" and isinstance(message, guest.Output):
+            said[at] = codec.replace(message, offset=draw(st.integers(0, 40)))
+        elif op == "exec":
+            said[at] = codec.replace(message, exec_id=draw(st.sampled_from([1, 2, 0xFFFFFFFF])))
+        elif op == "swap" and at + 1 < len(said):
+            said[at], said[at + 1] = said[at + 1], said[at]
+        elif op == "repeat":
+            said.insert(at, message)
+        elif op == "drop" and len(said) > 1:
+            del said[at]
+        elif op == "late":  # a chunk after everything, where its stream would go on
+            stream = draw(st.sampled_from([1, 2]))
+            said.append(guest.Output(exec_id=0, stream=stream, offset=sent[stream], data=b"late"))
+        elif op == "cut":
+            del said[at:]
+    return said
+
+
+def rules(said: list, exec_id: int, cap: int) -> tuple[str, bool, dict, dict]:
+    """What the channel rules say of `said`, which holds an Exit: (violation
+    kind or "", whether the task is answered with it, the output within the
+    cap per stream, the bytes received per stream)."""
+    received, kept = {1: 0, 2: 0}, {1: b"", 2: b""}
+    for index, message in enumerate(said):
+        if message.exec_id != exec_id:
+            return "wrong_exec", True, kept, received
+        if isinstance(message, guest.Exit):
+            after = said[index + 1:]
+            if not after:
+                return "", False, kept, received
+            late = isinstance(after[0], guest.Output) and after[0].exec_id == exec_id
+            return ("output_after_exit" if late else "unexpected_message"), False, kept, received
+        if message.offset != received[message.stream]:
+            return "output_out_of_order", True, kept, received
+        kept[message.stream] += message.data[:max(0, cap - received[message.stream])]
+        received[message.stream] += len(message.data)
+    raise AssertionError("no Exit")
+
+
+def run_supervisor(metrics, said: list, stream: bool, cap: int, mutate_bytes,
+                   draw) -> tuple[list, int, Told, Told, str]:
+    """A Supervisor with a task running; feed it `said`. What it was fed (with
+    the real exec id, and an Exit where none was), the exec id, what Intake and
+    the pool were told, and the violation IOGuard found in the bytes."""
+    from actors.directory import Directory
+    from actors.messages import ChannelFailed, GuestSaid, RunTask, Task
+    from actors.supervisor import Supervisor, VmSettings
+    from protocol.channel.errors import ProtocolError
+    from protocol.wire.tasks import TaskRequest
+
+    directory = Directory()
+    intake, pool = Told(), Told()
+    for name, ref in (("intake", intake), ("pool", pool), ("ioguard", Told()), ("scheduler", Told())):
+        directory[name] = ref
+    link = StandIn()
+    settings = VmSettings(boot_timeout_s=10, acquire_timeout_s=10, reset_timeout_s=10, deadman_grace_s=5,
+                          max_uses=10, max_age_s=300, strict=False)
+    supervisor = Supervisor(VM, directory=directory, hypervisor=StandIn(), refill=StandIn(), timers=StandIn(),
+                            metrics=metrics, settings=settings)
+    supervisor.link, supervisor.run_control = link, StandIn()  # what on_start would connect
+    supervisor.on_receive(GuestSaid(VM, guest.Hello(agent_version="f", boot_id="b", kernel="k")))
+    request = TaskRequest(task_id="f", priority=2, argv=(b"cmd",), env=(), cwd=b"", stdin=b"", timeout_ms=60_000,
+                          output_cap=cap, capabilities=(), stream=stream)
+    supervisor.on_receive(RunTask(Task(1, request, time.monotonic()), time.monotonic()))
+    supervisor.on_receive(GuestSaid(VM, guest.HeartbeatAck(nonce=link.sent[-1].nonce)))
+    exec_id = link.sent[-1].exec_id
+    said = [codec.replace(m, exec_id=exec_id if m.exec_id == 0 else m.exec_id) for m in said]
+    if not any(isinstance(m, guest.Exit) for m in said):  # a command ends
+        said.append(guest.Exit(exec_id=exec_id, exit_code=0, signal=0, timed_out=False, stdout_truncated=False,
+                               stderr_truncated=False, wall_ms=1, user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))
+    found = ""
+    for message in said:
+        if mutate_bytes:  # through the decoder, as IOGuard does
+            payload = codec.encode(message)
+            if draw(st.integers(0, 3)) == 0:
+                payload = mutate(payload, draw)
+            try:
+                message = codec.decode(payload, guest.GUEST_TO_HOST)
+            except ProtocolError as e:
+                found = e.code
+                supervisor.on_receive(ChannelFailed(VM, code=e.code, detail=str(e), violation=True))
+                break
+        supervisor.on_receive(GuestSaid(VM, message))
+    return said, exec_id, intake, pool, found
+
+
+def check_stdin(draw) -> None:
+    from protocol.channel.constants import MAX_STDIN_CHUNK
+    from protocol.channel.errors import ProtocolError
+
+    data = draw(st.sampled_from([b"", b"x", b"y" * MAX_STDIN_CHUNK]))
+    payload = mutate(codec.encode(guest.Stdin(exec_id=draw(st.integers(0, 3)), data=data, eof=draw(st.booleans()))),
+                     draw)
+    try:
+        message = codec.decode(payload, guest.HOST_TO_GUEST)
+    except ProtocolError:
+        return
+    assert codec.encode(message) == payload
+    if isinstance(message, guest.Stdin):
+        assert len(message.data) <= MAX_STDIN_CHUNK
+
+
+def check_output(tally: Tally, metrics, draw) -> None:
+    from actors.messages import Answer, OutputChunk, PoolVmState
+
+    check_stdin(draw)
+
+    stream, cap, mutate_bytes = draw(st.booleans()), draw(st.sampled_from(EXEC_OUTPUT_CAPS)), draw(st.booleans())
+    counted = {kind: metrics.violations.labels(kind)._value.get() for kind in KINDS}
+    said, exec_id, intake, pool, found = run_supervisor(metrics, draw(command_output()), stream, cap, mutate_bytes,
+                                                        draw)
+    answers = [m for m in intake.seen if isinstance(m, Answer)]
+    assert len(answers) == 1, f"{len(answers)} answers"
+    reply = answers[0].reply
+    chunks = [m for m in intake.seen if isinstance(m, OutputChunk)]
+    assert all(intake.seen.index(c) < intake.seen.index(answers[0]) for c in chunks), "a chunk after the answer"
+    forwarded = {1: b"", 2: b""}
+    for chunk in chunks:
+        assert chunk.offset == len(forwarded[chunk.stream]), "chunks forwarded out of order"
+        forwarded[chunk.stream] += chunk.data
+    assert all(len(data) <= cap for data in forwarded.values())
+    assert not chunks or stream
+    gone = [m for m in pool.seen if m.state == PoolVmState.GONE]
+    if not mutate_bytes:
+        kind, answered_with_it, kept, received = rules(said, exec_id, cap)
+        found = kind
+        if answered_with_it:
+            assert reply.error_code == "protocol_violation" and kind in reply.error_message, reply
+        else:
+            assert reply.error_code == "", reply
+            assert (reply.stdout, reply.stderr) == ((b"", b"") if stream else (kept[1], kept[2]))
+            assert (reply.stdout_truncated, reply.stderr_truncated) == (received[1] > cap, received[2] > cap)
+        if stream:
+            assert forwarded == kept
+        assert bool(gone) == bool(kind), (kind, gone)
+        assert {k: metrics.violations.labels(k)._value.get() - n for k, n in counted.items()} == {
+            k: int(k == kind) for k in KINDS}, f"not counted as {kind or 'no violation'}"
+    if found:
+        tally.errors_seen += 1
+    tally.examples += 1
+
+
+@contextlib.contextmanager
+def quiet_supervisor():
+    """Each violation is a warning in corrald's log; thousands here are noise."""
+    logger = logging.getLogger("corral.supervisor")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def output_target(tally: Tally):
+    from actors.edge.metrics import Metrics
+
+    metrics = Metrics()
+
+    @BATCH
+    @given(st.data())
+    def run(data):
+        with quiet_supervisor():
+            check_output(tally, metrics, data.draw)
+    return run
+
+
+TARGETS = {"frames": frame_target, "requests": request_target, "guest_output": output_target}
 
 
 def fuzz(name: str, seconds: float) -> tuple[Tally, float]:
@@ -201,7 +435,8 @@ def fuzz(name: str, seconds: float) -> tuple[Tally, float]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Fuzz corral's frame and request decoders.")
+    parser = argparse.ArgumentParser(description="Fuzz corral's frame and request decoders and a "
+                                                 "Supervisor's handling of a command's output.")
     parser.add_argument("--seconds", type=float, default=60.0, help="per target")
     parser.add_argument("targets", nargs="*", help=f"any of {', '.join(TARGETS)} (default: all)")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
-"""Time-bounded fuzz runs of the frame decoder and the request path, a few
-seconds each (CORRAL_FUZZ_SECONDS to change; scripts/fuzz for long runs).
-The properties are in tests/support/fuzz.py."""
+"""Time-bounded fuzz runs of the frame decoder, the request path and a
+Supervisor taking a command's output, a few seconds each
+(CORRAL_FUZZ_SECONDS to change; scripts/fuzz for long runs). The properties
+are in tests/support/fuzz.py."""
 
 import os
 

@@ -12,10 +12,10 @@ import zlib
 import pytest
 
 from actors.vm.errors import ChannelClosed, GuestTimeout
-from actors.vm.guest_link import GUEST_FRAME_CAP, GuestLink
+from actors.vm.guest_link import GUEST_FRAME_CAP, CappedOutput, GuestLink
 from protocol.channel import codec, constants, messages
-from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, SequenceError, StalledFrame,
-                             TruncatedFrame, UnexpectedMessage, UnknownMessageType)
+from protocol.channel.errors import (BadMagic, CrcMismatch, FrameTooLarge, OutputOutOfOrder, SequenceError,
+                                     StalledFrame, TruncatedFrame, UnexpectedMessage, UnknownMessageType, WrongExec)
 from protocol.channel.frame import HEADER, MAGIC, FrameEncoder
 
 
@@ -222,3 +222,52 @@ def test_exit_for_another_exec_is_refused(pair):
     threading.Thread(target=guest, daemon=True).start()
     with pytest.raises(UnexpectedMessage, match="exec 99"):
         link.run([b"true"], soon())
+
+
+@pytest.mark.parametrize("offsets", [(1,), (0, 2), (0, 0), (0, 4)], ids=["gap first", "gap", "repeat", "overlap"])
+def test_an_output_chunk_out_of_order_is_refused(pair, offsets):
+    """Each chunk (3 bytes here) must start where its stream ended."""
+    peer, link = pair
+
+    def guest():
+        peer.conn.recv(65536)
+        for offset in offsets:
+            peer.send(messages.Output(exec_id=1, stream=constants.STDOUT, offset=offset, data=b"abc"))
+
+    threading.Thread(target=guest, daemon=True).start()
+    with pytest.raises(OutputOutOfOrder, match=f"offset {offsets[-1]}, expected {3 * (len(offsets) - 1)}"):
+        link.run([b"yes"], soon())
+
+
+def test_output_for_another_exec_is_refused_as_wrong_exec(pair):
+    peer, link = pair
+
+    def guest():
+        peer.conn.recv(65536)
+        peer.send(messages.Output(exec_id=7, stream=constants.STDOUT, offset=0, data=b"x"))
+
+    threading.Thread(target=guest, daemon=True).start()
+    with pytest.raises(WrongExec, match="exec 7"):
+        link.run([b"true"], soon())
+
+
+def test_capped_output_counts_each_stream_on_its_own_and_cuts_at_the_cap():
+    output = CappedOutput(5)
+    assert output.add(constants.STDOUT, 0, b"abc") == b"abc"
+    assert output.add(constants.STDERR, 0, b"E") == b"E"
+    assert output.add(constants.STDOUT, 3, b"defg") == b"de"  # past the cap: cut
+    assert output.add(constants.STDOUT, 7, b"h") == b""  # the guest's offsets count what it sent
+    assert output.received == {constants.STDOUT: 8, constants.STDERR: 1}
+    assert output.stdout() == b"abcde" and output.stderr() == b"E"
+    assert output.dropped == {constants.STDOUT: True, constants.STDERR: False}
+    with pytest.raises(OutputOutOfOrder):
+        output.add(constants.STDERR, 0, b"E")
+
+
+def test_capped_output_that_keeps_nothing_still_cuts_and_flags():
+    """A streaming task's output goes on to the caller chunk by chunk: the host
+    keeps none of it, but still forwards only what is within the cap."""
+    output = CappedOutput(4, keep=False)
+    assert output.add(constants.STDOUT, 0, b"abc") == b"abc"
+    assert output.add(constants.STDOUT, 3, b"def") == b"d"
+    assert output.stdout() == b"" and output.dropped[constants.STDOUT]

@@ -468,18 +468,121 @@ def test_time_the_host_throttles_a_frame_is_not_the_guests(world):
     assert stats_for(guard, "vm1")["throttled_s"] > 1.5
 
 
-def test_a_vm_the_host_paused_is_not_stalled_until_it_is_resumed(world):
+@pytest.mark.parametrize("reason", ["paused", "reader"])
+def test_a_vm_the_host_holds_is_not_stalled_until_it_is_released(world, reason):
+    # paused: a SCRAM paused the VM; reader: a streaming task's caller is behind.
     guard = world.guard(frame_stall_s=0.3, rate_bytes_per_s=1 * MiB)
     guest = world.channel()
     box = world.watch(guard, "vm1", guest)
     guest.sock.sendall(declared(guest, 1000) + b"abc")  # allowed ~0.3 s
-    guard.tell(ChannelHold("vm1", held=True))  # a SCRAM pauses the VM
+    guard.tell(ChannelHold("vm1", held=True, reason=reason))
     quiet(1.0)
     assert not box.messages
     released = time.monotonic()
-    guard.tell(ChannelHold("vm1", held=False))
+    guard.tell(ChannelHold("vm1", held=False, reason=reason))
     assert box.wait_for(lambda ms: ms, timeout=5)
     assert 0.1 < failed_at(box) - released < 1.0
+
+
+def hold(guard, vm_id: str, reason: str, held: bool = True) -> None:
+    """Tell a ChannelHold and wait until the I/O thread took it."""
+    guard.tell(ChannelHold(vm_id, held=held, reason=reason))
+    deadline = time.monotonic() + 5
+    while (reason in (stats_for(guard, vm_id) or {"held_by": ()})["held_by"]) != held:  # None: Watch not yet taken
+        assert time.monotonic() < deadline, f"hold {reason} {held} not taken"
+        time.sleep(0.005)
+
+
+def wait_throttled(guard, vm_id: str) -> None:
+    deadline = time.monotonic() + 5
+    while not (stats_for(guard, vm_id) or {}).get("throttled"):  # None: Watch not yet taken
+        assert time.monotonic() < deadline, "never throttled"
+        time.sleep(0.01)
+
+
+def fill(guest: Guest, message) -> int:
+    """Send frames of `message` until the guest's socket would block; the
+    whole frames sent (a part of one may be in the socket too)."""
+    frames, pending = 0, memoryview(b"")
+    while True:
+        if not pending:
+            pending = memoryview(guest.frame(message))
+        try:
+            n = guest.sock.send(pending, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return frames
+        pending = pending[n:]
+        frames += not pending
+
+
+@pytest.mark.parametrize("reason", ["reader", "paused"])
+def test_a_held_channel_is_not_read_and_its_guest_blocks_until_the_hold_ends(world, reason):
+    guard = world.guard()
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    guest.send(output(b"before"))
+    assert box.wait_for(lambda ms: len(ms) == 1)
+    hold(guard, "vm1", reason)
+    chunk = output(b"z" * 4 * KiB)
+    frames = fill(guest, chunk)  # the guest's writer would block now
+    quiet(0.5)
+    assert box.said() == [output(b"before")]
+    hold(guard, "vm1", reason, held=False)
+    assert box.wait_for(lambda ms: len(ms) == 1 + frames)
+    assert box.said()[1:] == [chunk] * frames and not box.failures()
+
+
+def test_reading_resumes_only_when_no_reason_holds(world):
+    guard = world.guard()
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    hold(guard, "vm1", "paused")
+    hold(guard, "vm1", "reader")
+    assert stats_for(guard, "vm1")["held_by"] == ["paused", "reader"]
+    guest.send(ack(1))
+    hold(guard, "vm1", "reader", held=False)
+    quiet(0.5)
+    assert not box.messages  # still paused
+    hold(guard, "vm1", "reader")
+    hold(guard, "vm1", "paused", held=False)
+    quiet(0.5)
+    assert not box.messages  # still held for the reader
+    hold(guard, "vm1", "reader", held=False)
+    assert box.wait_for(lambda ms: ms) and box.said() == [ack(1)]
+
+
+def test_a_hold_on_a_throttled_channel_outlasts_the_refill(world):
+    """Empty buckets and a host hold are separate reasons: the bucket's refill
+    does not resume a channel the host still holds."""
+    guard = world.guard(burst_bytes=4 * KiB, rate_bytes_per_s=16 * KiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    fill(guest, output(b"y" * 8 * KiB))
+    wait_throttled(guard, "vm1")
+    hold(guard, "vm1", "reader")
+    read = stats_for(guard, "vm1")["bytes_read"]
+    quiet(1.5)  # the 8 KiB debt is paid off in 0.5 s
+    assert stats_for(guard, "vm1")["bytes_read"] == read
+    hold(guard, "vm1", "reader", held=False)
+    assert box.wait_for(lambda ms: stats_for(guard, "vm1")["bytes_read"] > read)
+    assert not box.failures()
+
+
+def test_a_release_of_a_hold_not_held_and_unknown_reasons_change_nothing(world):
+    guard = world.guard(burst_bytes=4 * KiB, rate_bytes_per_s=4 * KiB)
+    guest = world.channel()
+    box = world.watch(guard, "vm1", guest)
+    guard.tell(ChannelHold("vm1", held=False, reason="reader"))  # never held: no second registration
+    guard.tell(ChannelHold("vm1", held=True, reason="bogus"))
+    guest.send(ack(1))
+    assert box.wait_for(lambda ms: ms) and box.said() == [ack(1)]
+    # IOGuard's own reasons cannot be released from outside: a throttled channel stays so.
+    fill(guest, output(b"y" * 8 * KiB))
+    wait_throttled(guard, "vm1")
+    guard.tell(ChannelHold("vm1", held=False, reason="tokens"))
+    quiet(0.3)
+    stats = stats_for(guard, "vm1")
+    assert stats["throttled"] and stats["held_by"] == [] and not box.failures()
 
 
 def test_partial_frames_across_many_channels_stay_under_the_global_cap(world):

@@ -77,6 +77,11 @@ EXEC_ATTACKS = [
     ("malformed", "malformed_payload"),
     ("field_too_long", "field_too_long"),
     ("host_message", "unexpected_message"),
+    ("host_stdin", "unexpected_message"),  # Stdin is the host's
+    ("output_gap", "output_out_of_order"),  # the first chunk at offset 1
+    ("output_overlap", "output_out_of_order"),  # the second chunk inside the first
+    ("output_repeat", "output_out_of_order"),  # a chunk twice
+    ("output_other_exec", "wrong_exec"),
     ("wrong_state", "unexpected_message"),  # Hello while running
     ("truncated_eof", "truncated_frame"),  # half a header, then the VM powers off
     ("stall_header", "stalled_frame"),  # half a header, then nothing: the VM lives on
@@ -124,7 +129,7 @@ def test_a_scram_stops_the_clock_of_a_frame_in_progress(service, client):
     no_stray_domains(service)
 
 
-def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s) -> float:
+def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s, **submit_args) -> float:
     """Run `argv` on the hostile agent: one protocol_violation answer naming
     `kind`, the violation counted, the VM destroyed and the pool refilled. The
     reply and the seconds from submit to it."""
@@ -133,7 +138,7 @@ def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s) -> float:
     destroyed_before = counter(metrics.vms_destroyed, reason="protocol_violation")
     before = set(pool_vms(service))
     started = time.monotonic()
-    reply = client.run(argv, timeout_s=timeout_s, wait_s=timeout_s + 40)
+    reply = client.run(argv, timeout_s=timeout_s, wait_s=timeout_s + 40, **submit_args)
     answered = time.monotonic() - started
     assert reply.error_code == "protocol_violation", reply
     assert reply.error_message and reply.stdout == b""
@@ -149,6 +154,28 @@ def ends_the_vm_as_a_violation(service, client, argv, kind, timeout_s) -> float:
     assert client.run(["ok"], timeout_s=10).stdout == b"ok\n"
     assert counter(metrics.duplicate_answers) == 0
     return reply, answered
+
+
+def test_output_after_the_exit_while_files_are_collected_answers_protocol_violation(service, client):
+    # The task's answer waits for its files: the late chunk comes before it.
+    reply, _ = ends_the_vm_as_a_violation(service, client, ["output_after_exit"], "output_after_exit",
+                                          timeout_s=20, collect=["/tmp/never"])
+    assert "output_after_exit" in reply.error_message
+
+
+def test_output_after_the_exit_of_an_answered_task_ends_the_vm_and_answers_nothing_more(service, client):
+    # Answered at its Exit, before the late chunk: the answer stands, the VM goes.
+    metrics = service.metrics
+    violations_before = counter(metrics.violations, kind="output_after_exit")
+    destroyed_before = counter(metrics.vms_destroyed, reason="protocol_violation")
+    reply = client.run(["output_after_exit"], timeout_s=20, wait_s=60)
+    assert (reply.error_code, reply.stdout, reply.exit_code) == ("", b"ok\n", 0), reply
+    wait_until(lambda: counter(metrics.vms_destroyed, reason="protocol_violation") == destroyed_before + 1,
+               10, "the pool to count the destroyed VM")
+    assert counter(metrics.violations, kind="output_after_exit") == violations_before + 1
+    no_stray_domains(service)
+    wait_ready(service, timeout_s=180)
+    assert counter(metrics.duplicate_answers) == 0
 
 
 # What a task that got root could do to its VM; the hostile agent is root (PID 1).

@@ -536,4 +536,4 @@ def test_every_error_has_a_distinct_code_under_one_root():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
     assert all(issubclass(c, ProtocolError) for c in classes)
     codes = [c.code for c in classes]
-    assert len(codes) == len(set(codes)) == 15
+    assert len(codes) == len(set(codes)) == 18
