@@ -116,8 +116,9 @@ def test_a_caller_that_reads_nothing_costs_at_most_its_buffer(tmp_path, mode):
             assert sent <= limits.window_bytes  # the caller acknowledged nothing
             if mode == "held":
                 assert holds == [True]
-                # The hold reaches the producer one message late: a few chunks past the buffer.
-                assert limits.buffer_bytes <= most_buffered <= limits.buffer_bytes + 16 * CHUNK
+                # The hold reaches the producer one message late: a few chunks past the buffer
+                # (here ~1 chunk; a loaded machine's actor latency, within the slack).
+                assert limits.buffer_bytes <= most_buffered < limits.buffer_bytes + HOLD_SLACK_BYTES
                 assert produced[0] <= most_buffered and not dropped.get("overflow")
             elif mode == "ignores_hold":
                 assert holds == [True]
