@@ -109,6 +109,14 @@ class TasksConfig:
     max_queue_wait_s: float = field(metadata=_range(1, 86400))
     # Soft capabilities every task holds without asking for them.
     default_capabilities: list = field(metadata={"pattern": "soft_capabilities"})
+    # Streaming tasks (actors/edge/streams.py): output sent to a caller beyond
+    # what it acknowledged; output held per task before its VM's channel is held;
+    # how long an ended task's undelivered output and reply wait for the caller.
+    stream_window_bytes: int = field(metadata=_range(4096, 16 << 20))
+    stream_buffer_bytes: int = field(metadata=_range(64 << 10, 1 << 30))
+    stream_linger_s: float = field(metadata=_range(0, 3600))
+    # All stdin of one task (TaskRequest.stdin and every TaskStdin); at most the guest's MAX_STDIN.
+    max_stdin_bytes: int = field(metadata=_range(0, 8 << 20))
 
 
 @dataclass(frozen=True)
@@ -329,6 +337,9 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
         raise ConfigError("config: tasks.default_timeout_s must not exceed tasks.max_timeout_s")
     if cfg.tasks.default_output_cap > cfg.tasks.max_output_cap:
         raise ConfigError("config: tasks.default_output_cap must not exceed tasks.max_output_cap")
+    if cfg.tasks.stream_buffer_bytes < cfg.tasks.stream_window_bytes:
+        raise ConfigError("config: tasks.stream_buffer_bytes must be at least tasks.stream_window_bytes "
+                          "(the buffer holds what was sent until it is acknowledged)")
     if cfg.control.endpoint == cfg.daemon.endpoint:
         raise ConfigError("config: control.endpoint must differ from daemon.endpoint")
     if cfg.artifacts.max_put_bytes > cfg.tasks.max_request_bytes:

@@ -18,12 +18,23 @@ it lives (actors/edge/connections.py): a caller that went away is not answered,
 and whoever connects with its routing id gets nothing. The same guard sheds
 connections past daemon.max_connections.
 
+A task that streams (TaskRequest.stream) or takes stdin while it runs
+(.stdin_open) gets a StreamState (actors/edge/streams.py): its output chunks
+and the Supervisor that runs it reach the server through the same queue as
+answers, in the order the Intake actor got them, so the reply never
+overtakes a chunk. The server sends TaskOutput frames as the caller's window
+allows (StreamAck), tells the Supervisor ReaderHold when the caller is far
+behind, forwards TaskStdin as StdinChunk, and moves a task to a new
+connection of the same identity on TaskAttach. For a live task it never
+sends a second TaskReply: a caller would take it for the task's answer.
+
 The server thread outlives a crash of the Intake actor, so the ledger and the
 socket are never lost. At shutdown (stop) it answers whatever no actor did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -34,23 +45,27 @@ from dataclasses import dataclass
 import zmq
 
 from actors.artifacts.files import check_files_in, check_paths
-from actors.directory import Directory
+from actors.directory import Directory, send
 from actors.edge.connections import Connection, ConnectionGuard, caller_of
 from actors.edge.endpoint import SocketThread
 from actors.edge.identity import Admission
 from actors.edge.metrics import Metrics
+from actors.edge.streams import StreamLimits, StreamState, StreamTotals
 from actors.errors import CorralError, Rejected
-from actors.messages import Submit, Task
+from actors.messages import Answer, OutputChunk, ReaderHold, StdinChunk, Submit, Task, TaskStarted
 from config import Config
 from protocol.channel import capabilities, codec
 from protocol.channel.errors import ProtocolError
 from protocol.wire import envelope
 from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode, StatusReply,
-                                 StatusRequest, TaskReply, TaskRequest, error_reply)
+                                 StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply, TaskRequest,
+                                 TaskStdin, error_reply)
 
 log = logging.getLogger("corral.intake")
 STOP = None  # posted instead of an answer: the server answers what is left and ends
 READ_BATCH = 256  # requests read per turn, so answers and the monitor get turns in a flood
+POSTED_BATCH = 1024  # answers and chunks taken per turn, so requests get turns while a task floods output
+UNKNOWN_TASK = "no task with this id is in flight for this identity"  # the same text, whoever's it is
 ENDPOINT_LABEL = "client"
 
 KNOWN_CAPABILITIES = frozenset(capabilities.ALL)  # protocol/channel/capabilities.py: the one table
@@ -62,9 +77,10 @@ OFFERED_CAPABILITIES = KNOWN_CAPABILITIES - UNAVAILABLE_CAPABILITIES.keys()
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    conn: Connection  # the only connection the answer may go to
+    conn: Connection  # the only connection the answer may go to (another after a TaskAttach)
     routing_id: bytes
     task_id: str
+    identity: str = ""  # who asked (Admission): only it may attach
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class TaskLimits:
     max_output_cap: int
     max_request_bytes: int
     max_put_bytes: int = 0  # files_in, all files of one task
+    streams: StreamLimits = StreamLimits()
 
     @classmethod
     def from_config(cls, cfg: Config) -> TaskLimits:
@@ -82,7 +99,8 @@ class TaskLimits:
         return cls(default_timeout_ms=int(tasks.default_timeout_s * 1000),
                    max_timeout_ms=int(tasks.max_timeout_s * 1000),
                    default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
-                   max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes)
+                   max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes,
+                   streams=StreamLimits.from_config(tasks))
 
 
 def _check_no_nul(what: str, value: bytes) -> None:
@@ -103,6 +121,9 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
             raise Rejected(ErrorCode.INVALID_REQUEST, f"env name {key!r} is empty or contains '='")
         _check_no_nul(f"env {key!r}", key + value)
     _check_no_nul("cwd", request.cwd)
+    if len(request.stdin) > limits.streams.max_stdin_bytes:
+        raise Rejected(ErrorCode.INVALID_REQUEST, f"stdin of {len(request.stdin)} bytes is over the maximum "
+                       f"of {limits.streams.max_stdin_bytes} bytes")
     if request.cwd and not request.cwd.startswith(b"/"):
         raise Rejected(ErrorCode.INVALID_REQUEST, "cwd must be an absolute path")
     timeout_ms = request.timeout_ms or limits.default_timeout_ms
@@ -146,16 +167,24 @@ class IntakeServer:
         # Who the caller is and what it may ask for (actors/edge/identity.py).
         self.admission = admission or Admission.unlimited(OFFERED_CAPABILITIES)
         self.context = zmq.Context.instance()
-        self.posted: queue.SimpleQueue = queue.SimpleQueue()  # (ticket, TaskReply) or STOP
+        # Answer, TaskStarted, OutputChunk (in the order the Intake actor got them) or STOP.
+        self.posted: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self.tickets = itertools.count(1)
         self.ledger: dict[int, LedgerEntry] = {}
-        self.in_flight: set[tuple[int, str]] = set()  # (connection id, task_id)
+        self.in_flight: dict[tuple[int, str], int] = {}  # (connection id, task_id) -> ticket
+        self.by_identity: dict[tuple[str, str], set[int]] = {}  # (identity, task_id) -> tickets: TaskAttach
         # routing id -> (connection, caller, unanswered tasks) while any is unanswered:
         # a request from another connection with that id is a reuse attempt.
         self.routing_ids: dict[bytes, tuple[Connection, str, int]] = {}
+        # Tasks that stream or take stdin (actors/edge/streams.py), by ticket, until their reply is out.
+        self.streams: dict[int, StreamState] = {}
+        self.stream_totals = StreamTotals()
+        metrics.watch_streams(self.stream_totals)
+        self.holding: set[int] = set()  # tickets whose Supervisor was told ReaderHold(True)
+        self.lingering: set[int] = set()  # answered tickets whose reply waits for the caller
         self.max_connections = max_connections
         self.guard: ConnectionGuard | None = None
         # None: accepting. Else (code, message) every new task is refused with:
@@ -168,7 +197,12 @@ class IntakeServer:
 
     def post(self, ticket: int, reply: TaskReply) -> None:
         """Hand an answer to the server thread; callable from any thread."""
-        self.posted.put((ticket, reply))
+        self.forward(Answer(ticket, reply))
+
+    def forward(self, message: Answer | TaskStarted | OutputChunk) -> None:
+        """Hand a streaming task's TaskStarted or OutputChunk (or an Answer) to
+        the server thread, after everything forwarded before it."""
+        self.posted.put(message)
         self._wake()
 
     def _wake(self) -> None:
@@ -184,6 +218,8 @@ class IntakeServer:
             self._thread.join(10)
 
     def unanswered(self) -> int:
+        """Tasks whose reply has not gone out (answered streaming tasks whose
+        caller is behind or gone included)."""
         return len(self.ledger)
 
     def _run(self) -> None:
@@ -212,7 +248,7 @@ class IntakeServer:
         poller.register(self._wake_reader, zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll(guard.poll_timeout_ms()))
+                events = dict(poller.poll(self._poll_timeout_ms()))
                 if not events:
                     guard.tick()
                 if self._wake_reader.fileno() in events:
@@ -225,9 +261,20 @@ class IntakeServer:
                         return
                 if router in events or guard.monitor in events:
                     guard.pump(lambda: self._read_requests(router))
+                if self.holding or self.lingering:
+                    self._watch_streams(time.monotonic())
         finally:
             guard.close(router.close)
             self.admission.close()
+
+    def _poll_timeout_ms(self) -> int | None:
+        """Until the guard wants a tick or the first lingering reply expires."""
+        timeout = self.guard.poll_timeout_ms()
+        if self.lingering:
+            first = min(self.streams[ticket].deadline() for ticket in self.lingering)
+            linger_ms = max(0, int((first - time.monotonic()) * 1000) + 1)
+            timeout = linger_ms if timeout is None else min(timeout, linger_ms)
+        return timeout
 
     def _read_requests(self, router) -> bool:
         """Handle up to READ_BATCH requests; True if the ROUTER is read empty."""
@@ -249,46 +296,78 @@ class IntakeServer:
         return False
 
     def _deliver_posted(self) -> bool:
-        """Send every posted answer; False once STOP was among them."""
+        """Take what was posted, up to POSTED_BATCH (all of it once STOP
+        came), then send what it allows; False once STOP was among it."""
+        touched: set[int] = set()  # streaming tickets to send for
+        running = True
+        taken = 0
         while True:
+            if running and taken >= POSTED_BATCH:
+                self._wake()  # the rest on the next turn, after the sockets'
+                break
             try:
                 item = self.posted.get_nowait()
             except queue.Empty:
-                return True
+                break
+            taken += 1
             if item is STOP:
-                self._deliver_posted()  # answers posted before STOP still go out
-                return False
-            self._deliver(item[0], item[1])
+                running = False  # what was posted before it still goes out
+            elif isinstance(item, Answer):
+                self._deliver(item.ticket, item.reply)
+            elif isinstance(item, OutputChunk):
+                self._output(item, touched)
+            elif isinstance(item, TaskStarted):
+                self._started(item, touched)
+            else:
+                log.error("intake server ignores %r", item)
+        for ticket in touched:
+            self._pump(ticket)
+        return running
 
     def _answer_the_rest(self) -> None:
-        """At shutdown: what no actor answered is answered here, once."""
+        """At shutdown: what no actor answered is answered here, once; a
+        streaming task's output still held goes first, whatever the window."""
         for ticket, entry in list(self.ledger.items()):
-            self._deliver(ticket, error_reply(
-                entry.task_id, ErrorCode.CANCELLED, "corrald stopped before this task finished"))
+            state = self.streams.get(ticket)
+            if state is None or state.reply is None:
+                self._deliver(ticket, error_reply(
+                    entry.task_id, ErrorCode.CANCELLED, "corrald stopped before this task finished"))
+            if ticket in self.streams:
+                self._flush(ticket)
 
     def _send(self, conn: Connection, routing_id: bytes, reply) -> None:
         """`reply` over `conn` only; if it is gone, nowhere (counted)."""
-        if not self.guard.send(conn, [routing_id, *envelope.build(PROTOCOL_TAG, codec.encode(reply))]):
+        if not self._send_to(conn, routing_id, reply):
             self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
             log.info("an answer (%s) for a caller that has gone was dropped",
                      getattr(reply, "task_id", None) or "status")
 
+    def _send_to(self, conn: Connection, routing_id: bytes, message) -> bool:
+        return self.guard.send(conn, [routing_id, *envelope.build(PROTOCOL_TAG, codec.encode(message))])
+
     def _request(self, frames: list[bytes], user: bytes | None, conn: Connection,
                  caller: str = "") -> None:
-        identity = frames[0]
-        self._check_routing_id(identity, conn, caller)
+        routing_id = frames[0]
+        self._check_routing_id(routing_id, conn, caller)
         try:
             payload = envelope.parse(PROTOCOL_TAG, frames[1:])
         except envelope.MalformedEnvelope as e:
             self.metrics.rejected.labels(ErrorCode.INVALID_REQUEST).inc()
-            return self._send(conn, identity, error_reply("", ErrorCode.INVALID_REQUEST, str(e)))
+            return self._send(conn, routing_id, error_reply("", ErrorCode.INVALID_REQUEST, str(e)))
         try:
             request = codec.decode(payload, CLIENT_TO_DAEMON)
         except ProtocolError as e:
             self.metrics.rejected.labels(ErrorCode.INVALID_REQUEST).inc()
-            return self._send(conn, identity, error_reply("", ErrorCode.INVALID_REQUEST, f"undecodable request: {e}"))
+            return self._send(conn, routing_id, error_reply("", ErrorCode.INVALID_REQUEST,
+                                                            f"undecodable request: {e}"))
         if isinstance(request, StatusRequest):
-            return self._send(conn, identity, self._status(request.request_id))
+            return self._send(conn, routing_id, self._status(request.request_id))
+        if isinstance(request, StreamAck):
+            return self._ack(request, conn)
+        if isinstance(request, TaskStdin):
+            return self._stdin(request, conn, routing_id)
+        if isinstance(request, TaskAttach):
+            return self._attach(request, user, conn, routing_id, caller)
         try:
             refusal = self.refusal
             if refusal is not None:
@@ -297,34 +376,205 @@ class IntakeServer:
                 raise Rejected(ErrorCode.DUPLICATE_TASK, f"task {request.task_id!r} is already in flight")
             request = validate(request, self.limits)
             ticket = next(self.tickets)
-            self.admission.admit(user, request, ticket)
+            name = self.admission.admit(user, request, ticket)
         except Rejected as e:
             self.metrics.rejected.labels(e.code).inc()
-            return self._send(conn, identity, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
-        self.ledger[ticket] = LedgerEntry(conn, identity, request.task_id)
-        self.in_flight.add((conn.id, request.task_id))
-        holder = self.routing_ids.get(identity)
-        self.routing_ids[identity] = (holder[0], holder[1], holder[2] + 1) if holder else (conn, caller, 1)
+            return self._send(conn, routing_id, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
+        self._bind(ticket, LedgerEntry(conn, routing_id, request.task_id, name), caller)
+        self.by_identity.setdefault((name, request.task_id), set()).add(ticket)
+        if request.stream or request.stdin_open:
+            self.streams[ticket] = StreamState(request.task_id, self.limits.streams, request.stdin_open,
+                                               len(request.stdin), self.stream_totals)
         self.metrics.accepted.inc()
         if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
             self._deliver(ticket, error_reply(
                 request.task_id, ErrorCode.UNAVAILABLE, "the scheduler is restarting; retry"))
 
-    def _deliver(self, ticket: int, reply: TaskReply) -> None:
-        """The one answer for `ticket`; any later one finds no ledger entry."""
+    def _bind(self, ticket: int, entry: LedgerEntry, caller: str) -> None:
+        """`entry` is where the answer for `ticket` goes."""
+        self.ledger[ticket] = entry
+        self.in_flight[(entry.conn.id, entry.task_id)] = ticket
+        holder = self.routing_ids.get(entry.routing_id)
+        self.routing_ids[entry.routing_id] = (holder[0], holder[1], holder[2] + 1) if holder else (
+            entry.conn, caller, 1)
+
+    def _unbind(self, ticket: int) -> LedgerEntry | None:
         entry = self.ledger.pop(ticket, None)
         if entry is None:
-            self.metrics.duplicate_answers.inc()
-            log.error("second answer for ticket %d dropped", ticket)
-            return
-        self.in_flight.discard((entry.conn.id, entry.task_id))
+            return None
+        self.in_flight.pop((entry.conn.id, entry.task_id), None)
         holder = self.routing_ids.pop(entry.routing_id, None)
         if holder is not None and holder[2] > 1:
             self.routing_ids[entry.routing_id] = (holder[0], holder[1], holder[2] - 1)
+        return entry
+
+    def _release(self, ticket: int) -> LedgerEntry | None:
+        """`ticket` is done: its reply went out or never will."""
+        entry = self._unbind(ticket)
+        if entry is not None:
+            tickets = self.by_identity.get((entry.identity, entry.task_id))
+            if tickets is not None:
+                tickets.discard(ticket)
+                if not tickets:
+                    del self.by_identity[(entry.identity, entry.task_id)]
+        state = self.streams.pop(ticket, None)
+        if state is not None:
+            state.close()
+        self.holding.discard(ticket)
+        self.lingering.discard(ticket)
+        return entry
+
+    def _deliver(self, ticket: int, reply: TaskReply) -> None:
+        """The one answer for `ticket`; any later one finds no ledger entry
+        (or, for a streaming task, a reply already waiting) and is dropped."""
+        entry = self.ledger.get(ticket)
+        state = self.streams.get(ticket)
+        if entry is None or (state is not None and state.reply is not None):
+            self.metrics.duplicate_answers.inc()
+            log.error("second answer for ticket %d dropped", ticket)
+            return
         self.admission.answered(ticket, reply)
         self.metrics.tasks.labels(reply.error_code or "completed").inc()
         self.metrics.outcomes.labels(reply.outcome).inc()
-        self._send(entry.conn, entry.routing_id, reply)
+        if state is None:
+            self._release(ticket)
+            self._send(entry.conn, entry.routing_id, reply)
+            return
+        state.answer(reply, time.monotonic())
+        self._pump(ticket)
+
+    # --- streams -----------------------------------------------------------------
+
+    def _output(self, chunk: OutputChunk, touched: set[int]) -> None:
+        state = self.streams.get(chunk.ticket)
+        if state is None:  # its reply is out (or it never streamed): nobody to give it to
+            self.stream_totals.dropped["late"] += len(chunk.data)
+            return
+        if state.connected and self.ledger[chunk.ticket].conn.closed:
+            state.disconnected()  # before it is added: a ring from now on
+        state.add(chunk.stream, chunk.offset, chunk.data)
+        touched.add(chunk.ticket)
+
+    def _started(self, started: TaskStarted, touched: set[int]) -> None:
+        state = self.streams.get(started.ticket)
+        if state is None:
+            return
+        for data, eof in state.started(started.supervisor):
+            send(started.supervisor, StdinChunk(started.ticket, data, eof))
+        touched.add(started.ticket)
+
+    def _pump(self, ticket: int) -> None:
+        """Send a streaming task what its window allows, tell its Supervisor
+        to hold or resume, and send its reply once every chunk is out."""
+        state = self.streams.get(ticket)
+        entry = self.ledger.get(ticket)
+        if state is None or entry is None:
+            return
+        if state.connected and entry.conn.closed:
+            state.disconnected()
+        totals = self.stream_totals
+        for chunk in state.sendable():
+            output = TaskOutput(task_id=entry.task_id, stream=chunk.stream, offset=chunk.offset, data=chunk.data)
+            if not self._send_to(entry.conn, entry.routing_id, output):
+                state.disconnected()
+                break
+            totals.chunks_sent += 1
+            totals.bytes_sent += len(chunk.data)
+        held = state.hold_change()
+        if held is not None:
+            (self.holding.add if held else self.holding.discard)(ticket)
+            send(state.supervisor, ReaderHold(ticket, held))
+        if state.reply is None:
+            return
+        if state.reply_ready():
+            if self._send_to(entry.conn, entry.routing_id, state.reply):
+                self._release(ticket)
+                return
+            state.disconnected()
+        self.lingering.add(ticket)
+
+    def _flush(self, ticket: int) -> None:
+        """corrald is stopping: every chunk still held, then the reply, if the caller is there."""
+        state = self.streams[ticket]
+        entry = self.ledger[ticket]
+        if state.connected and entry.conn.closed:
+            state.disconnected()
+        for chunk in state.drain():
+            if not self._send_to(entry.conn, entry.routing_id, TaskOutput(
+                    task_id=entry.task_id, stream=chunk.stream, offset=chunk.offset, data=chunk.data)):
+                state.disconnected()
+                break
+        reply = state.reply
+        self._release(ticket)
+        if state.connected:
+            self._send(entry.conn, entry.routing_id, reply)
+        else:
+            self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
+
+    def _watch_streams(self, now: float) -> None:
+        """A held caller whose connection went must not keep its VM held;
+        a reply that waited its linger out is dropped."""
+        for ticket in list(self.holding):
+            entry = self.ledger.get(ticket)
+            if entry is None or entry.conn.closed:
+                self._pump(ticket)
+        for ticket in list(self.lingering):
+            state = self.streams[ticket]
+            if now < state.deadline():
+                continue
+            entry = self._release(ticket)
+            self.stream_totals.replies_expired += 1
+            self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
+            log.info("task %r: its caller took nothing for %g s after it ended: %d bytes of output and "
+                     "its reply dropped", entry.task_id, self.limits.streams.linger_s, state.buffered)
+
+    def _ack(self, ack: StreamAck, conn: Connection) -> None:
+        """A StreamAck: never answered (an ack may cross the reply, or come after it)."""
+        ticket = self.in_flight.get((conn.id, ack.task_id))
+        state = self.streams.get(ticket) if ticket is not None else None
+        if state is None:
+            self.stream_totals.acks_ignored += 1
+            return
+        state.ack(ack.stdout_offset, ack.stderr_offset, time.monotonic())
+        self._pump(ticket)
+
+    def _stdin(self, stdin: TaskStdin, conn: Connection, routing_id: bytes) -> None:
+        """A TaskStdin for a task of this connection; for none, unknown_task
+        (for a live task never a TaskReply: the caller would take it for the answer)."""
+        ticket = self.in_flight.get((conn.id, stdin.task_id))
+        if ticket is None:
+            self.stream_totals.stdin_refused["unknown_task"] += 1
+            return self._send(conn, routing_id, error_reply(stdin.task_id, ErrorCode.UNKNOWN_TASK, UNKNOWN_TASK))
+        state = self.streams.get(ticket)
+        if state is None:  # a task that neither streams nor took stdin_open
+            self.stream_totals.stdin_refused["not_open"] += 1
+            return
+        for data, eof in state.stdin(stdin.data, stdin.eof):
+            send(state.supervisor, StdinChunk(ticket, data, eof))
+
+    def _attach(self, attach: TaskAttach, user: bytes | None, conn: Connection, routing_id: bytes,
+                caller: str) -> None:
+        """Move a task of this identity to this connection and send again
+        what is held from the offsets asked. Unknown, or another identity's:
+        the same unknown_task."""
+        try:
+            name = self.admission.identity_of(user).name
+        except Rejected:
+            name = None
+        tickets = self.by_identity.get((name, attach.task_id)) if name is not None else None
+        if not tickets:
+            self.stream_totals.attaches["unknown_task"] += 1
+            return self._send(conn, routing_id, error_reply(attach.task_id, ErrorCode.UNKNOWN_TASK, UNKNOWN_TASK))
+        ticket = self.in_flight.get((conn.id, attach.task_id))
+        if ticket is None:  # of its tasks with this id, one whose connection is gone first, then the oldest
+            ticket = min(tickets, key=lambda t: (not self.ledger[t].conn.closed, t))
+            entry = self._unbind(ticket)
+            self._bind(ticket, dataclasses.replace(entry, conn=conn, routing_id=routing_id), caller)
+        self.stream_totals.attaches["resumed"] += 1
+        state = self.streams.get(ticket)
+        if state is not None:
+            state.attach(attach.stdout_offset, attach.stderr_offset, time.monotonic())
+            self._pump(ticket)
 
     def _check_routing_id(self, routing_id: bytes, conn: Connection, caller: str) -> None:
         """Count a request whose routing id another connection's unanswered tasks use."""

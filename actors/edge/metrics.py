@@ -123,6 +123,11 @@ class Metrics:
         """Budgets per identity, read at scrape time (`snapshot` is BudgetLedger.snapshot)."""
         self.registry.register(BudgetCollector(snapshot))
 
+    def watch_streams(self, totals) -> None:
+        """Streaming tasks' output and stdin, read from the IntakeServer's
+        StreamTotals (actors/edge/streams.py) at scrape time."""
+        self.registry.register(StreamCollector(totals))
+
     def gauge_values(self, gauge: Gauge) -> dict[str, int]:
         return {sample.labels[gauge._labelnames[0]]: int(sample.value)
                 for metric in gauge.collect() for sample in metric.samples}
@@ -155,6 +160,53 @@ class IoGuardCollector:
                  "Guest channels not read until their frame fits under ioguard.max_partial_bytes")):
             family = family_type(name, help_text)
             family.add_metric([], float(totals.get(key, 0)))
+            yield family
+
+
+class StreamCollector:
+    """Streams (actors/edge/streams.py): what is held for callers now, what
+    was sent, dropped, held and refused since start."""
+
+    DROP_REASONS = ("absent_reader", "overflow", "lost", "late")
+    STDIN_REFUSALS = ("over_cap", "held_total", "not_open", "closed", "unknown_task")
+    ATTACH_RESULTS = ("resumed", "unknown_task")
+
+    def __init__(self, totals):
+        self.totals = totals
+
+    def collect(self):
+        t = self.totals
+        for family_type, name, value, help_text in (
+                (GaugeMetricFamily, "corral_stream_buffered_bytes", t.buffered,
+                 "Output held for streaming tasks' callers, sent and not acknowledged or not sent yet"),
+                (GaugeMetricFamily, "corral_stream_stdin_held_bytes", t.stdin_held,
+                 "Stdin held for streaming tasks whose command has not started"),
+                (CounterMetricFamily, "corral_stream_chunks_sent", t.chunks_sent,
+                 "TaskOutput frames sent to callers (again after an attach included)"),
+                (CounterMetricFamily, "corral_stream_sent_bytes", t.bytes_sent, "Output bytes sent in TaskOutput frames"),
+                (CounterMetricFamily, "corral_stream_reader_holds", t.reader_holds,
+                 "Times a caller so far behind held its task's VM channel (ReaderHold)"),
+                (CounterMetricFamily, "corral_stream_stdin_forwarded_bytes", t.stdin_forwarded,
+                 "TaskStdin bytes told to the task's Supervisor"),
+                (CounterMetricFamily, "corral_stream_acks_ignored", t.acks_ignored,
+                 "StreamAcks for no task of that connection (after its reply, or unknown)"),
+                (CounterMetricFamily, "corral_stream_replies_expired", t.replies_expired,
+                 "Replies of ended streaming tasks dropped after tasks.stream_linger_s without their caller")):
+            family = family_type(name, help_text)
+            family.add_metric([], float(value))
+            yield family
+        for name, counts, label, values, help_text in (
+                ("corral_stream_dropped_bytes", t.dropped, "reason", self.DROP_REASONS,
+                 "Output a caller will never get, by reason: absent_reader (its connection was gone and the "
+                 "buffer full), overflow (past the buffer while the VM was held), lost (never reached "
+                 "corrald), late (after the task's answer)"),
+                ("corral_stream_stdin_refused", t.stdin_refused, "reason", self.STDIN_REFUSALS,
+                 "TaskStdin frames cut or ignored, by reason (over_cap, held_total: cut and the stdin closed)"),
+                ("corral_stream_attaches", t.attaches, "result", self.ATTACH_RESULTS,
+                 "TaskAttach frames, by result")):
+            family = CounterMetricFamily(name, help_text, labels=[label])
+            for value in values:
+                family.add_metric([value], float(counts.get(value, 0)))
             yield family
 
 

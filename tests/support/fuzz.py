@@ -15,7 +15,8 @@ Properties checked on every example:
            returns is exactly a prefix of the payloads that were framed; after
            an error it stays poisoned.
   requests Intake's request handler never raises, and sends exactly one
-           decodable reply to the caller, whatever the frames.
+           decodable reply to the caller, whatever the frames (none to a
+           well-formed StreamAck, which is never answered).
   guest_output
            a real Supervisor (its libvirt, timers and neighbours stand-ins)
            running a task, streaming or not, fed a command's Output chunks
@@ -49,7 +50,8 @@ from protocol.channel import codec, messages as guest
 from protocol.channel.errors import DecoderPoisoned, ProtocolError
 from protocol.channel.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
 from protocol.wire import envelope
-from protocol.wire.tasks import DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, TaskRequest
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, StreamAck, TaskAttach,
+                                 TaskRequest, TaskStdin)
 
 MAX_PAYLOAD = 512  # small, so oversize lengths are common
 BATCH = settings(max_examples=50, deadline=None, database=None, derandomize=False,
@@ -168,9 +170,24 @@ request_strategy = st.one_of(
         stdin=st.binary(max_size=8),
         timeout_ms=st.sampled_from([0, 1, 60_000, 3_600_001, 0xFFFFFFFF]),
         output_cap=st.sampled_from([0, 1, 1 << 20, (16 << 20) + 1]),
-        capabilities=st.lists(st.sampled_from(CAPABILITIES), max_size=3).map(tuple)),
+        capabilities=st.lists(st.sampled_from(CAPABILITIES), max_size=3).map(tuple),
+        stream=st.booleans(), stdin_open=st.booleans()),
     st.builds(StatusRequest, request_id=st.text(max_size=8)),
+    st.builds(TaskStdin, task_id=st.text(max_size=8), data=st.binary(max_size=8), eof=st.booleans()),
+    st.builds(StreamAck, task_id=st.text(max_size=8), stdout_offset=st.integers(0, 2**64 - 1),
+              stderr_offset=st.integers(0, 2**64 - 1)),
+    st.builds(TaskAttach, task_id=st.text(max_size=8), stdout_offset=st.integers(0, 2**64 - 1),
+              stderr_offset=st.integers(0, 2**64 - 1)),
 )
+
+
+def _is_stream_ack(frames: list[bytes]) -> bool:
+    """Frames a caller sends that carry a valid StreamAck (never answered)."""
+    try:
+        payload = envelope.parse(PROTOCOL_TAG, frames)
+        return isinstance(codec.decode(payload, CLIENT_TO_DAEMON), StreamAck)
+    except (envelope.MalformedEnvelope, ProtocolError):
+        return False
 
 
 def check_request(tally: Tally, server, draw) -> None:
@@ -182,13 +199,17 @@ def check_request(tally: Tally, server, draw) -> None:
         frames = [b"caller"] + [mutate(f, draw) for f in frames[1:draw(st.integers(2, 5))]]
     server.guard = guard = RecordingGuard()
     server._request(frames, None, Connection(0, fd=-1))  # must not raise
+    if _is_stream_ack(frames[1:]):
+        assert guard.sent == [], "a StreamAck was answered"
+        tally.examples += 1
+        return
     assert len(guard.sent) == 1, f"{len(guard.sent)} replies to one request"
     identity, *frames = guard.sent[0]
     assert identity == b"caller"
     decoded = codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
     if getattr(decoded, "error_code", ""):
         tally.errors_seen += 1
-    assert server.unanswered() == 0 and not server.in_flight
+    assert server.unanswered() == 0 and not server.in_flight and not server.streams
     tally.examples += 1
 
 

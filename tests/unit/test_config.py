@@ -9,6 +9,8 @@ def test_defaults_load_and_are_typed():
     assert cfg.vm.accelerator == "auto"
     assert cfg.state_dir.is_absolute()
     assert cfg.daemon.endpoint.startswith("ipc://")
+    assert (cfg.tasks.stream_window_bytes, cfg.tasks.stream_buffer_bytes) == (256 << 10, 1 << 20)
+    assert (cfg.tasks.stream_linger_s, cfg.tasks.max_stdin_bytes) == (30.0, 8 << 20)
 
 
 def test_site_file_overrides_defaults(tmp_path):
@@ -41,6 +43,13 @@ def test_site_file_overrides_defaults(tmp_path):
     ({"budget": {"priority_costs": {"urgent": 1.0}}}, "config: unknown key budget.priority_costs.urgent"),
     ({"ioguard": {"max_partial_bytes": 1 << 20}},
      "config: ioguard.max_partial_bytes = 1048576 is out of range (2097152..1099511627776)"),
+    ({"tasks": {"stream_window_bytes": 1024}},
+     "config: tasks.stream_window_bytes = 1024 is out of range (4096..16777216)"),
+    ({"tasks": {"stream_linger_s": -1}}, "config: tasks.stream_linger_s = -1.0 is out of range (0..3600)"),
+    ({"tasks": {"max_stdin_bytes": 9 << 20}},
+     "config: tasks.max_stdin_bytes = 9437184 is out of range (0..8388608)"),
+    ({"tasks": {"stream_buffer_bytes": 128 << 10, "stream_window_bytes": 256 << 10}},
+     "config: tasks.stream_buffer_bytes must be at least tasks.stream_window_bytes"),
     # A 10 % quota pauses a busy vCPU up to 0.9 s: an honest frame may span that.
     ({"vm": {"cpu_quota_pct": 10}}, "config: ioguard.frame_stall_s = 1 must be at least twice the longest "
                                     "vCPU pause the CPU quotas allow (0.9 s)"),

@@ -1,0 +1,175 @@
+"""Streaming tasks at Intake with no VM: a real IntakeServer and Intake actor,
+a recording Scheduler, raw DEALER callers that speak the stream frames, and
+the test standing in for a Supervisor (TaskStarted, OutputChunk, Answer
+told to the Intake actor, as a Supervisor does; a recording actor receives
+what the server tells the Supervisor: ReaderHold, StdinChunk)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import pykka
+import zmq
+import zmq.auth
+
+from actors.directory import Directory
+from actors.edge.identity import Admission
+from actors.edge.intake_server import IntakeServer, TaskLimits
+from actors.edge.metrics import Metrics
+from actors.intake import Intake
+from actors.messages import OutputChunk, ReaderHold, StdinChunk, TaskStarted
+from protocol.channel import codec
+from protocol.channel.constants import STDERR, STDOUT
+from protocol.wire import envelope
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StreamAck, TaskAttach, TaskOutput, TaskReply,
+                                 TaskStdin, error_reply)
+from tests.support.intake import LIMITS, request
+from tests.support.probe import Recorder, wait_for
+
+
+@contextmanager
+def stream_world(socket_dir, limits: TaskLimits = LIMITS, admission: Admission | None = None):
+    """(directory, server, scheduler recorder, metrics)."""
+    directory = Directory()
+    metrics = Metrics()
+    server = IntakeServer(f"ipc://{socket_dir}/intake.sock", limits, metrics, directory, admission)
+    directory.answer_fallback = server.post
+    server.start()
+    scheduler = Recorder.start()
+    directory["scheduler"] = scheduler
+    directory["intake"] = Intake.start(server, directory)
+    try:
+        yield directory, server, scheduler, metrics
+    finally:
+        pykka.ActorRegistry.stop_all()
+        server.stop()
+
+
+class Caller:
+    """A raw DEALER: sends caller frames, receives TaskOutput and TaskReply,
+    and keeps each task's streams, checking that every chunk starts where the
+    last one ended (nothing lost, nothing repeated) unless `gaps` allows it."""
+
+    def __init__(self, endpoint: str, key: str | None = None, server_public: str | None = None, **options):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if key is not None:
+            server_key, _ = zmq.auth.load_certificate(server_public)
+            public, secret = zmq.auth.load_certificate(key)
+            self.sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        for name, value in options.items():
+            self.sock.setsockopt(getattr(zmq, name), value)
+        self.sock.connect(endpoint)
+        self.got: dict[str, dict[int, bytearray]] = {}
+        self.gaps: dict[str, dict[int, int]] = {}
+        self.replies: dict[str, TaskReply] = {}
+        self.order: list = []  # ("out", task_id, stream, offset) / ("reply", task_id), as received
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def send(self, message) -> None:
+        self.sock.send_multipart(envelope.build(PROTOCOL_TAG, codec.encode(message)))
+
+    def submit(self, task_id: str = "t", stream: bool = True, **fields) -> None:
+        self.send(request(task_id, stream=stream, **fields))
+
+    def ack(self, task_id: str = "t") -> None:
+        self.send(StreamAck(task_id, *self.offsets(task_id)))
+
+    def stdin(self, data: bytes, eof: bool = False, task_id: str = "t") -> None:
+        self.send(TaskStdin(task_id, data, eof))
+
+    def attach(self, task_id: str = "t", offsets: tuple[int, int] | None = None) -> None:
+        self.send(TaskAttach(task_id, *(offsets if offsets is not None else self.offsets(task_id))))
+
+    def offsets(self, task_id: str = "t") -> tuple[int, int]:
+        return tuple(len(self.got.get(task_id, {}).get(s, b"")) + self.gaps.get(task_id, {}).get(s, 0)
+                     for s in (STDOUT, STDERR))
+
+    def stream(self, stream: int, task_id: str = "t") -> bytes:
+        return bytes(self.got.get(task_id, {}).get(stream, b""))
+
+    def recv(self, timeout_s: float = 5.0, allow_gaps: bool = False):
+        """The next frame, decoded and recorded; None if none came in time."""
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        message = codec.decode(envelope.parse(PROTOCOL_TAG, self.sock.recv_multipart()), DAEMON_TO_CLIENT)
+        if isinstance(message, TaskOutput):
+            got = self.got.setdefault(message.task_id, {STDOUT: bytearray(), STDERR: bytearray()})
+            gaps = self.gaps.setdefault(message.task_id, {STDOUT: 0, STDERR: 0})
+            have = len(got[message.stream]) + gaps[message.stream]
+            assert message.task_id not in self.replies, f"output of {message.task_id!r} after its reply"
+            assert message.offset >= have, f"{message.task_id} stream {message.stream}: offset " \
+                                           f"{message.offset} repeats bytes (have {have})"
+            assert allow_gaps or message.offset == have, f"{message.task_id} stream {message.stream}: " \
+                                                         f"{message.offset - have} bytes lost before {message.offset}"
+            gaps[message.stream] += message.offset - have
+            got[message.stream] += message.data
+            self.order.append(("out", message.task_id, message.stream, message.offset))
+        elif isinstance(message, TaskReply):
+            assert message.task_id not in self.replies, f"a second reply for {message.task_id!r}"
+            self.replies[message.task_id] = message
+            self.order.append(("reply", message.task_id))
+        return message
+
+    def read(self, quiet_s: float = 0.3, **kwargs) -> list:
+        """Every frame until none came for `quiet_s`."""
+        frames = []
+        while (message := self.recv(quiet_s, **kwargs)) is not None:
+            frames.append(message)
+        return frames
+
+    def read_to_reply(self, task_id: str = "t", timeout_s: float = 10.0, ack: bool = True, **kwargs) -> TaskReply:
+        """Read (acknowledging as it goes) until the task's reply."""
+        deadline = time.monotonic() + timeout_s
+        while task_id not in self.replies:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no reply for {task_id!r}; have {self.offsets(task_id)}"
+            message = self.recv(min(left, 0.2), **kwargs)
+            if ack and (message is None or isinstance(message, TaskOutput)):
+                self.ack(task_id)
+        return self.replies[task_id]
+
+
+class Producer:
+    """Stands in for the Supervisor of one task: tells Intake what a
+    Supervisor would; `supervisor` records what the server tells it."""
+
+    def __init__(self, directory: Directory, ticket: int):
+        self.directory = directory
+        self.ticket = ticket
+        self.offsets = {STDOUT: 0, STDERR: 0}
+        self.written = {STDOUT: bytearray(), STDERR: bytearray()}
+        self.chunks: list[tuple[int, int]] = []  # (stream, offset) as told
+        self.supervisor = Recorder.start()
+
+    def start(self) -> None:
+        self.directory.tell("intake", TaskStarted(self.ticket, self.supervisor))
+
+    def out(self, data: bytes, stream: int = STDOUT) -> None:
+        self.directory.tell("intake", OutputChunk(self.ticket, stream, self.offsets[stream], data))
+        self.chunks.append((stream, self.offsets[stream]))
+        self.offsets[stream] += len(data)
+        self.written[stream] += data
+
+    def answer(self, task_id: str = "t", **fields) -> None:
+        reply = codec.replace(error_reply(task_id, "", ""), exit_code=0, outcome="completed")
+        self.directory.answer(self.ticket, codec.replace(reply, **fields) if fields else reply)
+
+    def told(self) -> list:
+        return list(self.supervisor.proxy().seen.get())
+
+    def holds(self) -> list[bool]:
+        return [m.held for m in self.told() if isinstance(m, ReaderHold)]
+
+    def stdin(self) -> list[tuple[bytes, bool]]:
+        return [(m.data, m.eof) for m in self.told() if isinstance(m, StdinChunk)]
+
+
+def accepted(scheduler, count: int = 1) -> list[int]:
+    """The tickets of the first `count` tasks that reached the Scheduler."""
+    return [submit.task.ticket for submit in wait_for(scheduler, count)[:count]]
