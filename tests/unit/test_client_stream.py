@@ -1,0 +1,236 @@
+"""Streaming tasks in the client library (Client.stream, Client.attach,
+TaskStream) and in `corral run` (output as it comes, -i), against the fake
+corrald of tests/support/fake_corrald.py: a real ROUTER the test scripts
+frame by frame."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
+from protocol.client.api import Client, StreamBroken, StreamChunk
+from protocol.wire.tasks import (MAX_STREAM_CHUNK, StreamAck, TaskAttach, TaskOutput, TaskRequest, TaskStdin,
+                                 error_reply)
+from tests.support.fake_corrald import FakeDaemon, framed, ok_reply
+from tests.support.waiting import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def no_client_thread_left_behind():
+    yield
+    assert [t.name for t in threading.enumerate() if t.name.startswith("corral-client")] == []
+
+
+def output(task_id: str, stream: int, offset: int, data: bytes) -> TaskOutput:
+    return TaskOutput(task_id=task_id, stream=stream, offset=offset, data=data)
+
+
+def first_request(daemon) -> tuple[bytes, TaskRequest | TaskAttach]:
+    """(the client's identity, its first message), once it arrived."""
+    wait_until(lambda: daemon.requests, 5, "the client's first message")
+    return daemon.senders[0], daemon.requests[0]
+
+
+# --- the client library ----------------------------------------------------------
+
+def test_chunks_come_in_order_then_the_reply(daemon, client):
+    def stream_then_answer(identity, request):
+        if not isinstance(request, TaskRequest):
+            return []
+        chunks = [output(request.task_id, STDOUT, 0, b"one\n"), output(request.task_id, STDERR, 0, b"warn\n"),
+                  output(request.task_id, STDOUT, 4, b"two\n")]
+        return [framed(identity, c) for c in chunks] + [framed(identity, ok_reply(request.task_id, exit_code=4))]
+
+    daemon.answer = stream_then_answer
+    task = client.stream(["sh", "-c", "x"], task_id="ordered", timeout_s=3)
+    assert list(task) == [StreamChunk(STDOUT, 0, b"one\n"), StreamChunk(STDERR, 0, b"warn\n"),
+                          StreamChunk(STDOUT, 4, b"two\n")]
+    reply = task.reply(5)
+    assert (reply.task_id, reply.exit_code) == ("ordered", 4)
+    [request] = daemon.of_type(TaskRequest)
+    assert (request.stream, request.stdin_open, request.timeout_ms) == (True, False, 3000)
+    assert task.dropped == {STDOUT: 0, STDERR: 0}
+
+
+def test_a_chunk_reaches_the_caller_before_the_task_ends(daemon, client):
+    task = client.stream(["slow"], task_id="live")
+    identity, _ = first_request(daemon)
+    daemon.push(framed(identity, output("live", STDOUT, 0, b"first\n")))
+    chunks = task.chunks(wait_s=5)
+    assert next(chunks) == StreamChunk(STDOUT, 0, b"first\n")
+    assert not task.done()
+    daemon.push(framed(identity, output("live", STDOUT, 6, b"second\n")), framed(identity, ok_reply("live")))
+    assert list(chunks) == [StreamChunk(STDOUT, 6, b"second\n")]
+    assert task.reply(5).exit_code == 0
+
+
+def test_consumed_output_is_acked_a_quarter_window_at_a_time_and_when_drained(daemon):
+    # A window of 40 bytes: an ack once 10 consumed bytes are unacked, or when
+    # the caller comes back for more and nothing is waiting.
+    with Client(daemon.endpoint, stream_window_bytes=40) as client:
+        task = client.stream(["x"], task_id="acks")
+        identity, _ = first_request(daemon)
+        daemon.push(framed(identity, output("acks", STDOUT, 0, b"a" * 10)),
+                    framed(identity, output("acks", STDERR, 0, b"b" * 5)),
+                    framed(identity, output("acks", STDOUT, 10, b"c" * 3)))
+        wait_until(lambda: task.buffered == 18, 5, "three chunks in the handle")
+        chunks = iter(task)
+        assert next(chunks).data == b"a" * 10
+        time.sleep(0.2)
+        assert daemon.of_type(StreamAck) == []  # handed out is not consumed yet
+        assert next(chunks).data == b"b" * 5  # the a's consumed: 10 bytes, a quarter window
+        wait_until(lambda: daemon.of_type(StreamAck), 5, "the first ack")
+        assert next(chunks).data == b"c" * 3  # 5 unacked, more waiting: no ack
+        with pytest.raises(TimeoutError):  # back for more, nothing waiting: ack all consumed
+            next(task.chunks(wait_s=0.3))
+        wait_until(lambda: len(daemon.of_type(StreamAck)) == 2, 5, "the second ack")
+        assert daemon.of_type(StreamAck) == [
+            StreamAck(task_id="acks", stdout_offset=10, stderr_offset=0),
+            StreamAck(task_id="acks", stdout_offset=13, stderr_offset=5)]
+        daemon.push(framed(identity, ok_reply("acks")))
+        assert list(chunks) == []
+        assert task.reply(5).task_id == "acks"
+        time.sleep(0.1)
+        assert len(daemon.of_type(StreamAck)) == 2  # nothing acked after the reply
+
+
+def test_the_reply_comes_after_chunks_sent_before_it_even_unread(daemon, client):
+    task = client.stream(["x"], task_id="late-reader")
+    identity, _ = first_request(daemon)
+    daemon.push(*(framed(identity, output("late-reader", STDOUT, i * 3, b"%03d" % i)) for i in range(50)),
+                framed(identity, ok_reply("late-reader", exit_code=2)))
+    assert task.reply(5).exit_code == 2
+    assert b"".join(chunk.data for chunk in task) == b"".join(b"%03d" % i for i in range(50))
+
+
+def test_write_and_close_stdin_send_task_stdin_frames_in_order(daemon, client):
+    task = client.stream(["cat"], stdin=b"first ", stdin_open=True, task_id="in")
+    task.write(b"x" * (MAX_STDIN_CHUNK + 10))
+    task.write(b"")  # nothing to send
+    task.close_stdin()
+    task.close_stdin()  # once only
+    with pytest.raises(ValueError, match="already closed"):
+        task.write(b"more")
+    wait_until(lambda: len(daemon.requests) == 4, 5, "the request and three stdin frames")
+    request, *stdin = daemon.requests
+    assert (request.stdin, request.stdin_open, request.stream) == (b"first ", True, True)
+    assert stdin == [TaskStdin(task_id="in", data=b"x" * MAX_STDIN_CHUNK, eof=False),
+                     TaskStdin(task_id="in", data=b"x" * 10, eof=False),
+                     TaskStdin(task_id="in", data=b"", eof=True)]
+    assert task.stdin_sent == len(b"first ") + MAX_STDIN_CHUNK + 10
+
+
+def test_stdin_is_bounded_per_task_and_needs_stdin_open(daemon, client):
+    closed = client.stream(["true"], task_id="no-stdin")
+    with pytest.raises(ValueError, match="stdin_open"):
+        closed.write(b"x")
+    task = client.stream(["cat"], stdin=b"12345", stdin_open=True, task_id="capped")
+    with pytest.raises(ValueError, match=f"limit of {MAX_STDIN} bytes"):
+        task.write(bytes(MAX_STDIN - 4))
+    task.write(bytes(MAX_STDIN - 5))  # exactly the limit, the request's stdin included
+    wait_until(lambda: sum(len(m.data) for m in daemon.of_type(TaskStdin)) == MAX_STDIN - 5, 10,
+               "every stdin byte within the limit")
+
+
+def test_stdin_after_the_reply_is_dropped(daemon, client):
+    daemon.answer = lambda identity, request: (
+        [framed(identity, ok_reply(request.task_id))] if isinstance(request, TaskRequest) else [])
+    task = client.stream(["true"], stdin_open=True, task_id="over")
+    assert task.reply(5).exit_code == 0
+    task.write(b"too late")
+    task.close_stdin()
+    time.sleep(0.2)
+    assert daemon.of_type(TaskStdin) == []
+
+
+def test_attach_asks_from_offsets_and_trims_or_counts_what_corrald_no_longer_matches(daemon, client):
+    def resend(identity, request):
+        assert request == TaskAttach(task_id="old", stdout_offset=100, stderr_offset=7)
+        # stdout resent from 90 (10 bytes we have), stderr from 20 (13 bytes gone).
+        return [framed(identity, output("old", STDOUT, 90, b"0123456789abc")),
+                framed(identity, output("old", STDOUT, 80, b"seen before")),  # wholly before: dropped
+                framed(identity, output("old", STDERR, 20, b"err")),
+                framed(identity, output("old", STDOUT, 103, b"def")),
+                framed(identity, ok_reply("old", exit_code=1))]
+
+    daemon.answer = resend
+    task = client.attach("old", stdout_offset=100, stderr_offset=7)
+    assert list(task.chunks(wait_s=5)) == [StreamChunk(STDOUT, 100, b"abc"), StreamChunk(STDERR, 20, b"err"),
+                                           StreamChunk(STDOUT, 103, b"def")]
+    assert task.dropped == {STDOUT: 0, STDERR: 13}
+    assert task.reply(5).exit_code == 1
+
+
+def test_attach_to_an_unknown_task_ends_with_its_error(daemon, client):
+    daemon.answer = lambda identity, request: [framed(identity, error_reply(
+        request.task_id, "unknown_task", "no task 'gone' in flight for this identity"))]
+    task = client.attach("gone")
+    assert list(task.chunks(wait_s=5)) == []
+    assert task.reply(5).error_code == "unknown_task"
+
+
+def test_a_dropped_connection_ends_the_stream_with_connection_lost(tmp_path):
+    fake = FakeDaemon(f"ipc://{tmp_path}/d.sock")
+    with Client(fake.endpoint) as client:
+        task = client.stream(["sleep", "60"], task_id="cut")
+        identity, _ = first_request(fake)
+        fake.push(framed(identity, output("cut", STDOUT, 0, b"before ")),
+                  framed(identity, output("cut", STDOUT, 7, b"the cut")))
+        wait_until(lambda: task.buffered == 14, 5, "both chunks")
+        fake.stop()  # as a crash would
+        assert b"".join(chunk.data for chunk in task.chunks(wait_s=5)) == b"before the cut"
+        reply = task.reply(5)
+        assert (reply.error_code, reply.outcome) == ("connection_lost", "unknown")
+
+
+def test_output_beyond_the_window_breaks_the_stream_not_the_client(daemon):
+    with Client(daemon.endpoint, stream_window_bytes=1024) as client:
+        task = client.stream(["yes"], task_id="flood")
+        identity, _ = first_request(daemon)
+        big = b"y" * MAX_STREAM_CHUNK
+        daemon.push(framed(identity, output("flood", STDOUT, 0, b"ok")),
+                    framed(identity, output("flood", STDOUT, 2, big)),
+                    framed(identity, output("flood", STDOUT, 2 + len(big), big)),  # past window + one chunk
+                    framed(identity, ok_reply("flood")))
+        assert task.reply(5).exit_code == 0
+        chunks = task.chunks(wait_s=5)
+        assert [len(next(chunks).data) for _ in range(2)] == [2, MAX_STREAM_CHUNK]
+        with pytest.raises(StreamBroken, match="beyond the window of 1024 bytes"):
+            next(chunks)
+        daemon.answer = lambda identity, request: [framed(identity, ok_reply(request.task_id, exit_code=3))]
+        assert client.run(["true"], wait_s=5).exit_code == 3  # the client lives on
+
+
+def test_output_for_a_task_nobody_streams_is_ignored(daemon, client):
+    daemon.answer = lambda identity, request: [framed(identity, output("stranger", STDOUT, 0, b"??")),
+                                               framed(identity, ok_reply(request.task_id, stdout=b"plain"))]
+    assert client.run(["true"], wait_s=5).stdout == b"plain"
+    assert daemon.requests[0].stream is False  # submit()/run() do not stream
+
+
+def test_a_deadline_on_the_chunks_then_abandon(daemon, client):
+    task = client.stream(["sleep", "9"], task_id="slow")
+    with pytest.raises(TimeoutError, match=f"no answer from corrald at {daemon.endpoint} within 0.2 s"):
+        list(task.chunks(wait_s=0.2))
+    task.abandon()
+    assert list(task) == []
+    with pytest.raises(TimeoutError, match="abandoned"):
+        task.reply(1)
+    identity, _ = first_request(daemon)
+    daemon.push(framed(identity, output("slow", STDOUT, 0, b"late")), framed(identity, ok_reply("slow")))
+    daemon.answer = lambda identity, request: [framed(identity, ok_reply(request.task_id, exit_code=5))]
+    assert client.run(["true"], task_id="slow", wait_s=5).exit_code == 5  # the id is free again
+
+
+def test_an_unreachable_corrald_ends_the_stream_at_once(tmp_path):
+    with Client(f"ipc://{tmp_path}/nobody.sock") as client:
+        task = client.stream(["true"])
+        assert list(task.chunks(wait_s=5)) == []
+        with pytest.raises(Exception, match="not running"):
+            task.reply(5)
