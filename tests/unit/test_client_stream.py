@@ -5,6 +5,10 @@ frame by frame."""
 
 from __future__ import annotations
 
+import io
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +17,7 @@ import pytest
 
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
 from protocol.client.api import Client, StreamBroken, StreamChunk
+from protocol.client.cli import main
 from protocol.wire.tasks import (MAX_STREAM_CHUNK, StreamAck, TaskAttach, TaskOutput, TaskRequest, TaskStdin,
                                  error_reply)
 from tests.support.fake_corrald import FakeDaemon, framed, ok_reply
@@ -234,3 +239,119 @@ def test_an_unreachable_corrald_ends_the_stream_at_once(tmp_path):
         assert list(task.chunks(wait_s=5)) == []
         with pytest.raises(Exception, match="not running"):
             task.reply(5)
+
+
+# --- the command line ------------------------------------------------------------
+
+def cli(daemon, *args: str) -> int:
+    return main(["run", "--endpoint", daemon.endpoint, "--wait", "5", *args])
+
+
+def test_cli_streams_each_stream_to_its_own_byte_for_byte(daemon, capsysbinary):
+    def answer(identity, request):
+        if not isinstance(request, TaskRequest):
+            return []
+        t = request.task_id
+        return [framed(identity, output(t, STDOUT, 0, b"out\xff\x00")), framed(identity, output(t, STDERR, 0, b"e1 ")),
+                framed(identity, output(t, STDOUT, 5, b"\n")), framed(identity, output(t, STDERR, 3, b"e2\n")),
+                framed(identity, ok_reply(t, exit_code=3))]
+
+    daemon.answer = answer
+    assert cli(daemon, "--", "sh", "-c", "x") == 3
+    assert capsysbinary.readouterr() == (b"out\xff\x00\n", b"e1 e2\n")
+    assert daemon.requests[0].stream is True and daemon.requests[0].stdin_open is False
+
+
+def test_cli_notes_truncation_and_timeout_after_streamed_output(daemon, capsysbinary):
+    daemon.answer = lambda identity, request: [] if not isinstance(request, TaskRequest) else [
+        framed(identity, output(request.task_id, STDOUT, 0, b"partial")),
+        framed(identity, error_reply(request.task_id, "timeout", "killed at its deadline", outcome="timed_out"))]
+    assert cli(daemon, "--timeout", "2", "--", "sleep", "9") == 124
+    assert capsysbinary.readouterr() == (b"partial", b"corral: timed out after 2.0 s\n")
+
+
+def test_cli_writes_output_while_the_command_runs(daemon):
+    """The real CLI process: its first line is on its stdout while the task
+    is still in flight (the fake holds the reply until the test read it)."""
+    cli_process = subprocess.Popen([sys.executable, "-m", "protocol.client", "run", "--endpoint", daemon.endpoint,
+                                    "--", "sh", "-c", "echo first; sleep 4; echo second"],
+                                   cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+    try:
+        identity, request = first_request(daemon)
+        daemon.push(framed(identity, output(request.task_id, STDOUT, 0, b"first\n")))
+        assert cli_process.stdout.readline() == b"first\n"
+        assert cli_process.poll() is None
+        daemon.push(framed(identity, output(request.task_id, STDOUT, 6, b"second\n")),
+                    framed(identity, ok_reply(request.task_id)))
+        out, err = cli_process.communicate(timeout=30)
+    finally:
+        cli_process.kill()
+    assert (out, err, cli_process.returncode) == (b"second\n", b"", 0)
+
+
+def echo_stdin_back(identity, request):
+    """cat: the stdin frames' data as output, the reply after the EOF."""
+    if isinstance(request, TaskRequest):
+        echo_stdin_back.offset = 0
+        return []
+    if not isinstance(request, TaskStdin):
+        return []
+    messages = []
+    if request.data:
+        messages.append(framed(identity, output(request.task_id, STDOUT, echo_stdin_back.offset, request.data)))
+        echo_stdin_back.offset += len(request.data)
+    if request.eof:
+        messages.append(framed(identity, ok_reply(request.task_id)))
+    return messages
+
+
+def test_cli_interactive_forwards_stdin_and_its_eof(daemon):
+    daemon.answer = echo_stdin_back
+    cli_process = subprocess.Popen([sys.executable, "-m", "protocol.client", "run", "-i", "--endpoint",
+                                    daemon.endpoint, "--", "cat"], cwd=REPO, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        cli_process.stdin.write(b"hello\n")
+        cli_process.stdin.flush()
+        assert cli_process.stdout.readline() == b"hello\n"  # forwarded as it came, not at EOF
+        out, err = cli_process.communicate(b"world\n", timeout=30)
+    finally:
+        cli_process.kill()
+    assert (out, err, cli_process.returncode) == (b"world\n", b"", 0)
+    [request], stdin = daemon.of_type(TaskRequest), daemon.of_type(TaskStdin)
+    assert (request.stdin_open, request.stdin) == (True, b"")
+    assert b"".join(m.data for m in stdin) == b"hello\nworld\n" and stdin[-1].eof
+
+
+def test_cli_interactive_stops_at_the_stdin_cap(daemon, monkeypatch, capsysbinary):
+    daemon.answer = lambda identity, request: (
+        [framed(identity, ok_reply(request.task_id))] if isinstance(request, TaskStdin) and request.eof else [])
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(bytes(MAX_STDIN + 100)))))
+    assert main(["run", "-i", "--endpoint", daemon.endpoint, "--wait", "30", "--", "cat"]) == 0
+    stdin = daemon.of_type(TaskStdin)
+    assert sum(len(m.data) for m in stdin) == MAX_STDIN
+    assert all(len(m.data) <= MAX_STDIN_CHUNK for m in stdin) and stdin[-1].eof
+    assert capsysbinary.readouterr().err == (f"corral: stdin is over the limit of {MAX_STDIN} bytes per task: "
+                                             "the command's stdin was closed there\n").encode()
+
+
+def test_cli_without_i_never_reads_its_stdin(daemon):
+    daemon.answer = lambda identity, request: [framed(identity, ok_reply(request.task_id))]
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"not for corral\n")
+        done = subprocess.run([sys.executable, "-m", "protocol.client", "run", "--endpoint", daemon.endpoint,
+                               "--", "true"], cwd=REPO, stdin=read_end, capture_output=True, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+        os.set_blocking(read_end, False)
+        assert os.read(read_end, 100) == b"not for corral\n"  # still there: nobody read it
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert daemon.requests[0].stdin_open is False
+
+
+def test_cli_interactive_and_stdin_file_are_one_or_the_other(capsys):
+    assert main(["run", "-i", "--stdin-file", "-", "--endpoint", "ipc:///nonexistent/x.sock", "--", "cat"]) == 2
+    assert "-i and --stdin-file" in capsys.readouterr().err
