@@ -355,3 +355,22 @@ def test_cli_without_i_never_reads_its_stdin(daemon):
 def test_cli_interactive_and_stdin_file_are_one_or_the_other(capsys):
     assert main(["run", "-i", "--stdin-file", "-", "--endpoint", "ipc:///nonexistent/x.sock", "--", "cat"]) == 2
     assert "-i and --stdin-file" in capsys.readouterr().err
+
+
+def test_cli_whose_reader_goes_away_ends_as_a_shell_would(daemon):
+    """`corral run -- yes | head -1`: a closed stdout ends corral with 128 +
+    SIGPIPE, quietly, not with a traceback."""
+    cli_process = subprocess.Popen([sys.executable, "-m", "protocol.client", "run", "--endpoint", daemon.endpoint,
+                                    "--", "yes"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+    try:
+        identity, request = first_request(daemon)
+        daemon.push(framed(identity, output(request.task_id, STDOUT, 0, b"y\n")))
+        assert cli_process.stdout.readline() == b"y\n"
+        cli_process.stdout.close()
+        daemon.push(*(framed(identity, output(request.task_id, STDOUT, 2 + 2 * i, b"y\n")) for i in range(100)))
+        assert cli_process.wait(timeout=30) == 128 + 13
+        assert cli_process.stderr.read() == b""
+    finally:
+        cli_process.kill()
+        cli_process.stderr.close()
