@@ -27,8 +27,9 @@ to the task's ``TaskStream`` (a deque under a Condition, never blocking the
 I/O thread); the caller's thread iterates it and, as it consumes chunks,
 sends StreamAck through the same outbox as requests (so do ``write()`` and
 ``close_stdin()`` with TaskStdin). corrald sends at most its window
-(tasks.stream_window_bytes) beyond the acked offsets, so a handle never holds
-more than that per stream; a server that sends more breaks the stream
+(tasks.stream_window_bytes) beyond the acked offsets, and all it holds only
+when it stops; a handle holds at most MAX_STREAM_HELD per stream, what one
+plain reply may carry, and a server that sends more breaks the stream
 (StreamBroken) instead of growing the client. The reply resolves the task's
 Future after every chunk before it was handed over, and ends the iteration.
 
@@ -72,8 +73,8 @@ from protocol.channel.errors import ProtocolError
 from protocol.channel.codec import decode, encode, max_payload_size
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, MAX_STREAM_CHUNK, PRIORITY_NAMES, PROTOCOL_TAG, ErrorCode,
-                                 StatusReply, StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply,
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, MAX_REPLY_OUTPUT, MAX_STREAM_CHUNK, PRIORITY_NAMES, PROTOCOL_TAG,
+                                 ErrorCode, StatusReply, StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply,
                                  TaskRequest, TaskStdin, error_reply)
 
 log = logging.getLogger("corral.client")
@@ -92,6 +93,11 @@ START_HINT = "is it running? start it with scripts/run"
 # corrald's default tasks.stream_window_bytes: how far it sends beyond the
 # caller's acks. A client of a corrald configured otherwise is given its value.
 DEFAULT_STREAM_WINDOW = 256 * 1024
+# Output a TaskStream holds per stream, not yet handed to the caller, before
+# it takes the server for broken. corrald keeps to its window, but when it
+# stops it sends all it holds (its buffer, a few MiB): as much as one plain
+# reply may carry per stream is allowed, so the client stays bounded.
+MAX_STREAM_HELD = MAX_REPLY_OUTPUT
 
 _TASK = "task"
 _STATUS = "status"
@@ -122,10 +128,10 @@ class HandshakeError(ConnectionError):
 
 
 class StreamBroken(RuntimeError):
-    """corrald sent a streaming task's output beyond the window this client
-    acked (a server bug, or a corrald whose tasks.stream_window_bytes is over
-    the client's stream_window_bytes): the chunks from there on were dropped.
-    The task's reply still comes through ``TaskStream.reply()``."""
+    """corrald sent more of a streaming task's output beyond what this client
+    acked than a handle holds (MAX_STREAM_HELD, or the client's window and a
+    chunk if larger): a server bug. The chunks from there on were dropped;
+    the task's reply still comes through ``TaskStream.reply()``."""
 
 
 class StreamChunk(NamedTuple):
@@ -157,9 +163,9 @@ class TaskStream:
         self._client = client
         self._future = future
         self._window = client.stream_window_bytes
-        # Per stream: what corrald may send beyond our ack, plus one chunk it
-        # started while under the window.
-        self._bound = client.stream_window_bytes + MAX_STREAM_CHUNK
+        # Per stream: what corrald may send beyond our ack (its window and a
+        # chunk, or what it holds when it stops).
+        self._bound = max(MAX_STREAM_HELD, client.stream_window_bytes + MAX_STREAM_CHUNK)
         self._cond = threading.Condition()
         # Written by the I/O thread, read by the caller's, under _cond.
         self._chunks: collections.deque[StreamChunk] = collections.deque()
@@ -277,10 +283,9 @@ class TaskStream:
                 return
             if self._queued[stream] + len(data) > self._bound:
                 self._broken = (f"corrald at {self._client.endpoint} sent task {self.task_id}'s "
-                                f"{'stdout' if stream == STDOUT else 'stderr'} beyond the window of "
-                                f"{self._window} bytes this client acks (give Client(stream_window_bytes=) "
-                                "corrald's tasks.stream_window_bytes); the output from offset "
-                                f"{start} on was dropped")
+                                f"{'stdout' if stream == STDOUT else 'stderr'} more than {self._bound} bytes "
+                                "beyond what this client acked (its window is "
+                                f"{self._window} bytes); the output from offset {start} on was dropped")
                 log.warning("%s", self._broken)
                 self._cond.notify_all()
                 return

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
-from protocol.client.api import Client, StreamBroken, StreamChunk
+from protocol.client.api import MAX_STREAM_HELD, Client, StreamBroken, StreamChunk
 from protocol.client.cli import main
 from protocol.wire.tasks import (MAX_STREAM_CHUNK, StreamAck, TaskAttach, TaskOutput, TaskRequest, TaskStdin,
                                  error_reply)
@@ -194,19 +194,22 @@ def test_a_dropped_connection_ends_the_stream_with_connection_lost(tmp_path):
         assert (reply.error_code, reply.outcome) == ("connection_lost", "unknown")
 
 
-def test_output_beyond_the_window_breaks_the_stream_not_the_client(daemon):
+def test_a_stopping_corrald_may_send_past_the_window_but_a_flood_breaks_the_stream(daemon):
+    # A stopping corrald sends all it holds whatever the window: a handle takes
+    # up to MAX_STREAM_HELD per stream unacked; past it the server is broken.
     with Client(daemon.endpoint, stream_window_bytes=1024) as client:
         task = client.stream(["yes"], task_id="flood")
         identity, _ = first_request(daemon)
         big = b"y" * MAX_STREAM_CHUNK
-        daemon.push(framed(identity, output("flood", STDOUT, 0, b"ok")),
-                    framed(identity, output("flood", STDOUT, 2, big)),
-                    framed(identity, output("flood", STDOUT, 2 + len(big), big)),  # past window + one chunk
+        count = MAX_STREAM_HELD // MAX_STREAM_CHUNK
+        daemon.push(*(framed(identity, output("flood", STDOUT, i * len(big), big)) for i in range(count)),
+                    framed(identity, output("flood", STDERR, 0, big)),  # the other stream has its own room
+                    framed(identity, output("flood", STDOUT, count * len(big), b"!")),  # one byte too many
                     framed(identity, ok_reply("flood")))
-        assert task.reply(5).exit_code == 0
+        assert task.reply(10).exit_code == 0
         chunks = task.chunks(wait_s=5)
-        assert [len(next(chunks).data) for _ in range(2)] == [2, MAX_STREAM_CHUNK]
-        with pytest.raises(StreamBroken, match="beyond the window of 1024 bytes"):
+        assert [len(next(chunks).data) for _ in range(count + 1)] == [MAX_STREAM_CHUNK] * (count + 1)
+        with pytest.raises(StreamBroken, match=f"stdout more than {MAX_STREAM_HELD} bytes beyond what"):
             next(chunks)
         daemon.answer = lambda identity, request: [framed(identity, ok_reply(request.task_id, exit_code=3))]
         assert client.run(["true"], wait_s=5).exit_code == 3  # the client lives on
