@@ -244,6 +244,14 @@ class TaskStream:
                                      encode(TaskStdin(task_id=self.task_id, data=b"", eof=True)))
 
     @property
+    def offsets(self) -> tuple[int, int]:
+        """(stdout, stderr): bytes of each stream received so far. After a
+        lost connection, ``attach(task_id, *offsets)`` goes on from there,
+        nothing lost or repeated that corrald still holds."""
+        with self._cond:
+            return self._received[STDOUT], self._received[STDERR]
+
+    @property
     def buffered(self) -> int:
         """Bytes of output arrived and not yet handed to the caller."""
         with self._cond:

@@ -156,6 +156,8 @@ def test_stdin_after_the_reply_is_dropped(daemon, client):
 
 def test_attach_asks_from_offsets_and_trims_or_counts_what_corrald_no_longer_matches(daemon, client):
     def resend(identity, request):
+        if isinstance(request, StreamAck):
+            return []
         assert request == TaskAttach(task_id="old", stdout_offset=100, stderr_offset=7)
         # stdout resent from 90 (10 bytes we have), stderr from 20 (13 bytes gone).
         return [framed(identity, output("old", STDOUT, 90, b"0123456789abc")),
@@ -180,7 +182,7 @@ def test_attach_to_an_unknown_task_ends_with_its_error(daemon, client):
     assert task.reply(5).error_code == "unknown_task"
 
 
-def test_a_dropped_connection_ends_the_stream_with_connection_lost(tmp_path):
+def test_a_dropped_connection_ends_the_stream_and_attach_takes_it_up_again(tmp_path):
     fake = FakeDaemon(f"ipc://{tmp_path}/d.sock")
     with Client(fake.endpoint) as client:
         task = client.stream(["sleep", "60"], task_id="cut")
@@ -192,6 +194,18 @@ def test_a_dropped_connection_ends_the_stream_with_connection_lost(tmp_path):
         assert b"".join(chunk.data for chunk in task.chunks(wait_s=5)) == b"before the cut"
         reply = task.reply(5)
         assert (reply.error_code, reply.outcome) == ("connection_lost", "unknown")
+        assert task.offsets == (14, 0)
+        # corrald is back: the same client takes the task up from there on its new connection.
+        again = FakeDaemon(fake.endpoint)
+        try:
+            again.answer = lambda identity, request: [framed(identity, output("cut", STDOUT, 14, b"!")),
+                                                      framed(identity, ok_reply("cut"))]
+            resumed = client.attach("cut", *task.offsets)
+            assert list(resumed.chunks(wait_s=10)) == [StreamChunk(STDOUT, 14, b"!")]
+            assert resumed.reply(5).error_code == ""
+            assert again.of_type(TaskAttach) == [TaskAttach(task_id="cut", stdout_offset=14, stderr_offset=0)]
+        finally:
+            again.stop()
 
 
 def test_a_stopping_corrald_may_send_past_the_window_but_a_flood_breaks_the_stream(daemon):
