@@ -266,14 +266,26 @@ def _silence_stdout() -> None:
         pass
 
 
+def _stdin_reader():
+    """read(n) on our stdin returning what is there now (up to n bytes, b""
+    at EOF), or None without a stdin. The file descriptor itself where there
+    is one: a read blocked in sys.stdin's buffer holds its lock, and Python
+    aborts at exit when a daemon thread holds it."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # None, closed, or not a file (embedded)
+        source = getattr(sys.stdin, "buffer", None)
+        return None if source is None else getattr(source, "read1", source.read)
+    return lambda size: os.read(fd, size)
+
+
 def _forward_stdin(task: TaskStream) -> None:
     """-i, on its own thread: our stdin to the command's as it comes, in
     chunks of at most 64 KiB, then EOF; past MAX_STDIN in all, a notice and
     EOF there. Ends with the task too (a write after its end is dropped)."""
-    source = getattr(sys.stdin, "buffer", None)
     try:
-        if source is not None:
-            read = getattr(source, "read1", source.read)  # what is there now, not a full 64 KiB
+        read = _stdin_reader()
+        if read is not None:
             while not task.done():
                 data = read(MAX_STDIN_CHUNK)
                 if not data:

@@ -391,3 +391,19 @@ def test_cli_whose_reader_goes_away_ends_as_a_shell_would(daemon):
     finally:
         cli_process.kill()
         cli_process.stderr.close()
+
+
+def test_cli_interactive_ends_with_the_task_while_its_stdin_stays_open(daemon):
+    """The command ended without reading: corral exits with it, cleanly, though
+    its stdin never reached EOF (its reader thread is still blocked in a read)."""
+    daemon.answer = lambda identity, request: (
+        [framed(identity, ok_reply(request.task_id, exit_code=0))] if isinstance(request, TaskRequest) else [])
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"never read\n")
+        done = subprocess.run([sys.executable, "-m", "protocol.client", "run", "-i", "--endpoint", daemon.endpoint,
+                               "--", "true"], cwd=REPO, stdin=read_end, capture_output=True, timeout=60)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
