@@ -1,6 +1,7 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady|refill] [--boots N] [--tasks N]
+    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady|refill|stream] [--boots N]
+                  [--tasks N]
                   [--strict-tasks N] [--rate R] [--seconds S] [--instance NAME]
 
 - cold boot: createXML until the agent's Hello, over N boots, against the same
@@ -48,6 +49,11 @@
   Supervisor makes it (restore, Resume, one warm-up `true`) against a cold
   boot until the agent's Hello, interleaved over N rounds; then one clone's
   QEMU RSS beside one booted VM's.
+- stream: through a real corrald with a pool of 2, `echo` streamed
+  (Client.stream): time until its first output chunk is in the caller's
+  hands, against the end-to-end time of the same `echo` unstreamed
+  (Client.run: output in the reply), the two interleaved in one run; the
+  streamed task's own end to end beside them.
 """
 
 from __future__ import annotations
@@ -623,13 +629,54 @@ def bench_refill(cfg: config.Config, rounds: int) -> None:
           f"(ratio {rss['clone'] / rss['booted']:.2f}x)")
 
 
+def echo_streamed_and_not(client, runs: int) -> dict:
+    """`echo` unstreamed then streamed, `runs` times each, interleaved so both
+    meet the same pool (after 3 rounds of warm-up)."""
+    figures = {"first byte": [], "streamed end to end": [], "unstreamed end to end": []}
+    for round_no in range(runs + 3):
+        started = time.monotonic()
+        reply = client.run(["echo", "corral"], wait_s=60)
+        unstreamed = time.monotonic() - started
+        if reply.error_code or reply.stdout != b"corral\n":
+            raise RuntimeError(f"unstreamed `echo` failed: {reply.error_code} {reply.error_message}")
+        started = time.monotonic()
+        task = client.stream(["echo", "corral"])
+        chunks = task.chunks(wait_s=60)
+        first = next(chunks, None)
+        first_byte = time.monotonic() - started
+        output = b"".join(chunk.data for chunk in chunks)
+        reply = task.reply(60)
+        streamed = time.monotonic() - started
+        if first is None or reply.error_code or first.data + output != b"corral\n":
+            raise RuntimeError(f"streamed `echo` failed: {reply.error_code} {reply.error_message}")
+        if round_no >= 3:
+            figures["first byte"].append(first_byte)
+            figures["streamed end to end"].append(streamed)
+            figures["unstreamed end to end"].append(unstreamed)
+    return figures
+
+
+def bench_stream(cfg: config.Config, runs: int) -> None:
+    hypervisor = Hypervisor.from_config(cfg)
+    try:
+        print(f"accelerator: {hypervisor.accelerator}")
+        figures = run_service(cfg, hypervisor, 2, lambda client, _: echo_streamed_and_not(client, runs))
+    finally:
+        hypervisor.close()
+    first_byte, baseline = figures["first byte"], figures["unstreamed end to end"]
+    print(f"{'`echo` streamed, time to first byte:':42}{latency(first_byte)}")
+    print(f"{'  the same, end to end (its reply):':42}{latency(figures['streamed end to end'])}")
+    print(f"{'baseline, `echo` unstreamed, end to end:':42}{latency(baseline)}")
+    print(f"{'ratio (p50, first byte / baseline):':42}{percentile(first_byte, 50) / percentile(baseline, 50):.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
     parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "acquire", "intake", "capabilities",
-                                           "strict", "steady", "refill"))
+                                           "strict", "steady", "refill", "stream"))
     parser.add_argument("--strict-tasks", type=int, default=20, help="sequential tasks of the strict bench")
     parser.add_argument("--rate", type=float, default=4.0, help="tasks/s of the steady bench")
     parser.add_argument("--seconds", type=float, default=40.0, help="length of the steady bench")
@@ -657,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_steady(cfg, args.rate, args.seconds)
     if args.only in (None, "refill"):
         bench_refill(cfg, args.boots)
+    if args.only in (None, "stream"):
+        bench_stream(cfg, args.tasks)
     return 0
 
 

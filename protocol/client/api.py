@@ -21,6 +21,18 @@ ledger of who waits for what died with it or with the connection. Such a
 task's Future resolves with error code `connection_lost` (its outcome is
 unknown: it may or may not have run) instead of waiting forever.
 
+Streams (``stream()``, ``attach()``): corrald sends a streaming task's output
+as TaskOutput chunks, then its one TaskReply. The I/O thread hands each chunk
+to the task's ``TaskStream`` (a deque under a Condition, never blocking the
+I/O thread); the caller's thread iterates it and, as it consumes chunks,
+sends StreamAck through the same outbox as requests (so do ``write()`` and
+``close_stdin()`` with TaskStdin). corrald sends at most its window
+(tasks.stream_window_bytes) beyond the acked offsets, and all it holds only
+when it stops; a handle holds at most MAX_STREAM_HELD per stream, what one
+plain reply may carry, and a server that sends more breaks the stream
+(StreamBroken) instead of growing the client. The reply resolves the task's
+Future after every chunk before it was handed over, and ends the iteration.
+
 Replies are checked before they are believed: wrong framing or a payload that
 does not decode is logged and dropped, a reply for an id nobody waits for is
 ignored; neither stops the I/O thread.
@@ -50,17 +62,20 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import uuid
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import zmq
 
 from protocol.wire import envelope, outcomes
 from protocol.channel.errors import ProtocolError
 from protocol.channel.codec import decode, encode, max_payload_size
+from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, PRIORITY_NAMES, PROTOCOL_TAG, ErrorCode, StatusReply,
-                    StatusRequest, TaskReply, TaskRequest, error_reply)
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, MAX_REPLY_OUTPUT, MAX_STREAM_CHUNK, PRIORITY_NAMES, PROTOCOL_TAG,
+                                 ErrorCode, StatusReply, StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply,
+                                 TaskRequest, TaskStdin, error_reply)
 
 log = logging.getLogger("corral.client")
 
@@ -75,9 +90,27 @@ MAX_REPLY_FRAME = max_payload_size(DAEMON_TO_CLIENT)
 RUN_WAIT_MARGIN_S = 30.0
 RUN_WAIT_DEFAULT_S = 120.0
 START_HINT = "is it running? start it with scripts/run"
+# corrald's default tasks.stream_window_bytes: how far it sends beyond the
+# caller's acks. A client of a corrald configured otherwise is given its value.
+DEFAULT_STREAM_WINDOW = 256 * 1024
+# Output a TaskStream holds per stream, not yet handed to the caller, before
+# it takes the server for broken. corrald keeps to its window, but when it
+# stops it sends all it holds (its buffer, a few MiB): as much as one plain
+# reply may carry per stream is allowed, so the client stays bounded.
+MAX_STREAM_HELD = MAX_REPLY_OUTPUT
 
 _TASK = "task"
 _STATUS = "status"
+
+
+class _Outgoing(NamedTuple):
+    """A frame in the outbox; ``opens``: a task's or status request's first
+    frame (TaskRequest, TaskAttach, StatusRequest), not a StreamAck or TaskStdin."""
+
+    key: tuple[str, str]
+    future: concurrent.futures.Future
+    payload: bytes
+    opens: bool
 
 
 class ClientClosedError(RuntimeError):
@@ -92,6 +125,218 @@ class HandshakeError(ConnectionError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class StreamBroken(RuntimeError):
+    """corrald sent more of a streaming task's output beyond what this client
+    acked than a handle holds (MAX_STREAM_HELD, or the client's window and a
+    chunk if larger): a server bug. The chunks from there on were dropped;
+    the task's reply still comes through ``TaskStream.reply()``."""
+
+
+class StreamChunk(NamedTuple):
+    """A piece of a streaming task's output, as it arrived."""
+
+    stream: int  # STDOUT (1) or STDERR (2)
+    offset: int  # bytes of this stream before this chunk
+    data: bytes
+
+
+class TaskStream:
+    """A streaming task (``Client.stream()`` or ``Client.attach()``).
+
+    Iterate it for its output as ``StreamChunk``s, in the order corrald sent
+    them; the iteration ends when the task's reply came (or the connection
+    dropped: the reply is then connection_lost). What was consumed is acked
+    to corrald, which sends at most its window beyond that, so a caller that
+    stops reading holds the task up instead of filling memory: a chunk counts
+    as consumed once the caller asks for the next one. ``reply()`` gives the
+    TaskReply (stdout and stderr empty: they came as chunks), ``write()`` and
+    ``close_stdin()`` feed a task submitted with stdin_open. Offsets the
+    stream skipped (a reconnect found them no longer held) are counted in
+    ``dropped`` per stream.
+    """
+
+    def __init__(self, client: Client, task_id: str, future: concurrent.futures.Future, *, stdin_open: bool,
+                 stdin_sent: int = 0, stdout_offset: int = 0, stderr_offset: int = 0) -> None:
+        self.task_id = task_id
+        self._client = client
+        self._future = future
+        self._window = client.stream_window_bytes
+        # Per stream: what corrald may send beyond our ack (its window and a
+        # chunk, or what it holds when it stops).
+        self._bound = max(MAX_STREAM_HELD, client.stream_window_bytes + MAX_STREAM_CHUNK)
+        self._cond = threading.Condition()
+        # Written by the I/O thread, read by the caller's, under _cond.
+        self._chunks: collections.deque[StreamChunk] = collections.deque()
+        self._queued = {STDOUT: 0, STDERR: 0}
+        self._received = {STDOUT: stdout_offset, STDERR: stderr_offset}  # end of what arrived
+        self._ended = False
+        self._broken: str | None = None
+        self.dropped = {STDOUT: 0, STDERR: 0}
+        # The caller's side: the chunk last handed out, consumed offsets, unacked bytes.
+        self._handed_out: StreamChunk | None = None
+        self._consumed = dict(self._received)
+        self._unacked = 0
+        self._stdin_open = stdin_open
+        self._stdin_lock = threading.Lock()  # keeps one write()'s frames together
+        self._stdin_sent = stdin_sent
+        self._stdin_closed = False
+        future.add_done_callback(self._end)
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        return self.chunks()
+
+    def chunks(self, wait_s: float | None = None) -> Iterator[StreamChunk]:
+        """The output as it arrives; with ``wait_s``, TimeoutError (the task
+        still in flight) unless the reply comes within that many seconds."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            chunk = self._next_chunk(deadline, wait_s)
+            if chunk is None:
+                return
+            yield chunk
+
+    def reply(self, wait_s: float | None = None) -> TaskReply:
+        """The TaskReply, once it came (after every chunk); TimeoutError after
+        ``wait_s`` without it (ask again, or ``abandon()``)."""
+        try:
+            return self._future.result(timeout=wait_s)
+        except TimeoutError:
+            if self._future.done():
+                raise  # abandon()'s: the wait is over, not timed out
+            raise TimeoutError(f"no answer from corrald at {self._client.endpoint} within {wait_s:g} s; "
+                               f"{START_HINT}") from None
+
+    def done(self) -> bool:
+        """Whether the reply (or the end of waiting for it) came."""
+        return self._future.done()
+
+    def write(self, data: bytes) -> None:
+        """More stdin for the command, sent in TaskStdin frames of at most
+        64 KiB. After the task ended it is dropped (nobody reads it). Raises
+        ValueError without stdin_open, after close_stdin(), or when all stdin
+        of the task would pass MAX_STDIN."""
+        data = bytes(memoryview(data))
+        if not self._stdin_open:
+            raise ValueError(f"task {self.task_id} was not submitted with stdin_open=True")
+        with self._stdin_lock:
+            if self._stdin_closed:
+                raise ValueError(f"stdin of task {self.task_id} is already closed")
+            if self._stdin_sent + len(data) > MAX_STDIN:
+                raise ValueError(f"stdin of task {self.task_id} would pass the limit of {MAX_STDIN} bytes "
+                                 f"({self._stdin_sent} sent, {len(data)} more)")
+            for start in range(0, len(data), MAX_STDIN_CHUNK):
+                piece = data[start:start + MAX_STDIN_CHUNK]
+                self._client._send_frame(self._key, self._future,
+                                         encode(TaskStdin(task_id=self.task_id, data=piece, eof=False)))
+            self._stdin_sent += len(data)
+
+    def close_stdin(self) -> None:
+        """End the command's stdin (EOF); a second call does nothing."""
+        if not self._stdin_open:
+            raise ValueError(f"task {self.task_id} was not submitted with stdin_open=True")
+        with self._stdin_lock:
+            if self._stdin_closed:
+                return
+            self._stdin_closed = True
+            self._client._send_frame(self._key, self._future,
+                                     encode(TaskStdin(task_id=self.task_id, data=b"", eof=True)))
+
+    @property
+    def offsets(self) -> tuple[int, int]:
+        """(stdout, stderr): bytes of each stream received so far. After a
+        lost connection, ``attach(task_id, *offsets)`` goes on from there,
+        nothing lost or repeated that corrald still holds."""
+        with self._cond:
+            return self._received[STDOUT], self._received[STDERR]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of output arrived and not yet handed to the caller."""
+        with self._cond:
+            return sum(self._queued.values())
+
+    @property
+    def stdin_sent(self) -> int:
+        """Bytes of stdin this handle gave the task (the request's included)."""
+        return self._stdin_sent
+
+    def abandon(self) -> None:
+        """Stop waiting: the iteration ends, a late reply or chunk is ignored."""
+        self._client._forget(self._key, self._future)
+
+    def __repr__(self) -> str:
+        return f"<TaskStream {self.task_id}{' done' if self.done() else ''}>"
+
+    @property
+    def _key(self) -> tuple[str, str]:
+        return (_TASK, self.task_id)
+
+    # --- the I/O thread's side ------------------------------------------------
+
+    def _deliver(self, output: TaskOutput) -> None:
+        """A chunk from corrald; never blocks."""
+        stream, start, data = output.stream, output.offset, output.data
+        with self._cond:
+            if self._ended or self._broken is not None:
+                return
+            expected = self._received[stream]
+            if start < expected:  # bytes we already have (a resend): only the rest is new
+                data = data[expected - start:]
+                start = expected
+            elif start > expected:  # corrald no longer held these
+                self.dropped[stream] += start - expected
+            if not data:
+                return
+            if self._queued[stream] + len(data) > self._bound:
+                self._broken = (f"corrald at {self._client.endpoint} sent task {self.task_id}'s "
+                                f"{'stdout' if stream == STDOUT else 'stderr'} more than {self._bound} bytes "
+                                "beyond what this client acked (its window is "
+                                f"{self._window} bytes); the output from offset {start} on was dropped")
+                log.warning("%s", self._broken)
+                self._cond.notify_all()
+                return
+            self._chunks.append(StreamChunk(stream, start, data))
+            self._queued[stream] += len(data)
+            self._received[stream] = start + len(data)
+            self._cond.notify_all()
+
+    def _end(self, _future) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    # --- the caller's side ------------------------------------------------------
+
+    def _next_chunk(self, deadline: float | None, wait_s: float | None) -> StreamChunk | None:
+        with self._cond:
+            last, self._handed_out = self._handed_out, None
+            if last is not None:  # the caller is back for more: it consumed the last one
+                self._consumed[last.stream] = last.offset + len(last.data)
+                self._unacked += len(last.data)
+            ack = None
+            if self._unacked and (self._unacked >= self._window // 4 or not self._chunks):
+                ack = StreamAck(task_id=self.task_id, stdout_offset=self._consumed[STDOUT],
+                                stderr_offset=self._consumed[STDERR])
+                self._unacked = 0
+        if ack is not None:  # outside _cond: the client's lock is never taken under it
+            self._client._send_frame(self._key, self._future, encode(ack))
+        with self._cond:
+            while not self._chunks:
+                if self._broken is not None:
+                    raise StreamBroken(self._broken)
+                if self._ended:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no answer from corrald at {self._client.endpoint} within "
+                                       f"{wait_s:g} s; {START_HINT}")
+                self._cond.wait(remaining)
+            chunk = self._chunks.popleft()
+            self._queued[chunk.stream] -= len(chunk.data)
+            self._handed_out = chunk
+            return chunk
 
 
 NO_DETAIL_FAILURES = 5  # handshakes failed in a row without a reason before the client gives one
@@ -192,10 +437,16 @@ class Client:
     ``submit()`` returns a ``concurrent.futures.Future`` resolved with the
     TaskReply (or failed with ClientClosedError). Done-callbacks run on the
     I/O thread: keep them short, or every other reply waits for them.
+    ``stream()`` returns a ``TaskStream``: the output as it comes, stdin to
+    feed, then the reply. ``stream_window_bytes``: corrald's
+    tasks.stream_window_bytes, when not the default.
     """
 
     def __init__(self, endpoint: str | None = None, *, config_path=None, server_key=None,
-                 client_key=None) -> None:
+                 client_key=None, stream_window_bytes: int = DEFAULT_STREAM_WINDOW) -> None:
+        if not (isinstance(stream_window_bytes, int) and stream_window_bytes > 0):
+            raise ValueError(f"stream_window_bytes must be a positive number of bytes, got {stream_window_bytes!r}")
+        self.stream_window_bytes = stream_window_bytes
         self.endpoint = endpoint if endpoint is not None else _default_endpoint(config_path)
         # Bad key arguments fail here, in the caller (see curve_keys).
         self._curve = None if server_key is None and client_key is None else curve_keys(server_key, client_key)
@@ -208,12 +459,14 @@ class Client:
         # last one was refused (nobody listening, no permission) (I/O thread).
         self._attempt_reached_peer = False
         self._last_attempt_refused = False
-        self._lock = threading.Lock()  # guards _pending, _closed and _handoff
+        self._lock = threading.Lock()  # guards _pending, _streams, _closed and _handoff
         self._pending: dict[tuple[str, str], concurrent.futures.Future] = {}
-        # Requests for the I/O thread, oldest first; it also holds those the
+        # The streaming tasks among _pending: where their chunks go. An entry
+        # leaves with its Future's (whoever pops one pops both).
+        self._streams: dict[tuple[str, str], TaskStream] = {}
+        # Frames for the I/O thread, oldest first; it also holds those the
         # DEALER has no room for yet (daemon down or slow).
-        self._outbox: collections.deque[tuple[tuple[str, str], concurrent.futures.Future, bytes]] = \
-            collections.deque()
+        self._outbox: collections.deque[_Outgoing] = collections.deque()
         self._closed = False
         self._context = zmq.Context()
         try:
@@ -271,6 +524,42 @@ class Client:
         The Future fails at once with reach.Unreachable (code not_running or
         permission_denied) when corrald cannot be reached: nothing was sent.
         """
+        request = self._task_request(argv, priority=priority, capabilities=capabilities, env=env, cwd=cwd,
+                                     stdin=stdin, timeout_s=timeout_s, output_cap=output_cap, task_id=task_id,
+                                     files_in=files_in, collect=collect)
+        return self._send((_TASK, request.task_id), encode(request))
+
+    def stream(self, argv: Iterable[str | bytes], *, stdin: bytes = b"", stdin_open: bool = False,
+               **submit_args) -> TaskStream:
+        """Send one task whose output comes while it runs: iterate the
+        returned TaskStream for it, then take ``reply()``. ``stdin`` goes with
+        the request; with ``stdin_open`` more follows through ``write()``
+        until ``close_stdin()`` (MAX_STDIN in all). Other arguments and errors
+        as ``submit()``; an unreachable corrald ends the iteration at once and
+        ``reply()`` raises reach.Unreachable."""
+        request = self._task_request(argv, stdin=stdin, stream=True, stdin_open=stdin_open, **submit_args)
+        return self._send_stream(request.task_id, encode(request), stdin_open=stdin_open,
+                                 stdin_sent=len(request.stdin))
+
+    def attach(self, task_id: str, stdout_offset: int = 0, stderr_offset: int = 0) -> TaskStream:
+        """Take up, on this connection, a streaming task sent on one that was
+        lost (same identity): its output from these offsets, as far as
+        corrald still holds it (what it no longer holds is counted in the
+        handle's ``dropped``), then its reply. A task corrald does not know
+        for this identity is answered unknown_task. ``write()`` is allowed:
+        corrald ignores stdin for a task not submitted with stdin_open."""
+        attach = TaskAttach(task_id=task_id, stdout_offset=stdout_offset, stderr_offset=stderr_offset)
+        return self._send_stream(task_id, encode(attach), stdin_open=True, stdout_offset=stdout_offset,
+                                 stderr_offset=stderr_offset)
+
+    def _task_request(self, argv: Iterable[str | bytes], *, priority: str | int = "normal",
+                      capabilities: Iterable[str | bytes] = (), env: Mapping | Iterable | None = None,
+                      cwd: str | bytes = b"", stdin: bytes = b"", timeout_s: float | None = None,
+                      output_cap: int = 0, task_id: str | None = None,
+                      files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
+                      collect: Iterable[str | bytes] = (), stream: bool = False,
+                      stdin_open: bool = False) -> TaskRequest:
+        """The TaskRequest; bad arguments fail here (or in encode()), in the caller."""
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not one string")
         if timeout_s is not None and not timeout_s > 0:
@@ -289,9 +578,9 @@ class Client:
             capabilities=tuple(_as_bytes(cap, "capability") for cap in capabilities),
             files_in=tuple((_as_bytes(path, "file path"), mode, bytes(memoryview(data)))
                            for path, data, mode in files_in),
-            collect=tuple(_as_bytes(path, "collect path") for path in collect))
-        key = (_TASK, task_id)
-        return self._send(key, encode(request))
+            collect=tuple(_as_bytes(path, "collect path") for path in collect),
+            stream=stream, stdin_open=stdin_open)
+        return request
 
     def run(self, argv: Iterable[str | bytes], *, wait_s: float | None = None,
             timeout_s: float | None = None, task_id: str | None = None, **submit_args) -> TaskReply:
@@ -339,21 +628,50 @@ class Client:
 
     # --- caller side ----------------------------------------------------------
 
-    def _send(self, key: tuple[str, str], payload: bytes) -> concurrent.futures.Future:
+    @staticmethod
+    def _new_future() -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         # Running: a caller's cancel() cannot race the I/O thread's set_result
         # (the daemon has no cancel; abandon a task by not waiting for it).
         future.set_running_or_notify_cancel()
+        return future
+
+    def _send(self, key: tuple[str, str], payload: bytes) -> concurrent.futures.Future:
+        future = self._new_future()
+        self._register(key, future, payload)
+        return future
+
+    def _send_stream(self, task_id: str, payload: bytes, **handle_args) -> TaskStream:
+        future = self._new_future()
+        stream = TaskStream(self, task_id, future, **handle_args)
+        self._register((_TASK, task_id), future, payload, stream)
+        return stream
+
+    def _register(self, key: tuple[str, str], future: concurrent.futures.Future, payload: bytes,
+                  stream: TaskStream | None = None) -> None:
+        """Wait for ``key``'s answer and hand its first frame to the I/O thread."""
         with self._lock:
             if self._closed:
                 raise ClientClosedError(f"client for {self.endpoint} is closed")
             if key in self._pending:
                 raise ValueError(f"{key[0]} id {key[1]!r} is already in flight")
             self._pending[key] = future
-            self._outbox.append((key, future, payload))
+            if stream is not None:
+                self._streams[key] = stream
+            self._outbox.append(_Outgoing(key, future, payload, opens=True))
             # Under the lock: callers share this socket.
             self._handoff.send(b"")
-        return future
+
+    def _send_frame(self, key: tuple[str, str], future: concurrent.futures.Future, payload: bytes) -> bool:
+        """A further frame of a task still waited for (StreamAck, TaskStdin),
+        after its request; False, and dropped, once it is not (answered,
+        abandoned, lost, or the client closed)."""
+        with self._lock:
+            if self._closed or self._pending.get(key) is not future:
+                return False
+            self._outbox.append(_Outgoing(key, future, payload, opens=False))
+            self._handoff.send(b"")
+        return True
 
     def _wait(self, key: tuple[str, str], future: concurrent.futures.Future, wait_s: float):
         try:
@@ -370,12 +688,14 @@ class Client:
             if self._pending.get(key) is not future:
                 return False
             del self._pending[key]
+            self._streams.pop(key, None)
         future.set_exception(TimeoutError(f"abandoned: no answer from corrald at {self.endpoint}"))
         return True
 
     def _take(self, key: tuple[str, str]) -> concurrent.futures.Future | None:
         # Whoever pops a Future is the only one to resolve it.
         with self._lock:
+            self._streams.pop(key, None)
             return self._pending.pop(key, None)
 
     # --- the I/O thread -------------------------------------------------------
@@ -394,6 +714,7 @@ class Client:
                 self._closed = True
                 orphans = list(self._pending.items())
                 self._pending.clear()
+                self._streams.clear()
             for (kind, ident), future in orphans:
                 reason = f"I/O thread failed: {failure!r}" if failure else "client closed"
                 future.set_exception(ClientClosedError(
@@ -458,6 +779,7 @@ class Client:
         with self._lock:
             waiting = list(self._pending.values())
             self._pending.clear()
+            self._streams.clear()
         log.debug("handshake with %s failed (%s); failing %d waiting", self.endpoint, error.code, len(waiting))
         for future in waiting:
             future.set_exception(error)
@@ -500,11 +822,15 @@ class Client:
 
     def _connection_dropped(self) -> None:
         """Everything sent and not answered is lost with the connection."""
-        unsent = {key for key, _, _ in self._outbox}
+        # A task whose first frame still waits here was never sent: it waits
+        # for the next connection. Any further frame of a lost one is dropped
+        # when its turn comes (its Future no longer waits).
+        unsent = {outgoing.key for outgoing in self._outbox if outgoing.opens}
         with self._lock:
             lost = [(key, future) for key, future in self._pending.items() if key not in unsent]
             for key, _ in lost:
                 del self._pending[key]
+                self._streams.pop(key, None)
         text = (f"the connection to corrald at {self.endpoint} dropped while this was in flight "
                 "(corrald stopped or restarted?); its outcome is unknown: resubmit if needed")
         for (kind, ident), future in lost:
@@ -528,7 +854,7 @@ class Client:
             error = Unreachable(error.code, f"{error}: start it with scripts/run")
         outbox = self._outbox
         while outbox:
-            key, future, _ = outbox.popleft()
+            key, future, _, _ = outbox.popleft()
             if self._take(key) is future:
                 future.set_exception(error)
 
@@ -548,14 +874,14 @@ class Client:
             self._fail_unsent()  # check the socket file now, not at the next attempt
         if self._handshake_refused is not None:
             while outbox:
-                key, future, _ = outbox.popleft()
+                key, future, _, _ = outbox.popleft()
                 if self._take(key) is future:
                     future.set_exception(self._handshake_refused)
             return
         while outbox:
-            key, future, payload = outbox[0]
+            key, future, payload, _ = outbox[0]
             if self._pending.get(key) is not future:
-                outbox.popleft()  # abandoned (run() gave up) before it left: do not send
+                outbox.popleft()  # abandoned (run() gave up) or over before it left: do not send
                 continue
             try:
                 self._dealer.send_multipart(envelope.build(PROTOCOL_TAG, payload), zmq.NOBLOCK)
@@ -584,6 +910,14 @@ class Client:
             return
         except ProtocolError as exc:
             log.warning("ignored a malformed reply from %s: %s (%s)", self.endpoint, exc, exc.code)
+            return
+        if isinstance(reply, TaskOutput):
+            with self._lock:
+                stream = self._streams.get((_TASK, reply.task_id))
+            if stream is None:
+                log.debug("ignored output for task id %r nobody streams", reply.task_id)
+                return
+            stream._deliver(reply)
             return
         if isinstance(reply, TaskReply):
             key = (_TASK, reply.task_id)

@@ -5,9 +5,12 @@ call ``main()``. run and status talk to corrald through the client library
 (protocol/client/api.py), admin through corrald's control socket
 (protocol/client/admin.py); keygen and verify need no corrald at all.
 
-`corral run` writes the command's stdout and stderr as raw bytes and exits
-with its exit status; corral's own notices go to stderr, each starting with
-``corral: ``, and its own failures exit with the codes below.
+`corral run` writes the command's stdout and stderr as raw bytes while it
+runs (the task streams: protocol.client.api.TaskStream) and exits with its
+exit status; corral's own notices go to stderr, each starting with
+``corral: ``, and its own failures exit with the codes below. It reads its own
+stdin only when asked: ``-i`` forwards it as it comes, ``--stdin-file -``
+sends it whole with the request.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import zmq
 
-from protocol.channel.constants import MAX_STDIN
+from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDOUT
 from protocol.client.api import (RUN_WAIT_DEFAULT_S, RUN_WAIT_MARGIN_S, Client, ClientClosedError, HandshakeError,
-                                 keygen)
+                                 StreamBroken, TaskStream, keygen)
 from protocol.client.reach import Unreachable
 from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, TaskReply
 
@@ -121,8 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--env", type=_env_item, action="append", default=[], metavar="K=V",
                      help="environment variable for the command (repeatable)")
     run.add_argument("--cwd", default="", metavar="DIR", help="working directory in the VM")
-    run.add_argument("--stdin-file", metavar="F", help="file to feed to the command's stdin ('-': our stdin); "
-                                                       "without it the command's stdin is empty")
+    run.add_argument("--stdin-file", metavar="F", help="file to feed to the command's stdin ('-': our stdin, "
+                                                       "read whole first); without it or -i the command's stdin "
+                                                       "is empty")
+    run.add_argument("-i", "--interactive", action="store_true",
+                     help=f"forward our stdin to the command as it comes, EOF included, up to {MAX_STDIN} bytes "
+                          "(without -i, corral never reads its stdin)")
     run.add_argument("--wait", type=_positive_float, metavar="S",
                      help=f"give up without an answer after S seconds (default: timeout + "
                           f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
@@ -188,11 +196,12 @@ def _read_stdin_file(name: str) -> bytes:
         return f.read(MAX_STDIN + 1)
 
 
-def _report_task(reply: TaskReply, requested_timeout_s: float | None) -> int:
-    """Write a task's output and notices; return corral's exit code."""
+def _report_task(reply: TaskReply, requested_timeout_s: float | None, streamed: bool = False) -> int:
+    """Write what output the reply holds and the notices; return corral's
+    exit code. ``streamed``: output already came as chunks."""
     ran = reply.error_code == ""
     timed_out_with_result = reply.error_code == ErrorCode.TIMEOUT and (
-        reply.timed_out or reply.stdout or reply.stderr or reply.signal)
+        reply.timed_out or reply.stdout or reply.stderr or reply.signal or streamed)
     if not (ran or timed_out_with_result):
         retry = f"; retry after {reply.retry_after_ms / 1000:g} s" if reply.retry_after_ms > 0 else ""
         outcome = f" (outcome {_printable(reply.outcome)})" if reply.outcome != "not_run" else ""
@@ -247,10 +256,74 @@ def _save_collected(reply: TaskReply, out_dir: str) -> None:
         _notice(f"collected {shown} -> {target}{' (+ .receipt)' if receipt else ' (unsigned)'}")
 
 
+def _silence_stdout() -> None:
+    """Our stdout to /dev/null: Python's flush at exit would fail on the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (embedded): nothing to flush there
+        pass
+
+
+def _stdin_reader():
+    """read(n) on our stdin returning what is there now (up to n bytes, b""
+    at EOF), or None without a stdin. The file descriptor itself where there
+    is one: a read blocked in sys.stdin's buffer holds its lock, and Python
+    aborts at exit when a daemon thread holds it."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # None, closed, or not a file (embedded)
+        source = getattr(sys.stdin, "buffer", None)
+        return None if source is None else getattr(source, "read1", source.read)
+    return lambda size: os.read(fd, size)
+
+
+def _forward_stdin(task: TaskStream) -> None:
+    """-i, on its own thread: our stdin to the command's as it comes, in
+    chunks of at most 64 KiB, then EOF; past MAX_STDIN in all, a notice and
+    EOF there. Ends with the task too (a write after its end is dropped)."""
+    try:
+        read = _stdin_reader()
+        if read is not None:
+            while not task.done():
+                data = read(MAX_STDIN_CHUNK)
+                if not data:
+                    break
+                room = MAX_STDIN - task.stdin_sent
+                if len(data) > room:
+                    task.write(data[:room])
+                    _notice(f"stdin is over the limit of {MAX_STDIN} bytes per task: the command's stdin "
+                            "was closed there")
+                    break
+                task.write(data)
+    except (OSError, ValueError) as exc:  # our stdin failed (or was closed under us)
+        _notice(f"cannot read stdin: {exc}; the command's stdin was closed")
+    finally:
+        task.close_stdin()
+
+
+def _stream_output(task: TaskStream, wait_s: float) -> bool:
+    """Write the task's output as it comes, stdout to ours and stderr to
+    ours, byte for byte; True if any came. TimeoutError after wait_s."""
+    streamed = False
+    try:
+        for chunk in task.chunks(wait_s):
+            _write_raw(sys.stdout if chunk.stream == STDOUT else sys.stderr, chunk.data)
+            streamed = True
+    except TimeoutError:
+        task.abandon()
+        raise
+    return streamed
+
+
 def _cmd_run(client: Client, args: argparse.Namespace) -> int:
     command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
     if not command:
         _notice("run needs a command: corral run [options] -- CMD [ARGS...]")
+        return EXIT_USAGE
+    if args.interactive and args.stdin_file is not None:
+        _notice("-i and --stdin-file both give the command's stdin: use one")
         return EXIT_USAGE
     stdin = b""
     if args.stdin_file is not None:
@@ -274,14 +347,32 @@ def _cmd_run(client: Client, args: argparse.Namespace) -> int:
         _notice(f"--out {args.out} is not a directory")
         return EXIT_CORRAL_ERROR
     try:
-        reply = client.run(command, priority=args.priority, capabilities=args.capabilities,
-                           env=args.env, cwd=args.cwd, stdin=stdin, timeout_s=args.timeout,
-                           output_cap=args.output_cap, wait_s=args.wait, files_in=files_in,
-                           collect=args.collect)
+        task = client.stream(command, priority=args.priority, capabilities=args.capabilities,
+                             env=args.env, cwd=args.cwd, stdin=stdin, stdin_open=args.interactive,
+                             timeout_s=args.timeout, output_cap=args.output_cap, files_in=files_in,
+                             collect=args.collect)
     except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too long)
         _notice(f"cannot send this task: {exc}")
         return EXIT_CORRAL_ERROR
-    code = _report_task(reply, args.timeout)
+    if args.interactive:
+        # A daemon thread: a read blocked on a terminal must not keep corral
+        # alive once the command has ended.
+        threading.Thread(target=_forward_stdin, args=(task,), name="corral stdin", daemon=True).start()
+    wait_s = args.wait
+    if wait_s is None:
+        wait_s = RUN_WAIT_DEFAULT_S if args.timeout is None else args.timeout + RUN_WAIT_MARGIN_S
+    try:
+        streamed = _stream_output(task, wait_s)
+    except StreamBroken as exc:
+        task.abandon()
+        _notice(f"error stream_broken: {exc}")
+        return EXIT_CORRAL_ERROR
+    except BrokenPipeError:  # our reader went away (`corral run -- yes | head`): end as a shell would
+        task.abandon()
+        _silence_stdout()
+        return EXIT_SIGNAL_BASE + signal.SIGPIPE
+    reply = task.reply()  # the iteration ended: it is there (or the reason it never came is)
+    code = _report_task(reply, args.timeout, streamed)
     try:
         _save_collected(reply, args.out)
     except OSError as exc:

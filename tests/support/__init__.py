@@ -8,6 +8,7 @@ service   the one way to build corrald's supervision tree in a test: service_con
           start_service, running_service, and what tests read from it
 corrald   a real corrald process: site files, start, readiness, --check
 intake    the task limits and requests Intake tests use, a CurveZMQ config
+fake_corrald  a scripted ROUTER standing in for corrald, for the client's tests
 flood     the connection flooder (a child process) and how a test starts it
 fuzz      the fuzz targets and their properties (tests/unit/test_fuzz.py, scripts/fuzz)
 

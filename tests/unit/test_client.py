@@ -1,6 +1,8 @@
 """protocol.client.api and the corral command line (protocol.client.cli) against
-a fake corrald: a real ZeroMQ ROUTER in a thread, bound to an ipc socket in the
-test's tmp dir, that answers as the test says."""
+a fake corrald (tests/support/fake_corrald.py): a real ZeroMQ ROUTER in a
+thread, bound to an ipc socket in the test's tmp dir, that answers as the test
+says. Streams (TaskStream, `corral run` writing output as it comes, `-i`):
+test_client_stream.py."""
 
 from __future__ import annotations
 
@@ -18,102 +20,21 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 import config
 from protocol.client.api import ClientClosedError, Client
 from protocol.client.cli import main
-from protocol.channel.codec import decode, encode, replace
-from protocol.wire import envelope
-from protocol.wire.tasks import (CLIENT_TO_DAEMON, HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskReply,
-                            TaskRequest, error_reply)
+from protocol.channel.codec import encode, replace
+from protocol.wire.tasks import HIGH, PROTOCOL_TAG, StatusReply, StatusRequest, TaskRequest, error_reply
+from tests.support.fake_corrald import FakeDaemon, framed, ok_reply
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def ok_reply(task_id: str, **fields) -> TaskReply:
-    """A reply for a command that ran; ``fields`` override the defaults."""
-    return replace(error_reply(task_id, "", ""), **{"exit_code": 0, **fields})
-
-
-def framed(identity: bytes, message) -> list[bytes]:
-    return [identity, *envelope.build(PROTOCOL_TAG, encode(message))]
-
-
-def silent(identity, request):
-    return []
-
-
-class FakeDaemon:
-    """A ROUTER that decodes each request, records it, and sends whatever
-    ``answer(identity, request)`` returns: a list of multipart messages,
-    identity frame first. ``answer`` may be swapped at any time."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.answer = silent
-        self.requests: list = []
-        self.errors: list[str] = []  # what the client got wrong on the wire
-        self._context = zmq.Context()
-        self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="fake corrald")
-        self._thread.start()
-        assert self._bound.wait(5), "fake corrald did not bind"
-
-    def _main(self) -> None:
-        router = self._context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.bind(self.endpoint)
-        self._bound.set()
-        try:
-            while not self._stop.is_set():
-                if router.poll(10):
-                    self._serve_one(router)
-        finally:
-            router.close()
-
-    def _serve_one(self, router) -> None:
-        identity, *frames = router.recv_multipart()
-        try:
-            payload = envelope.parse(PROTOCOL_TAG, frames)
-        except envelope.MalformedEnvelope:
-            self.errors.append(f"bad framing {frames[:2]!r} ({len(frames)} frames)")
-            return
-        try:
-            request = decode(payload, CLIENT_TO_DAEMON)
-            self.requests.append(request)
-            messages = self.answer(identity, request)
-        except Exception as exc:  # a broken test answer: report it at teardown
-            self.errors.append(repr(exc))
-            return
-        for message in messages:
-            router.send_multipart(message)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._context.term()
 
 
 @pytest.fixture(autouse=True)
 def no_client_thread_left_behind():
     yield
     assert [t.name for t in threading.enumerate() if t.name.startswith("corral-client")] == []
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    fake = FakeDaemon(f"ipc://{tmp_path}/d.sock")
-    yield fake
-    fake.stop()
-    assert fake.errors == []
-
-
-@pytest.fixture
-def client(daemon):
-    with Client(daemon.endpoint) as c:
-        yield c
 
 
 def answer_each_with(make_reply):
