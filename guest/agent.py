@@ -40,7 +40,7 @@ import _signal
 if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protocol.channel import capabilities, codec, constants, messages
+from protocol.channel import capabilities, codec, constants, egress, messages
 from guest import files
 from protocol.channel.errors import ProtocolError, UnexpectedMessage
 from protocol.channel.frame import FrameDecoder, FrameEncoder
@@ -1009,10 +1009,25 @@ class Agent:
             raise RuntimeError(f"{os.fsdecode(argv[0])} failed: wait status {status}")
 
 
+def start_egress_relay() -> None:
+    """On a net:egress VM (it has the egress port), start guest/egress_relay.py
+    in a session of its own; it drops to nobody once it holds the port."""
+    try:
+        port = find_port(egress.PORT_NAME, wait_s=0)
+    except RuntimeError:
+        return
+    code = 'import sys; sys.path.insert(0, "/opt/corral"); import guest.egress_relay as r; r.main(sys.argv[1])'
+    try:
+        os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", code, port], {}, setsid=True)
+    except OSError as e:
+        log(f"cannot start the egress relay: {e!r}")
+
+
 def main() -> None:
     try:
         prepare_process()
         fd = os.open(find_port(), os.O_RDWR)
+        start_egress_relay()  # after the agent's port: both ports are probed by then
         Agent(Channel(fd)).serve()
     except ProtocolError as e:
         log(f"host sent an undecodable frame ({e}); powering off")

@@ -19,9 +19,9 @@ Clones. libvirt restores a save image only under the name and uuid it was saved
 with (restoreFlags' own XML may change paths, never those), so each clone
 rewrites the XML inside the image's header in place (SaveHeader, clone_xml):
 its name, uuid, generation id, overlay, channel, QMP socket and console log,
-and on the network tier a MAC address of its own (new_mac: libvirt and QEMU
-report it at once; the guest's kernel learns it from the Resume, having read
-the template's when it probed the NIC).
+and on the net:egress tier its egress port's socket (the EgressProxy connects
+to each VM's own). A NIC's MAC would be rewritten too (new_mac; the guest takes
+it from the Resume), but no corral VM has a NIC now.
 The image's flock is held from that rewrite until restoreFlags returns, so no
 two restores see each other's header; QEMU's stream after it is never touched.
 """
@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.vm.domain import QEMU_NS
+from actors.vm.domain import AGENT_PORT_NAME, EGRESS_PORT_NAME, QEMU_NS
 
 log = logging.getLogger("corral.snapshots")
 
@@ -198,10 +198,12 @@ def new_mac() -> str:
 
 
 def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket: Path,
-              monitor: Path | None, console: Path | None, mac: str | None = None) -> str:
+              monitor: Path | None, console: Path | None, mac: str | None = None,
+              egress: Path | None = None) -> str:
     """The template's saved domain XML as one clone's: its own name, uuid and
     generation id (the guest reseeds its random pool on a new one), its own
-    root overlay, channel socket, QMP socket and console log, and its NIC's
+    root overlay, channel socket, egress port socket (net:egress, given exactly
+    where the template has that port), QMP socket and console log, and its NIC's
     MAC `mac` (given exactly where the template has a NIC). Raises
     TemplateInvalid if the template's name is still anywhere in the result: a
     per-VM path this function does not know of would be shared by every clone."""
@@ -219,10 +221,13 @@ def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket:
     if len(roots) != 1 or roots[0].find("source") is None:
         raise TemplateInvalid("template XML has no single root disk (vda)")
     roots[0].find("source").set("file", str(overlay))
-    channels = root.findall("devices/channel[@type='unix']/source")
-    if len(channels) != 1:
-        raise TemplateInvalid("template XML has no single unix channel")
-    channels[0].set("path", str(socket))
+    for port_name, path in ((AGENT_PORT_NAME, socket), (EGRESS_PORT_NAME, egress)):
+        sources = [channel.find("source") for channel in root.iterfind("devices/channel[@type='unix']")
+                   if channel.find("target") is not None and channel.find("target").get("name") == port_name]
+        if len(sources) > 1 or bool(sources) != (path is not None) or (sources and sources[0] is None):
+            raise TemplateInvalid(f"template and clone differ on the unix channel {port_name}")
+        if path is not None:
+            sources[0].set("path", str(path))
     args = root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")
     qmp = [i + 1 for i, arg in enumerate(args[:-1]) if arg.get("value") == "-qmp"]
     if bool(qmp) != (monitor is not None):
