@@ -26,6 +26,7 @@ class Task:
     ticket: int
     request: TaskRequest
     accepted_at: float  # monotonic
+    identity: str = ""  # who asked (Intake's admission): the egress audit log names it
 
     @property
     def priority(self) -> int:

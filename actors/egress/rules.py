@@ -129,6 +129,8 @@ def parse_rule(text: str) -> Rule:
         if last_port < first_port:
             raise RuleError(f"egress rule {text!r}: port range {ports} runs backwards")
         return NetworkRule(network, first_port, last_port)
+    if "/" in raw or all(ch.isdigit() or ch == "." for ch in raw) and raw:
+        raise RuleError(f"egress rule {text!r}: an address or CIDR rule needs a port (e.g. 10.1.2.0/24:5432)")
     wildcard = raw.startswith("*.")
     name = parse_host(raw[2:] if wildcard else raw)
     if name is None or "*" in raw[2 if wildcard else 0:]:

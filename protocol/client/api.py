@@ -259,12 +259,14 @@ class Client:
                cwd: str | bytes = b"", stdin: bytes = b"", timeout_s: float | None = None,
                output_cap: int = 0, task_id: str | None = None,
                files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
-               collect: Iterable[str | bytes] = ()) -> concurrent.futures.Future:
+               collect: Iterable[str | bytes] = (),
+               egress_allow: Iterable[str | bytes] = ()) -> concurrent.futures.Future:
         """Send one task; the Future resolves with its TaskReply.
 
         ``files_in``: (guest path, data, mode) written as the task user before
         the run; ``collect``: guest paths read after it, returned in the
-        reply's ``files_out`` as (path, error, data, receipt).
+        reply's ``files_out`` as (path, error, data, receipt). ``egress_allow``:
+        with capability net:egress, where the task may connect (docs/egress.md).
 
         Raises TypeError/ValueError for arguments the protocol cannot carry,
         ValueError for a task_id already in flight, ClientClosedError after close().
@@ -289,7 +291,8 @@ class Client:
             capabilities=tuple(_as_bytes(cap, "capability") for cap in capabilities),
             files_in=tuple((_as_bytes(path, "file path"), mode, bytes(memoryview(data)))
                            for path, data, mode in files_in),
-            collect=tuple(_as_bytes(path, "collect path") for path in collect))
+            collect=tuple(_as_bytes(path, "collect path") for path in collect),
+            egress_allow=tuple(_as_bytes(rule, "egress rule") for rule in egress_allow))
         key = (_TASK, task_id)
         return self._send(key, encode(request))
 
