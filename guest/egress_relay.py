@@ -34,6 +34,10 @@ from protocol.channel.egress import (HOST_SENDS, MAX_CHUNK, MAX_STREAMS, PROXY_H
 from protocol.channel.frame import FrameDecoder, FrameEncoder
 
 NOBODY = 65534  # uid and gid (Debian's nobody, nogroup)
+# Bringing lo up (nothing else in the guest does): struct ifreq is the name in 16
+# bytes, then the flags (short) in the union. Needs CAP_NET_ADMIN, held until the drop.
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+IFREQ_FLAGS = "16sh22x"
 NO_HOST_RETRY_S = 0.02  # read() on the port gives EOF at once while no host is connected
 FRAME_SLACK = 64  # a StreamData's bytes plus its fields
 
@@ -127,7 +131,18 @@ class Relay:
                 self.send(StreamClose(stream=message.stream))
 
 
+def loopback_up() -> None:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack(IFREQ_FLAGS, b"lo", 0)
+        flags = struct.unpack(IFREQ_FLAGS, fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack(IFREQ_FLAGS, b"lo", flags | IFF_UP))
+
+
 def main(port_path: str) -> None:
+    loopback_up()  # the proxy address is on it
     fd = os.open(port_path, os.O_RDWR)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind((PROXY_HOST, PROXY_PORT))
