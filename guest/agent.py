@@ -7,7 +7,8 @@ Exit with resource use, answers Heartbeat, and on Reset kills every process of
 the task user and removes whatever it left: files anywhere in the root overlay,
 message queues, SysV IPC objects, keys. Restored from a snapshot, it takes one
 Resume before any work: the host's clock, fresh entropy, new sequence bases,
-and on the net:egress tier the clone's own MAC address for eth0.
+and a MAC address for eth0 if the host sends one (it does not: no corral VM
+has a NIC). On a net:egress VM it starts the egress relay (guest/egress_relay.py).
 
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
