@@ -1011,11 +1011,16 @@ class Agent:
 
 
 def start_egress_relay() -> None:
-    """On a net:egress VM (it has the egress port), start guest/egress_relay.py
-    in a session of its own; it drops to nobody once it holds the port."""
+    """On a net:egress VM (the host says so with corral.egress=1 on the kernel
+    command line, and gives it the egress port), start guest/egress_relay.py in
+    a session of its own; it drops to nobody once it holds the port."""
+    with open("/proc/cmdline") as f:
+        if "corral.egress=1" not in f.read().split():
+            return
     try:
-        port = find_port(egress.PORT_NAME, wait_s=0)
-    except RuntimeError:
+        port = find_port(egress.PORT_NAME)  # the ports of one device appear one by one
+    except RuntimeError as e:
+        log(f"no egress port: {e}")
         return
     code = 'import sys; sys.path.insert(0, "/opt/corral"); import guest.egress_relay as r; r.main(sys.argv[1])'
     try:

@@ -233,6 +233,8 @@ class Hypervisor:
             # exec's code anew every time (guest/image/init explains).
             cmdline += " corral.aslr=off"
         cmdline += " console=ttyS0" if console else " quiet"
+        if network:
+            cmdline += " corral.egress=1"  # the agent starts the egress relay (docs/egress.md)
         if self.faults.extra_cmdline:
             cmdline += " " + self.faults.extra_cmdline
         return DomainSpec(
