@@ -119,6 +119,9 @@ def boot_id():
 def env(name):
     return os.environ.get(name, "")
 
+def system_cas():
+    return len(ssl.create_default_context().get_ca_certs())
+
 results = {}
 for name, probe, *args in json.loads(sys.argv[1]):
     results[name] = globals()[probe](*args)
@@ -175,11 +178,13 @@ def test_with_allow_allowed_test_an_https_get_works_and_denied_test_does_not(cli
                      https=["https_get", "https://allowed.test/"],
                      http=["http_get", "http://allowed.test/"],
                      denied=["https_get", "https://denied.test/"],
-                     proxy_env=["env", "https_proxy"])
+                     proxy_env=["env", "https_proxy"],
+                     system_cas=["system_cas"])
     assert got["https"] == "allowed over https\n"
     assert got["http"] == "allowed over http\n"  # plain HTTP: absolute-form through the proxy
     assert got["denied"].startswith("ERR") and "403" in got["denied"], got["denied"]
     assert got["proxy_env"] == "http://127.0.0.1:3128"
+    assert got["system_cas"] > 100  # ca-certificates: real sites verify without a CA of the caller's
     assert len(net.seen("tcp", since, address=internet.ALLOWED_IP)) == 2 and net.seen("dns", since, name="allowed.test")
     assert net.seen("tcp", since, address=internet.DENIED_IP) == []
     assert net.seen("dns", since, name="denied.test") == []  # a name no rule allows is never even looked up
