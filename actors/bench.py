@@ -32,7 +32,12 @@
 - capabilities: through a real corrald with a default pool of 1 and the rare
   tiers booted on demand: `true` with net:egress, res:large_mem (the first
   one waits for its VM to boot, the rest find it warm) and res:high_cpu (CPU
-  set live before the resume), against default `true` in the same run.
+  set live before the resume), against default `true` in the same run. Then
+  egress (docs/egress.md): time to the first byte of an HTTPS GET of
+  allowed.test from a net:egress task (--allow allowed.test, through the
+  guest's relay and corrald's egress proxy), against the same GET from the
+  host, one run each; allowed.test is a server in a network namespace on this
+  machine (tests/support/internet.py), nothing leaves it.
 - strict: through a real corrald in strict mode (pool.strict: one task per
   VM) with a pool of 2, N sequential `corral run -- true` through the real CLI
   (a process each): mean wall time per task, against a cold boot to the
@@ -336,16 +341,70 @@ def capability_latencies(client, runs: int) -> dict:
     return figures
 
 
+# Time to the first byte of an HTTPS GET (connect, TLS, request, first byte of the
+# answer), printed in ms by the same code on the host and in the guest.
+TTFB = r"""
+import socket, ssl, sys, time
+context = ssl.create_default_context(cafile=sys.argv[1])
+for _ in range(3):  # the first pays for cold code (TCG translates the relay's path anew after a restore)
+    started = time.monotonic()
+    if len(sys.argv) > 2:  # in the guest: through the proxy address
+        raw = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+        raw.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n")
+        assert b" 200 " in raw.recv(4096)
+    else:
+        raw = socket.create_connection(("allowed.test", 443), timeout=30)
+    connected = time.monotonic()
+    tls = context.wrap_socket(raw, server_hostname="allowed.test")
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+    tls.recv(1)
+    print(f"{(time.monotonic() - started) * 1000:.1f} {(connected - started) * 1000:.1f}")
+    tls.close()
+"""
+
+
+def egress_first_byte(client, ca_pem: bytes) -> float:
+    reply = client.run(["python3", "-", "/tmp/ca.pem", "proxy"], stdin=TTFB.encode(),
+                       capabilities=["net:egress", "dev:python"], egress_allow=["allowed.test"],
+                       files_in=[("/tmp/ca.pem", ca_pem, 0o644)], wait_s=300)
+    if reply.error_code or reply.exit_code:
+        raise RuntimeError(f"the egress GET failed: {reply.error_code} {reply.error_message} {reply.stderr!r}")
+    return [tuple(float(ms) / 1000 for ms in line.split()) for line in reply.stdout.decode().splitlines()]
+
+
 def bench_capabilities(cfg: config.Config, runs: int) -> None:
+    from tests.support import internet  # the test "internet": a namespace on this machine
+
     hypervisor = Hypervisor.from_config(cfg)
-    try:
-        figures = run_service(cfg, hypervisor, 1, lambda client, _: capability_latencies(client, runs), tier_max=1)
-    finally:
-        hypervisor.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        net = internet.start(cfg.daemon.instance, Path(tmp))
+        try:
+            egress_cfg = dataclasses.replace(cfg, egress=dataclasses.replace(cfg.egress, resolver=internet.DNS_IP))
+
+            def body(client, _):
+                figures = capability_latencies(client, runs)
+                client.run(["true"], capabilities=["net:egress"], wait_s=120)  # its VM warm, as for a caller
+                return figures, egress_first_byte(client, net.ca_pem)
+
+            figures, guest_s_runs = run_service(egress_cfg, hypervisor, 1, body, tier_max=1)
+            # The host's GET goes to the address the proxy resolves allowed.test to.
+            script = TTFB.replace('("allowed.test", 443)', f'("{internet.ALLOWED_IP}", 443)')
+            host_ms = subprocess.run([sys.executable, "-c", script, str(net.ca)], capture_output=True, text=True,
+                                     check=True).stdout
+        finally:
+            internet.stop(cfg.daemon.instance, net)
+            hypervisor.close()
     base = percentile(figures["default"][1], 50)
     for name, (first, later) in figures.items():
         print(f"`true` with {name:14s} first {first * 1000:8.1f} ms, then {latency(later)}  "
               f"ratio (p50 / default p50) {percentile(later, 50) / base:.2f}x")
+    host = [tuple(float(ms) / 1000 for ms in line.split()) for line in host_ms.splitlines()]
+    for label, i in (("first", 0), ("third", 2)):
+        (guest_s, guest_connect_s), (host_s, host_connect_s) = guest_s_runs[i], host[i]
+        print(f"HTTPS GET allowed.test, time to first byte, {label} GET: net:egress task {guest_s * 1000:.1f} ms, "
+              f"host {host_s * 1000:.1f} ms ({guest_s / host_s:.0f}x); of which the TCP connection "
+              f"(in the guest: CONNECT through relay and proxy, DNS included) {guest_connect_s * 1000:.1f} ms, "
+              f"host {host_connect_s * 1000:.1f} ms")
 
 
 def intake_round_trips(admission, runs: int, **client_keys) -> list[float]:

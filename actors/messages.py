@@ -36,6 +36,7 @@ class Task:
     request: TaskRequest
     accepted_at: float  # monotonic
     claim: SessionClaim | None = None  # this task opens a session (Sessions made it)
+    identity: str = ""  # who asked (Intake's admission): the egress audit log names it
 
     @property
     def priority(self) -> int:

@@ -24,6 +24,7 @@ from actors.intake import Intake
 from actors.messages import ResumeService, Scram
 from actors.ioguard import IOGuard, ReadLimits
 from actors.edge.metrics import Metrics
+from actors.egress.proxy import EgressProxy, EgressSettings
 from actors.pool import PoolManager, PoolSettings
 from actors.pool_plan import PoolView
 from actors.refill import Refill
@@ -64,6 +65,7 @@ class Corral:
         self.refill = Refill(self.hypervisor, self.metrics, enabled=cfg.snapshots.enabled,
                              boot_timeout_s=cfg.vm.boot_timeout_s)
         self.directory = Directory()
+        self.egress = EgressProxy(EgressSettings.from_config(cfg.egress), self.metrics)
         self.timers = Timers()
         self.gave_up = threading.Event()
         self.give_up_reason = ""
@@ -114,7 +116,8 @@ class Corral:
 
     def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER) -> pykka.ActorRef:
         return Supervisor.start(vm_id, directory=self.directory, hypervisor=self.hypervisor, refill=self.refill,
-                                timers=self.timers, metrics=self.metrics, settings=self.vm_settings, tier=tier)
+                                timers=self.timers, metrics=self.metrics, settings=self.vm_settings, tier=tier,
+                                egress=self.egress)
 
     def _ioguard_totals(self) -> dict:
         ioguard = self.directory.get("ioguard")
@@ -177,6 +180,7 @@ class Corral:
         self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
         self.metrics.watch_ioguard(self._ioguard_totals)
         self.metrics.watch_pool(self.pool_view)
+        self.egress.start()
         self.root = Root.start(directory=self.directory, factories=self._factories(), metrics=self.metrics,
                                max_restarts=self.cfg.supervision.max_restarts,
                                window_s=self.cfg.supervision.window_s, give_up=self._give_up)
@@ -197,6 +201,7 @@ class Corral:
                 self.root.stop()
         finally:
             self.server.stop()  # answers whatever no actor did
+            self.egress.stop()
             self.timers.stop()
             self.metrics.close()
             if self.owns_hypervisor:

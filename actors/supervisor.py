@@ -60,6 +60,8 @@ import pykka
 from actors.artifacts.files import Collection, FileSettings
 from actors.artifacts.signing import Signer
 from actors.directory import Directory, drain_inbox
+from actors.egress.proxy import EgressProxy, TaskEgress, task_env
+from actors.egress.rules import parse_rules
 from actors.errors import CorralError
 from actors.refill import NewVm, Refill
 from actors.vm.errors import RestoreFailed
@@ -192,10 +194,12 @@ class RunningTask:
 
 class Supervisor(pykka.ThreadingActor):
     def __init__(self, vm_id: str, *, directory: Directory, hypervisor: Hypervisor, refill: Refill,
-                 timers: Timers, metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER):
+                 timers: Timers, metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER,
+                 egress: EgressProxy | None = None):
         super().__init__()
         self.vm_id = vm_id
         self.tier = tier
+        self.egress = egress if tier.network else None  # the net:egress tier's way out (actors/egress/)
         self.cpu: tuple[int, int] | None = None  # as last set live; None: as booted
         self.directory = directory
         self.hypervisor = hypervisor
@@ -251,6 +255,10 @@ class Supervisor(pykka.ThreadingActor):
             return
         self.directory.tell("ioguard", Watch(self.vm_id, self.link.sock, self.actor_ref,
                                              first_seq=self.link.decoder.expected_seq))
+        if self.egress is not None:
+            ref, vm_id = self.actor_ref, self.vm_id  # a violation on the egress port ends the VM as one on the channel
+            self.egress.attach(vm_id, self.handle.egress_socket,
+                               lambda code, detail: ref.tell(ChannelFailed(vm_id, code, detail, violation=True)))
         self._arm(self.state, self.settings.boot_timeout_s)
 
     def on_receive(self, message: Any) -> None:
@@ -413,6 +421,9 @@ class Supervisor(pykka.ThreadingActor):
             # Queued in the socket before the resume: the agent finds it the
             # moment it runs again, with no round trip after the resume call.
             self.link.send(guest.Heartbeat(nonce=self._new_id()))
+            if self.egress is not None:  # this task's rules, from before its first instruction
+                self.egress.begin_task(self.vm_id, TaskEgress(message.task.request.task_id, message.task.identity,
+                                                              parse_rules(message.task.request.egress_allow)))
             if wants_high_cpu(message.task.request.capabilities):
                 self._set_cpu(self.settings.high_cpu)  # before the resume: live from the first instruction
             if paused:  # a settling VM still runs
@@ -443,7 +454,8 @@ class Supervisor(pykka.ThreadingActor):
                 # reaches this actor only once it can go after the Exec.
                 self.directory.tell("intake", TaskStarted(running.task.ticket, self.actor_ref))
             self.link.send(guest.Exec(
-                exec_id=running.exec_id, argv=request.argv, env=request.env, cwd=request.cwd,
+                exec_id=running.exec_id, argv=request.argv,
+                env=request.env if self.egress is None else task_env(request.env), cwd=request.cwd,
                 stdin=request.stdin, timeout_ms=max(1, timeout_left_ms),
                 output_cap=request.output_cap, as_root=False,
                 capabilities=soft_bits(request.capabilities) | self.settings.default_soft_bits,
@@ -664,6 +676,8 @@ class Supervisor(pykka.ThreadingActor):
 
     def _answer(self, reply: TaskReply) -> None:
         self._hold_for_reader(self.current, False)
+        if self.egress is not None:  # the task's connections end with it
+            self.egress.end_task(self.vm_id)
         self.directory.answer(self.current.task.ticket, reply)
         self.current = None
 
@@ -679,6 +693,8 @@ class Supervisor(pykka.ThreadingActor):
         self.state = VmPhase.GONE
         self.deadline_token += 1
         self.directory.tell("ioguard", Unwatch(self.vm_id))
+        if self.egress is not None:
+            self.egress.detach(self.vm_id)
         if self.link is not None:
             self.link.close()
         if self.run_control is not None:

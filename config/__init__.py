@@ -165,6 +165,20 @@ class IdentityConfig:
     local_grants: tuple[str, ...] = field()
     default_grants: tuple[str, ...] = field()
     grants: dict[str, tuple[str, ...]] = field(metadata={"keys": "name"})
+    # Egress rules (docs/egress.md) an identity may ask for; "*": any rule.
+    local_egress_allow: tuple[str, ...] = field(metadata={"pattern": "egress_grants"})
+    default_egress_allow: tuple[str, ...] = field(metadata={"pattern": "egress_grants"})
+    egress_allow: dict[str, tuple[str, ...]] = field(metadata={"keys": "name", "pattern": "egress_grants"})
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    # Rules of a net:egress task that names none (docs/egress.md); [] : it reaches nothing.
+    default_allow: tuple[str, ...] = field(metadata={"pattern": "egress_rules"})
+    resolver: str = field(metadata={"pattern": "resolver"})  # "": the host's resolver; else IP[:PORT]
+    connect_timeout_s: float = field(metadata=_range(0.1, 600))
+    resolve_timeout_s: float = field(metadata=_range(0.1, 600))
+    request_timeout_s: float = field(metadata=_range(0.1, 3600))
 
 
 @dataclass(frozen=True)
@@ -207,6 +221,7 @@ class Config:
     watchdog: WatchdogConfig = field()
     identity: IdentityConfig = field()
     budget: BudgetConfig = field()
+    egress: EgressConfig = field()
 
 
 def _check_size(key: str, value: str) -> None:
@@ -250,7 +265,34 @@ def _check_soft_capabilities(key: str, value: list) -> None:
         raise ConfigError(f"config: {key} names a capability twice")
 
 
-CHECKS = {"size": _check_size, "endpoint": _check_endpoint, "ipc_endpoint": _check_ipc_endpoint,
+def _check_egress_rules(key: str, value: tuple, grants: bool = False) -> None:
+    from actors.egress.rules import ANY_RULE, RuleError, parse_rule
+
+    for rule in value:
+        if grants and rule == ANY_RULE:
+            continue
+        try:
+            parse_rule(rule)
+        except RuleError as e:
+            raise ConfigError(f"config: {key}: {e}") from None
+
+
+def _check_egress_grants(key: str, value: tuple) -> None:
+    _check_egress_rules(key, value, grants=True)
+
+
+def _check_resolver(key: str, value: str) -> None:
+    from actors.egress.proxy import parse_resolver
+
+    try:
+        parse_resolver(value)
+    except ValueError as e:
+        raise ConfigError(f"config: {key} = {value!r} must be \"\" or an address with an optional port "
+                          f"(198.51.100.53, 198.51.100.53:5353, [2001:db8::53]:53): {e}") from None
+
+
+CHECKS = {"egress_rules": _check_egress_rules, "egress_grants": _check_egress_grants, "resolver": _check_resolver,
+          "size": _check_size, "endpoint": _check_endpoint, "ipc_endpoint": _check_ipc_endpoint,
           "instance": _check_instance, "name": _check_name, "soft_capabilities": _check_soft_capabilities}
 
 
@@ -277,6 +319,8 @@ def _convert_value(key: str, kind: Any, meta: dict, value: Any) -> Any:
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ConfigError(f"config: {key} = {value!r} must be a list of strings")
+        if "pattern" in meta:
+            CHECKS[meta["pattern"]](key, tuple(value))
         return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -9,7 +9,8 @@ answers Heartbeat, and on Reset kills every process of
 the task user and removes whatever it left: files anywhere in the root overlay,
 message queues, SysV IPC objects, keys. Restored from a snapshot, it takes one
 Resume before any work: the host's clock, fresh entropy, new sequence bases,
-and on the net:egress tier the clone's own MAC address for eth0.
+and a MAC address for eth0 if the host sends one (it does not: no corral VM
+has a NIC). On a net:egress VM it starts the egress relay (guest/egress_relay.py).
 
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
@@ -42,7 +43,7 @@ import _signal
 if __package__ in (None, ""):  # run as a script from the ISO: make `protocol` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protocol.channel import capabilities, codec, constants, messages
+from protocol.channel import capabilities, codec, constants, egress, messages
 from guest import files
 from protocol.channel.errors import ProtocolError, UnexpectedMessage
 from protocol.channel.frame import FrameDecoder, FrameEncoder
@@ -1091,10 +1092,30 @@ class Agent:
             raise RuntimeError(f"{os.fsdecode(argv[0])} failed: wait status {status}")
 
 
+def start_egress_relay() -> None:
+    """On a net:egress VM (the host says so with corral.egress=1 on the kernel
+    command line, and gives it the egress port), start guest/egress_relay.py in
+    a session of its own; it drops to nobody once it holds the port."""
+    with open("/proc/cmdline") as f:
+        if "corral.egress=1" not in f.read().split():
+            return
+    try:
+        port = find_port(egress.PORT_NAME)  # the ports of one device appear one by one
+    except RuntimeError as e:
+        log(f"no egress port: {e}")
+        return
+    code = 'import sys; sys.path.insert(0, "/opt/corral"); import guest.egress_relay as r; r.main(sys.argv[1])'
+    try:
+        os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", code, port], {}, setsid=True)
+    except OSError as e:
+        log(f"cannot start the egress relay: {e!r}")
+
+
 def main() -> None:
     try:
         prepare_process()
         fd = os.open(find_port(), os.O_RDWR)
+        start_egress_relay()  # after the agent's port: both ports are probed by then
         Agent(Channel(fd)).serve()
     except ProtocolError as e:
         log(f"host sent an undecodable frame ({e}); powering off")

@@ -38,6 +38,7 @@ from zmq.utils import z85
 import config
 from actors.edge.budget import REFUNDED_CODES, BudgetLedger, TaskCosts
 from actors.edge.endpoint import SocketThread
+from actors.egress.rules import EgressGrant, parse_rules
 from actors.errors import CorralError, Rejected
 from protocol.wire.tasks import ErrorCode, TaskReply, TaskRequest
 
@@ -54,6 +55,7 @@ MAX_LOGGED_KEYS = 1000  # unknown keys logged once each, up to this many
 class Identity:
     name: str
     grants: frozenset[str]
+    egress: EgressGrant = EgressGrant()  # the egress rules it may ask for (docs/egress.md)
 
     def check(self, request: TaskRequest) -> None:
         for raw in request.capabilities:
@@ -63,6 +65,11 @@ class Identity:
                 raise Rejected(ErrorCode.CAPABILITY_DENIED,
                                f"capability {name!r} is not granted to identity {self.name!r} "
                                f"(granted: {granted})")
+        for rule in parse_rules(request.egress_allow):  # well-formed: Intake's validate() parsed them
+            if not self.egress.allows(rule):
+                raise Rejected(ErrorCode.CAPABILITY_DENIED,
+                               f"egress rule {str(rule)!r} is not granted to identity {self.name!r} "
+                               f"(egress rules granted: {self.egress})")
 
 
 def _fail(message: str):
@@ -247,7 +254,7 @@ class Admission:
     @classmethod
     def unlimited(cls, offered: frozenset[str]) -> Admission:
         """One local identity granted every offered capability, no budget (tests)."""
-        local = Identity("local", offered)
+        local = Identity("local", offered, EgressGrant(everything=True))
         return cls(local, {"local": local}, None, None)
 
     @classmethod
@@ -263,8 +270,12 @@ class Admission:
             if ident.client_keys_dir or ident.clients or ident.grants:
                 _fail("identity.client_keys_dir, identity.clients and identity.grants need "
                       "identity.server_secret_key: without CurveZMQ no client can be told apart")
+            if ident.egress_allow:
+                _fail("identity.egress_allow needs identity.server_secret_key: without CurveZMQ no client "
+                      "can be told apart")
             local = Identity(ident.local_name, resolve_grants("identity.local_grants", ident.local_grants,
-                                                              known, offered))
+                                                              known, offered),
+                             EgressGrant.parse(ident.local_egress_allow))
             if not _is_local(cfg.daemon.endpoint):
                 log.warning("%s takes connections from other hosts without CurveZMQ: every caller is "
                             "identity %r; set identity.server_secret_key", cfg.daemon.endpoint, local.name)
@@ -274,15 +285,19 @@ class Admission:
         if not client_keys:
             log.warning("CurveZMQ is on but no client key is allowed: every client will be refused")
         names = set(client_keys.values())
-        for section, entries in (("identity.grants", ident.grants), ("budget.overrides", cfg.budget.overrides)):
+        for section, entries in (("identity.grants", ident.grants), ("identity.egress_allow", ident.egress_allow),
+                                 ("budget.overrides", cfg.budget.overrides)):
             for name in entries:
                 if name not in names:
                     _fail(f"{section}.{name}: no client key of that name "
                           "(identity.client_keys_dir or identity.clients)")
         default = resolve_grants("identity.default_grants", ident.default_grants, known, offered)
+        egress_default = EgressGrant.parse(ident.default_egress_allow)
         identities = {
             name: Identity(name, resolve_grants(f"identity.grants.{name}", ident.grants[name], known, offered)
-                           if name in ident.grants else default)
+                           if name in ident.grants else default,
+                           EgressGrant.parse(ident.egress_allow[name]) if name in ident.egress_allow
+                           else egress_default)
             for name in sorted(names)}
         return cls(None, identities, ledger, costs, server_key, client_keys, metrics)
 

@@ -51,6 +51,7 @@ from actors.edge.endpoint import SocketThread
 from actors.edge.identity import Admission
 from actors.edge.metrics import Metrics
 from actors.edge.streams import StreamLimits, StreamState, StreamTotals
+from actors.egress.rules import RuleError, parse_rules
 from actors.errors import CorralError, Rejected
 from actors.messages import Answer, OutputChunk, ReaderHold, StdinChunk, Submit, Task, TaskStarted
 from config import Config
@@ -92,6 +93,7 @@ class TaskLimits:
     max_request_bytes: int
     max_put_bytes: int = 0  # files_in, all files of one task
     streams: StreamLimits = StreamLimits()
+    default_egress_allow: tuple[bytes, ...] = ()  # a net:egress task's rules when it names none
 
     @classmethod
     def from_config(cls, cfg: Config) -> TaskLimits:
@@ -100,7 +102,8 @@ class TaskLimits:
                    max_timeout_ms=int(tasks.max_timeout_s * 1000),
                    default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
                    max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes,
-                   streams=StreamLimits.from_config(tasks))
+                   streams=StreamLimits.from_config(tasks),
+                   default_egress_allow=tuple(str(r).encode() for r in parse_rules(cfg.egress.default_allow)))
 
 
 def _check_no_nul(what: str, value: bytes) -> None:
@@ -152,7 +155,24 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
         if name in UNAVAILABLE_CAPABILITIES:
             raise Rejected(ErrorCode.CAPABILITY_UNAVAILABLE, UNAVAILABLE_CAPABILITIES[name])
         seen.add(name)
-    return codec.replace(request, timeout_ms=timeout_ms, output_cap=output_cap)
+    egress_allow = ()
+    if request.egress_allow:
+        if capabilities.NET_EGRESS not in seen:
+            raise Rejected(ErrorCode.INVALID_REQUEST, "egress rules (egress_allow, --allow) need capability "
+                                                      f"{capabilities.NET_EGRESS}")
+        try:
+            egress_allow = tuple(str(rule).encode() for rule in parse_rules(request.egress_allow))
+        except RuleError as e:
+            raise Rejected(ErrorCode.INVALID_REQUEST, str(e)) from None
+    return codec.replace(request, timeout_ms=timeout_ms, output_cap=output_cap, egress_allow=egress_allow)
+
+
+def with_default_egress(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
+    """A net:egress task that names no rules gets egress.default_allow (after the
+    grant check: the operator chose those, the caller did not)."""
+    if request.egress_allow or capabilities.NET_EGRESS.encode() not in request.capabilities:
+        return request
+    return codec.replace(request, egress_allow=limits.default_egress_allow)
 
 
 class IntakeServer:
@@ -377,6 +397,7 @@ class IntakeServer:
             request = validate(request, self.limits)
             ticket = next(self.tickets)
             name = self.admission.admit(user, request, ticket)
+            request = with_default_egress(request, self.limits)
         except Rejected as e:
             self.metrics.rejected.labels(e.code).inc()
             return self._send(conn, routing_id, error_reply(request.task_id, e.code, str(e), e.retry_after_ms))
@@ -386,7 +407,7 @@ class IntakeServer:
             self.streams[ticket] = StreamState(request.task_id, self.limits.streams, request.stdin_open,
                                                len(request.stdin), self.stream_totals)
         self.metrics.accepted.inc()
-        if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic()))):
+        if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic(), identity=name))):
             self._deliver(ticket, error_reply(
                 request.task_id, ErrorCode.UNAVAILABLE, "the scheduler is restarting; retry"))
 

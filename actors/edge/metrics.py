@@ -35,6 +35,9 @@ class Metrics:
         self.rejected = Counter("corral_requests_rejected_total", "Requests refused before acceptance, by code",
                                 ["code"], registry=r)
         self.accepted = Counter("corral_tasks_accepted_total", "Tasks accepted by Intake", registry=r)
+        self.egress_connections = Counter("corral_egress_connections_total",
+                                          "net:egress connections the egress proxy decided, by verdict",
+                                          ["verdict"], registry=r)
         self.duplicate_answers = Counter(
             "corral_duplicate_answers_total", "Answers dropped because the task was already answered",
             registry=r)

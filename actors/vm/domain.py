@@ -5,7 +5,9 @@ Every VM is a transient libvirt domain with:
   - a qcow2 overlay on the read-only gold image (deleted with the VM),
   - the agent ISO as a read-only virtio disk (read-only at the hypervisor),
   - one virtio-serial port whose host end is a unix socket QEMU listens on,
-  - no network interface unless asked for,
+  - no network interface, ever: a net:egress VM gets a second virtio-serial port
+    (the egress port, host end a unix socket QEMU listens on) whose streams end
+    at the host's EgressProxy (actors/egress/, docs/egress.md),
   - with vm.fast_resume, a QMP socket of corral's own (actors/vm/qmp.py): the
     Supervisor pauses and resumes through it, ~3 ms faster than libvirt,
   - for a snapshot template and its clones (actors/vm/snapshots.py), a VM
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 AGENT_PORT_NAME = "org.corral.agent.0"
+EGRESS_PORT_NAME = "org.corral.egress.0"  # protocol/channel/egress.py PORT_NAME
 ROOT_DISK_SERIAL = "corral-root"
 AGENT_DISK_SERIAL = "corral-agent"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # libvirt's <qemu:commandline>
@@ -61,7 +64,7 @@ class DomainSpec:
     cmdline: str
     disks: tuple[Disk, ...]
     channel_socket: Path | None
-    network: bool = False
+    egress_socket: Path | None = None  # net:egress: the egress port's host end
     console_log: Path | None = None
     monitor_socket: Path | None = None  # corral's own QMP socket, QEMU listening
     # QEMU's (uid, gid) under libvirt's DAC driver. Given, QEMU runs as that user and
@@ -130,16 +133,14 @@ class DomainSpec:
             # Two ports (0 is reserved for a console; the agent's is 1) instead of QEMU's
             # 31: every pause and resume restarts each port's queue notifiers, and 64
             # queues cost ~0.9 ms of each resume under TCG (QEMU trace, 2026-11-29).
-            on_root_bus(_sub(devices, "controller", type="virtio-serial", index="0", ports="2"))
-            channel = _sub(devices, "channel", type="unix")
-            _sub(channel, "source", mode="bind", path=str(self.channel_socket))
-            _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
-        if self.network:
-            # User-mode networking: outbound only, no host bridge to configure.
-            nic = _sub(devices, "interface", type="user")
-            _sub(nic, "model", type="virtio")
-            _sub(nic, "rom", enabled="no")
-            on_root_bus(nic)
+            # A net:egress VM has a third, the egress port.
+            ports = "3" if self.egress_socket is not None else "2"
+            on_root_bus(_sub(devices, "controller", type="virtio-serial", index="0", ports=ports))
+            for path, port_name in ((self.channel_socket, AGENT_PORT_NAME), (self.egress_socket, EGRESS_PORT_NAME)):
+                if path is not None:
+                    channel = _sub(devices, "channel", type="unix")
+                    _sub(channel, "source", mode="bind", path=str(path))
+                    _sub(channel, "target", type="virtio", name=port_name)
         if self.console_log is not None:
             serial = _sub(devices, "serial", type="file")
             _sub(serial, "source", path=str(self.console_log))

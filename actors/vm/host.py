@@ -36,7 +36,7 @@ from actors.vm.overlays import create_overlay, give_back_to_root, overlay_data_b
 from actors.vm.qmp import QmpMonitor
 from actors.vm.snapshots import (IMAGE_FILE, MIN_STREAM_BYTES, XML_FILE, SaveHeader, SnapshotStore,
                                  Template, TemplateInvalid, TemplateKey, clone_xml, fingerprint,
-                                 new_mac, stream_digest, template_meta, xml_digest)
+                                 stream_digest, template_meta, xml_digest)
 from guest.image.paths import GuestImage, guest_image
 from protocol.channel.errors import ProtocolError
 
@@ -238,7 +238,7 @@ class Hypervisor:
             cmdline += " corral.aslr=off"
         cmdline += " console=ttyS0" if console else " quiet"
         if network:
-            cmdline += " corral.net=1"
+            cmdline += " corral.egress=1"  # the agent starts the egress relay (docs/egress.md)
         if self.faults.extra_cmdline:
             cmdline += " " + self.faults.extra_cmdline
         return DomainSpec(
@@ -250,7 +250,8 @@ class Hypervisor:
                 Disk(path=self.image.agent_iso, format="raw", serial=AGENT_DISK_SERIAL,
                      target="vdb", readonly=True),
             ),
-            channel_socket=socket, network=network, console_log=console, monitor_socket=monitor,
+            channel_socket=socket, egress_socket=self.run_dir / f"{name}.egress" if network else None,
+            console_log=console, monitor_socket=monitor,
             qemu_owner=self.qemu_owner, genid=genid, cpu_shares=REFILL_CPU_SHARES,
         )
 
@@ -263,7 +264,8 @@ class Hypervisor:
                              network, memory_mib)
         self._start(spec)
         return VmHandle(name=name, overlay=spec.disks[0].path, socket=spec.channel_socket,
-                        console_log=spec.console_log, spec=spec, monitor=spec.monitor_socket)
+                        console_log=spec.console_log, spec=spec, monitor=spec.monitor_socket,
+                        egress_socket=spec.egress_socket)
 
     def _start(self, spec: DomainSpec) -> None:
         """Boot `spec` on a fresh overlay; on any failure nothing is left behind."""
@@ -390,14 +392,13 @@ class Hypervisor:
         name = name or self.new_name()
         overlay, socket = self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock"
         spec = self.spec_for(name, overlay, socket, template.key.network, template.key.memory_mib, genid=True)
-        mac = new_mac() if template.key.network else None
         handle = VmHandle(name=name, overlay=overlay, socket=socket, console_log=spec.console_log, spec=spec,
                           monitor=spec.monitor_socket, restored=True, guest_first_seq=template.guest_next_seq,
-                          mac=mac)
+                          egress_socket=spec.egress_socket)
         removed = late = False
         try:
             xml = clone_xml(template.xml, name=name, uuid=spec.uuid, overlay=overlay, socket=socket,
-                            monitor=spec.monitor_socket, console=spec.console_log, mac=mac)
+                            monitor=spec.monitor_socket, console=spec.console_log, egress=spec.egress_socket)
             self._fresh_overlay(name, overlay)
             with self.snapshots.locked_image(template) as image:
                 header = SaveHeader.read(image)

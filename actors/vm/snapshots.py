@@ -19,9 +19,9 @@ Clones. libvirt restores a save image only under the name and uuid it was saved
 with (restoreFlags' own XML may change paths, never those), so each clone
 rewrites the XML inside the image's header in place (SaveHeader, clone_xml):
 its name, uuid, generation id, overlay, channel, QMP socket and console log,
-and on the network tier a MAC address of its own (new_mac: libvirt and QEMU
-report it at once; the guest's kernel learns it from the Resume, having read
-the template's when it probed the NIC).
+and on the net:egress tier its egress port's socket (the EgressProxy connects
+to each VM's own). No corral VM has a NIC (a template with one is refused), so
+there is no MAC to give each clone.
 The image's flock is held from that rewrite until restoreFlags returns, so no
 two restores see each other's header; QEMU's stream after it is never touched.
 """
@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import struct
 import threading
@@ -45,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.vm.domain import QEMU_NS
+from actors.vm.domain import AGENT_PORT_NAME, EGRESS_PORT_NAME, QEMU_NS
 from actors.vm.errors import TemplateGone
 
 log = logging.getLogger("corral.snapshots")
@@ -190,21 +189,12 @@ class SaveHeader:
 
 # --- a clone's domain XML ----------------------------------------------------------
 
-# libvirt's own prefix for the MACs it makes up (locally administered, unicast).
-MAC_PREFIX = (0x52, 0x54, 0x00)
-
-
-def new_mac() -> str:
-    """A fresh random MAC in libvirt's form, "52:54:00:xx:xx:xx"."""
-    return ":".join(f"{b:02x}" for b in (*MAC_PREFIX, *secrets.token_bytes(3)))
-
-
 def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket: Path,
-              monitor: Path | None, console: Path | None, mac: str | None = None) -> str:
+              monitor: Path | None, console: Path | None, egress: Path | None = None) -> str:
     """The template's saved domain XML as one clone's: its own name, uuid and
     generation id (the guest reseeds its random pool on a new one), its own
-    root overlay, channel socket, QMP socket and console log, and its NIC's
-    MAC `mac` (given exactly where the template has a NIC). Raises
+    root overlay, channel socket, egress port socket (net:egress, given exactly
+    where the template has that port), QMP socket and console log. Raises
     TemplateInvalid if the template's name is still anywhere in the result: a
     per-VM path this function does not know of would be shared by every clone."""
     root = ET.fromstring(template_xml)
@@ -221,10 +211,13 @@ def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket:
     if len(roots) != 1 or roots[0].find("source") is None:
         raise TemplateInvalid("template XML has no single root disk (vda)")
     roots[0].find("source").set("file", str(overlay))
-    channels = root.findall("devices/channel[@type='unix']/source")
-    if len(channels) != 1:
-        raise TemplateInvalid("template XML has no single unix channel")
-    channels[0].set("path", str(socket))
+    for port_name, path in ((AGENT_PORT_NAME, socket), (EGRESS_PORT_NAME, egress)):
+        sources = [channel.find("source") for channel in root.iterfind("devices/channel[@type='unix']")
+                   if channel.find("target") is not None and channel.find("target").get("name") == port_name]
+        if len(sources) > 1 or bool(sources) != (path is not None) or (sources and sources[0] is None):
+            raise TemplateInvalid(f"template and clone differ on the unix channel {port_name}")
+        if path is not None:
+            sources[0].set("path", str(path))
     args = root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")
     qmp = [i + 1 for i, arg in enumerate(args[:-1]) if arg.get("value") == "-qmp"]
     if bool(qmp) != (monitor is not None):
@@ -239,14 +232,8 @@ def clone_xml(template_xml: str, *, name: str, uuid: str, overlay: Path, socket:
         raise TemplateInvalid("template and clone differ on a console log")
     for source in logs:
         source.set("path", str(console))
-    nics = root.findall("devices/interface")
-    if len(nics) > 1 or bool(nics) != (mac is not None):
-        raise TemplateInvalid("template and clone differ on a NIC")
-    if nics:
-        address = nics[0].find("mac")
-        if address is None:
-            address = ET.SubElement(nics[0], "mac")
-        address.set("address", mac)
+    if root.find("devices/interface") is not None:
+        raise TemplateInvalid("template XML has a NIC, which no corral VM has")
     xml = ET.tostring(root, encoding="unicode")
     if old_name in xml:
         raise TemplateInvalid(f"template XML names {old_name} where clone_xml does not rewrite it")

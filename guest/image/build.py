@@ -31,7 +31,7 @@ AGENT_MOUNT = "/opt/corral"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 MODULE_SIG_MAGIC = b"~Module signature appended~\n"
 # The busybox applets init runs, as symlinks: cheaper than `busybox --install` at boot.
-INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "usleep", "poweroff", "switch_root", "linux64", "ip", "rm")
+INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "usleep", "poweroff", "switch_root", "linux64")
 
 
 class BuildError(Exception):
@@ -205,17 +205,12 @@ def build_initramfs(recipe: dict, tree: Path, version: str, out: Path) -> None:
         cpio.symlink(f"bin/{applet}", "busybox")
     cpio.file("init", (RECIPE_DIR / "init").read_bytes(), 0o755)
     moddir = tree / "lib/modules" / version
-    loaded: set[str] = set()
-    for listname in ("core", "net"):
-        order = [p for p in module_load_order(tree, version, recipe["initramfs"][f"{listname}_modules"])
-                 if p not in loaded]
-        names = []
-        for path in order:
-            flat = Path(path).name.removesuffix(".xz")
-            cpio.file(f"lib/modules/{flat}", module_bytes(moddir / path))
-            names.append(flat)
-            loaded.add(path)
-        cpio.file(f"modules.{listname}", "".join(n + "\n" for n in names).encode())
+    names = []
+    for path in module_load_order(tree, version, recipe["initramfs"]["core_modules"]):
+        flat = Path(path).name.removesuffix(".xz")
+        cpio.file(f"lib/modules/{flat}", module_bytes(moddir / path))
+        names.append(flat)
+    cpio.file("modules.core", "".join(n + "\n" for n in names).encode())
     out.write_bytes(cpio.finish())
 
 

@@ -27,6 +27,7 @@ CHANNEL_DIR = "protocol/channel"
 AGENT_FILES = (
     "guest/__init__.py",
     "guest/agent.py",
+    "guest/egress_relay.py",
     "guest/files.py",
     "protocol/__init__.py",
     *sorted(f"{CHANNEL_DIR}/{path.name}" for path in (REPO_DIR / CHANNEL_DIR).glob("*.py")),

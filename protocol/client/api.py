@@ -512,12 +512,14 @@ class Client:
                cwd: str | bytes = b"", stdin: bytes = b"", timeout_s: float | None = None,
                output_cap: int = 0, task_id: str | None = None,
                files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
-               collect: Iterable[str | bytes] = ()) -> concurrent.futures.Future:
+               collect: Iterable[str | bytes] = (),
+               egress_allow: Iterable[str | bytes] = ()) -> concurrent.futures.Future:
         """Send one task; the Future resolves with its TaskReply.
 
         ``files_in``: (guest path, data, mode) written as the task user before
         the run; ``collect``: guest paths read after it, returned in the
-        reply's ``files_out`` as (path, error, data, receipt).
+        reply's ``files_out`` as (path, error, data, receipt). ``egress_allow``:
+        with capability net:egress, where the task may connect (docs/egress.md).
 
         Raises TypeError/ValueError for arguments the protocol cannot carry,
         ValueError for a task_id already in flight, ClientClosedError after close().
@@ -526,7 +528,7 @@ class Client:
         """
         request = self._task_request(argv, priority=priority, capabilities=capabilities, env=env, cwd=cwd,
                                      stdin=stdin, timeout_s=timeout_s, output_cap=output_cap, task_id=task_id,
-                                     files_in=files_in, collect=collect)
+                                     files_in=files_in, collect=collect, egress_allow=egress_allow)
         return self._send((_TASK, request.task_id), encode(request))
 
     def stream(self, argv: Iterable[str | bytes], *, stdin: bytes = b"", stdin_open: bool = False,
@@ -557,8 +559,8 @@ class Client:
                       cwd: str | bytes = b"", stdin: bytes = b"", timeout_s: float | None = None,
                       output_cap: int = 0, task_id: str | None = None,
                       files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
-                      collect: Iterable[str | bytes] = (), stream: bool = False,
-                      stdin_open: bool = False) -> TaskRequest:
+                      collect: Iterable[str | bytes] = (), egress_allow: Iterable[str | bytes] = (),
+                      stream: bool = False, stdin_open: bool = False) -> TaskRequest:
         """The TaskRequest; bad arguments fail here (or in encode()), in the caller."""
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not one string")
@@ -579,7 +581,8 @@ class Client:
             files_in=tuple((_as_bytes(path, "file path"), mode, bytes(memoryview(data)))
                            for path, data, mode in files_in),
             collect=tuple(_as_bytes(path, "collect path") for path in collect),
-            stream=stream, stdin_open=stdin_open)
+            stream=stream, stdin_open=stdin_open,
+            egress_allow=tuple(_as_bytes(rule, "egress rule") for rule in egress_allow))
         return request
 
     def run(self, argv: Iterable[str | bytes], *, wait_s: float | None = None,

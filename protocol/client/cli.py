@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--priority", choices=list(PRIORITY_NAMES), default="normal")
     run.add_argument("--cap", action="append", default=[], metavar="CAP", dest="capabilities",
                      help="capability to ask for, e.g. net:egress (repeatable)")
+    run.add_argument("--allow", action="append", default=[], metavar="RULE", dest="egress_allow",
+                     help="with --cap net:egress: where the task may connect, repeatable: a domain "
+                          "(pypi.org, '*.pythonhosted.org': HTTP and HTTPS) or CIDR:PORT[-PORT] "
+                          "(10.1.2.0/24:5432: TCP); none: corrald's egress.default_allow")
     run.add_argument("--timeout", type=_positive_float, metavar="S", help="task timeout (default: corrald's)")
     run.add_argument("--output-cap", type=_non_negative_int, default=0, metavar="BYTES",
                      help="bytes kept per output stream (default: corrald's)")
@@ -350,7 +354,7 @@ def _cmd_run(client: Client, args: argparse.Namespace) -> int:
         task = client.stream(command, priority=args.priority, capabilities=args.capabilities,
                              env=args.env, cwd=args.cwd, stdin=stdin, stdin_open=args.interactive,
                              timeout_s=args.timeout, output_cap=args.output_cap, files_in=files_in,
-                             collect=args.collect)
+                             collect=args.collect, egress_allow=args.egress_allow)
     except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too long)
         _notice(f"cannot send this task: {exc}")
         return EXIT_CORRAL_ERROR

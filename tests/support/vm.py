@@ -54,4 +54,4 @@ def make_spec(tmp_path, accelerator="tcg", network=False):
                     backing=tmp_path / "gold.qcow2"),
                Disk(path=tmp_path / "agent.iso", format="raw", serial="corral-agent",
                     target="vdb", readonly=True)),
-        channel_socket=tmp_path / "vm.sock", network=network)
+        channel_socket=tmp_path / "vm.sock", egress_socket=tmp_path / "vm.egress" if network else None)

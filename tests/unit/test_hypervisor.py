@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 from actors.vm.accelerator import detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu
-from actors.vm.domain import AGENT_PORT_NAME, Disk, DomainSpec
+from actors.vm.domain import AGENT_PORT_NAME, EGRESS_PORT_NAME, Disk, DomainSpec
 from actors.vm.errors import HypervisorError, LibvirtDeadline, NoSuchDomain
 from actors.vm.host import REFILL_CPU_SHARES, Hypervisor
 from actors.vm.libvirt_calls import DeadlineCalls, libvirt_errors
@@ -86,7 +86,11 @@ def test_network_and_kvm_variants(tmp_path):
     root = ET.fromstring(make_spec(tmp_path, accelerator="kvm", network=True).to_xml())
     assert root.get("type") == "kvm"
     assert root.find("cpu").get("mode") == "host-passthrough"
-    assert root.find("devices/interface").get("type") == "user"
+    # net:egress: no NIC, a third virtio-serial port whose host end is the egress socket
+    assert root.find("devices/interface") is None
+    assert root.find("devices/controller[@type='virtio-serial']").get("ports") == "3"
+    ports = {c.find("target").get("name"): c.find("source").get("path") for c in root.iterfind("devices/channel")}
+    assert ports == {AGENT_PORT_NAME: str(tmp_path / "vm.sock"), EGRESS_PORT_NAME: str(tmp_path / "vm.egress")}
 
 
 def test_libvirt_accepts_the_domain_xml():

@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 
 import config
 from actors.directory import Directory
+from actors.egress.rules import EgressGrant
 from actors.errors import CorralError
 from actors.edge.identity import Admission, Identity, resolve_grants
 from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer
@@ -85,7 +86,7 @@ def test_the_local_identity_has_the_configured_grants():
     cfg = config.load(overrides={"identity": {"local_name": "me", "local_grants": ["base:execute"]}})
     admission = Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES)
     assert not admission.curve
-    assert admission.identity_of(None) == Identity("me", frozenset({"base:execute"}))
+    assert admission.identity_of(None) == Identity("me", frozenset({"base:execute"}), EgressGrant(everything=True))
     default = Admission.from_config(config.load(), KNOWN_CAPABILITIES, OFFERED_CAPABILITIES)
     assert default.identity_of(None).grants == OFFERED_CAPABILITIES
 

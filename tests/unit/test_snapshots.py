@@ -22,7 +22,7 @@ from actors.vm.errors import LibvirtDeadline, RestoreFailed, TemplateGone
 from actors.vm.host import Hypervisor
 from actors.vm.libvirt_calls import DeadlineCalls
 from actors.vm.snapshots import (IMAGE_FILE, META_FILE, XML_FILE, SaveHeader, SnapshotStore, TemplateInvalid,
-                                 TemplateKey, clone_xml, fingerprint, new_mac, stream_digest,
+                                 TemplateKey, clone_xml, fingerprint, stream_digest,
                                  template_meta)
 from guest.image.paths import GuestImage
 from tests.support.vm import make_spec
@@ -36,14 +36,11 @@ KEY = TemplateKey(gold="gold-1/aaaa", agent="agent-1/bbbb", host="libvirt 900000
 
 def template_xml(tmp_path, network: bool = False) -> str:
     """A domain XML as libvirt saves it: generation id filled in, the serial file
-    shown again as <console>, corral's QMP socket on QEMU's command line, a
-    NIC's made-up MAC."""
+    shown again as <console>, corral's QMP socket on QEMU's command line."""
     spec = dataclasses.replace(make_spec(tmp_path, network=network), genid=True,
                                console_log=tmp_path / "vm.console.log", monitor_socket=tmp_path / "vm.qmp")
     root = ET.fromstring(spec.to_xml())
     root.find("genid").text = "fa5735e5-8cbd-408d-ab72-a21309fca189"
-    for nic in root.iterfind("devices/interface"):
-        ET.SubElement(nic, "mac", address="52:54:00:0e:0e:0e")
     console = ET.SubElement(root.find("devices"), "console", type="file")
     ET.SubElement(console, "source", path=str(tmp_path / "vm.console.log"))
     return ET.tostring(root, encoding="unicode")
@@ -165,33 +162,24 @@ def test_clone_xml_refuses_a_template_of_other_settings(tmp_path):
         clone_xml(template_xml(tmp_path), monitor=Path("/m"), console=None, **args)
 
 
-def test_clone_xml_gives_a_network_clone_its_own_mac_and_nothing_else_more(tmp_path):
+def test_clone_xml_gives_a_net_egress_clone_its_own_egress_socket_and_nothing_else_more(tmp_path):
     xml = template_xml(tmp_path, network=True)
     args = dict(uuid="u", overlay=Path("/o"), socket=Path("/s"), monitor=Path("/m"), console=Path("/c"))
-    a = ET.fromstring(clone_xml(xml, name="corral-test-c10e00000001", mac="52:54:00:aa:bb:01", **args))
-    b = ET.fromstring(clone_xml(xml, name="corral-test-c10e00000002", mac="52:54:00:aa:bb:02", **args))
-    assert a.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:01"
-    assert b.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:02"
-    assert a.find("devices/interface").get("type") == "user"
+    a = ET.fromstring(clone_xml(xml, name="corral-test-c10e00000001", egress=Path("/e1"), **args))
+    b = ET.fromstring(clone_xml(xml, name="corral-test-c10e00000002", egress=Path("/e2"), **args))
+    for clone, egress in ((a, "/e1"), (b, "/e2")):
+        ports = {c.find("target").get("name"): c.find("source").get("path") for c in clone.iterfind("devices/channel")}
+        assert ports == {"org.corral.agent.0": "/s", "org.corral.egress.0": egress}
     assert [e.tag for e in a.iter()] == [e.tag for e in ET.fromstring(xml).iter()]
 
 
-def test_clone_xml_refuses_a_mac_where_the_template_has_no_nic_and_none_where_it_has(tmp_path):
+def test_clone_xml_refuses_an_egress_socket_where_the_template_has_no_egress_port_and_none_where_it_has(tmp_path):
     args = dict(name="corral-test-c10e00000001", uuid="u", overlay=Path("/o"), socket=Path("/s"),
                 monitor=Path("/m"), console=Path("/c"))
-    with pytest.raises(TemplateInvalid, match="NIC"):
-        clone_xml(template_xml(tmp_path), mac="52:54:00:aa:bb:01", **args)
-    with pytest.raises(TemplateInvalid, match="NIC"):
-        clone_xml(template_xml(tmp_path, network=True), mac=None, **args)
-
-
-def test_new_macs_are_libvirts_locally_administered_unicast_form_and_random():
-    macs = {new_mac() for _ in range(50)}
-    assert len(macs) == 50  # 24 random bits: a repeat in 50 is a ~1e-4 fluke
-    for mac in macs:
-        octets = bytes.fromhex(mac.replace(":", ""))
-        assert mac == mac.lower() and mac.count(":") == 5 and octets[:3] == bytes.fromhex("525400")
-        assert octets[0] & 0b11 == 0b10  # locally administered, not multicast
+    with pytest.raises(TemplateInvalid, match="org.corral.egress.0"):
+        clone_xml(template_xml(tmp_path), egress=Path("/e"), **args)
+    with pytest.raises(TemplateInvalid, match="org.corral.egress.0"):
+        clone_xml(template_xml(tmp_path, network=True), egress=None, **args)
 
 
 def test_a_template_domain_has_a_generation_id_and_no_qboot(tmp_path):

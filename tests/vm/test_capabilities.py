@@ -187,17 +187,15 @@ class TestHard:
         result = self.run(["sh", "-c", "echo /sys/class/net/*"])
         assert result.stdout == b"/sys/class/net/lo\n"
 
-    def test_net_egress_granted_has_a_nic(self):
-        # Presence and configuration only: no traffic leaves this machine. The
-        # interface is administratively up (flags bit 0) with a carrier, which is
-        # what traffic needs; operstate follows the carrier through the kernel's
-        # linkwatch up to a second later, so a task right after a fast boot may
-        # still read "down" there.
-        result = self.run(["sh", "-c", "echo /sys/class/net/*; read f < /sys/class/net/eth0/flags; "
-                           "echo $((f & 1)); read c < /sys/class/net/eth0/carrier; echo $c; "
-                           "while read i d g r; do [ $d = 00000000 ] && echo $i $g; done "
-                           "< /proc/net/route"], "net:egress")
-        assert result.stdout == b"/sys/class/net/eth0 /sys/class/net/lo\n1\n1\neth0 0202000A\n", (result.stdout, result.stderr)
+    def test_net_egress_granted_has_the_egress_proxy_and_no_nic(self):
+        # No traffic leaves this machine: the proxy refuses the CONNECT (no rules:
+        # egress.default_allow is empty) without a DNS lookup. tests/vm/test_egress.py
+        # has the rest.
+        script = ("import os, socket; s = socket.create_connection(('127.0.0.1', 3128), timeout=30); "
+                  "s.sendall(b'CONNECT example.invalid:443 HTTP/1.1\\r\\n\\r\\n'); "
+                  "print(os.listdir('/sys/class/net'), os.environ['https_proxy'], s.recv(100).split(b'\\r\\n')[0])")
+        result = self.run(["python3", "-c", script], "net:egress", "dev:python")
+        assert result.stdout == b"['lo'] http://127.0.0.1:3128 b'HTTP/1.1 403 Forbidden'\n", (result.stdout, result.stderr)
         assert {tier for _, tier in pool_vms(self.svc).values()} >= {"default", "net"}
 
     def test_res_large_mem_not_granted_512_mib(self):

@@ -12,6 +12,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from actors.egress.proxy import EgressProxy, EgressSettings, TaskEgress
+from actors.vm.domain import EGRESS_PORT_NAME
 from actors.vm.errors import RestoreFailed, TemplateBuildFailed
 from actors.vm.guest_link import GuestLink
 from actors.vm.snapshots import IMAGE_FILE
@@ -140,27 +142,37 @@ def test_a_destroyed_clone_leaves_nothing_and_the_template_stays_valid(hyperviso
     assert again is not None and again.xml == template.xml  # the pristine XML, not the last clone's
 
 
-def test_network_clones_restore_each_with_its_own_user_network_and_mac(hypervisor, clones):
+def test_net_egress_clones_restore_each_with_its_own_egress_port(hypervisor, clones):
+    """Each clone of the net:egress template has its own egress socket (the path
+    rewritten in its saved XML), and its guest's relay answers through it: a
+    CONNECT from the guest reaches the proxy serving that socket, which refuses
+    it (the task has no rules)."""
     net = hypervisor.build_template(network=True, boot_timeout_s=BOOT_S)
     assert net.key.network and net.directory != hypervisor.snapshots.directory(hypervisor.template_key())
-    template_mac = ET.fromstring(net.xml).find("devices/interface/mac").get("address")
     for _ in range(2):
         restore_clone(hypervisor, net, clones)
-    macs = []
-    for handle, link in clones:
-        assert handle.mac is not None and handle.mac != template_mac
-        link.resume(time.monotonic() + 30, mac=handle.mac)
-        # The guest kernel read the template's MAC when it probed the NIC; the
-        # Resume gave eth0 the clone's. (read: a shell builtin, tasks may lack cat.)
-        result = link.run([b"/bin/sh", b"-c", b"read a < /sys/class/net/eth0/address; echo $a"],
-                          time.monotonic() + 30)
-        assert result.exit.exit_code == 0, result.stderr
-        macs.append(result.stdout.strip().decode())
-        assert macs[-1] == handle.mac
-        assert live_identity(hypervisor, handle.name)["mac"] == handle.mac  # what libvirt says, the guest has
-        root = ET.fromstring(hypervisor.conn.lookupByName(handle.name).XMLDesc(0))
-        assert root.find("devices/interface").get("type") == "user"  # slirp inside this clone's QEMU
-    assert macs[0] != macs[1]
+    proxy = EgressProxy(EgressSettings(resolver=None))
+    proxy.start()
+    try:
+        sockets = set()
+        for handle, link in clones:
+            ports = {c.find("target").get("name"): c.find("source").get("path") for c in
+                     ET.fromstring(hypervisor.conn.lookupByName(handle.name).XMLDesc(0)).iterfind("devices/channel")}
+            assert ports[EGRESS_PORT_NAME] == str(handle.egress_socket)
+            sockets.add(ports[EGRESS_PORT_NAME])
+            proxy.attach(handle.name, handle.egress_socket, lambda code, detail: None)
+            proxy.begin_task(handle.name, TaskEgress("t", "test", ()))
+            link.resume(time.monotonic() + 30, mac=handle.mac)
+            result = link.run([b"python3", b"-c", CONNECT_PROBE], time.monotonic() + 60)
+            assert result.stdout == b"HTTP/1.1 403 Forbidden\n", (result.stdout, result.stderr)
+        assert len(sockets) == 2 and not any(s.endswith(f"{net.name}.egress") for s in sockets)
+    finally:
+        proxy.stop()
+
+
+CONNECT_PROBE = (b"import socket; s = socket.create_connection(('127.0.0.1', 3128), timeout=30); "
+                 b"s.sendall(b'CONNECT x.invalid:443 HTTP/1.1\\r\\n\\r\\n'); "
+                 b"print(s.recv(200).split(b'\\r\\n')[0].decode())")
 
 
 def test_a_clone_without_a_nic_has_no_mac_and_resumes_without_one(hypervisor, template, clones):
