@@ -14,7 +14,8 @@ from actors.messages import PoolVmState
 from protocol.wire.tasks import PRIORITY_NAMES
 
 # The states a live VM can be in: the corral_pool_vms series, each kept at 0 when none is.
-POOL_STATES = (PoolVmState.BOOTING, PoolVmState.READY, PoolVmState.BUSY, PoolVmState.RESETTING)
+POOL_STATES = (PoolVmState.BOOTING, PoolVmState.READY, PoolVmState.BUSY, PoolVmState.RESETTING,
+               PoolVmState.SESSION)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A refill: ~0.5-1 s for a restored clone, ~3-5 s for a cold boot under TCG, ~8 s with a template build.
 REFILL_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30, 60)
