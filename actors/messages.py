@@ -185,7 +185,10 @@ class SessionStarted:
 
 @dataclass(frozen=True)
 class SessionExecDone:
-    """Supervisor -> Sessions: an exec of this session was answered (idle time counts from here)."""
+    """Supervisor -> Sessions: an exec of this session was answered (idle time
+    counts from here). One for each RunTask Sessions told the Supervisor,
+    whatever the answer, until SessionEnded: Sessions counts the execs
+    running, and a session with one running is never idle."""
 
     session_id: str
 
