@@ -173,6 +173,9 @@ class Sessions(pykka.ThreadingActor):
 
     def _started(self, message: SessionStarted) -> None:
         session = self.state.table.get(message.session_id)
+        if session is not None and session.vm_id == message.vm_id:
+            log.warning("VM %s said twice it started session %s", message.vm_id, message.session_id)
+            return
         if session is None or session.state != SessionState.OPENING:
             # Given up meanwhile (its open answered some other way): the VM is nobody's.
             log.warning("VM %s started session %s, which is not opening: ended", message.vm_id, message.session_id)
