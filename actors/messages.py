@@ -16,7 +16,7 @@ import pykka
 
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from protocol.channel import codec
-from protocol.wire.tasks import TaskReply, TaskRequest
+from protocol.wire.tasks import SessionClose, SessionList, SessionOpen, TaskReply, TaskRequest
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,56 @@ class ReaderHold:
 
 
 # --- sessions (issue 15) --------------------------------------------------------
+# The Sessions actor (actors/sessions.py) answers each ticket it is given with
+# Answer(ticket, SessionReply) or, for an exec, Answer(ticket, TaskReply).
+
+@dataclass(frozen=True)
+class OpenSession:
+    """IntakeServer -> Sessions: an accepted SessionOpen from identity `owner`
+    (checked and charged like a task of its capabilities). Sessions answers
+    `ticket` SessionReply(session_id) once the session's VM is its, or an error."""
+
+    ticket: int
+    request: SessionOpen
+    owner: str
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    """IntakeServer -> Sessions: `owner` closes one of its sessions; `ticket`
+    is answered once the session's VM is gone (session_not_found for an
+    unknown id or another identity's)."""
+
+    ticket: int
+    request: SessionClose
+    owner: str
+
+
+@dataclass(frozen=True)
+class ListSessions:
+    """IntakeServer -> Sessions: `owner`'s sessions, answered at once."""
+
+    ticket: int
+    request: SessionList
+    owner: str
+
+
+@dataclass(frozen=True)
+class SessionOpenFailed:
+    """IntakeServer -> Sessions: the open of `ticket` was answered with an
+    error someone else posted (the Scheduler's busy, unavailable or
+    cancelled_scram; a VM that failed under its claiming task; corrald
+    stopping): the session will never start, Sessions forgets it."""
+
+    ticket: int
+
+
+@dataclass(frozen=True)
+class CloseSessionAsOperator:
+    """Control -> Sessions: end this session whoever owns it (reason "operator")."""
+
+    session_id: str
+
 
 @dataclass(frozen=True)
 class SessionExec:
@@ -136,7 +186,10 @@ class SessionStarted:
 
 @dataclass(frozen=True)
 class SessionExecDone:
-    """Supervisor -> Sessions: an exec of this session was answered (idle time counts from here)."""
+    """Supervisor -> Sessions: an exec of this session was answered (idle time
+    counts from here). One for each RunTask Sessions told the Supervisor,
+    whatever the answer, until SessionEnded: Sessions counts the execs
+    running, and a session with one running is never idle."""
 
     session_id: str
 
@@ -335,16 +388,25 @@ class ChildFailed:
 
 @dataclass(frozen=True)
 class Scram:
-    """Control -> Scheduler, PoolManager: enter safe mode. The Scheduler answers
-    every queued task `cancelled_scram` and holds new ones off; the PoolManager
-    freezes every VM and boots none."""
+    """Control -> Scheduler, PoolManager, Sessions: enter safe mode. The
+    Scheduler answers every queued task `cancelled_scram` and holds new ones
+    off; the PoolManager freezes every VM (session VMs too) and boots none;
+    Sessions answers execs still reaching it `cancelled_scram` and stops its
+    idle clocks."""
 
     reason: str
 
 
 @dataclass(frozen=True)
 class ResumeService:
-    """Control -> Scheduler, PoolManager: leave safe mode, serve again."""
+    """Control -> Scheduler, PoolManager, Sessions: leave safe mode (or
+    draining), serve again."""
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Control -> Sessions: corrald takes no new work; close each session once
+    its running execs are answered (reason "draining")."""
 
 
 @dataclass(frozen=True)

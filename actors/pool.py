@@ -1,11 +1,15 @@
 """PoolManager: keeps `size` warm VMs, one Supervisor actor each.
 
 It starts Supervisors, learns their states (booting, ready, busy, resetting,
-gone), offers ready VMs to the Scheduler, retires idle VMs past their age,
+session, gone), offers ready VMs to the Scheduler, retires idle VMs past their age,
 and replaces every VM that goes, with exponential backoff while boots fail.
 It replaces a VM before it retires: as soon as the VM takes its last task
 (its Supervisor says so) or nears its age limit, the replacement boots, so
 the pool is not empty for a whole boot each time a VM retires.
+
+A VM that becomes a session's leaves the pool: it is replaced at once and
+no longer counted or offered, but stays in the table until it is gone, so a
+SCRAM freezes it like the others.
 
 In safe mode (SCRAM) it freezes every VM (each Supervisor pauses its domain)
 and boots nothing; resuming thaws them and refills the pool.
@@ -146,6 +150,11 @@ class PoolManager(pykka.ThreadingActor):
             self.directory.tell("scheduler", VmAvailable(message.vm_id, vm.supervisor, vm.tier))
         vm.state = message.state
         vm.since = time.monotonic()
+        if message.state == PoolVmState.SESSION:
+            # A session's now: out of the pool for good, replaced at once.
+            self.directory.tell("scheduler", VmWithdrawn(message.vm_id))
+            self._fill()
+            return
         if message.last_task and not vm.last_task:
             vm.last_task = True
             self._fill()  # its replacement boots while it runs its last task

@@ -11,6 +11,10 @@ refills the pool has measured). So while tasks come slower than
 the pool refills, a task never finds it empty for longer than what is left of
 one refill. The price: while a replacement boots, the tier holds one VM more.
 
+A VM that becomes a session's (actors/sessions.py) leaves the pool at once
+(in_pool): its replacement boots now, and it stays in the table only so that
+SCRAM still freezes it, until it is gone.
+
 Plain data and functions, no actor: the PoolManager (actors/pool.py) keeps the
 table up to date from its messages, asks the plan what to do and does the
 telling; a restarted PoolManager takes the table over. It publishes what other
@@ -84,18 +88,26 @@ class PoolState:
     refills: deque = field(default_factory=lambda: deque(maxlen=REFILLS_KEPT))
 
     def count(self, tier: Tier, states: tuple[PoolVmState, ...] | None = None) -> int:
+        """VMs of `tier` in the pool (a session's VM is not), in `states` if given."""
         return sum(1 for vm in self.vms.values()
-                   if vm.tier == tier and (states is None or vm.state in states))
+                   if vm.tier == tier and in_pool(vm) and (states is None or vm.state in states))
 
     def staying(self, tier: Tier, max_age_s: float, now: float) -> int:
-        """VMs of `tier` that are not leaving: what its size is counted in.
-        While memory is short (VMs shed) leaving VMs still count, so nothing
-        boots ahead of time."""
+        """VMs of `tier` in the pool that are not leaving: what its size is
+        counted in. While memory is short (VMs shed) leaving VMs still count,
+        so nothing boots ahead of time."""
         if self.shed:
             return self.count(tier)
         lead_s = replace_lead_s(self, max_age_s)
         return sum(1 for vm in self.vms.values()
-                   if vm.tier == tier and not leaving(vm, max_age_s, lead_s, now))
+                   if vm.tier == tier and in_pool(vm) and not leaving(vm, max_age_s, lead_s, now))
+
+
+def in_pool(vm: PoolVm) -> bool:
+    """A session's VM stays in the table (SCRAM's Freeze must reach it, host
+    memory counts it) but is no longer the pool's: not counted in any size
+    or bound, never offered or retired; it was replaced as it became the session's."""
+    return vm.state != PoolVmState.SESSION
 
 
 def replace_lead_s(pool: PoolState, max_age_s: float) -> float:

@@ -4,12 +4,13 @@
      ├─ IOGuard      reads every guest channel
      ├─ Intake       (+ IntakeServer thread: ROUTER socket and ledger)
      ├─ Scheduler    priority queue
+     ├─ Sessions     VMs kept across execs, and their owners
      ├─ PoolManager  ── Supervisor per VM (one-for-one: a VM's failure is its own)
      └─ Watchdog
 
 Core actors are restarted one-for-one. A crashed actor hands its state to its
-successor (ChildFailed.salvage): the Scheduler its queue, the PoolManager its
-VM table; the Intake's ledger lives in the server thread and survives as is.
+successor (ChildFailed.salvage): the Scheduler its queue, Sessions its
+table, the PoolManager its VM table; the Intake's ledger lives in the server thread and survives as is.
 IOGuard's channels cannot be salvaged mid-frame: as it fails it tells every
 VM's Supervisor its channel is lost, so each VM is ended and replaced (tasks
 on them answered vm_lost, none lost). More than

@@ -21,7 +21,7 @@ from actors.vm.host import Hypervisor
 from actors.edge.identity import Admission
 from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer, TaskLimits
 from actors.intake import Intake
-from actors.messages import ResumeService, Scram
+from actors.messages import Drain, ResumeService, Scram
 from actors.ioguard import IOGuard, ReadLimits
 from actors.edge.metrics import Metrics
 from actors.egress.proxy import EgressProxy, EgressSettings
@@ -30,6 +30,8 @@ from actors.pool_plan import PoolView
 from actors.refill import Refill
 from actors.root import Root
 from actors.scheduler import QueueLimits, Scheduler
+from actors.session_table import SessionLimits, SessionsView
+from actors.sessions import Sessions
 from actors.supervisor import Supervisor, VmSettings
 from actors.vm.tiers import DEFAULT_TIER, RARE_TIERS, Tier
 from actors.timers import Timers
@@ -70,8 +72,9 @@ class Corral:
         self.gave_up = threading.Event()
         self.give_up_reason = ""
         self.on_give_up = on_give_up
+        # Sessions' VMs come on top of the pool's: it replaces each one a session takes.
         self.fd_budget = plan_fd_budget(cfg.daemon.max_connections, cfg.control.max_connections,
-                                        cfg.pool.size + cfg.pool.tier_max * len(RARE_TIERS))
+                                        cfg.pool.size + cfg.pool.tier_max * len(RARE_TIERS) + cfg.sessions.max_total)
         self.server = IntakeServer(
             cfg.daemon.endpoint, TaskLimits.from_config(cfg), self.metrics, self.directory,
             Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, self.metrics),
@@ -80,6 +83,7 @@ class Corral:
         self.vm_settings = VmSettings.from_config(cfg, self.signer)
         self.directory.answer_fallback = self.server.post
         self.pool_view = PoolView()
+        self.sessions_view = SessionsView()
         self.root: pykka.ActorRef | None = None
         control_dir = Path(cfg.control.endpoint[len("ipc://"):]).parent
         self.safe_mode_file = SafeModeFile(control_dir / f"{cfg.daemon.instance}.safe-mode")
@@ -102,6 +106,10 @@ class Corral:
             "scheduler": lambda salvage: Scheduler.start(
                 directory=self.directory, metrics=self.metrics, timers=self.timers,
                 limits=QueueLimits.from_config(cfg), state=salvage, safe_mode=self.in_safe_mode),
+            "sessions": lambda salvage: Sessions.start(
+                directory=self.directory, metrics=self.metrics, timers=self.timers,
+                limits=SessionLimits.from_config(cfg), view=self.sessions_view, state=salvage,
+                safe_mode=self.in_safe_mode),
             "pool": lambda salvage: PoolManager.start(
                 directory=self.directory, metrics=self.metrics, timers=self.timers,
                 start_supervisor=self._start_supervisor, new_name=self.hypervisor.new_name,
@@ -156,6 +164,7 @@ class Corral:
             self.safe_mode_file.enter(reason)
             self._set_mode("safe_mode", reason)
             self.directory.tell("scheduler", Scram(reason))
+            self.directory.tell("sessions", Scram(reason))
             self.directory.tell("pool", Scram(reason))
 
     def resume_service(self) -> None:
@@ -163,12 +172,14 @@ class Corral:
             self.safe_mode_file.clear()
             self._set_mode("serving")
             self.directory.tell("scheduler", ResumeService())
+            self.directory.tell("sessions", ResumeService())
             self.directory.tell("pool", ResumeService())
 
     def drain(self) -> None:
         with self.mode_lock:
             if not self.in_safe_mode:  # safe mode already refuses, and more
                 self._set_mode("draining")
+                self.directory.tell("sessions", Drain())  # each session closes once its execs are answered
 
     # --- life cycle ------------------------------------------------------------
 

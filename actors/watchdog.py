@@ -24,7 +24,7 @@ from actors.pool_plan import PoolView
 from actors.timers import Timers
 
 log = logging.getLogger("corral.watchdog")
-CORE_ACTORS = ("ioguard", "intake", "scheduler", "pool")
+CORE_ACTORS = ("ioguard", "intake", "scheduler", "sessions", "pool")
 
 
 def available_mib(meminfo: str = "/proc/meminfo") -> int:

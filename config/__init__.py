@@ -120,6 +120,19 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    # Sessions open or opening at once, per identity and in all; 0 turns sessions off.
+    # Each holds a VM outside the pool (docs/operations.md, "Sessions").
+    max_per_identity: int = field(metadata=_range(0, 256))
+    max_total: int = field(metadata=_range(0, 256))
+    # Idle timeout and lifetime (s) of a session that asks for none (0), and the most it may ask for.
+    default_idle_s: int = field(metadata=_range(1, 7 * 86400))
+    max_idle_s: int = field(metadata=_range(1, 7 * 86400))
+    default_life_s: int = field(metadata=_range(1, 30 * 86400))
+    max_life_s: int = field(metadata=_range(1, 30 * 86400))
+
+
+@dataclass(frozen=True)
 class ArtifactsConfig:
     # One PutFile must fit the guest's frame; one reply's files its 16 MiB bound.
     max_put_bytes: int = field(metadata=_range(0, 12 << 20))
@@ -215,6 +228,7 @@ class Config:
     metrics: MetricsConfig = field()
     pool: PoolConfig = field()
     tasks: TasksConfig = field()
+    sessions: SessionsConfig = field()
     artifacts: ArtifactsConfig = field()
     ioguard: IoGuardConfig = field()
     supervision: SupervisionConfig = field()
@@ -369,6 +383,14 @@ def _read(path: Path) -> dict:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
 
 
+def _check_sessions(sessions: SessionsConfig) -> None:
+    for default, most in (("default_idle_s", "max_idle_s"), ("default_life_s", "max_life_s"),
+                          ("max_per_identity", "max_total")):
+        if getattr(sessions, default) > getattr(sessions, most):
+            raise ConfigError(f"config: sessions.{default} = {getattr(sessions, default)} must not exceed "
+                              f"sessions.{most} = {getattr(sessions, most)}")
+
+
 def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
     """The defaults, then the site file at `path`, then `overrides` (tests, flags)."""
     table = _read(DEFAULTS_FILE)
@@ -391,6 +413,7 @@ def load(path: "Path | None" = None, overrides: "dict | None" = None) -> Config:
                           "(files to put travel in the request)")
     if cfg.pool.tier_size > cfg.pool.tier_max:
         raise ConfigError("config: pool.tier_size must not exceed pool.tier_max")
+    _check_sessions(cfg.sessions)
     # A vCPU over its quota sleeps up to (100 - quota) % of the 1 s period, mid-frame
     # perhaps: an honest guest must not be ended as stalled for that.
     quotas = [q for q in (cfg.vm.cpu_quota_pct, cfg.vm.high_cpu_quota_pct) if q]

@@ -29,7 +29,8 @@ import zmq
 
 from actors.edge.connections import ConnectionGuard
 from actors.edge.endpoint import SocketThread
-from actors.messages import InjectFault, SetPoolSize
+from actors.messages import CloseSessionAsOperator, InjectFault, SetPoolSize
+from actors.session_table import operator_row
 from protocol.channel import codec
 from protocol.wire import envelope
 from protocol.wire.control import (COMMANDS, CONTROL_TAG, OPERATOR_TO_DAEMON, AdminReply, AdminRequest,
@@ -42,7 +43,7 @@ log = logging.getLogger("corral.control")
 MAX_POOL_SIZE = 256  # as config pool.size allows
 VM_FAULTS = ("kill_qemu", "hang_guest", "drop_libvirt", "crash")
 CHANNEL_FAULTS = ("corrupt_frame",)
-CRASHABLE_ACTORS = ("intake", "scheduler", "pool", "ioguard", "watchdog")
+CRASHABLE_ACTORS = ("intake", "scheduler", "sessions", "pool", "ioguard", "watchdog")
 PAUSE_POLL_S = 0.002
 ENDPOINT_LABEL = "control"
 
@@ -248,6 +249,18 @@ class ControlServer:
         self.service.directory.tell("pool", SetPoolSize(wanted))
         return f"pool size set to {wanted}", {"pool_size": wanted}
 
+    def _sessions(self) -> tuple[str, dict]:
+        """Read from the view the Sessions actor publishes: no actor is asked."""
+        now = time.monotonic()
+        rows = dict(operator_row(summary, now) for summary in self.service.sessions_view.sessions)
+        return f"{len(rows)} session{'' if len(rows) == 1 else 's'}", rows
+
+    def _session_close(self, session_id: str) -> tuple[str, dict]:
+        if all(summary.session_id != session_id for summary in self.service.sessions_view.sessions):
+            raise CommandError("invalid_argument", f"no session {session_id!r} (see `corral admin sessions`)")
+        self.service.directory.tell("sessions", CloseSessionAsOperator(session_id))
+        return f"session {session_id} is being closed: its execs are answered session_lost, its VM destroyed", {}
+
     def _fault(self, kind: str, target: str = "") -> tuple[str, dict]:
         if not self.faults_enabled:
             raise CommandError("faults_disabled", "fault injection is off (set control.faults = true)")
@@ -284,7 +297,8 @@ def _arity_ok(handler, args: list[str]) -> bool:
 
 
 def _usage(command: str):
-    usage = {"pool-size": "pool-size N", "fault": "fault KIND [TARGET]"}.get(command, command)
+    usage = {"pool-size": "pool-size N", "session-close": "session-close SESSION_ID",
+             "fault": "fault KIND [TARGET]"}.get(command, command)
     raise CommandError("invalid_argument", f"usage: {usage}")
 
 

@@ -11,16 +11,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from actors.messages import PoolVmState
+from actors.session_table import END_REASONS as SESSION_END_REASONS
 from protocol.wire.tasks import PRIORITY_NAMES
 
 # The states a live VM can be in: the corral_pool_vms series, each kept at 0 when none is.
-POOL_STATES = (PoolVmState.BOOTING, PoolVmState.READY, PoolVmState.BUSY, PoolVmState.RESETTING)
+POOL_STATES = (PoolVmState.BOOTING, PoolVmState.READY, PoolVmState.BUSY, PoolVmState.RESETTING,
+               PoolVmState.SESSION)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A refill: ~0.5-1 s for a restored clone, ~3-5 s for a cold boot under TCG, ~8 s with a template build.
 REFILL_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30, 60)
 # How a VM was made (actors/refill.py): restored from its tier's snapshot template; restored
 # after building that template first; cold booted.
 REFILL_KINDS = ("restore", "build", "boot")
+# A session's life, its VM's start until its end: minutes for an agent's tool loop, up to sessions.max_life_s.
+SESSION_LIFETIME_BUCKETS = (1, 10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 604800)
 
 
 class Metrics:
@@ -86,6 +90,15 @@ class Metrics:
         self.scram_pause_seconds = Gauge(
             "corral_scram_pause_seconds", "Last SCRAM: time from the command until every VM was paused",
             registry=r)
+        self.sessions_open = Gauge("corral_sessions_open", "Sessions holding a VM (open or closing)",
+                                   registry=r)
+        self.session_execs = Counter("corral_session_execs", "Execs given to sessions' VMs", registry=r)
+        self.session_lifetime_seconds = Histogram(
+            "corral_session_lifetime_seconds", "Ended sessions: their VM became theirs until they ended",
+            buckets=SESSION_LIFETIME_BUCKETS, registry=r)
+        self.sessions_ended = Counter(
+            "corral_sessions_ended", "Sessions ended, by reason (closed, idle, lifetime, operator, draining, "
+            "deadman, vm_lost, protocol_violation, shutdown)", ["reason"], registry=r)
         for name in PRIORITY_NAMES:
             self.queue_depth.labels(name)
         for state in POOL_STATES:
@@ -96,6 +109,8 @@ class Metrics:
             self.snapshot_builds.labels(result)
         for stage in ("restore", "resuming", "warming"):
             self.restore_failures.labels(stage)
+        for reason in SESSION_END_REASONS:
+            self.sessions_ended.labels(reason)
 
     def serve(self, address: str, port: int) -> int:
         """Serve /metrics over HTTP from a thread of its own; returns the port bound."""

@@ -76,7 +76,7 @@ def admin_main(endpoint: str, command: list[str], timeout_s: float) -> int:
     """Print the reply's message and fields; 0 when the command succeeded."""
     if not command:
         print("corral: admin needs a command: status | scram [REASON] | resume | drain | "
-              "pool-size N | fault KIND [TARGET]", file=sys.stderr)
+              "pool-size N | sessions | session-close SESSION_ID | fault KIND [TARGET]", file=sys.stderr)
         return EXIT_USAGE
     try:
         reply = request(endpoint, command[0], command[1:], timeout_s)

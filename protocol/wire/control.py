@@ -11,6 +11,8 @@ Commands (AdminRequest.command, arguments as text in `args`):
     resume                  leave safe mode (or draining) and serve again
     drain                   refuse new work, let queued and running tasks finish
     pool-size N             keep N warm VMs
+    sessions                every session: owner, state, age, idle time, VM, execs, labels
+    session-close ID        end a session whoever owns it (its VM is destroyed)
     fault KIND [TARGET]     inject a fault (only when control.faults is true)
 """
 
@@ -32,7 +34,7 @@ MAX_FIELDS = 256
 MAX_FIELD_NAME_LEN = 64
 MAX_FIELD_VALUE_LEN = 1024
 
-COMMANDS = ("status", "scram", "resume", "drain", "pool-size", "fault")
+COMMANDS = ("status", "scram", "resume", "drain", "pool-size", "sessions", "session-close", "fault")
 
 
 @message(40, OPERATOR)

@@ -272,3 +272,13 @@ def error_reply(task_id: str, code: ErrorCode, text: str, retry_after_ms: int = 
                      stdout_truncated=False, stderr_truncated=False, queued_ms=0, acquire_ms=0,
                      run_ms=0, user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0,
                      retry_after_ms=retry_after_ms, outcome=outcome)
+
+
+def session_reply(request_id: str, *, session_id: str = "", error_code: str = "", error_message: str = "",
+                  sessions: tuple = (), retry_after_ms: int = 0) -> SessionReply:
+    """The answer to a SessionOpen, SessionClose or SessionList: `error_code` ""
+    on success (`session_id` opened or closed, `sessions` listed), else an
+    ErrorCode and its text."""
+    return SessionReply(request_id=request_id, error_code=error_code,
+                        error_message=error_message.encode()[:MAX_ERROR_TEXT].decode(errors="ignore"),
+                        session_id=session_id, sessions=sessions, retry_after_ms=retry_after_ms)

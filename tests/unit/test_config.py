@@ -67,3 +67,30 @@ def test_bad_toml_and_missing_file_are_clear(tmp_path):
         config.load(bad)
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_session_defaults_are_those_of_the_design():
+    sessions = config.load().sessions
+    assert (sessions.max_per_identity, sessions.max_total) == (4, 16)
+    assert (sessions.default_idle_s, sessions.max_idle_s) == (300, 3600)
+    assert (sessions.default_life_s, sessions.max_life_s) == (3600, 86400)
+
+
+@pytest.mark.parametrize("sessions, message", [
+    ({"max_total": 257}, "config: sessions.max_total = 257 is out of range (0..256)"),
+    ({"default_idle_s": 0}, "config: sessions.default_idle_s = 0 is out of range (1..604800)"),
+    ({"max_life_s": 1.5}, "config: sessions.max_life_s = 1.5 must be of type int"),
+    ({"default_idle_s": 4000}, "config: sessions.default_idle_s = 4000 must not exceed sessions.max_idle_s = 3600"),
+    ({"default_life_s": 90000},
+     "config: sessions.default_life_s = 90000 must not exceed sessions.max_life_s = 86400"),
+    ({"max_per_identity": 20}, "config: sessions.max_per_identity = 20 must not exceed sessions.max_total = 16"),
+    ({"idle_s": 5}, "config: unknown key sessions.idle_s"),
+])
+def test_bad_session_limits_are_refused_at_start(sessions, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.load(overrides={"sessions": sessions})
+    assert str(error.value).startswith(message)
+
+
+def test_sessions_can_be_turned_off():
+    assert config.load(overrides={"sessions": {"max_per_identity": 0, "max_total": 0}}).sessions.max_total == 0

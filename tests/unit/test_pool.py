@@ -9,7 +9,8 @@ import pykka
 import pytest
 
 from actors.directory import Directory
-from actors.messages import HostMemory, Retire, TierDemand, VmAvailable, VmState, VmWithdrawn
+from actors.messages import (Freeze, HostMemory, ResumeService, Retire, Scram, Thaw, TierDemand, VmAvailable,
+                             VmState, VmWithdrawn)
 from actors.edge.metrics import Metrics
 from actors.pool import PoolManager, PoolSettings
 from actors.pool_plan import PoolView, TierSizes
@@ -35,9 +36,9 @@ def pool_parts():
     timers = Timers()
     view = PoolView()
 
-    def make(size=2, max_age_s=300.0, tier_sizes=TierSizes()):
+    def make(size=2, max_age_s=300.0, tier_sizes=TierSizes(), metrics=None):
         pool = PoolManager.start(
-            directory=directory, metrics=Metrics(), timers=timers, start_supervisor=start_supervisor,
+            directory=directory, metrics=metrics or Metrics(), timers=timers, start_supervisor=start_supervisor,
             new_name=lambda: f"corral-test-{uuid.uuid4().hex[:12]}", view=view,
             settings=PoolSettings(size=size, max_age_s=max_age_s, backoff_max_s=30.0, tiers=tier_sizes))
         directory["pool"] = pool
@@ -178,3 +179,40 @@ def test_idle_rare_tier_vms_are_retired_but_warm_ones_kept(pool_parts):
     time.sleep(2.5)  # idle_s plus a tick
     retired = [v for v in nets if any(isinstance(m, Retire) for m in started[v].proxy().seen.get())]
     assert len(retired) == 1  # one above the warm size of 1
+
+
+def test_a_vm_a_session_takes_is_replaced_at_once_kept_for_scram_and_never_offered(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1)
+    time.sleep(0.1)
+    (vm_id,) = started
+    pool.tell(VmState(vm_id, "ready"))
+    pool.tell(VmState(vm_id, "busy"))
+    pool.tell(VmState(vm_id, "session"))
+    wait_until(lambda: len(started) == 2, 5, "the replacement's Supervisor")
+    assert any(isinstance(m, VmWithdrawn) and m.vm_id == vm_id for m in wait_for(scheduler, 2))
+    wait_until(lambda: view.states.get(vm_id) == "session", 5, "the session VM in the view")
+    assert vm_id in view.owned  # still the pool's to freeze, and no zombie to the Watchdog
+    pool.tell(Scram("drill"))
+    pool.tell(ResumeService())
+    wait_until(lambda: [type(m) for m in started[vm_id].proxy().seen.get()] == [Freeze, Thaw], 5,
+               "the session VM frozen and thawed")
+    time.sleep(0.2)
+    assert [type(m) for m in started[vm_id].proxy().seen.get()] == [Freeze, Thaw]
+    offers = [m for m in scheduler.proxy().seen.get() if isinstance(m, VmAvailable)]
+    assert [m.vm_id for m in offers] == [vm_id]  # offered once, while it was ready; never after
+    pool.tell(VmState(vm_id, "gone", "session_closed"))
+    wait_until(lambda: vm_id not in view.owned, 5, "the session VM forgotten once gone")
+    assert len(started) == 2  # its end boots nothing: it was replaced as the session took it
+
+
+def test_pool_metrics_count_session_vms(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    metrics = Metrics()
+    pool = make(size=1, metrics=metrics)
+    (vm_id,) = wait_until(lambda: vm_ids(pool), 5, "a VM")
+    assert metrics.gauge_values(metrics.pool_vms)["session"] == 0  # the series exists at 0
+    pool.tell(VmState(vm_id, "session"))
+    wait_until(lambda: metrics.gauge_values(metrics.pool_vms) == {"booting": 1, "ready": 0, "busy": 0,
+                                                                  "resetting": 0, "session": 1},
+               5, "one session VM and its replacement booting")

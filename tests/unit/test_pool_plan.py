@@ -206,3 +206,30 @@ def test_memory_sheds_the_oldest_idle_vm_of_any_tier():
     table = pool(a=vm(READY, born=NOW - 5), n=vm(READY, NET, born=NOW - 50), c=vm(BUSY, born=NOW - 99))
     assert oldest_idle(table) == "n"
     assert oldest_idle(pool(c=vm(BUSY), b=vm(BOOTING))) is None
+
+
+# --- sessions' VMs ------------------------------------------------------------------
+
+SESSION = PoolVmState.SESSION
+
+
+def test_a_sessions_vm_is_not_counted_in_the_size_so_it_is_replaced_at_once():
+    assert wanted(pool(size=2, a=vm(SESSION), b=vm(READY))) == [DEFAULT_TIER]
+    assert wanted(pool(size=1, a=vm(SESSION), b=vm(SESSION))) == [DEFAULT_TIER]
+
+
+def test_a_sessions_vm_of_a_rare_tier_takes_nothing_of_its_tiers_bound():
+    tiers = TierSizes(warm=0, max=1, idle_s=60)
+    table = pool(size=0, a=vm(SESSION, tier=NET))
+    table.demand = {NET: 1}
+    assert wanted(table, tiers) == [NET]  # the tier's max of 1 counts pool VMs only
+    table.vms["b"] = vm(BOOTING, tier=NET)
+    assert wanted(table, tiers) == []
+
+
+def test_a_sessions_vm_is_never_retired_nor_shed_nor_shrunk_away_however_old_or_idle():
+    old = NOW - 10 * AGE
+    table = pool(size=0, a=vm(SESSION, born=old, since=old), b=vm(SESSION, tier=NET, born=old, since=old))
+    assert retire_on_tick(table, NO_RARE, AGE, NOW) == []
+    assert over_size(table, AGE, NOW) == []
+    assert oldest_idle(table) is None

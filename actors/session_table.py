@@ -1,0 +1,258 @@
+"""The Sessions actor's table: every session corrald holds, what it may
+hold, and which sessions are due to end at a given time.
+
+A session is a VM kept for one identity across execs. It is OPENING from
+its SessionOpen until the VM that ran its claiming task is its
+(SessionStarted), OPEN while execs may run in it, and CLOSING once it was
+told to end (EndSession) until its VM is gone (SessionEnded), when it leaves
+the table. Every session in the table holds a VM or will, so every one
+counts against the limits (sessions.max_per_identity, sessions.max_total).
+
+An OPEN session ends at the end of its lifetime (counted from when its VM
+became its) and when it has been idle for its idle time: no exec running and
+none answered since. Its owner sees it; to anyone else it does not exist.
+
+Plain data and functions, no actor: the Sessions actor (actors/sessions.py)
+keeps the table up to date from its messages, asks it what is due and does
+the telling; a restarted Sessions actor takes the table over. Operators read
+a SessionsView it publishes. Tests give the times, they do not wait for them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import pykka
+
+from actors.errors import Rejected
+from config import Config
+from protocol.wire.tasks import MAX_SESSIONS_LISTED, ErrorCode, SessionOpen
+
+# The reasons a session ends, as corral_sessions_ended_total labels them: Sessions
+# ends it (closed by its owner, idle, lifetime, an operator, a drain), or its VM
+# does (the dead-man's switch, the VM lost, a guest protocol violation, corrald
+# stopping). Others the Supervisor may give are counted as they come.
+END_REASONS = ("closed", "idle", "lifetime", "operator", "draining", "deadman", "vm_lost",
+               "protocol_violation", "shutdown")
+CLAIM_TIMEOUT_MS = 10_000  # the claiming task's `true`: milliseconds of work, seconds under load
+OPEN_MARGIN_S = 30.0
+
+
+class SessionState(StrEnum):
+    """Where a session is; the values are what listings show."""
+
+    OPENING = "opening"  # its claiming task waits for a VM or runs
+    OPEN = "open"
+    CLOSING = "closing"  # told to end; its VM is being destroyed
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_per_identity: int
+    max_total: int
+    default_idle_s: int
+    max_idle_s: int
+    default_life_s: int
+    max_life_s: int
+    # An open whose VM has not become the session's by then is given up (a
+    # backstop: the IntakeServer reports failed opens as they are answered).
+    open_timeout_s: float = 660.0
+    claim_timeout_ms: int = CLAIM_TIMEOUT_MS
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SessionLimits:
+        s = cfg.sessions
+        # Longest an honest open takes: queued until the Scheduler gives up on it,
+        # then a VM's acquire and the claiming task with its dead-man's grace.
+        open_timeout_s = (cfg.tasks.max_queue_wait_s + cfg.pool.acquire_timeout_s
+                          + CLAIM_TIMEOUT_MS / 1000 + cfg.tasks.deadman_grace_s + OPEN_MARGIN_S)
+        return cls(max_per_identity=s.max_per_identity, max_total=s.max_total,
+                   default_idle_s=s.default_idle_s, max_idle_s=s.max_idle_s,
+                   default_life_s=s.default_life_s, max_life_s=s.max_life_s, open_timeout_s=open_timeout_s)
+
+
+def check_open(request: SessionOpen, limits: SessionLimits) -> tuple[int, int]:
+    """The (idle_s, life_s) a SessionOpen gets, its zeros made the defaults;
+    Rejected invalid_request if it asks for more than the maxima or its labels
+    cannot be listed as k=v lines. The capabilities are the IntakeServer's to
+    check, as for a task."""
+    idle_s = request.idle_s or limits.default_idle_s
+    life_s = request.max_life_s or limits.default_life_s
+    if idle_s > limits.max_idle_s:
+        raise Rejected(ErrorCode.INVALID_REQUEST,
+                       f"idle time {idle_s} s is over the maximum of {limits.max_idle_s} s")
+    if life_s > limits.max_life_s:
+        raise Rejected(ErrorCode.INVALID_REQUEST,
+                       f"lifetime {life_s} s is over the maximum of {limits.max_life_s} s")
+    keys = set()
+    for key, value in request.labels:
+        if not key or any(c in key for c in (b"=", b"\n", b"\0")):
+            raise Rejected(ErrorCode.INVALID_REQUEST, f"label name {key!r} is empty or contains '=', "
+                                                      "a newline or a NUL byte")
+        if b"\n" in value or b"\0" in value:
+            raise Rejected(ErrorCode.INVALID_REQUEST, f"label {key!r} has a newline or a NUL byte in its value")
+        if key in keys:
+            raise Rejected(ErrorCode.INVALID_REQUEST, f"label {key!r} is given twice")
+        keys.add(key)
+    return idle_s, life_s
+
+
+def new_session_id() -> str:
+    """`s-` and 16 hex digits from the OS's randomness: not guessable, so an id
+    alone grants nothing (the owner is checked too) and leaks nothing."""
+    return "s-" + secrets.token_hex(8)
+
+
+def label_lines(labels: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """Labels as the listings carry them: k=v lines."""
+    return b"\n".join(key + b"=" + value for key, value in labels)
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str  # the identity that opened it: the only one that sees it
+    capabilities: tuple[bytes, ...]  # fixed for its life
+    labels: tuple[tuple[bytes, bytes], ...]
+    idle_s: float
+    life_s: float
+    open_ticket: int  # the SessionOpen's, answered when the VM is the session's
+    open_request_id: str
+    created: float = field(default_factory=time.monotonic)  # the open was taken
+    created_wall: float = field(default_factory=time.time)  # for operators
+    state: SessionState = SessionState.OPENING
+    opened: float = 0.0  # monotonic: its VM became its (lifetime counts from here)
+    last_active: float = 0.0  # monotonic: opened, or an exec last started or was answered
+    running: int = 0  # execs given to its Supervisor and not answered yet
+    execs: int = 0  # execs given to its Supervisor in all
+    vm_id: str = ""
+    supervisor: pykka.ActorRef | None = None
+    end_reason: str = ""  # why Sessions ended it (an OPENING one: ends as it starts)
+    closes: list = field(default_factory=list)  # (ticket, request_id) of SessionCloses, answered once it ended
+
+    def age_s(self, now: float) -> float:
+        return now - (self.opened or self.created)
+
+    def idle_for_s(self, now: float) -> float:
+        """How long no exec ran in it: 0 while one runs or before it opened."""
+        if self.running or self.state == SessionState.OPENING:
+            return 0.0
+        return max(0.0, now - self.last_active)
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """One session as operators see it (SessionsView), times monotonic."""
+
+    session_id: str
+    owner: str
+    labels: tuple[tuple[bytes, bytes], ...]
+    state: SessionState
+    vm_id: str
+    execs: int
+    running: int
+    since: float  # opened, or the open taken while OPENING
+    idle_since: float | None  # None while an exec runs or before it opened
+
+
+class SessionsView:
+    """The sessions, readable from any thread without asking the Sessions
+    actor (the control plane lists them). `sessions` is replaced whole."""
+
+    def __init__(self) -> None:
+        self.sessions: tuple[SessionSummary, ...] = ()
+
+
+@dataclass
+class SessionTable:
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.session_id] = session
+
+    def remove(self, session_id: str) -> Session | None:
+        return self.sessions.pop(session_id, None)
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def owned(self, session_id: str, owner: str) -> Session | None:
+        """The session if `owner` opened it; None for an unknown id and for
+        another identity's alike, so ids of others are never confirmed."""
+        session = self.sessions.get(session_id)
+        return session if session is not None and session.owner == owner else None
+
+    def opening(self, ticket: int) -> Session | None:
+        """The OPENING session whose SessionOpen has `ticket`."""
+        for session in self.sessions.values():
+            if session.state == SessionState.OPENING and session.open_ticket == ticket:
+                return session
+        return None
+
+    def count(self, owner: str | None = None) -> int:
+        return sum(1 for s in self.sessions.values() if owner is None or s.owner == owner)
+
+    def refusal(self, owner: str, limits: SessionLimits) -> str | None:
+        """Why `owner` may not open one more session now, or None."""
+        if self.count(owner) >= limits.max_per_identity:
+            return (f"{owner!r} holds {self.count(owner)} sessions, the most one identity may "
+                    f"(sessions.max_per_identity = {limits.max_per_identity}); close one first")
+        if self.count() >= limits.max_total:
+            return (f"corrald holds {self.count()} sessions, the most it may "
+                    f"(sessions.max_total = {limits.max_total}); retry after some close")
+        return None
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """(session_id, reason) of each OPEN session to end now: past its
+        lifetime ("lifetime"), else idle for its idle time ("idle")."""
+        ending = []
+        for session in self.sessions.values():
+            if session.state != SessionState.OPEN:
+                continue
+            if now - session.opened >= session.life_s:
+                ending.append((session.session_id, "lifetime"))
+            elif not session.running and now - session.last_active >= session.idle_s:
+                ending.append((session.session_id, "idle"))
+        return ending
+
+    def stale_opens(self, now: float, open_timeout_s: float) -> list[Session]:
+        """OPENING sessions whose VM has not come within `open_timeout_s`."""
+        return [s for s in self.sessions.values()
+                if s.state == SessionState.OPENING and now - s.created >= open_timeout_s]
+
+    def stop_idle_clocks(self, for_s: float) -> None:
+        """Safe mode held `for_s`: nobody could run an exec meanwhile, so that
+        time does not count as idle."""
+        for session in self.sessions.values():
+            if session.state != SessionState.OPENING:
+                session.last_active += for_s
+
+    def listing(self, owner: str, now: float) -> tuple[tuple[str, bytes, int, int, int, str], ...]:
+        """`owner`'s sessions for a SessionReply: (id, labels as k=v lines, age
+        ms, idle ms, execs run, state), oldest first. OPENING ones are left
+        out: their ids are not the owner's to know yet."""
+        mine = sorted((s for s in self.sessions.values()
+                       if s.owner == owner and s.state != SessionState.OPENING), key=lambda s: s.created)
+        return tuple((s.session_id, label_lines(s.labels), int(s.age_s(now) * 1000),
+                      int(s.idle_for_s(now) * 1000), s.execs, str(s.state))
+                     for s in mine[:MAX_SESSIONS_LISTED])
+
+    def summaries(self) -> tuple[SessionSummary, ...]:
+        """Every session for operators, oldest first."""
+        return tuple(SessionSummary(
+            session_id=s.session_id, owner=s.owner, labels=s.labels, state=s.state, vm_id=s.vm_id,
+            execs=s.execs, running=s.running, since=s.opened or s.created,
+            idle_since=None if s.running or s.state == SessionState.OPENING else s.last_active)
+            for s in sorted(self.sessions.values(), key=lambda s: s.created))
+
+
+def operator_row(summary: SessionSummary, now: float) -> tuple[str, str]:
+    """(session id, the rest) of one session for `corral admin sessions`."""
+    idle = "-" if summary.idle_since is None else f"{max(0.0, now - summary.idle_since):.0f}s"
+    labels = ",".join(f"{k.decode(errors='replace')}={v.decode(errors='replace')}" for k, v in summary.labels)
+    return summary.session_id, (f"owner={summary.owner} state={summary.state} age={now - summary.since:.0f}s "
+                                f"idle={idle} vm={summary.vm_id or '-'} execs={summary.execs} "
+                                f"running={summary.running} labels={labels}")

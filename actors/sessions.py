@@ -1,0 +1,355 @@
+"""Sessions: the VMs kept for one identity across execs, and who may use them.
+
+Open: the IntakeServer hands over an accepted SessionOpen (OpenSession).
+Sessions checks the limits, makes the session's id, records it OPENING and
+submits to the Scheduler a task that claims a VM for it: `true`, with the
+open's capabilities, carrying SessionClaim(id, owner). The Scheduler places
+it like any task; the Supervisor that runs it keeps the VM afterwards (its
+pool boots a replacement) and says SessionStarted: the session is OPEN and
+the open is answered with its id. An open that fails on the way (queue full,
+SCRAM, no VM in time, the VM lost) is answered by whoever failed it; the
+IntakeServer tells Sessions (SessionOpenFailed) and the session is forgotten.
+
+Exec: a TaskRequest with session_id, accepted and charged by the
+IntakeServer like a task, comes here (SessionExec) instead of the Scheduler.
+An unknown id, one not OPEN, or another identity's is answered
+session_not_found with the same text, so ids of others leak nothing; else
+the exec goes straight to the session's Supervisor (RunTask), which answers
+it and says SessionExecDone.
+
+End: closed by its owner (SessionClose, answered once the VM is gone), idle
+for its idle time, past its lifetime, by an operator, or by a drain once its
+running execs are answered: Sessions tells the Supervisor EndSession(reason);
+the Supervisor answers what still runs session_lost, destroys the VM and says
+SessionEnded. A VM that dies by itself (dead-man's switch, lost, protocol
+violation) says SessionEnded too.
+
+SCRAM: the pool freezes session VMs like every VM; execs still reaching
+Sessions are answered cancelled_scram, and idle clocks stop until resume
+(nobody can run an exec meanwhile); nothing is ended while safe mode holds.
+
+It only ever tells. The table and what is due when are plain logic in
+actors/session_table.py; a crashed Sessions actor hands the table, and what
+its inbox still held, to its successor (ChildFailed.salvage).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pykka
+
+from actors.directory import Directory, drain_inbox, send
+from actors.edge.metrics import Metrics
+from actors.errors import Rejected
+from actors.messages import (ChildFailed, CloseSession, CloseSessionAsOperator, Drain, EndSession,
+                             InjectFault, ListSessions, OpenSession, ResumeService, RunTask, Scram,
+                             SessionClaim, SessionEnded, SessionExec, SessionExecDone, SessionOpenFailed,
+                             SessionStarted, Submit, Task, Tick)
+from actors.session_table import (Session, SessionLimits, SessionState, SessionsView, SessionTable, check_open,
+                                  new_session_id)
+from actors.timers import Timers
+from protocol.wire.tasks import NORMAL, ErrorCode, TaskRequest, error_reply, session_reply
+
+log = logging.getLogger("corral.sessions")
+TICK_S = 1.0
+CLAIM_OUTPUT_CAP = 4096  # `true` prints nothing; a guest that does is cut short
+# What Sessions takes over from a crashed predecessor's inbox (Ticks and faults are its own).
+CARRIED_OVER = (OpenSession, CloseSession, ListSessions, SessionOpenFailed, CloseSessionAsOperator, SessionExec,
+                SessionStarted, SessionExecDone, SessionEnded, Scram, ResumeService, Drain)
+
+
+@dataclass
+class SessionsState:
+    """What a restarted Sessions actor takes over."""
+
+    table: SessionTable = field(default_factory=SessionTable)
+    safe_mode: bool = False
+    safe_since: float = 0.0  # monotonic: idle clocks stopped then
+    draining: bool = False
+    silent: set = field(default_factory=set)  # sessions whose Supervisor was found dead on the last tick
+    inbox: list = field(default_factory=list)  # messages the predecessor had not handled
+
+
+class Sessions(pykka.ThreadingActor):
+    def __init__(self, *, directory: Directory, metrics: Metrics, timers: Timers, limits: SessionLimits,
+                 view: SessionsView, state: SessionsState | None = None, safe_mode: bool = False,
+                 tick_s: float = TICK_S):
+        """`state`: a crashed predecessor's, taken over; else no sessions, in
+        `safe_mode` or not. `view` is published for other threads."""
+        super().__init__()
+        self.directory = directory
+        self.metrics = metrics
+        self.timers = timers
+        self.limits = limits
+        self.view = view
+        self.state = state or SessionsState(safe_mode=safe_mode, safe_since=time.monotonic())
+        self.tick_s = tick_s
+        self.handling = None  # the message being handled: answered if it crashes this actor
+
+    def on_start(self) -> None:
+        while self.state.inbox:  # one at a time: if one fails, the rest stay for the next successor
+            self.handling = self.state.inbox.pop(0)
+            self._handle(self.handling)
+        self.handling = None
+        self._publish()
+        self.timers.call_later(self.tick_s, self.actor_ref, Tick())
+
+    def on_receive(self, message) -> None:
+        self.handling = message
+        self._handle(message)
+        self.handling = None
+        self._publish()
+
+    def _handle(self, message) -> None:
+        if isinstance(message, OpenSession):
+            self._open(message)
+        elif isinstance(message, SessionStarted):
+            self._started(message)
+        elif isinstance(message, SessionOpenFailed):
+            self._open_failed(message.ticket)
+        elif isinstance(message, SessionExec):
+            self._exec(message)
+        elif isinstance(message, SessionExecDone):
+            self._exec_done(message.session_id)
+        elif isinstance(message, SessionEnded):
+            self._ended(message.session_id, message.reason)
+        elif isinstance(message, CloseSession):
+            self._close(message)
+        elif isinstance(message, ListSessions):
+            self._answer(message.ticket, session_reply(
+                message.request.request_id, sessions=self.state.table.listing(message.owner, time.monotonic())))
+        elif isinstance(message, CloseSessionAsOperator):
+            session = self.state.table.get(message.session_id)
+            if session is not None:
+                self._end(session, "operator")
+        elif isinstance(message, Tick):
+            self._tick()
+        elif isinstance(message, Scram):
+            if not self.state.safe_mode:
+                self.state.safe_mode = True
+                self.state.safe_since = time.monotonic()
+        elif isinstance(message, ResumeService):
+            self._resume()
+        elif isinstance(message, Drain):
+            self._drain()
+        elif isinstance(message, InjectFault) and message.kind == "crash":
+            raise RuntimeError("injected fault: sessions crash")
+        else:
+            log.warning("sessions ignores %r", message)
+
+    # --- open -----------------------------------------------------------------
+
+    def _open(self, message: OpenSession) -> None:
+        request = message.request
+        try:
+            if self.state.draining:
+                raise Rejected(ErrorCode.DRAINING, "corrald is draining: it opens no new sessions")
+            if self.state.safe_mode:
+                raise Rejected(ErrorCode.SAFE_MODE, "corrald is in safe mode after a SCRAM; "
+                                                    "an operator must resume it")
+            idle_s, life_s = check_open(request, self.limits)
+            refusal = self.state.table.refusal(message.owner, self.limits)
+            if refusal is not None:
+                raise Rejected(ErrorCode.SESSION_LIMIT, refusal)
+        except Rejected as e:
+            return self._answer(message.ticket, session_reply(
+                request.request_id, error_code=e.code, error_message=str(e), retry_after_ms=e.retry_after_ms))
+        session = Session(session_id=new_session_id(), owner=message.owner, capabilities=request.capabilities,
+                          labels=request.labels, idle_s=idle_s, life_s=life_s, open_ticket=message.ticket,
+                          open_request_id=request.request_id)
+        claim = TaskRequest(task_id=request.request_id, priority=NORMAL, argv=(b"true",), env=(), cwd=b"",
+                            stdin=b"", timeout_ms=self.limits.claim_timeout_ms, output_cap=CLAIM_OUTPUT_CAP,
+                            capabilities=request.capabilities, egress_allow=request.egress_allow)
+        task = Task(message.ticket, claim, time.monotonic(), claim=SessionClaim(session.session_id, message.owner))
+        if not self.directory.tell("scheduler", Submit(task)):
+            return self._answer(message.ticket, session_reply(
+                request.request_id, error_code=ErrorCode.UNAVAILABLE,
+                error_message="the scheduler is restarting; retry", retry_after_ms=1000))
+        self.state.table.add(session)
+        log.info("session %s of %s opening (ticket %d)", session.session_id, session.owner, message.ticket)
+
+    def _started(self, message: SessionStarted) -> None:
+        session = self.state.table.get(message.session_id)
+        if session is not None and session.vm_id == message.vm_id:
+            log.warning("VM %s said twice it started session %s", message.vm_id, message.session_id)
+            return
+        if session is None or session.state != SessionState.OPENING:
+            # Given up meanwhile (its open answered some other way): the VM is nobody's.
+            log.warning("VM %s started session %s, which is not opening: ended", message.vm_id, message.session_id)
+            send(message.supervisor, EndSession("unknown"))
+            return
+        now = time.monotonic()
+        session.state = SessionState.OPEN
+        session.vm_id, session.supervisor = message.vm_id, message.supervisor
+        session.opened = session.last_active = now
+        if session.end_reason:  # a drain or an operator ended it before it opened
+            code, text = ((ErrorCode.DRAINING, "corrald is draining: the session was closed as it opened")
+                          if session.end_reason == "draining"
+                          else (ErrorCode.SESSION_LOST, f"the session was ended ({session.end_reason}) as it opened"))
+            self._answer(session.open_ticket, session_reply(session.open_request_id, error_code=code,
+                                                            error_message=text))
+            self._end(session, session.end_reason)
+            return
+        log.info("session %s of %s open on VM %s", session.session_id, session.owner, session.vm_id)
+        self._answer(session.open_ticket, session_reply(session.open_request_id, session_id=session.session_id))
+
+    def _open_failed(self, ticket: int) -> None:
+        session = self.state.table.opening(ticket)
+        if session is not None:
+            log.info("session %s of %s did not open", session.session_id, session.owner)
+            self.state.table.remove(session.session_id)
+
+    # --- exec -----------------------------------------------------------------
+
+    def _exec(self, message: SessionExec) -> None:
+        task = message.task
+        session_id = task.request.session_id
+        session = self.state.table.owned(session_id, message.owner)
+        if session is None or session.state != SessionState.OPEN:
+            return self._answer(task.ticket, error_reply(
+                task.request.task_id, ErrorCode.SESSION_NOT_FOUND, f"no session {session_id}"))
+        if self.state.safe_mode:
+            return self._answer(task.ticket, error_reply(
+                task.request.task_id, ErrorCode.CANCELLED_SCRAM,
+                "an operator stopped corral (SCRAM) before this exec ran; retry after it resumes"))
+        if self.state.draining:
+            return self._answer(task.ticket, error_reply(
+                task.request.task_id, ErrorCode.DRAINING,
+                "corrald is draining: it runs no new execs and closes the session"))
+        now = time.monotonic()
+        if not send(session.supervisor, RunTask(task, assigned_at=now)):
+            self._answer(task.ticket, error_reply(
+                task.request.task_id, ErrorCode.SESSION_LOST, f"session {session_id} lost its VM"))
+            return self._ended(session_id, "vm_lost")
+        session.running += 1
+        session.execs += 1
+        session.last_active = now
+        self.metrics.session_execs.inc()
+
+    def _exec_done(self, session_id: str) -> None:
+        session = self.state.table.get(session_id)
+        if session is None:
+            return
+        session.running = max(0, session.running - 1)
+        session.last_active = time.monotonic()
+        if self.state.draining and not session.running and session.state == SessionState.OPEN:
+            self._end(session, "draining")
+
+    # --- end ------------------------------------------------------------------
+
+    def _close(self, message: CloseSession) -> None:
+        request = message.request
+        session = self.state.table.owned(request.session_id, message.owner)
+        if session is None or session.state == SessionState.OPENING:
+            return self._answer(message.ticket, session_reply(
+                request.request_id, error_code=ErrorCode.SESSION_NOT_FOUND,
+                error_message=f"no session {request.session_id}"))
+        session.closes.append((message.ticket, request.request_id))
+        if session.state == SessionState.OPEN:
+            self._end(session, "closed")
+
+    def _end(self, session: Session, reason: str) -> None:
+        """Have the session's VM destroyed; it leaves the table at SessionEnded.
+        An OPENING one ends as soon as its VM comes (_started)."""
+        if session.state == SessionState.CLOSING:
+            return  # on its way out already, for its first reason
+        session.end_reason = session.end_reason or reason
+        if session.state == SessionState.OPENING:
+            return
+        session.state = SessionState.CLOSING
+        log.info("ending session %s of %s: %s", session.session_id, session.owner, session.end_reason)
+        if not send(session.supervisor, EndSession(session.end_reason)):
+            self._ended(session.session_id, "vm_lost")
+
+    def _ended(self, session_id: str, reason: str) -> None:
+        session = self.state.table.remove(session_id)
+        if session is None:
+            return
+        reason = session.end_reason or reason
+        log.info("session %s of %s ended: %s", session_id, session.owner, reason)
+        if session.state == SessionState.OPENING:  # its VM went before it was the session's
+            self._answer(session.open_ticket, session_reply(
+                session.open_request_id, error_code=ErrorCode.SESSION_LOST,
+                error_message=f"the session's VM was lost as it opened ({reason})"))
+            return
+        self.metrics.sessions_ended.labels(reason).inc()
+        self.metrics.session_lifetime_seconds.observe(time.monotonic() - session.opened)
+        for ticket, request_id in session.closes:
+            self._answer(ticket, session_reply(request_id, session_id=session_id))
+
+    # --- time, modes ----------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        table = self.state.table
+        for session in table.stale_opens(now, self.limits.open_timeout_s):
+            table.remove(session.session_id)
+            self._answer(session.open_ticket, session_reply(
+                session.open_request_id, error_code=ErrorCode.UNAVAILABLE, retry_after_ms=1000,
+                error_message=f"no VM became the session's within {self.limits.open_timeout_s:g} s; retry later"))
+        # A Supervisor found dead on two ticks running went without a word
+        # (one that says SessionEnded and stops may be dead a tick before it is read).
+        silent = {sid for sid, s in table.sessions.items() if s.supervisor is not None and not s.supervisor.is_alive()}
+        for session_id in silent & self.state.silent:
+            self._ended(session_id, "vm_lost")
+        self.state.silent = silent
+        if not self.state.safe_mode:  # a frozen session is kept for inspection, whatever its clocks say
+            for session_id, reason in table.due(now):
+                self._end(table.sessions[session_id], reason)
+        self.timers.call_later(self.tick_s, self.actor_ref, Tick())
+
+    def _resume(self) -> None:
+        if self.state.safe_mode:
+            self.state.table.stop_idle_clocks(time.monotonic() - self.state.safe_since)
+        self.state.safe_mode = False
+        self.state.draining = False
+
+    def _drain(self) -> None:
+        """No new work: each session ends once its running execs are answered."""
+        self.state.draining = True
+        for session in list(self.state.table.sessions.values()):
+            if session.state == SessionState.OPENING or not session.running:
+                self._end(session, "draining")
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _answer(self, ticket: int, reply) -> None:
+        self.directory.answer(ticket, reply)
+
+    def _publish(self) -> None:
+        table = self.state.table
+        self.view.sessions = table.summaries()
+        self.metrics.sessions_open.set(sum(1 for s in table.sessions.values() if s.state != SessionState.OPENING))
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        # The table and the messages still queued go to the successor; the
+        # message that failed is answered rather than tried again.
+        failed, self.handling = self.handling, None
+        if isinstance(failed, (OpenSession, CloseSession, ListSessions)):
+            self._answer(failed.ticket, session_reply(
+                failed.request.request_id, error_code=ErrorCode.UNAVAILABLE, retry_after_ms=1000,
+                error_message="corrald's sessions actor failed on this request; retry"))
+        elif isinstance(failed, SessionExec):
+            self._answer(failed.task.ticket, error_reply(
+                failed.task.request.task_id, ErrorCode.UNAVAILABLE,
+                "corrald's sessions actor failed on this exec; retry", retry_after_ms=1000))
+        self.state.inbox += [m for m in drain_inbox(self) if isinstance(m, CARRIED_OVER)]
+        self.directory.tell("root", ChildFailed("sessions", repr(exception_value), salvage=self.state))
+
+    def on_stop(self) -> None:
+        """Shutdown: the PoolManager stops every VM (and answers execs); what
+        Sessions still owes an answer is answered here."""
+        for message in drain_inbox(self):
+            if isinstance(message, SessionEnded):
+                self._ended(message.session_id, message.reason)
+        for session in list(self.state.table.sessions.values()):
+            self.state.table.remove(session.session_id)
+            if session.state == SessionState.OPENING:
+                continue  # its claiming task is the Scheduler's to answer
+            for ticket, request_id in session.closes:
+                self._answer(ticket, session_reply(request_id, session_id=session.session_id))
+        self._publish()
+
