@@ -58,7 +58,11 @@
   (Client.stream): time until its first output chunk is in the caller's
   hands, against the end-to-end time of the same `echo` unstreamed
   (Client.run: output in the reply), the two interleaved in one run; the
-  streamed task's own end to end beside them.
+  streamed task's own end to end beside them. Then a slow reader: `yes`
+  streamed for 20 s to a caller that reads none of it, while another caller
+  runs `true` one after the other: corrald's RSS before and at its highest
+  (the bench runs corrald in its own process), and `true`'s p50 meanwhile
+  against its p50 on the same idle service just before.
 """
 
 from __future__ import annotations
@@ -715,11 +719,42 @@ def echo_streamed_and_not(client, runs: int) -> dict:
     return figures
 
 
+def own_rss_mib() -> float:
+    """This process's resident memory: corrald's, as the bench runs it in-process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def slow_reader(client, service, runs: int, seconds: float = 20.0) -> dict:
+    """`true` p50 on an idle service, then again while another caller streams
+    `yes` and reads none of it for `seconds`; corrald's RSS before and at its
+    highest meanwhile (sampled every 0.2 s)."""
+    from protocol.client.api import Client
+
+    idle = [sequential_true(client, service, 1)[0][0] for _ in range(runs)]
+    rss_before = own_rss_mib()
+    with Client(service.cfg.daemon.endpoint) as absent_reader:
+        task = absent_reader.stream(["yes"], output_cap=service.cfg.tasks.max_output_cap,
+                                    timeout_s=seconds + 2)
+        during, rss_max = [], rss_before
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            during.append(sequential_true(client, service, 1)[0][0])
+            rss_max = max(rss_max, own_rss_mib())
+            time.sleep(0.2)
+        reply = task.reply(seconds + 60)
+    return {"idle": idle, "during": during, "rss_before": rss_before, "rss_max": rss_max,
+            "yes_outcome": reply.outcome or reply.error_code}
+
+
 def bench_stream(cfg: config.Config, runs: int) -> None:
     hypervisor = Hypervisor.from_config(cfg)
     try:
         print(f"accelerator: {hypervisor.accelerator}")
         figures = run_service(cfg, hypervisor, 2, lambda client, _: echo_streamed_and_not(client, runs))
+        slow = run_service(cfg, hypervisor, 2, lambda client, service: slow_reader(client, service, runs))
     finally:
         hypervisor.close()
     first_byte, baseline = figures["first byte"], figures["unstreamed end to end"]
@@ -727,6 +762,14 @@ def bench_stream(cfg: config.Config, runs: int) -> None:
     print(f"{'  the same, end to end (its reply):':42}{latency(figures['streamed end to end'])}")
     print(f"{'baseline, `echo` unstreamed, end to end:':42}{latency(baseline)}")
     print(f"{'ratio (p50, first byte / baseline):':42}{percentile(first_byte, 50) / percentile(baseline, 50):.2f}x")
+    growth = (slow["rss_max"] - slow["rss_before"]) / slow["rss_before"] * 100
+    print(f"`yes` streamed to a caller that reads nothing for 20 s (ended: {slow['yes_outcome']}):")
+    print(f"{'  corrald RSS before, highest meanwhile:':42}{slow['rss_before']:.1f} MiB, {slow['rss_max']:.1f} MiB "
+          f"(+{growth:.1f} %)")
+    print(f"{'  `true` meanwhile, from another caller:':42}{latency(slow['during'])}")
+    print(f"{'  baseline, `true` on the idle service:':42}{latency(slow['idle'])}")
+    print(f"{'  ratio (p50, meanwhile / idle):':42}"
+          f"{percentile(slow['during'], 50) / percentile(slow['idle'], 50):.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
