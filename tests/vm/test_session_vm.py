@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from actors.messages import InjectFault, SessionEnded
-from tests.support.service import counter, pool_vms, running_service, service_config, wait_ready
+from actors.messages import Answer, InjectFault, SessionEnded
+from tests.support.service import counter, operator, pool_vms, running_service, service_config, wait_ready
 from tests.support.sessions import Session, standing_in
 from tests.support.waiting import wait_until
 
@@ -119,3 +119,18 @@ def test_end_session_answers_a_running_exec_session_lost_and_destroys_the_vm(ser
     assert session.ended() == SessionEnded(session.session_id, "closed")
     gone(service, session)
     assert session.execs_done() == 0
+
+
+def test_a_scram_pauses_a_session_with_an_exec_running_and_the_resume_lets_it_finish(service, session):
+    ticket = session.exec([b"sh", b"-c", b"sleep 2; echo done"], timeout_ms=20_000)
+    time.sleep(0.5)
+    assert operator(service, "scram", "session drill").ok
+    try:
+        time.sleep(4)  # longer than the command: paused, it cannot finish
+        assert not [a for a in session.board.all(Answer) if a.ticket == ticket]
+    finally:
+        assert operator(service, "resume").ok
+    reply = session.answer(ticket, timeout_s=30)
+    assert (reply.error_code, reply.exit_code, reply.stdout) == ("", 0, b"done\n"), reply
+    assert session.run([b"echo", b"after"]).stdout == b"after\n"
+    assert session.board.all(SessionEnded) == []
