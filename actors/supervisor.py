@@ -1,10 +1,12 @@
 """Supervisor: one per VM. Owns its libvirt domain, overlay and channel; runs
-one task at a time; enforces the dead-man's switch.
+one task at a time (a session's VM: its execs, several at once); enforces the
+dead-man's switch.
 
 Life of a VM:  booting --Hello--> settling (offered, running) --settle time--> ready
 (offered, paused) --RunTask--> acquiring (resumed, Heartbeat sent) --HeartbeatAck-->
 running (PutFiles, Exec sent) --Exit--> [collecting (Collect sent) --last Collected-->]
 resetting (Reset sent) --ResetDone--> settling ... and from anywhere: gone. A
+session's claim goes running --Exit 0--> session (below) instead. A
 RunTask also takes a settling VM, without a resume. Settling lets the guest
 finish the clean-up its boot or reset queued before it is paused, so that work
 does not slow the next acquire (pool.settle_ms).
@@ -39,6 +41,27 @@ the last chunk through the same inbox, carries only the truncation flags.
 Every chunk must start where its stream ended (Output.offset) and belong to
 the running exec; one after its exec's Exit is a violation too.
 
+A task that carries a session's claim (Task.claim: Sessions made it, its
+command is `true`) runs as any task; when it exits 0 the VM becomes the
+session's instead of being reset: session phase (VmPhase.SESSION), the pool
+told (it replaces the VM at once, never offers it again), Sessions told
+SessionStarted with this actor's ref, and the claim's ticket left to Sessions
+to answer. A claim whose `true` fails is answered guest_error and the VM
+ends. The VM then runs between execs (background processes live on), with the
+claim's capabilities and egress rules for its whole life. Each exec
+(RunTask from Sessions) starts at once, with no heartbeat or resume, and
+several may run together, keyed by exec_id; each has its own timeout (the
+agent kills its process group, the reply says timeout, the session lives
+on), its own dead-man's deadline (timeout + grace: the VM is destroyed),
+stdin, streaming and files as a task's, and after its answer one
+SessionExecDone. The session ends by EndSession (Sessions: closed, idle,
+lifetime, operator, draining), or when its VM dies (dead-man's switch, lost
+channel, protocol violation): every exec still running is answered
+session_lost, the VM destroyed, the pool told gone and Sessions told
+SessionEnded with the reason. An exec answered at the session's end owes no
+SessionExecDone: the SessionEnded settles it. A reader that falls behind
+holds the whole channel, so all of the session's running execs wait with it.
+
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
 hypervisor stalls one VM, never the others (and so does making the VM: a
 restore, a template build, a boot). So do pause and resume, through
@@ -67,9 +90,10 @@ from actors.refill import NewVm, Refill
 from actors.vm.errors import RestoreFailed
 from actors.vm.guest_link import CappedOutput, GuestLink
 from actors.vm.host import Hypervisor
-from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, Freeze, GuestSaid, InjectFault,
-                             OutputChunk, PoolVmState, ReaderHold, Requeue, Retire, RunTask, StdinChunk, Task,
-                             TaskStarted, Thaw, Unwatch, VmState, Watch)
+from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, EndSession, Freeze, GuestSaid, InjectFault,
+                             OutputChunk, PoolVmState, ReaderHold, Requeue, Retire, RunTask, SessionClaim,
+                             SessionEnded, SessionExecDone, SessionStarted, StdinChunk, Task, TaskStarted, Thaw,
+                             Unwatch, VmState, Watch)
 from actors.edge.metrics import Metrics
 from actors.replies import exit_reply, whole_ms, with_files
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
@@ -99,6 +123,7 @@ class VmPhase(StrEnum):
     RUNNING = "running"
     COLLECTING = "collecting"
     RESETTING = "resetting"
+    SESSION = "session"  # a session's: runs its execs, several at once, until the session ends
     GONE = "gone"
 
 
@@ -114,6 +139,7 @@ POOL_STATE_OF = {
     VmPhase.RUNNING: PoolVmState.BUSY,
     VmPhase.COLLECTING: PoolVmState.BUSY,
     VmPhase.RESETTING: PoolVmState.RESETTING,
+    VmPhase.SESSION: PoolVmState.SESSION,
     VmPhase.GONE: PoolVmState.GONE,
 }
 
@@ -130,6 +156,8 @@ ALLOWED = {
     # of a command's Output before its Exit: nothing of it may follow.
     VmPhase.RESETTING: frozenset({guest.ResetDone}),
     VmPhase.SETTLING: frozenset(),
+    # Of the execs running (each checked against its exec_id) and those collecting.
+    VmPhase.SESSION: frozenset({guest.Output, guest.Exit, guest.Error, guest.Collected}),
 }
 # Before the VM is first offered: a boot waits for its Hello, a clone answers its Resume and warm-up.
 STARTING = (VmPhase.BOOTING, VmPhase.RESUMING, VmPhase.WARMING)
@@ -185,7 +213,9 @@ class RunningTask:
     stdin_sent: int = 0  # bytes of stdin given to the guest, Exec.stdin included
     stdin_closed: bool = True  # no more stdin goes to the command (no stdin_open, or eof sent)
     stdin_held: list = field(default_factory=list)  # (data, eof) that came while the VM was frozen
-    reader_held: bool = False  # IOGuard holds the channel for this task's caller ("reader")
+    reader_held: bool = False  # this task's caller is behind: IOGuard holds the channel for it ("reader")
+    deadline_token: int = 0  # a session's exec: its armed deadline (0: none counting)
+    deadline_at: float = 0.0  # ... and when it passes (monotonic): its dead-man's switch, or its files' time
 
     @property
     def streaming(self) -> bool:
@@ -212,7 +242,12 @@ class Supervisor(pykka.ThreadingActor):
         self.made: NewVm | None = None  # how the VM was made, until it is first offered
         self.run_control = None  # pauses and resumes the domain (QMP or libvirt)
         self.link: GuestLink | None = None
-        self.current: RunningTask | None = None
+        self.current: RunningTask | None = None  # the task of a one-shot VM (or a session's claim)
+        self.session: SessionClaim | None = None  # the session this VM is, from its claim's exit
+        self.session_capabilities: tuple = ()  # what the claim asked for: every exec of the session holds it
+        self.end_reason = ""  # why the session ends, told to Sessions (SessionEnded)
+        self.execs: dict[int, RunningTask] = {}  # a session's running execs, by exec_id
+        self.reader_hold_told = False  # IOGuard holds the channel for some task's caller
         self.deadline_token = 0
         self.deadline: tuple[VmPhase, float] | None = None  # (phase, monotonic time) armed last
         self.frozen_at: float | None = None  # monotonic time of the Freeze, while frozen
@@ -263,8 +298,8 @@ class Supervisor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> None:
         if self.state == VmPhase.GONE:
-            if isinstance(message, RunTask):  # raced with our end: someone else runs it
-                self._requeue(message.task)
+            if isinstance(message, RunTask):  # raced with our end
+                self._strand(message.task)
             return
         if isinstance(message, GuestSaid):
             self._guest_said(message.message)
@@ -279,8 +314,12 @@ class Supervisor(pykka.ThreadingActor):
         elif isinstance(message, Thaw):
             self._thaw()
         elif isinstance(message, DeadlinePassed):
-            if message.token == self.deadline_token and message.phase == self.state:
+            if message.phase == VmPhase.SESSION == self.state:
+                self._exec_deadline_passed(message.token)
+            elif message.token == self.deadline_token and message.phase == self.state:
                 self._deadline_passed()
+        elif isinstance(message, EndSession):
+            self._end_session(message.reason)
         elif isinstance(message, ChannelFailed):
             if message.violation:
                 self.metrics.violations.labels(message.code).inc()
@@ -306,7 +345,9 @@ class Supervisor(pykka.ThreadingActor):
         self._requeue_stranded()
 
     def on_stop(self) -> None:
-        if self.state != VmPhase.GONE:
+        if self.state == VmPhase.SESSION:
+            self._lose_session("corrald is shutting down", "shutdown", stop=False)
+        elif self.state != VmPhase.GONE:
             self._fail(ErrorCode.CANCELLED, "corrald is shutting down", stop=False)
         self._requeue_stranded()
 
@@ -314,7 +355,17 @@ class Supervisor(pykka.ThreadingActor):
         """A RunTask that arrived after this VM ended would die with the inbox."""
         for message in drain_inbox(self):
             if isinstance(message, RunTask):
-                self._requeue(message.task)
+                self._strand(message.task)
+
+    def _strand(self, task: Task) -> None:
+        """A task this VM cannot run: a task goes back to the Scheduler; a
+        session's exec has lost its VM (Sessions hears of it by SessionEnded)."""
+        if task.request.session_id:
+            self.directory.answer(task.ticket, error_reply(
+                task.request.task_id, ErrorCode.SESSION_LOST,
+                f"session {task.request.session_id} lost its VM before the exec started"))
+        else:
+            self._requeue(task)
 
     # --- guest messages --------------------------------------------------------
 
@@ -328,6 +379,8 @@ class Supervisor(pykka.ThreadingActor):
             return
         if self.state in CLONE_STARTING:
             self._clone_said(message)
+        elif self.state == VmPhase.SESSION:
+            self._session_said(message)
         elif isinstance(message, guest.Hello):
             self.metrics.boot_seconds.observe(time.monotonic() - self.born)
             log.info("VM %s booted in %.2f s", self.vm_id, time.monotonic() - self.born)
@@ -337,11 +390,17 @@ class Supervisor(pykka.ThreadingActor):
                 return self._fail(ErrorCode.PROTOCOL_VIOLATION, "heartbeat answered with a wrong nonce")
             self._start_command()
         elif isinstance(message, guest.Output):
-            self._output(message)
+            if message.exec_id != self.current.exec_id:
+                return self._violation(WrongExec(f"output for exec {message.exec_id}, not {self.current.exec_id}"))
+            self._output(self.current, message)
         elif isinstance(message, guest.Exit):
-            self._finished(message)
+            if message.exec_id != self.current.exec_id:
+                return self._violation(WrongExec(f"exit for exec {message.exec_id}, not {self.current.exec_id}"))
+            self._finished(self.current, message)
         elif isinstance(message, guest.Collected):
-            self._collected(message)
+            self._collected(self.current, message)
+        elif isinstance(message, guest.Error) and message.exec_id not in (0, self.current.exec_id):
+            self._violation(WrongExec(f"an error for exec {message.exec_id}, not {self.current.exec_id}"))
         elif isinstance(message, guest.Error) and message.code in REFUSED_IN_GUEST:
             self._refused_in_guest(message.code, REFUSED_IN_GUEST[message.code] + message.message)
         elif isinstance(message, guest.Error):
@@ -409,6 +468,10 @@ class Supervisor(pykka.ThreadingActor):
         return True
 
     def _run_task(self, message: RunTask) -> None:
+        if self.state == VmPhase.SESSION:
+            return self._run_exec(message)
+        if message.task.request.session_id:  # never this VM's session: nothing to run it in
+            return self._not_this_session(message.task)
         if self.state not in (VmPhase.READY, VmPhase.SETTLING) or self.frozen_at is not None:
             self._requeue(message.task)
             return
@@ -444,6 +507,11 @@ class Supervisor(pykka.ThreadingActor):
         # the command at the timeout, the dead-man's switch 5 s later.
         deadman_at = running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s
         self._set_state(VmPhase.RUNNING, deadman_at - time.monotonic())
+        self._send_command(running, request.capabilities)
+
+    def _send_command(self, running: RunningTask, capabilities: tuple) -> None:
+        """The task's files, then its Exec, with the time left of its timeout."""
+        request = running.task.request
         timeout_left_ms = request.timeout_ms - whole_ms(running.acquired_at - running.assigned_at)
         running.stdin_sent, running.stdin_closed = len(request.stdin), not request.stdin_open
         try:
@@ -458,7 +526,7 @@ class Supervisor(pykka.ThreadingActor):
                 env=request.env if self.egress is None else task_env(request.env), cwd=request.cwd,
                 stdin=request.stdin, timeout_ms=max(1, timeout_left_ms),
                 output_cap=request.output_cap, as_root=False,
-                capabilities=soft_bits(request.capabilities) | self.settings.default_soft_bits,
+                capabilities=soft_bits(capabilities) | self.settings.default_soft_bits,
                 stdin_open=request.stdin_open))
         except CorralError as e:
             self._fail(ErrorCode.VM_LOST, f"the VM stopped taking input ({e})")
@@ -470,10 +538,7 @@ class Supervisor(pykka.ThreadingActor):
         self._answer(error_reply(self.current.task.request.task_id, code, text))
         self._after_task(timed_out=False)
 
-    def _output(self, message: guest.Output) -> None:
-        running = self.current
-        if message.exec_id != running.exec_id:
-            return self._violation(WrongExec(f"output for exec {message.exec_id}, not {running.exec_id}"))
+    def _output(self, running: RunningTask, message: guest.Output) -> None:
         try:
             data = running.output.add(message.stream, message.offset, message.data)
         except OutputOutOfOrder as e:
@@ -481,11 +546,19 @@ class Supervisor(pykka.ThreadingActor):
         if running.streaming and data:
             self.directory.tell("intake", OutputChunk(running.task.ticket, message.stream, message.offset, data))
 
+    def _command_of(self, ticket: int) -> RunningTask | None:
+        """The task of `ticket` if its command runs now (from its Exec to its Exit)."""
+        if self.state == VmPhase.RUNNING and self.current.task.ticket == ticket:
+            return self.current
+        if self.state == VmPhase.SESSION:
+            return next((r for r in self.execs.values() if r.task.ticket == ticket and r.reply is None), None)
+        return None
+
     def _stdin(self, message: StdinChunk) -> None:
         """More stdin from the caller: to the guest while the ticket's command
         runs; dropped otherwise (it ended, or took no more stdin)."""
-        running = self.current
-        if self.state != VmPhase.RUNNING or running.task.ticket != message.ticket or running.stdin_closed:
+        running = self._command_of(message.ticket)
+        if running is None or running.stdin_closed:
             return
         data = message.data[:max(0, MAX_STDIN - running.stdin_sent)]
         eof = message.eof or len(data) < len(message.data)
@@ -510,21 +583,22 @@ class Supervisor(pykka.ThreadingActor):
             self._fail(ErrorCode.VM_LOST, f"the VM stopped taking input ({e})")
 
     def _reader_hold(self, message: ReaderHold) -> None:
-        running = self.current
-        if self.state != VmPhase.RUNNING or running.task.ticket != message.ticket:
+        running = self._command_of(message.ticket)
+        if running is None:
             return  # its command is over: the hold ended with it
         self._hold_for_reader(running, message.held)
 
     def _hold_for_reader(self, running: RunningTask, held: bool) -> None:
-        """Stop (or resume) reading the channel while the task's caller is behind."""
-        if running.reader_held != held:
-            running.reader_held = held
-            self.directory.tell("ioguard", ChannelHold(self.vm_id, held=held, reason="reader"))
+        """Stop (or resume) reading the channel while the task's caller is
+        behind: held while any running task's caller is."""
+        running.reader_held = held
+        tasks = [*self.execs.values(), *([self.current] if self.current is not None else [])]
+        wanted = any(task.reader_held for task in tasks)
+        if wanted != self.reader_hold_told:
+            self.reader_hold_told = wanted
+            self.directory.tell("ioguard", ChannelHold(self.vm_id, held=wanted, reason="reader"))
 
-    def _finished(self, exit_message: guest.Exit) -> None:
-        running = self.current
-        if exit_message.exec_id != running.exec_id:
-            return self._violation(WrongExec(f"exit for exec {exit_message.exec_id}, not {running.exec_id}"))
+    def _finished(self, running: RunningTask, exit_message: guest.Exit) -> None:
         self.exited_exec = running.exec_id
         self._hold_for_reader(running, False)  # no more output: collected files and the reset must flow
         self.metrics.run_seconds.observe(exit_message.wall_ms / 1000)
@@ -533,36 +607,50 @@ class Supervisor(pykka.ThreadingActor):
         timed_out = exit_message.timed_out
         running.reply = exit_reply(running.task, exit_message, running.output.stdout(),
                                    running.output.stderr(), running.assigned_at, running.acquired_at)
+        if running.task.claim is not None:
+            return self._claimed(running, exit_message)
         if request.collect:
             files = self.settings.files
             running.collection = Collection(self._new_id(), request.collect, files.max_collect_bytes)
-            self._set_state(VmPhase.COLLECTING, files.collect_timeout_s)
+            if self.state == VmPhase.SESSION:
+                self._arm_exec(running, time.monotonic() + files.collect_timeout_s)
+            else:
+                self._set_state(VmPhase.COLLECTING, files.collect_timeout_s)
             try:
                 self.link.send(guest.Collect(collect_id=running.collection.collect_id,
                                              paths=request.collect, max_bytes=files.max_collect_bytes))
             except CorralError:
-                self._collect_ended("the VM stopped taking input", vm_gone=True)
+                self._collect_ended(running, "the VM stopped taking input", vm_gone=True)
             return
+        if self.state == VmPhase.SESSION:
+            return self._answer_exec(running, running.reply)
         self._answer(running.reply)
         self._after_task(timed_out)
 
-    def _collected(self, message: guest.Collected) -> None:
-        violation = self.current.collection.add(message)
+    def _collected(self, running: RunningTask, message: guest.Collected) -> None:
+        violation = running.collection.add(message)
         if violation:
             self.metrics.violations.labels("bad_collect").inc()
             return self._fail(ErrorCode.PROTOCOL_VIOLATION, violation)
-        if self.current.collection.done:
-            self._collect_ended("")
+        if running.collection.done:
+            self._collect_ended(running, "")
 
-    def _collect_ended(self, reason: str, vm_gone: bool = False) -> None:
+    def _collect_ended(self, running: RunningTask, reason: str, vm_gone: bool = False) -> None:
         """Answer with the command's result and its files (those missing get `reason`)."""
-        running = self.current
+        if vm_gone and self.state == VmPhase.SESSION:  # answered session_lost with the others
+            return self._fail(ErrorCode.VM_LOST, "the VM stopped taking input")
         running.collection.give_up(reason)
-        reply = running.reply
-        self._answer(with_files(reply, running.task, running.collection.results, self.settings.files.signer))
+        reply = with_files(running.reply, running.task, running.collection.results, self.settings.files.signer)
+        if self.state == VmPhase.SESSION:
+            self._answer_exec(running, reply)
+            if reason:  # the agent did not send them in time: it may never answer again
+                self._lose_session(f"the agent did not send an exec's files within "
+                                   f"{self.settings.files.collect_timeout_s:g} s", "deadman")
+            return
+        self._answer(reply)
         if vm_gone or reason:
             return self._end("collect_failed")
-        self._after_task(reply.timed_out)
+        self._after_task(running.reply.timed_out)
 
     def _after_task(self, timed_out: bool) -> None:
         """The task is answered: reset the VM for the next one, or end it."""
@@ -576,6 +664,143 @@ class Supervisor(pykka.ThreadingActor):
             self.link.send(guest.Reset(reset_id=self._new_id()))
         except CorralError:
             self._end("vm_lost")
+
+    # --- a session's VM ---------------------------------------------------------
+
+    def _claimed(self, running: RunningTask, exit_message: guest.Exit) -> None:
+        """The claim's `true` is over: on exit 0 the VM is the session's (its
+        ticket is Sessions' to answer); otherwise the open fails and the VM ends."""
+        if exit_message.exit_code != 0 or exit_message.signal or exit_message.timed_out:
+            self._answer(error_reply(
+                running.task.request.task_id, ErrorCode.GUEST_ERROR,
+                f"the session's VM failed its first command (`true`: exit {exit_message.exit_code}, "
+                f"signal {exit_message.signal}{', timed out' if exit_message.timed_out else ''})"))
+            return self._end("claim_failed")
+        self.current = None
+        self.session = running.task.claim
+        self.session_capabilities = running.task.request.capabilities
+        self.uses += 1
+        self.deadline, self.deadline_token = None, self.deadline_token + 1  # execs have deadlines of their own
+        # The egress rules begun for the claim stay the session's until the VM ends.
+        self._set_state(VmPhase.SESSION)
+        log.info("VM %s is session %s's", self.vm_id, self.session.session_id)
+        self.directory.tell("sessions", SessionStarted(self.session.session_id, self.vm_id, self.actor_ref))
+
+    def _run_exec(self, message: RunTask) -> None:
+        """A session's exec: started at once (the VM runs), beside any others."""
+        task = message.task
+        request = task.request
+        if request.session_id != self.session.session_id:
+            if not request.session_id:  # a task offered before this VM was a session's
+                return self._requeue(task)
+            return self._not_this_session(task)
+        if self.frozen_at is not None:  # a SCRAM came first: as Sessions answers execs in safe mode
+            self.directory.answer(task.ticket, error_reply(
+                request.task_id, ErrorCode.CANCELLED_SCRAM,
+                "an operator stopped corral (SCRAM) before this exec ran; retry after it resumes"))
+            return self._exec_done()
+        now = time.monotonic()
+        running = RunningTask(task, message.assigned_at, CappedOutput(request.output_cap, keep=not request.stream),
+                              exec_id=self._new_id(), acquired_at=now)
+        self.execs[running.exec_id] = running
+        # Both clocks count from assignment, as for a task.
+        self._arm_exec(running, running.assigned_at + request.timeout_ms / 1000 + self.settings.deadman_grace_s)
+        self._send_command(running, self.session_capabilities)
+
+    def _not_this_session(self, task: Task) -> None:
+        """An exec of a session this VM is not (Sessions routes by id: a bug
+        somewhere): answered, never run in another session's VM."""
+        session_id = task.request.session_id
+        log.error("VM %s was given an exec of session %s, which it is not", self.vm_id, session_id)
+        self.directory.answer(task.ticket, error_reply(
+            task.request.task_id, ErrorCode.SESSION_LOST, f"session {session_id} has no VM here"))
+        self.directory.tell("sessions", SessionExecDone(session_id))
+
+    def _session_said(self, message: codec.Message) -> None:
+        """A session's guest message, about one exec: each must name an exec
+        that runs (or, Collected, one whose files are on their way)."""
+        if isinstance(message, guest.Collected):
+            running = next((r for r in self.execs.values()
+                            if r.collection is not None and r.collection.collect_id == message.collect_id), None)
+            if running is None:
+                self.metrics.violations.labels("bad_collect").inc()
+                return self._fail(ErrorCode.PROTOCOL_VIOLATION, f"files for collect {message.collect_id}, "
+                                                                "which is not in progress")
+            return self._collected(running, message)
+        running = self.execs.get(message.exec_id)
+        if isinstance(message, guest.Error) and message.exec_id == 0:
+            return self._fail(ErrorCode.GUEST_ERROR, f"the guest agent failed: {message.code}: {message.message}",
+                              reason="guest_error")
+        if running is None or running.reply is not None:
+            what = type(message).__name__.lower()
+            if running is not None and isinstance(message, guest.Output):
+                return self._violation(OutputAfterExit(f"output of exec {message.exec_id} after its exit"))
+            return self._violation(WrongExec(f"{what} for exec {message.exec_id}, which is not running"))
+        if isinstance(message, guest.Output):
+            self._output(running, message)
+        elif isinstance(message, guest.Exit):
+            self._finished(running, message)
+        elif message.code in REFUSED_IN_GUEST:  # nothing ran; the session goes on
+            self._answer_exec(running, error_reply(running.task.request.task_id, message.code,
+                                                   REFUSED_IN_GUEST[message.code] + message.message))
+        else:  # the agent gave this exec up (and killed what it started); the session goes on
+            self._answer_exec(running, error_reply(
+                running.task.request.task_id, ErrorCode.GUEST_ERROR,
+                f"the guest agent failed: {message.code}: {message.message}",
+                outcome=outcomes.for_error(ErrorCode.GUEST_ERROR, command_started=True)))
+
+    def _answer_exec(self, running: RunningTask, reply: TaskReply) -> None:
+        """A session's exec answered: Sessions counts it done (idle from now)."""
+        del self.execs[running.exec_id]
+        self._hold_for_reader(running, False)
+        self.directory.answer(running.task.ticket, reply)
+        self._exec_done()
+
+    def _exec_done(self) -> None:
+        self.directory.tell("sessions", SessionExecDone(self.session.session_id))
+
+    def _arm_exec(self, running: RunningTask, at: float) -> None:
+        """Arm the exec's own deadline: at `at` its dead-man's switch ends the
+        session (or, once it exited, its files are given up)."""
+        self.deadline_token += 1
+        running.deadline_token, running.deadline_at = self.deadline_token, at
+        if self.frozen_at is None:  # a frozen VM's execs are armed by Thaw
+            self.timers.call_later(max(0.0, at - time.monotonic()), self.actor_ref,
+                                   DeadlinePassed(VmPhase.SESSION, running.deadline_token))
+
+    def _exec_deadline_passed(self, token: int) -> None:
+        running = next((r for r in self.execs.values() if r.deadline_token == token), None)
+        if running is None:
+            return  # answered meanwhile, or re-armed
+        if running.collection is not None:
+            return self._collect_ended(running, f"not collected within {self.settings.files.collect_timeout_s:g} s")
+        self.metrics.deadman_kills.inc()
+        timeout_s = running.task.request.timeout_ms / 1000
+        why = " (its output was held for its caller, who was not reading it)" if running.reader_held else ""
+        self._lose_session(f"an exec had no answer from the VM within its timeout ({timeout_s:g} s) "
+                           f"+ {self.settings.deadman_grace_s:g} s{why}", "deadman")
+
+    def _end_session(self, reason: str) -> None:
+        """Sessions ends the session (closed, idle, lifetime, operator, draining, ...)."""
+        if self.state != VmPhase.SESSION:
+            log.warning("VM %s told to end a session while %s", self.vm_id, self.state)
+            return
+        self._lose_session(f"the session was ended ({reason})", reason, pool_reason=f"session_{reason}")
+
+    def _lose_session(self, text: str, reason: str, pool_reason: str = "", stop: bool = True) -> None:
+        """The session is over: every exec still running is answered
+        session_lost, the VM destroyed, Sessions told why (`reason`)."""
+        session_id = self.session.session_id
+        log.info("VM %s: session %s ends: %s", self.vm_id, session_id, text)
+        self.end_reason = reason
+        for running in list(self.execs.values()):
+            del self.execs[running.exec_id]
+            self._hold_for_reader(running, False)
+            # Its command ran when the VM went: the outcome a crash gets.
+            self.directory.answer(running.task.ticket, error_reply(
+                running.task.request.task_id, ErrorCode.SESSION_LOST, f"session {session_id} ended: {text}",
+                outcome=outcomes.for_error(ErrorCode.VM_LOST, command_started=True)))
+        self._end(pool_reason or reason, stop=stop)
 
     # --- deadlines, faults, endings ------------------------------------------
 
@@ -599,7 +824,7 @@ class Supervisor(pykka.ThreadingActor):
                                   f"+ {self.settings.deadman_grace_s:g} s{why}; the VM was destroyed",
                        reason="deadman")
         elif self.state == VmPhase.COLLECTING:
-            self._collect_ended(f"not collected within {self.settings.files.collect_timeout_s:g} s")
+            self._collect_ended(self.current, f"not collected within {self.settings.files.collect_timeout_s:g} s")
         elif self.state == VmPhase.RESETTING:
             self._end("reset_timeout")
         elif self.state == VmPhase.SETTLING and self._pause():
@@ -618,6 +843,8 @@ class Supervisor(pykka.ThreadingActor):
                 return self._fail(ErrorCode.VM_LOST, f"the VM could not be paused for a SCRAM ({e})")
         self.frozen_at = time.monotonic()
         self.deadline_token += 1  # the armed deadline stops counting
+        for running in self.execs.values():  # and so do a session's execs'
+            running.deadline_token = 0
 
     def _thaw(self) -> None:
         if self.frozen_at is None:
@@ -633,12 +860,14 @@ class Supervisor(pykka.ThreadingActor):
         if self.state != VmPhase.READY and self.deadline is not None:
             phase, at = self.deadline
             self._arm(phase, at + frozen_for - time.monotonic())
-        running = self.current
-        if self.state == VmPhase.RUNNING and running.stdin_held:
+        for running in list(self.execs.values()):
+            self._arm_exec(running, running.deadline_at + frozen_for)
+        commands = [self.current] if self.state == VmPhase.RUNNING else list(self.execs.values())
+        for running in commands:
             held, running.stdin_held = running.stdin_held, []
             for data, eof in held:
                 if self.state == VmPhase.GONE:  # the VM stopped taking input
-                    break
+                    return
                 self._send_stdin(running, data, eof)
 
     def _inject(self, kind: str) -> None:
@@ -664,7 +893,10 @@ class Supervisor(pykka.ThreadingActor):
         self._fail(ErrorCode.PROTOCOL_VIOLATION, text, reason=self._start_failed(text))
 
     def _fail(self, code: str, text: str, reason: str | None = None, stop: bool = True) -> None:
-        """End the VM; the task on it (if its command started) gets `code`."""
+        """End the VM; the task on it (if its command started) gets `code`,
+        a session's execs session_lost."""
+        if self.state == VmPhase.SESSION:
+            return self._lose_session(text, reason or code, stop=stop)
         if self.current is not None:
             if self.state == VmPhase.ACQUIRING:
                 self._requeue(self.current.task)
@@ -690,6 +922,7 @@ class Supervisor(pykka.ThreadingActor):
     def _end(self, reason: str, stop: bool = True) -> None:
         if self.state == VmPhase.GONE:
             return
+        was_session = self.state == VmPhase.SESSION
         self.state = VmPhase.GONE
         self.deadline_token += 1
         self.directory.tell("ioguard", Unwatch(self.vm_id))
@@ -706,6 +939,8 @@ class Supervisor(pykka.ThreadingActor):
                 log.error("VM %s: destroy failed: %s (the watchdog will reap it)", self.vm_id, e)
         log.info("VM %s gone: %s", self.vm_id, reason)
         self._tell_pool(PoolVmState.GONE, reason)
+        if was_session:
+            self.directory.tell("sessions", SessionEnded(self.session.session_id, self.end_reason or reason))
         if stop:
             self.stop()
 

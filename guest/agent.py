@@ -16,6 +16,11 @@ The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
 VM (the host then replaces it) rather than guessing where the stream resumes.
 
+Several execs may run at once, each keyed by its exec_id with its own pipes,
+timeout, process group, stdin and Exit (a session's VM runs the execs its
+caller sends together; the host gives a one-shot VM one at a time). Messages
+about one exec carry its id, an Error too.
+
 Built for speed under TCG, where every imported module, every thread and every
 page a fork copies costs milliseconds: one thread around one poll() loop, only
 C modules imported besides the protocol, and tasks started with posix_spawn
@@ -638,7 +643,7 @@ class Task:
 class Agent:
     def __init__(self, channel: Channel):
         self.channel = channel
-        self.task: Task | None = None
+        self.tasks: dict[int, Task] = {}  # the running execs, by exec_id
         self.task_account = pwd.getpwnam(TASK_USER)
         if self.task_account.pw_uid == 0 or self.task_account.pw_gid == 0:
             raise RuntimeError(f"task user {TASK_USER} must not be root")
@@ -689,33 +694,20 @@ class Agent:
             self.turn()
 
     def turn(self, max_wait_s: float | None = None) -> None:
-        """One pass of the loop: wait (at most `max_wait_s`) for the task's
+        """One pass of the loop: wait (at most `max_wait_s`) for the tasks'
         pipes, the port or a deadline, then act on what is ready."""
         now = time.monotonic()
-        poller = select.poll()
         timeout = self.next_reap - now
         if max_wait_s is not None:
             timeout = min(timeout, max_wait_s)
+        port = None
         if now >= self.port_quiet_until:
-            poller.register(self.channel.fd, POLLIN)
+            port = self.channel.fd
         else:
             timeout = min(timeout, self.port_quiet_until - now)
-        task = self.task
-        if task is not None:
-            for fd, events in task.poll_fds():
-                poller.register(fd, events)
-            wait = task.wait_s(now)
-            if wait is not None:
-                timeout = min(timeout, wait)
         if self.channel.inbox:  # read while a send waited: handle them now
             timeout = 0.0
-        port_ready = False
-        for fd, _ in poller.poll(max(timeout, 0.0) * 1000):
-            if fd == self.channel.fd:
-                port_ready = True
-            elif task is self.task:  # still the task these fds were registered for
-                self._task_event(task, fd)
-        self._check_task()
+        port_ready = self._poll_tasks(timeout, port)
         received = self.channel.take_inbox()  # older than what is read now
         if port_ready:
             more = self.channel.read()
@@ -729,28 +721,57 @@ class Agent:
             self.reap()
             self.next_reap = time.monotonic() + REAP_INTERVAL_S
 
+    def _poll_tasks(self, timeout: float, port: int | None) -> bool:
+        """Wait at most `timeout` s (less if a task's deadline comes first) for
+        the running tasks' fds and the `port` if given, handle the tasks'
+        events and end the tasks that are over; True if the port is readable."""
+        poller = select.poll()
+        if port is not None:
+            poller.register(port, POLLIN)
+        owners: dict[int, Task] = {}  # fd -> the task it was registered for
+        now = time.monotonic()
+        for task in self.tasks.values():
+            for fd, events in task.poll_fds():
+                poller.register(fd, events)
+                owners[fd] = task
+            wait = task.wait_s(now)
+            if wait is not None:
+                timeout = min(timeout, wait)
+        port_ready = False
+        for fd, _ in poller.poll(max(timeout, 0.0) * 1000):
+            if fd == port:
+                port_ready = True
+                continue
+            task = owners[fd]
+            if self.tasks.get(task.request.exec_id) is task:  # not ended by an earlier event
+                self._task_event(task, fd)
+        self._check_tasks()
+        return port_ready
+
     def _task_event(self, task: Task, fd: int) -> None:
         try:
             task.on_event(fd)
         except Exception as e:  # the host must always get an answer for an Exec
-            self.task = None
-            log(f"exec {task.request.exec_id} failed: {e!r}")
+            exec_id = task.request.exec_id
+            del self.tasks[exec_id]
+            log(f"exec {exec_id} failed: {e!r}")
             task.kill()
             task.close()
             detail = str(e).encode()[:constants.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
-            self.channel.send(messages.Error(code="exec_failed", message=detail))
+            self.channel.send(messages.Error(code="exec_failed", message=detail, exec_id=exec_id))
 
-    def _check_task(self) -> None:
-        task = self.task
-        if task is not None and task.check(time.monotonic()):
-            self.task = None
-            task.close()
-            self.reap()  # the killed group's orphans, now
-            self.channel.send(task.exit_message())
+    def _check_tasks(self) -> None:
+        now = time.monotonic()
+        for task in list(self.tasks.values()):
+            if task.check(now):
+                del self.tasks[task.request.exec_id]
+                task.close()
+                self.reap()  # the killed group's orphans, now
+                self.channel.send(task.exit_message())
 
     def reap(self) -> None:
         """As PID 1 the agent inherits every orphan: reap all zombies, keeping
-        the status of the task's own process."""
+        the status of each task's own process."""
         while True:
             try:
                 pid, status, usage = os.wait3(os.WNOHANG)
@@ -758,8 +779,10 @@ class Agent:
                 return
             if pid == 0:
                 return
-            if self.task is not None and pid == self.task.pid:
-                self.task.reaped(status, usage)
+            for task in self.tasks.values():
+                if pid == task.pid:
+                    task.reaped(status, usage)
+                    break
 
     # --- messages -------------------------------------------------------------
 
@@ -772,15 +795,16 @@ class Agent:
             return
         self.resumable = False
         if isinstance(message, messages.Stdin):
-            task = self.task
-            # For another exec, or after the exit: the command may have just
-            # ended while the host sent it; not an error.
-            if task is not None and task.request.exec_id == message.exec_id and task.request.stdin_open:
+            task = self.tasks.get(message.exec_id)
+            # For no running exec: the command may have just ended while the
+            # host sent it; not an error.
+            if task is not None and task.request.stdin_open:
                 task.add_stdin(message.data, message.eof)
             return  # any other message is work (or a host bug): a Resume is too late
         if isinstance(message, messages.Exec):
-            if self.task is not None:
-                self.channel.send(messages.Error(code="busy", message="an exec is already running"))
+            if message.exec_id in self.tasks:
+                self.channel.send(messages.Error(code="busy", message=f"exec {message.exec_id} is already running",
+                                                 exec_id=message.exec_id))
             else:
                 self.start(message)
         elif isinstance(message, messages.PutFile):
@@ -867,13 +891,12 @@ class Agent:
 
     def collect(self, request: messages.Collect) -> None:
         """Each path in order, as Collected chunks; a file that cannot be read is
-        one Collected with its error."""
+        one Collected with its error. The host collects an exec's files after
+        its Exit; other execs of a session may still run meanwhile."""
         budget = request.max_bytes
         for index, path in enumerate(request.paths):
             try:
-                data = files.read_file(self.task_account, path, budget) if self.task is None else None
-                if data is None:
-                    raise files.FileRefused("a command is still running")
+                data = files.read_file(self.task_account, path, budget)
             except (files.FileRefused, OSError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 self.channel.send(messages.Collected(
@@ -893,7 +916,7 @@ class Agent:
         started = time.monotonic()
         if self.put_error:  # a file the command needs is missing: do not run it
             error, self.put_error = self.put_error, ""
-            self.channel.send(messages.Error(code="put_failed", message=error))
+            self.channel.send(messages.Error(code="put_failed", message=error, exec_id=request.exec_id))
             return
         try:
             account = self.root_account if request.as_root else self.task_account
@@ -911,8 +934,10 @@ class Agent:
                     self.channel.send(messages.Error(
                         code="missing_capability",
                         message=f"{os.fsdecode(request.argv[0])} needs capability {needed}, "
-                                "which this task does not hold"))
+                                "which this task does not hold", exec_id=request.exec_id))
                     return
+                # System-wide: execs running together are one session's, which
+                # holds the same capabilities for all of them (the host's rule).
                 self.set_ptrace_scope(capabilities.PTRACE_SCOPE_ALLOWED
                                       if bits & capabilities.SOFT[capabilities.SYS_PTRACE][0]
                                       else capabilities.PTRACE_SCOPE_DENIED)
@@ -923,11 +948,11 @@ class Agent:
             except OSError as e:
                 self._spawn_failed(request, e, started)
                 return
-            self.task = Task(self, request, started, pid, stdin_fd, stdout_fd, stderr_fd)
+            self.tasks[request.exec_id] = Task(self, request, started, pid, stdin_fd, stdout_fd, stderr_fd)
         except Exception as e:  # the host must always get an answer for an Exec
             log(f"exec {request.exec_id} failed: {e!r}")
             detail = str(e).encode()[:constants.MAX_ERROR_MESSAGE_LEN].decode(errors="ignore")
-            self.channel.send(messages.Error(code="exec_failed", message=detail))
+            self.channel.send(messages.Error(code="exec_failed", message=detail, exec_id=request.exec_id))
 
     def _spawn_failed(self, request: messages.Exec, error: OSError, started: float) -> None:
         # Like a shell: command not found is 127, not executable 126.
@@ -943,28 +968,23 @@ class Agent:
             wall_ms=int((time.monotonic() - started) * 1000),
             user_cpu_ms=0, sys_cpu_ms=0, max_rss_kib=0))
 
-    def _finish_killed_task(self, deadline: float) -> bool:
-        """Run the loop for the (killed) task alone until it is over; its Exit goes out first."""
-        while self.task is not None:
-            task = self.task
+    def _finish_killed_tasks(self, deadline: float) -> bool:
+        """Run the loop for the (killed) tasks alone until they are over; their Exits go out first."""
+        while self.tasks:
             now = time.monotonic()
             if now > deadline:
                 return False
-            poller = select.poll()
-            for fd, events in task.poll_fds():
-                poller.register(fd, events)
-            for fd, _ in poller.poll(min(DRAIN_GRACE_S, deadline - now) * 1000):
-                if task is self.task:
-                    self._task_event(task, fd)
+            self._poll_tasks(min(DRAIN_GRACE_S, deadline - now), None)
             self.reap()
-            self._check_task()
+            self._check_tasks()
         return True
 
     def reset(self) -> tuple[bool, str]:
-        """Back to a clean slate: no task process alive, nothing the task wrote left."""
-        if self.task is not None:
-            self.task.kill()
-            if not self._finish_killed_task(time.monotonic() + 5):
+        """Back to a clean slate: no task process alive, nothing a task wrote left."""
+        if self.tasks:
+            for task in self.tasks.values():
+                task.kill()
+            if not self._finish_killed_tasks(time.monotonic() + 5):
                 return False, "exec did not finish"
         uid = self.task_account.pw_uid
         deadline = time.monotonic() + 2

@@ -10,8 +10,9 @@ Which attack, and when:
     Hypervisor.faults.extra_cmdline): the attack replaces the Hello, at boot;
   - otherwise the agent behaves until an Exec arrives and then performs the
     attack its argv[0] names (some take numbers from argv[1:]). ``ok`` is a
-    well-behaved command (prints "ok"). Stdin from the host is taken and
-    ignored.
+    well-behaved command (prints "ok"), ``true`` one that prints nothing (a
+    session's claim), ``hold`` one that never ends (a session's exec left
+    running while the next attacks). Stdin from the host is taken and ignored.
 
 It runs as root (PID 1), so it also stands for a task that got root: it can
 panic the kernel, power off, reboot or simply die. Standard library only.
@@ -44,6 +45,7 @@ class HostileAgent:
         self.encoder = FrameEncoder(zlib.crc32)
         self.decoder = FrameDecoder(zlib.crc32)
         self.last_frame = b""
+        self.answered = 0  # the exec whose Exit this agent sent last
 
     # --- writing, well-formed or not -----------------------------------------
 
@@ -104,6 +106,12 @@ class HostileAgent:
             self.send(chunk)
         elif name == "output_other_exec":  # output for an exec the host never started
             self.send(messages.Output(exec_id=exec_id + 1, stream=constants.STDOUT, offset=0, data=b"x"))
+        elif name == "exit_answered":  # the Exit of the exec answered last, again: it runs no more
+            self.send(self.exit(self.answered))
+        elif name == "output_answered":  # more output of the exec answered last, after its Exit
+            self.send(messages.Output(exec_id=self.answered, stream=constants.STDOUT, offset=3, data=b"late\n"))
+        elif name == "error_answered":  # a refusal of the exec answered last
+            self.send(messages.Error(code="put_failed", message="hostile", exec_id=self.answered))
         elif name == "output_after_exit":  # the command's output, its Exit, then more of it
             self.send(messages.Output(exec_id=exec_id, stream=constants.STDOUT, offset=0, data=b"ok\n"))
             self.send(self.exit(exec_id))
@@ -158,11 +166,15 @@ class HostileAgent:
             self.send(messages.ResetDone(reset_id=message.reset_id, ok=True, detail=""))
         elif isinstance(message, messages.Exec):
             name = message.argv[0].decode(errors="replace")
-            if name != "ok":
+            if name == "hold":
+                return
+            if name not in ("ok", "true"):
                 args = tuple(int(arg) for arg in message.argv[1:] if arg.isdigit())
                 self.attack(name, message.exec_id, args)
-            self.send(messages.Output(exec_id=message.exec_id, stream=constants.STDOUT, offset=0, data=b"ok\n"))
+            if name == "ok":
+                self.send(messages.Output(exec_id=message.exec_id, stream=constants.STDOUT, offset=0, data=b"ok\n"))
             self.send(self.exit(message.exec_id))
+            self.answered = message.exec_id
 
     @staticmethod
     def exit(exec_id: int) -> messages.Exit:

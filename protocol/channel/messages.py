@@ -115,6 +115,9 @@ class Error(Message):
 
     code: str = field(Str(MAX_ERROR_CODE_LEN))
     message: str = field(Str(MAX_ERROR_MESSAGE_LEN))
+    # The exec it refuses or ends (the agent runs several at once in a
+    # session); 0: about no exec.
+    exec_id: int = field(U32, default=0)
 
 
 @message(10, _HOST)

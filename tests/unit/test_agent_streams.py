@@ -84,7 +84,7 @@ class AgentLoop:
 def pair():
     agent_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     agent = guest_agent.Agent.__new__(guest_agent.Agent)  # no __init__: it prepares a real guest
-    agent.channel, agent.task, agent.resumable, agent.put_error = guest_agent.Channel(agent_end.fileno()), None, False, ""
+    agent.channel, agent.tasks, agent.resumable, agent.put_error = guest_agent.Channel(agent_end.fileno()), {}, False, ""
     agent.next_reap = time.monotonic() + guest_agent.REAP_INTERVAL_S
     loops = []
 
@@ -96,21 +96,21 @@ def pair():
     for loop in loops:
         loop.stopped.set()
         loop.thread.join(10)
-    if agent.task is not None:
-        agent.task.kill()
-        agent.task.close()
+    for task in agent.tasks.values():
+        task.kill()
+        task.close()
     agent_end.close()
     host_end.close()
 
 
 def start(agent, exec_id: int, argv: list[bytes], stdin: bytes = b"", stdin_open: bool = False,
-          output_cap: int = 1 << 24) -> messages.Exec:
+          output_cap: int = 1 << 24, timeout_ms: int = 30_000) -> messages.Exec:
     """What Agent.start does for an Exec, without the task user: spawn as ourselves."""
     request = messages.Exec(exec_id=exec_id, argv=tuple(argv), env=tuple(ENV.items()), cwd=b"/", stdin=stdin,
-                            timeout_ms=30_000, output_cap=output_cap, as_root=True, capabilities=0,
+                            timeout_ms=timeout_ms, output_cap=output_cap, as_root=True, capabilities=0,
                             stdin_open=stdin_open)
     pid, stdin_fd, stdout_fd, stderr_fd = guest_agent.spawn(list(argv), ENV, b"/", None)
-    agent.task = guest_agent.Task(agent, request, time.monotonic(), pid, stdin_fd, stdout_fd, stderr_fd)
+    agent.tasks[exec_id] = guest_agent.Task(agent, request, time.monotonic(), pid, stdin_fd, stdout_fd, stderr_fd)
     return request
 
 
@@ -207,7 +207,7 @@ def test_a_command_that_closes_its_stdin_early_gets_no_more_and_the_agent_carrie
     output, exit_ = host.until_exit(1)
     loop.stop()
     assert output[constants.STDOUT] == b"ok\n" and exit_.exit_code == 0
-    assert agent.task is None
+    assert not agent.tasks
 
 
 def test_stdin_past_max_stdin_is_cut_and_the_command_gets_eof(pair):

@@ -299,7 +299,7 @@ def agent_pair(monkeypatch):
     channel = guest_agent.Channel(agent_end.fileno())
     channel.encoder.rebase(RESTORED_GUEST_SEQ)
     agent = guest_agent.Agent.__new__(guest_agent.Agent)  # no __init__: it prepares a real guest
-    agent.channel, agent.task, agent.resumable, agent.put_error = channel, None, True, ""
+    agent.channel, agent.tasks, agent.resumable, agent.put_error = channel, {}, True, ""
     calls = []
 
     def reseed_and_set_clock(entropy, time_ns):

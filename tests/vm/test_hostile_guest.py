@@ -5,7 +5,9 @@ guest/image/build.py like the real one). It behaves until an Exec names an
 attack in argv[0], or attacks instead of its Hello when the test puts
 corral.hostile=<attack> on the kernel command line. Every attack must end in:
 the VM destroyed and replaced, the violation counted by kind, the task (if
-any) answered once with a clear code, and corrald still serving.
+any) answered once with a clear code, and corrald still serving. A session's
+VM runs several execs at once: a message naming an exec that does not run
+ends the session, every exec in it answered once.
 """
 
 import dataclasses
@@ -13,6 +15,7 @@ import time
 
 import pytest
 
+from actors.messages import SessionEnded
 from actors.vm.accelerator import detect_accelerator
 from actors.vm.host import Hypervisor
 from guest.image.build import build_agent_iso
@@ -20,6 +23,7 @@ from guest.image.paths import guest_image
 from protocol.client.api import Client
 from tests.support.host import STATE_DIR, TEST_INSTANCE
 from tests.support.service import counter, operator, pool_vms, running_service, service_config, wait_ready
+from tests.support.sessions import Session, standing_in
 from tests.support.waiting import wait_until
 
 INSTANCE = f"{TEST_INSTANCE}h"[:16]  # its own VMs: no other service reaps them, nor they others'
@@ -241,5 +245,38 @@ def test_boot_stage_attack_is_a_failed_boot_and_the_pool_backs_off_then_heals(se
     # Meanwhile the other VM still serves.
     assert client.run(["ok"], timeout_s=10, wait_s=60).stdout == b"ok\n"
     wait_ready(service, timeout_s=180)
+    no_stray_domains(service)
+    assert counter(metrics.duplicate_answers) == 0
+
+
+# --- a session's VM: several execs at once, each message naming one --------------------------
+
+# attack of a session's third exec (the first answered, the second held running) -> violation kind
+SESSION_ATTACKS = [
+    ("exit_answered", "wrong_exec"),  # the first exec's Exit again
+    ("output_answered", "output_after_exit"),  # more output of the first exec
+    ("error_answered", "wrong_exec"),  # a refusal of the first exec
+    ("output_other_exec", "wrong_exec"),  # output of an exec never started
+]
+
+
+@pytest.mark.parametrize("attack, kind", SESSION_ATTACKS)
+def test_a_session_guest_naming_an_exec_that_does_not_run_ends_the_session(service, attack, kind):
+    wait_ready(service, timeout_s=180)
+    metrics = service.metrics
+    violations_before = counter(metrics.violations, kind=kind)
+    with standing_in(service) as board:
+        session = Session(service, board)
+        assert session.run([b"ok"], timeout_s=30).stdout == b"ok\n"
+        held = session.exec([b"hold"])
+        attacking = session.exec([attack.encode()])
+        for ticket in (held, attacking):
+            reply = session.answer(ticket, timeout_s=30)
+            assert reply.error_code == "session_lost" and kind in reply.error_message, reply
+        assert session.ended() == SessionEnded(session.session_id, "protocol_violation")
+        wait_until(lambda: session.vm_id not in pool_vms(service), 15, "the session's VM out of the pool")
+        assert not service.hypervisor.domain_exists(session.vm_id)
+        assert session.execs_done() == 1
+    assert counter(metrics.violations, kind=kind) == violations_before + 1
     no_stray_domains(service)
     assert counter(metrics.duplicate_answers) == 0

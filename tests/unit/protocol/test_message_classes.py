@@ -53,7 +53,7 @@ def test_equality_and_hash_follow_the_field_values_and_the_class():
 
 
 def test_repr_names_every_field():
-    assert repr(m.Error("boom", "it broke")) == "Error(code='boom', message='it broke')"
+    assert repr(m.Error("boom", "it broke")) == "Error(code='boom', message='it broke', exec_id=0)"
 
 
 def test_fields_can_be_neither_set_nor_deleted_nor_added():
