@@ -28,6 +28,20 @@ behind, forwards TaskStdin as StdinChunk, and moves a task to a new
 connection of the same identity on TaskAttach. For a live task it never
 sends a second TaskReply: a caller would take it for the task's answer.
 
+Sessions (actors/sessions.py): a SessionOpen is checked like a task of its
+capabilities (known, offered, granted, egress rules within the grants, the
+[sessions] bounds) and charged like one, then handed to the Sessions actor
+(OpenSession); SessionClose and SessionList go there too (CloseSession,
+ListSessions), each with the caller's identity as owner. An exec, a
+TaskRequest with session_id, is accepted and charged like a task (streams
+and stdin alike) and handed to Sessions (SessionExec) instead of the
+Scheduler. Each gets a ticket whose ledger entry knows its reply kind: a
+session request is answered with a SessionReply, and an error TaskReply
+posted for it (the Scheduler's busy, unavailable or cancelled_scram for an
+open's claiming task, a failed claim's VM, corrald stopping) goes out as a
+SessionReply with the same code and text; for an open, Sessions is told it
+failed (SessionOpenFailed).
+
 The server thread outlives a crash of the Intake actor, so the ledger and the
 socket are never lost. At shutdown (stop) it answers whatever no actor did.
 """
@@ -41,6 +55,7 @@ import queue
 import socket
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import zmq
 
@@ -53,14 +68,17 @@ from actors.edge.metrics import Metrics
 from actors.edge.streams import StreamLimits, StreamState, StreamTotals
 from actors.egress.rules import RuleError, parse_rules
 from actors.errors import CorralError, Rejected
-from actors.messages import Answer, OutputChunk, ReaderHold, StdinChunk, Submit, Task, TaskStarted
+from actors.messages import (Answer, CloseSession, ListSessions, OpenSession, OutputChunk, ReaderHold,
+                             SessionExec, SessionOpenFailed, StdinChunk, Submit, Task, TaskStarted)
+from actors.session_table import SessionLimits, check_open
 from config import Config
 from protocol.channel import capabilities, codec
 from protocol.channel.errors import ProtocolError
 from protocol.wire import envelope
-from protocol.wire.tasks import (CLIENT_TO_DAEMON, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode, StatusReply,
-                                 StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply, TaskRequest,
-                                 TaskStdin, error_reply)
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, NORMAL, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode, SessionClose,
+                                 SessionList, SessionOpen, SessionReply, StatusReply, StatusRequest, StreamAck,
+                                 TaskAttach, TaskOutput, TaskReply, TaskRequest, TaskStdin, error_reply,
+                                 session_reply)
 
 log = logging.getLogger("corral.intake")
 STOP = None  # posted instead of an answer: the server answers what is left and ends
@@ -76,12 +94,24 @@ UNAVAILABLE_CAPABILITIES = {
 OFFERED_CAPABILITIES = KNOWN_CAPABILITIES - UNAVAILABLE_CAPABILITIES.keys()
 
 
+class ReplyKind(StrEnum):
+    """What a ticket is answered with: a TaskReply (a task, or an exec in a
+    session) or a SessionReply (an open, close or list); the values label
+    corral_session_requests_total."""
+
+    TASK = "task"
+    OPEN = "open"
+    CLOSE = "close"
+    LIST = "list"
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     conn: Connection  # the only connection the answer may go to (another after a TaskAttach)
     routing_id: bytes
-    task_id: str
+    task_id: str  # or a session request's request_id
     identity: str = ""  # who asked (Admission): only it may attach
+    kind: ReplyKind = ReplyKind.TASK
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,9 @@ class TaskLimits:
     max_put_bytes: int = 0  # files_in, all files of one task
     streams: StreamLimits = StreamLimits()
     default_egress_allow: tuple[bytes, ...] = ()  # a net:egress task's rules when it names none
+    # A SessionOpen's idle time, lifetime and labels are checked against these
+    # before it is charged; None: by the Sessions actor alone (tests).
+    sessions: SessionLimits | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> TaskLimits:
@@ -103,7 +136,8 @@ class TaskLimits:
                    default_output_cap=tasks.default_output_cap, max_output_cap=tasks.max_output_cap,
                    max_request_bytes=tasks.max_request_bytes, max_put_bytes=cfg.artifacts.max_put_bytes,
                    streams=StreamLimits.from_config(tasks),
-                   default_egress_allow=tuple(str(r).encode() for r in parse_rules(cfg.egress.default_allow)))
+                   default_egress_allow=tuple(str(r).encode() for r in parse_rules(cfg.egress.default_allow)),
+                   sessions=SessionLimits.from_config(cfg))
 
 
 def _check_no_nul(what: str, value: bytes) -> None:
@@ -115,6 +149,9 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
     """The request with defaults filled in, or Rejected naming what is wrong."""
     if not request.task_id:
         raise Rejected(ErrorCode.INVALID_REQUEST, "task_id is empty")
+    if request.session_id and (request.capabilities or request.egress_allow):
+        raise Rejected(ErrorCode.INVALID_REQUEST, "an exec in a session asks for no capabilities or egress "
+                                                  "rules: the session's, fixed when it opened, apply")
     if not request.argv[0]:
         raise Rejected(ErrorCode.INVALID_REQUEST, "argv[0] is empty")
     for i, arg in enumerate(request.argv):
@@ -165,6 +202,15 @@ def validate(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
         except RuleError as e:
             raise Rejected(ErrorCode.INVALID_REQUEST, str(e)) from None
     return codec.replace(request, timeout_ms=timeout_ms, output_cap=output_cap, egress_allow=egress_allow)
+
+
+def open_as_task(request: SessionOpen) -> TaskRequest:
+    """What a SessionOpen is checked and charged as: a task of its
+    capabilities and egress rules at normal priority (the claiming task
+    Sessions submits is that task)."""
+    return TaskRequest(task_id=request.request_id, priority=NORMAL, argv=(b"true",), env=(), cwd=b"",
+                       stdin=b"", timeout_ms=0, output_cap=0, capabilities=request.capabilities,
+                       egress_allow=request.egress_allow)
 
 
 def with_default_egress(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
@@ -360,7 +406,7 @@ class IntakeServer:
         if not self._send_to(conn, routing_id, reply):
             self.metrics.answers_undeliverable.labels(ENDPOINT_LABEL).inc()
             log.info("an answer (%s) for a caller that has gone was dropped",
-                     getattr(reply, "task_id", None) or "status")
+                     getattr(reply, "task_id", None) or getattr(reply, "request_id", None) or "status")
 
     def _send_to(self, conn: Connection, routing_id: bytes, message) -> bool:
         return self.guard.send(conn, [routing_id, *envelope.build(PROTOCOL_TAG, codec.encode(message))])
@@ -388,12 +434,12 @@ class IntakeServer:
             return self._stdin(request, conn, routing_id)
         if isinstance(request, TaskAttach):
             return self._attach(request, user, conn, routing_id, caller)
+        if isinstance(request, SessionOpen):
+            return self._session_open(request, user, conn, routing_id, caller)
+        if isinstance(request, (SessionClose, SessionList)):
+            return self._session_call(request, user, conn, routing_id, caller)
         try:
-            refusal = self.refusal
-            if refusal is not None:
-                raise Rejected(*refusal)
-            if (conn.id, request.task_id) in self.in_flight:
-                raise Rejected(ErrorCode.DUPLICATE_TASK, f"task {request.task_id!r} is already in flight")
+            self._check_new(conn, request.task_id, "task", refuse=True)
             request = validate(request, self.limits)
             ticket = next(self.tickets)
             name = self.admission.admit(user, request, ticket)
@@ -407,9 +453,99 @@ class IntakeServer:
             self.streams[ticket] = StreamState(request.task_id, self.limits.streams, request.stdin_open,
                                                len(request.stdin), self.stream_totals)
         self.metrics.accepted.inc()
-        if not self.directory.tell("scheduler", Submit(Task(ticket, request, time.monotonic(), identity=name))):
+        task = Task(ticket, request, time.monotonic(), identity=name)
+        if request.session_id:
+            handed = self.directory.tell("sessions", SessionExec(task, name))
+        else:
+            handed = self.directory.tell("scheduler", Submit(task))
+        if not handed:
             self._deliver(ticket, error_reply(
-                request.task_id, ErrorCode.UNAVAILABLE, "the scheduler is restarting; retry"))
+                request.task_id, ErrorCode.UNAVAILABLE,
+                f"the {'sessions actor' if request.session_id else 'scheduler'} is restarting; retry", 1000))
+
+    def _check_new(self, conn: Connection, request_id: str, what: str, refuse: bool) -> None:
+        """Rejected if corrald's mode refuses new work (`refuse`: tasks, execs,
+        opens) or this connection has `request_id` in flight already."""
+        refusal = self.refusal
+        if refuse and refusal is not None:
+            raise Rejected(*refusal)
+        if (conn.id, request_id) in self.in_flight:
+            raise Rejected(ErrorCode.DUPLICATE_TASK, f"{what} {request_id!r} is already in flight")
+
+    # --- sessions ----------------------------------------------------------------
+
+    def _session_open(self, request: SessionOpen, user: bytes | None, conn: Connection, routing_id: bytes,
+                      caller: str) -> None:
+        """Checked and charged as a task of its capabilities, then Sessions' to answer."""
+        try:
+            self._check_new(conn, request.request_id, "request", refuse=True)
+            if not request.request_id:
+                raise Rejected(ErrorCode.INVALID_REQUEST, "request_id is empty")
+            if self.limits.sessions is not None:
+                check_open(request, self.limits.sessions)
+            claim = validate(open_as_task(request), self.limits)
+            ticket = next(self.tickets)
+            name = self.admission.admit(user, claim, ticket)
+            claim = with_default_egress(claim, self.limits)
+        except Rejected as e:
+            self.metrics.rejected.labels(e.code).inc()
+            return self._send(conn, routing_id, session_reply(
+                request.request_id, error_code=e.code, error_message=str(e), retry_after_ms=e.retry_after_ms))
+        request = codec.replace(request, egress_allow=claim.egress_allow)  # canonical, defaults filled in
+        self._bind(ticket, LedgerEntry(conn, routing_id, request.request_id, name, ReplyKind.OPEN), caller)
+        if not self.directory.tell("sessions", OpenSession(ticket, request, name)):
+            self._deliver(ticket, session_reply(request.request_id, error_code=ErrorCode.UNAVAILABLE,
+                                                error_message="the sessions actor is restarting; retry",
+                                                retry_after_ms=1000))
+
+    def _session_call(self, request: SessionClose | SessionList, user: bytes | None, conn: Connection,
+                      routing_id: bytes, caller: str) -> None:
+        """A close or a list, for the caller's own sessions: never refused by
+        corrald's mode (a caller may close and list while it drains or after
+        a SCRAM), never charged."""
+        try:
+            self._check_new(conn, request.request_id, "request", refuse=False)
+            if not request.request_id:
+                raise Rejected(ErrorCode.INVALID_REQUEST, "request_id is empty")
+            name = self.admission.identity_of(user).name
+        except Rejected as e:
+            self.metrics.rejected.labels(e.code).inc()
+            return self._send(conn, routing_id, session_reply(request.request_id, error_code=e.code,
+                                                              error_message=str(e)))
+        ticket = next(self.tickets)
+        if isinstance(request, SessionClose):
+            kind, message = ReplyKind.CLOSE, CloseSession(ticket, request, name)
+        else:
+            kind, message = ReplyKind.LIST, ListSessions(ticket, request, name)
+        self._bind(ticket, LedgerEntry(conn, routing_id, request.request_id, name, kind), caller)
+        if not self.directory.tell("sessions", message):
+            self._deliver(ticket, session_reply(request.request_id, error_code=ErrorCode.UNAVAILABLE,
+                                                error_message="the sessions actor is restarting; retry",
+                                                retry_after_ms=1000))
+
+    def _as_kind(self, ticket: int, entry: LedgerEntry, reply: TaskReply | SessionReply) -> TaskReply | SessionReply:
+        """The reply as the ticket's kind is answered. Anyone may post an
+        error TaskReply for a ticket it was handed as a task (the Scheduler,
+        a Supervisor, the shutdown); a session request gets it as a
+        SessionReply with the same code and text, and a failed open is
+        reported to Sessions, which forgets the session."""
+        if entry.kind == ReplyKind.TASK:
+            if isinstance(reply, TaskReply):
+                return reply
+            log.error("ticket %d, a task, was answered with a SessionReply (%s); answered as a task",
+                      ticket, reply.error_code or "ok")
+            return error_reply(entry.task_id, reply.error_code or ErrorCode.UNAVAILABLE,
+                               reply.error_message or "corrald answered this task as a session request; retry",
+                               reply.retry_after_ms)
+        if isinstance(reply, SessionReply):
+            return reply
+        code, text = reply.error_code, reply.error_message
+        if not code:  # a claim answered as a plain task: its VM was not kept for the session
+            code, text = ErrorCode.SESSION_LOST, "the session's VM was not kept for it; retry"
+        if entry.kind == ReplyKind.OPEN:
+            self.directory.tell("sessions", SessionOpenFailed(ticket))
+        return session_reply(entry.task_id, error_code=code, error_message=text,
+                             retry_after_ms=reply.retry_after_ms)
 
     def _bind(self, ticket: int, entry: LedgerEntry, caller: str) -> None:
         """`entry` is where the answer for `ticket` goes."""
@@ -445,7 +581,7 @@ class IntakeServer:
         self.lingering.discard(ticket)
         return entry
 
-    def _deliver(self, ticket: int, reply: TaskReply) -> None:
+    def _deliver(self, ticket: int, reply: TaskReply | SessionReply) -> None:
         """The one answer for `ticket`; any later one finds no ledger entry
         (or, for a streaming task, a reply already waiting) and is dropped."""
         entry = self.ledger.get(ticket)
@@ -454,9 +590,13 @@ class IntakeServer:
             self.metrics.duplicate_answers.inc()
             log.error("second answer for ticket %d dropped", ticket)
             return
+        reply = self._as_kind(ticket, entry, reply)
         self.admission.answered(ticket, reply)
-        self.metrics.tasks.labels(reply.error_code or "completed").inc()
-        self.metrics.outcomes.labels(reply.outcome).inc()
+        if isinstance(reply, SessionReply):
+            self.metrics.session_requests.labels(entry.kind, reply.error_code or "ok").inc()
+        else:
+            self.metrics.tasks.labels(reply.error_code or "completed").inc()
+            self.metrics.outcomes.labels(reply.outcome).inc()
         if state is None:
             self._release(ticket)
             self._send(entry.conn, entry.routing_id, reply)

@@ -99,6 +99,9 @@ class Metrics:
         self.sessions_ended = Counter(
             "corral_sessions_ended", "Sessions ended, by reason (closed, idle, lifetime, operator, draining, "
             "deadman, vm_lost, protocol_violation, shutdown)", ["reason"], registry=r)
+        self.session_requests = Counter(
+            "corral_session_requests", "Session opens, closes and lists answered, by request (open, close, "
+            "list) and code (ok, or the error code)", ["request", "code"], registry=r)
         for name in PRIORITY_NAMES:
             self.queue_depth.labels(name)
         for state in POOL_STATES:

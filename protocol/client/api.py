@@ -1,11 +1,18 @@
-"""corral's client library: ``Client`` (tasks and status over ZeroMQ), its
-errors, and CurveZMQ keys (``curve_keys``, ``keygen``). The ``corral`` command
-line built on it is protocol/client/cli.py.
+"""corral's client library: ``Client`` (tasks, sessions and status over
+ZeroMQ), ``Session``, their errors, and CurveZMQ keys (``curve_keys``,
+``keygen``). The ``corral`` command line built on it is protocol/client/cli.py.
 
 Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload]
 (protocol.wire.envelope) and corrald's ROUTER answers the same way on the same
 connection. Each TaskRequest gets exactly one TaskReply with the same task_id,
-each StatusRequest one StatusReply with the same request_id.
+each StatusRequest one StatusReply with the same request_id, each
+SessionOpen, SessionClose and SessionList one SessionReply with the same
+request_id.
+
+Sessions (``Client.session()``): a VM kept across execs, its files and
+processes with it. An exec is a TaskRequest with session_id, so it is
+answered, streamed and fed stdin exactly as a task; ``Session.put()`` and
+``get()`` are execs of `true` that put or collect one file.
 
 Threading: a zmq socket must be used by one thread only, so the DEALER belongs
 to one background I/O thread. ``submit()`` may be called from any thread: it
@@ -60,6 +67,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import time
@@ -74,8 +82,9 @@ from protocol.channel.codec import decode, encode, max_payload_size
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
 from protocol.wire.tasks import (DAEMON_TO_CLIENT, MAX_REPLY_OUTPUT, MAX_STREAM_CHUNK, PRIORITY_NAMES, PROTOCOL_TAG,
-                                 ErrorCode, StatusReply, StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply,
-                                 TaskRequest, TaskStdin, error_reply)
+                                 ErrorCode, SessionClose, SessionList, SessionOpen, SessionReply, StatusReply,
+                                 StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply, TaskRequest, TaskStdin,
+                                 error_reply, session_reply)
 
 log = logging.getLogger("corral.client")
 
@@ -89,6 +98,10 @@ MAX_REPLY_FRAME = max_payload_size(DAEMON_TO_CLIENT)
 # How long run() waits beyond the task's own timeout (queueing, VM acquire).
 RUN_WAIT_MARGIN_S = 30.0
 RUN_WAIT_DEFAULT_S = 120.0
+# How long a session's open is waited for (it queues for a VM like a task),
+# and its close (the close is answered once its VM is destroyed).
+SESSION_OPEN_WAIT_S = 120.0
+SESSION_CLOSE_WAIT_S = 60.0
 START_HINT = "is it running? start it with scripts/run"
 # corrald's default tasks.stream_window_bytes: how far it sends beyond the
 # caller's acks. A client of a corrald configured otherwise is given its value.
@@ -101,6 +114,7 @@ MAX_STREAM_HELD = MAX_REPLY_OUTPUT
 
 _TASK = "task"
 _STATUS = "status"
+_SESSION = "session"  # a SessionOpen, SessionClose or SessionList, by request_id
 
 
 class _Outgoing(NamedTuple):
@@ -125,6 +139,40 @@ class HandshakeError(ConnectionError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class SessionError(RuntimeError):
+    """corrald answered a session request with an error (a SessionReply's, or
+    for put() and get() their exec's): `code` is the ErrorCode
+    (session_not_found, session_limit, session_lost, capability_denied, ...,
+    or connection_lost when the connection dropped first)."""
+
+    def __init__(self, code: str, message: str, retry_after_ms: int = 0):
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.retry_after_ms = retry_after_ms
+
+
+class SessionFileError(RuntimeError):
+    """A file Session.get() asked for could not be collected: `error` is the
+    guest's reason (no such file, not a regular file, too large, ...)."""
+
+    def __init__(self, session_id: str, path: str | bytes, error: str):
+        shown = os.fsdecode(path)
+        super().__init__(f"cannot get {shown} from session {session_id}: {error}")
+        self.path = shown
+        self.error = error
+
+
+class SessionInfo(NamedTuple):
+    """One of the caller's sessions (Client.sessions())."""
+
+    session_id: str
+    labels: dict[str, str]
+    age_s: float  # since its VM became its
+    idle_s: float  # since its last exec was answered; 0 while one runs
+    execs: int  # execs it ran
+    state: str  # open, or closing
 
 
 class StreamBroken(RuntimeError):
@@ -431,6 +479,123 @@ def _env_pairs(env: Mapping | Iterable | None) -> tuple[tuple[bytes, bytes], ...
     return tuple((_as_bytes(key, "env key"), _as_bytes(value, "env value")) for key, value in items)
 
 
+def _whole_seconds(value: int | None, what: str) -> int:
+    """Seconds as the wire carries them (0: corrald's default)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return math.ceil(value)
+
+
+def _label_pairs(labels: Mapping | Iterable | None) -> tuple[tuple[bytes, bytes], ...]:
+    if labels is None:
+        return ()
+    items = labels.items() if isinstance(labels, Mapping) else labels
+    return tuple((_as_bytes(key, "label key"), _as_bytes(value, "label value")) for key, value in items)
+
+
+def _parse_labels(lines: bytes) -> dict[str, str]:
+    """A listing's labels, k=v lines, as a dict."""
+    labels = {}
+    for line in lines.decode("utf-8", errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        labels[key] = value
+    return labels
+
+
+class Session:
+    """A session of this client's identity: ``Client.session()`` opens one,
+    ``Session(client, session_id)`` takes up one opened before (by this
+    identity: to any other it does not exist). As a context manager it
+    closes the session on the way out.
+
+    ``exec()`` runs a command in the session's VM, where files and processes
+    of earlier execs are still there; ``put()`` and ``get()`` copy a file in
+    or out between execs. Each is answered like a task, and an exec in a
+    session that is no longer open is answered session_not_found (one that
+    was open when it began and ended under it: session_lost).
+    """
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.closed = False
+
+    def exec(self, argv: Iterable[str | bytes], *, stream: bool = False, stdin: bytes = b"",
+             stdin_open: bool = False, timeout_s: float | None = None, wait_s: float | None = None,
+             **task_args) -> TaskReply | TaskStream:
+        """Run ``argv`` in the session: its TaskReply, or with ``stream`` a
+        TaskStream (output as it comes; ``stdin_open`` to feed it with
+        ``write()``). Other arguments as ``Client.submit()`` (env, cwd,
+        output_cap, files_in, collect, task_id, priority); ``wait_s`` as
+        ``Client.run()``. A refused or failed exec is a reply with its
+        error_code, as for a task."""
+        if stream:
+            if wait_s is not None:
+                raise ValueError("wait_s is for exec() without stream: give a TaskStream's chunks() or "
+                                 "reply() a wait instead")
+            return self.client.stream(argv, stdin=stdin, stdin_open=stdin_open, timeout_s=timeout_s,
+                                      session_id=self.session_id, **task_args)
+        if stdin_open:
+            raise ValueError("stdin_open needs stream=True (the TaskStream's write() feeds it)")
+        return self.client.run(argv, stdin=stdin, timeout_s=timeout_s, wait_s=wait_s,
+                               session_id=self.session_id, **task_args)
+
+    def put(self, path: str | bytes, data: bytes, mode: int = 0o644, *, timeout_s: float | None = None) -> None:
+        """Write ``data`` to ``path`` in the session's VM, as the task user
+        (SessionError put_failed if the guest cannot, with its reason)."""
+        self._checked(self.exec(["true"], files_in=[(path, data, mode)], timeout_s=timeout_s))
+
+    def get(self, path: str | bytes, *, timeout_s: float | None = None) -> bytes:
+        """The content of file ``path`` in the session's VM; SessionFileError
+        naming the guest's reason when it cannot be collected."""
+        reply = self._checked(self.exec(["true"], collect=[path], timeout_s=timeout_s))
+        if not reply.files_out:
+            raise SessionFileError(self.session_id, path, "corrald returned no file")
+        _, error, data, _ = reply.files_out[0]
+        if error:
+            raise SessionFileError(self.session_id, path, error)
+        return data
+
+    def close(self, wait_s: float = SESSION_CLOSE_WAIT_S) -> bool:
+        """Close the session: its VM is destroyed (an exec still running in
+        it is answered session_lost). False if it was not open any more
+        (ended by its idle time or lifetime, or closed before); other errors
+        raise SessionError."""
+        try:
+            self.client.close_session(self.session_id, wait_s)
+        except SessionError as exc:
+            if exc.code != ErrorCode.SESSION_NOT_FOUND:
+                raise
+            self.closed = True
+            return False
+        self.closed = True
+        return True
+
+    def _checked(self, reply: TaskReply) -> TaskReply:
+        if reply.error_code:
+            raise SessionError(reply.error_code, reply.error_message, reply.retry_after_ms)
+        return reply
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.closed:
+            return
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the error on the way out is the one the caller needs to see
+            self.close()
+        except Exception as close_error:
+            log.warning("session %s was not closed (%s); its idle time will end it", self.session_id, close_error)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.session_id}{' closed' if self.closed else ''}>"
+
+
 class Client:
     """A connection to corrald; safe to share between threads.
 
@@ -513,13 +678,15 @@ class Client:
                output_cap: int = 0, task_id: str | None = None,
                files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
                collect: Iterable[str | bytes] = (),
-               egress_allow: Iterable[str | bytes] = ()) -> concurrent.futures.Future:
+               egress_allow: Iterable[str | bytes] = (), session_id: str = "") -> concurrent.futures.Future:
         """Send one task; the Future resolves with its TaskReply.
 
         ``files_in``: (guest path, data, mode) written as the task user before
         the run; ``collect``: guest paths read after it, returned in the
         reply's ``files_out`` as (path, error, data, receipt). ``egress_allow``:
         with capability net:egress, where the task may connect (docs/egress.md).
+        ``session_id``: run it as an exec in that open session (no
+        capabilities or egress rules: the session's apply; see ``session()``).
 
         Raises TypeError/ValueError for arguments the protocol cannot carry,
         ValueError for a task_id already in flight, ClientClosedError after close().
@@ -528,7 +695,8 @@ class Client:
         """
         request = self._task_request(argv, priority=priority, capabilities=capabilities, env=env, cwd=cwd,
                                      stdin=stdin, timeout_s=timeout_s, output_cap=output_cap, task_id=task_id,
-                                     files_in=files_in, collect=collect, egress_allow=egress_allow)
+                                     files_in=files_in, collect=collect, egress_allow=egress_allow,
+                                     session_id=session_id)
         return self._send((_TASK, request.task_id), encode(request))
 
     def stream(self, argv: Iterable[str | bytes], *, stdin: bytes = b"", stdin_open: bool = False,
@@ -560,10 +728,14 @@ class Client:
                       output_cap: int = 0, task_id: str | None = None,
                       files_in: Iterable[tuple[str | bytes, bytes, int]] = (),
                       collect: Iterable[str | bytes] = (), egress_allow: Iterable[str | bytes] = (),
-                      stream: bool = False, stdin_open: bool = False) -> TaskRequest:
+                      stream: bool = False, stdin_open: bool = False, session_id: str = "") -> TaskRequest:
         """The TaskRequest; bad arguments fail here (or in encode()), in the caller."""
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not one string")
+        capabilities, egress_allow = tuple(capabilities), tuple(egress_allow)
+        if session_id and (capabilities or egress_allow):
+            raise ValueError("an exec in a session takes no capabilities or egress rules: the session's, "
+                             "fixed when it opened, apply")
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         if task_id is None:
@@ -582,7 +754,8 @@ class Client:
                            for path, data, mode in files_in),
             collect=tuple(_as_bytes(path, "collect path") for path in collect),
             stream=stream, stdin_open=stdin_open,
-            egress_allow=tuple(_as_bytes(rule, "egress rule") for rule in egress_allow))
+            egress_allow=tuple(_as_bytes(rule, "egress rule") for rule in egress_allow),
+            session_id=session_id)
         return request
 
     def run(self, argv: Iterable[str | bytes], *, wait_s: float | None = None,
@@ -598,6 +771,51 @@ class Client:
             task_id = uuid.uuid4().hex[:16]
         future = self.submit(argv, timeout_s=timeout_s, task_id=task_id, **submit_args)
         return self._wait((_TASK, task_id), future, wait_s)
+
+    def session(self, caps: Iterable[str | bytes] = (), *, idle_s: int | None = None, life_s: int | None = None,
+                labels: Mapping | Iterable | None = None, egress_allow: Iterable[str | bytes] = (),
+                wait_s: float = SESSION_OPEN_WAIT_S) -> Session:
+        """Open a session: a VM with capabilities ``caps`` (fixed for its
+        life) kept for this identity across execs, closed after ``idle_s``
+        seconds without an exec or ``life_s`` after it opened (None:
+        corrald's defaults, sessions.default_idle_s and default_life_s).
+        ``labels``: key=value pairs its listings show. ``egress_allow``: with
+        net:egress, where its execs may connect.
+
+        Waits up to ``wait_s`` for the open (it queues for a VM like a task);
+        raises SessionError with corrald's code if refused (session_limit,
+        capability_denied, busy, ...), TimeoutError if no answer came (a
+        session opened after that is closed by its idle time). Use the
+        Session as a context manager to close it on the way out."""
+        request = SessionOpen(
+            request_id=uuid.uuid4().hex[:16],
+            capabilities=tuple(_as_bytes(cap, "capability") for cap in caps),
+            idle_s=_whole_seconds(idle_s, "idle_s"), max_life_s=_whole_seconds(life_s, "life_s"),
+            labels=_label_pairs(labels),
+            egress_allow=tuple(_as_bytes(rule, "egress rule") for rule in egress_allow))
+        reply = self._session_call(request, wait_s)
+        return Session(self, reply.session_id)
+
+    def sessions(self, wait_s: float = 5) -> list[SessionInfo]:
+        """This identity's open sessions, oldest first (another identity's are never shown)."""
+        reply = self._session_call(SessionList(request_id=uuid.uuid4().hex[:16]), wait_s)
+        return [SessionInfo(session_id, _parse_labels(labels), age_ms / 1000, idle_ms / 1000, execs, state)
+                for session_id, labels, age_ms, idle_ms, execs, state in reply.sessions]
+
+    def close_session(self, session_id: str, wait_s: float = SESSION_CLOSE_WAIT_S) -> None:
+        """Close this identity's session ``session_id`` once its VM is
+        destroyed (an exec still running in it is answered session_lost).
+        SessionError session_not_found if it is not open (closed already,
+        ended by its idle time or lifetime, or never this identity's)."""
+        self._session_call(SessionClose(request_id=uuid.uuid4().hex[:16], session_id=session_id), wait_s)
+
+    def _session_call(self, request, wait_s: float) -> SessionReply:
+        """Send a session request and wait for its SessionReply; SessionError if it says one."""
+        key = (_SESSION, request.request_id)
+        reply = self._wait(key, self._send(key, encode(request)), wait_s)
+        if reply.error_code:
+            raise SessionError(reply.error_code, reply.error_message, reply.retry_after_ms)
+        return reply
 
     def status(self, wait_s: float = 5) -> StatusReply:
         """Queue depth per priority, pool VMs per state, task counts."""
@@ -839,6 +1057,8 @@ class Client:
         for (kind, ident), future in lost:
             if kind == _TASK:
                 future.set_result(error_reply(ident, ErrorCode.CONNECTION_LOST, text, outcome=outcomes.UNKNOWN))
+            elif kind == _SESSION:
+                future.set_result(session_reply(ident, error_code=ErrorCode.CONNECTION_LOST, error_message=text))
             else:
                 future.set_exception(ClientClosedError(text))
 
@@ -924,6 +1144,8 @@ class Client:
             return
         if isinstance(reply, TaskReply):
             key = (_TASK, reply.task_id)
+        elif isinstance(reply, SessionReply):
+            key = (_SESSION, reply.request_id)
         else:
             key = (_STATUS, reply.request_id)
         future = self._take(key)

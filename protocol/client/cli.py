@@ -1,16 +1,19 @@
-"""The ``corral`` command line: run, status, admin, keygen, verify.
+"""The ``corral`` command line: run, session, exec, cp, status, admin,
+keygen, verify.
 
 Both the ``corral`` console script (setup.cfg) and ``python -m protocol.client``
-call ``main()``. run and status talk to corrald through the client library
-(protocol/client/api.py), admin through corrald's control socket
-(protocol/client/admin.py); keygen and verify need no corrald at all.
+call ``main()``. run, session, exec, cp and status talk to corrald through the
+client library (protocol/client/api.py), admin through corrald's control
+socket (protocol/client/admin.py); keygen and verify need no corrald at all.
 
 `corral run` writes the command's stdout and stderr as raw bytes while it
 runs (the task streams: protocol.client.api.TaskStream) and exits with its
 exit status; corral's own notices go to stderr, each starting with
 ``corral: ``, and its own failures exit with the codes below. It reads its own
 stdin only when asked: ``-i`` forwards it as it comes, ``--stdin-file -``
-sends it whole with the request.
+sends it whole with the request. `corral exec ID` is the same in session ID
+(one code path: _run_task); `corral session open|ls|close` and `corral cp`
+manage sessions and copy files in and out of them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import zmq
 
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDOUT
 from protocol.client.api import (RUN_WAIT_DEFAULT_S, RUN_WAIT_MARGIN_S, Client, ClientClosedError, HandshakeError,
-                                 StreamBroken, TaskStream, keygen)
+                                 Session, SessionError, SessionFileError, StreamBroken, TaskStream, keygen)
 from protocol.client.reach import Unreachable
 from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, TaskReply
 
@@ -36,6 +39,7 @@ EXIT_TIMED_OUT = 124  # as timeout(1)
 EXIT_CORRAL_ERROR = 125  # corral itself failed or refused, as `docker run`
 EXIT_SIGNAL_BASE = 128  # killed by signal N -> 128 + N, as a shell
 EXIT_INTERRUPTED = 130
+EXIT_FILE_ERROR = 1  # `corral cp`: a file that cannot be read or written, here or in the session's VM
 
 
 def _printable(text: str | bytes) -> str:
@@ -88,11 +92,25 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _env_item(text: str) -> tuple[str, str]:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of seconds, got {text}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _allow_argument(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument("--allow", action="append", default=[], metavar="RULE", dest="egress_allow",
+                        help=f"with --cap net:egress: where the {whose} may connect, repeatable: a domain "
+                             "(pypi.org, '*.pythonhosted.org': HTTP and HTTPS) or CIDR:PORT[-PORT] "
+                             "(10.1.2.0/24:5432: TCP); none: corrald's egress.default_allow")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,48 +125,89 @@ def _parser() -> argparse.ArgumentParser:
                         help="corrald's public key (its .key file, or the Z85 key): connect with CurveZMQ")
     common.add_argument("--key", default=argparse.SUPPRESS, metavar="FILE",
                         help="this client's secret key file (NAME.key_secret from corral keygen)")
+    # What a command takes in `corral run` and `corral exec` alike.
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--timeout", type=_positive_float, metavar="S", help="task timeout (default: corrald's)")
+    task.add_argument("--output-cap", type=_non_negative_int, default=0, metavar="BYTES",
+                      help="bytes kept per output stream (default: corrald's)")
+    task.add_argument("--env", type=_key_value, action="append", default=[], metavar="K=V",
+                      help="environment variable for the command (repeatable)")
+    task.add_argument("--cwd", default="", metavar="DIR", help="working directory in the VM")
+    task.add_argument("--stdin-file", metavar="F", help="file to feed to the command's stdin ('-': our stdin, "
+                                                        "read whole first); without it or -i the command's stdin "
+                                                        "is empty")
+    task.add_argument("-i", "--interactive", action="store_true",
+                      help=f"forward our stdin to the command as it comes, EOF included, up to {MAX_STDIN} "
+                           "bytes (without -i, corral never reads its stdin)")
+    task.add_argument("--wait", type=_positive_float, metavar="S",
+                      help=f"give up without an answer after S seconds (default: timeout + "
+                           f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
+    task.add_argument("--put", type=_put_item, action="append", default=[], metavar="LOCAL:GUEST[:MODE]",
+                      help="copy file LOCAL into the VM at GUEST (octal MODE, default 644) before the run "
+                           "(repeatable)")
+    task.add_argument("--collect", action="append", default=[], metavar="GUEST",
+                      help="bring file GUEST back after the run (repeatable), saved in --out with a signed "
+                           "receipt beside it (NAME.receipt)")
+    task.add_argument("--out", default=".", metavar="DIR", help="where collected files go (default: .)")
     parser = argparse.ArgumentParser(prog="corral", parents=[common],
                                      description="Run commands in disposable corral sandbox VMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    exits = (f"corral exits with its exit status (128+N if killed by signal N, {EXIT_TIMED_OUT} if it "
+             f"timed out, {EXIT_CORRAL_ERROR} if corral or corrald failed or refused it)")
     run = sub.add_parser(
-        "run", parents=[common], help="run a command in a sandbox VM",
+        "run", parents=[common, task], help="run a command in a sandbox VM",
         usage="%(prog)s [options] -- CMD [ARGS...]",
-        description="Run CMD in a fresh sandbox VM. Its stdout and stderr are written as raw bytes and "
-                    f"corral exits with its exit status (128+N if killed by signal N, {EXIT_TIMED_OUT} if it "
-                    f"timed out, {EXIT_CORRAL_ERROR} if corral or corrald failed or refused the task).")
+        description=f"Run CMD in a fresh sandbox VM. Its stdout and stderr are written as raw bytes and {exits}.")
     run.add_argument("--priority", choices=list(PRIORITY_NAMES), default="normal")
     run.add_argument("--cap", action="append", default=[], metavar="CAP", dest="capabilities",
                      help="capability to ask for, e.g. net:egress (repeatable)")
-    run.add_argument("--allow", action="append", default=[], metavar="RULE", dest="egress_allow",
-                     help="with --cap net:egress: where the task may connect, repeatable: a domain "
-                          "(pypi.org, '*.pythonhosted.org': HTTP and HTTPS) or CIDR:PORT[-PORT] "
-                          "(10.1.2.0/24:5432: TCP); none: corrald's egress.default_allow")
-    run.add_argument("--timeout", type=_positive_float, metavar="S", help="task timeout (default: corrald's)")
-    run.add_argument("--output-cap", type=_non_negative_int, default=0, metavar="BYTES",
-                     help="bytes kept per output stream (default: corrald's)")
-    run.add_argument("--env", type=_env_item, action="append", default=[], metavar="K=V",
-                     help="environment variable for the command (repeatable)")
-    run.add_argument("--cwd", default="", metavar="DIR", help="working directory in the VM")
-    run.add_argument("--stdin-file", metavar="F", help="file to feed to the command's stdin ('-': our stdin, "
-                                                       "read whole first); without it or -i the command's stdin "
-                                                       "is empty")
-    run.add_argument("-i", "--interactive", action="store_true",
-                     help=f"forward our stdin to the command as it comes, EOF included, up to {MAX_STDIN} bytes "
-                          "(without -i, corral never reads its stdin)")
-    run.add_argument("--wait", type=_positive_float, metavar="S",
-                     help=f"give up without an answer after S seconds (default: timeout + "
-                          f"{RUN_WAIT_MARGIN_S:g} s, or {RUN_WAIT_DEFAULT_S:g} s)")
-    run.add_argument("--put", type=_put_item, action="append", default=[], metavar="LOCAL:GUEST[:MODE]",
-                     help="copy file LOCAL into the VM at GUEST (octal MODE, default 644) before the run "
-                          "(repeatable)")
-    run.add_argument("--collect", action="append", default=[], metavar="GUEST",
-                     help="bring file GUEST back after the run (repeatable), saved in --out with a signed "
-                          "receipt beside it (NAME.receipt)")
-    run.add_argument("--out", default=".", metavar="DIR", help="where collected files go (default: .)")
+    _allow_argument(run, "task")
     run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD")
+    session = sub.add_parser("session", parents=[common], help="open, list or close sessions: VMs kept "
+                                                               "across execs (corral exec, corral cp)")
+    session_sub = session.add_subparsers(dest="session_command", metavar="open|ls|close", required=True)
+    session_open = session_sub.add_parser(
+        "open", parents=[common], help="open a session and print its id",
+        description="Open a session: a sandbox VM kept for you across `corral exec`s, its files and "
+                    "background processes with it, until you close it, it is idle for its idle time or its "
+                    "lifetime is over. Prints the session's id alone on the last line.")
+    session_open.add_argument("--cap", action="append", default=[], metavar="CAP", dest="capabilities",
+                              help="capability the session's VM has, fixed for its life (repeatable)")
+    _allow_argument(session_open, "session's execs")
+    session_open.add_argument("--idle", type=_positive_int, metavar="S",
+                              help="close it after S seconds without an exec (default: corrald's)")
+    session_open.add_argument("--life", type=_positive_int, metavar="S",
+                              help="close it S seconds after it opened (default: corrald's)")
+    session_open.add_argument("--label", type=_key_value, action="append", default=[], metavar="K=V",
+                              help="a label its listings show (repeatable)")
+    session_sub.add_parser("ls", parents=[common], help="your open sessions: id, age, idle time, execs, labels")
+    session_close = session_sub.add_parser("close", parents=[common], help="close a session (its VM is destroyed)")
+    session_close.add_argument("session_id", metavar="ID")
+    exec_ = sub.add_parser(
+        "exec", parents=[common, task], help="run a command in a session",
+        usage="%(prog)s ID [options] -- CMD [ARGS...]",
+        description="Run CMD in session ID's VM, where files and processes of earlier execs still are. "
+                    f"As `corral run`: its output is written as it comes and {exits}; a session that is not "
+                    f"open exits {EXIT_CORRAL_ERROR} with `corral: error session_not_found: ...`.")
+    exec_.add_argument("session_id", metavar="ID")
+    # Not REMAINDER: options may follow ID; the command is what follows `--` (_parse_args).
+    exec_.add_argument("command_argv", nargs="*", metavar="CMD")
+    cp = sub.add_parser(
+        "cp", parents=[common], help="copy a file into or out of a session",
+        usage="%(prog)s [options] LOCAL ID:/PATH | ID:/PATH LOCAL",
+        description="Copy file LOCAL into session ID's VM at /PATH (with LOCAL's permission bits), or /PATH "
+                    "out of it to LOCAL (a directory: the file keeps its name). LOCAL '-' is our stdin or "
+                    f"stdout. Exits 0 when copied, {EXIT_FILE_ERROR} when a file cannot be read or written "
+                    f"(here or in the VM), {EXIT_CORRAL_ERROR} when corral or corrald failed or refused "
+                    "(session_not_found: the session is not open). A local path with a ':' before its "
+                    "first '/' is written ./PATH.")
+    cp.add_argument("source", metavar="SRC")
+    cp.add_argument("destination", metavar="DST")
+    cp.add_argument("--timeout", type=_positive_float, metavar="S", help="timeout of the copy in the VM")
     sub.add_parser("status", parents=[common], help="queue depth, pool VMs and task counts")
     admin = sub.add_parser(
-        "admin", parents=[common], help="operators: status, scram, resume, drain, pool-size, fault",
+        "admin", parents=[common],
+        help="operators: status, scram, resume, drain, pool-size, sessions, session-close, fault",
         usage="%(prog)s [--control EP] COMMAND [ARGS...]",
         description="Drive corrald's control socket (operators only: corrald's own user).")
     admin.add_argument("--control", metavar="EP", help="control endpoint (default: control.endpoint)")
@@ -322,9 +381,21 @@ def _stream_output(task: TaskStream, wait_s: float) -> bool:
 
 
 def _cmd_run(client: Client, args: argparse.Namespace) -> int:
-    command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
+    return _run_task(client, args, "corral run [options] -- CMD [ARGS...]", priority=args.priority,
+                     capabilities=args.capabilities, egress_allow=args.egress_allow)
+
+
+def _cmd_exec(client: Client, args: argparse.Namespace) -> int:
+    return _run_task(client, args, "corral exec ID [options] -- CMD [ARGS...]", session_id=args.session_id)
+
+
+def _run_task(client: Client, args: argparse.Namespace, usage: str, **where) -> int:
+    """`corral run` and `corral exec`: send the command (`where`: a fresh
+    VM's priority and capabilities, or the session it runs in), write its
+    output as it comes, save what it collected; the exit code to return."""
+    command = args.command_argv  # what followed `--` (_parse_args)
     if not command:
-        _notice("run needs a command: corral run [options] -- CMD [ARGS...]")
+        _notice(f"{args.command} needs a command: {usage}")
         return EXIT_USAGE
     if args.interactive and args.stdin_file is not None:
         _notice("-i and --stdin-file both give the command's stdin: use one")
@@ -351,10 +422,9 @@ def _cmd_run(client: Client, args: argparse.Namespace) -> int:
         _notice(f"--out {args.out} is not a directory")
         return EXIT_CORRAL_ERROR
     try:
-        task = client.stream(command, priority=args.priority, capabilities=args.capabilities,
-                             env=args.env, cwd=args.cwd, stdin=stdin, stdin_open=args.interactive,
+        task = client.stream(command, env=args.env, cwd=args.cwd, stdin=stdin, stdin_open=args.interactive,
                              timeout_s=args.timeout, output_cap=args.output_cap, files_in=files_in,
-                             collect=args.collect, egress_allow=args.egress_allow)
+                             collect=args.collect, **where)
     except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too long)
         _notice(f"cannot send this task: {exc}")
         return EXIT_CORRAL_ERROR
@@ -383,6 +453,86 @@ def _cmd_run(client: Client, args: argparse.Namespace) -> int:
         _notice(f"cannot save a collected file: {exc}")
         return EXIT_CORRAL_ERROR
     return code
+
+
+def _session_failed(exc: SessionError) -> int:
+    retry = f"; retry after {exc.retry_after_ms / 1000:g} s" if exc.retry_after_ms > 0 else ""
+    _notice(f"error {_printable(str(exc))}{retry}")
+    return EXIT_CORRAL_ERROR
+
+
+def _cmd_session(client: Client, args: argparse.Namespace) -> int:
+    if args.session_command == "open":
+        session = client.session(args.capabilities, idle_s=args.idle, life_s=args.life, labels=args.label,
+                                 egress_allow=args.egress_allow)
+        print(session.session_id)
+        return 0
+    if args.session_command == "close":
+        client.close_session(args.session_id)
+        return 0
+    sessions = client.sessions()
+    if not sessions:
+        print("no open sessions")
+        return 0
+    rows = [("ID", "AGE", "IDLE", "EXECS", "STATE", "LABELS")]
+    rows += [(s.session_id, f"{s.age_s:.0f}s", f"{s.idle_s:.0f}s", str(s.execs), _printable(s.state),
+              _printable(",".join(f"{k}={v}" for k, v in s.labels.items())))
+             for s in sessions]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _in_session(arg: str) -> tuple[str, str] | None:
+    """(session id, guest path) for ID:/PATH, or None for a local path."""
+    head, sep, tail = arg.partition(":")
+    if sep and head and "/" not in head and tail.startswith("/"):
+        return head, tail
+    return None
+
+
+def _cmd_cp(client: Client, args: argparse.Namespace) -> int:
+    source, destination = _in_session(args.source), _in_session(args.destination)
+    if (source is None) == (destination is None):
+        _notice("cp copies between here and a session: corral cp LOCAL ID:/PATH or corral cp ID:/PATH LOCAL")
+        return EXIT_USAGE
+    if destination is not None:
+        session_id, path = destination
+        try:
+            if args.source == "-":
+                data, mode = sys.stdin.buffer.read(), 0o644
+            else:
+                with open(args.source, "rb") as f:
+                    data, mode = f.read(), os.fstat(f.fileno()).st_mode & 0o777
+        except OSError as exc:
+            _notice(f"cannot read {args.source}: {exc.strerror}")
+            return EXIT_FILE_ERROR
+        try:
+            Session(client, session_id).put(path, data, mode, timeout_s=args.timeout)
+        except (TypeError, ValueError) as exc:  # the protocol cannot carry it (e.g. too large)
+            _notice(f"cannot send {args.source}: {exc}")
+            return EXIT_CORRAL_ERROR
+        return 0
+    session_id, path = source
+    try:
+        data = Session(client, session_id).get(path, timeout_s=args.timeout)
+    except SessionFileError as exc:
+        _notice(_printable(str(exc)))
+        return EXIT_FILE_ERROR
+    target = args.destination
+    try:
+        if target == "-":
+            _write_raw(sys.stdout, data)
+            return 0
+        if os.path.isdir(target):
+            target = os.path.join(target, os.path.basename(path.rstrip("/")) or "file")
+        with open(target, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        _notice(f"cannot write {target}: {exc.strerror}")
+        return EXIT_FILE_ERROR
+    return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -448,15 +598,30 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     return admin_main(endpoint, args.admin_argv, args.timeout)
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argv parsed; for run and exec everything after the first `--` is the
+    command, whatever it looks like (argparse would take options of its own
+    out of it, or for exec, with options after ID, the options into it)."""
+    if "--" in argv:
+        split = argv.index("--")
+        if {"run", "exec"} & set(argv[:split]):
+            args = parser.parse_args(argv[:split])
+            if hasattr(args, "command_argv"):
+                before = list(args.command_argv)  # `corral run ls -- x`: the command is `ls -- x`
+                args.command_argv = before + ["--"] + argv[split + 1:] if before else argv[split + 1:]
+                return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`corral run ...` / `corral status`; returns the process exit code."""
+    """`corral COMMAND ...`; returns the process exit code."""
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        args = parser.parse_args(argv)
+        args = _parse_args(parser, argv)
     except SystemExit as exc:  # argparse already printed why
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
@@ -490,7 +655,15 @@ def main(argv: list[str] | None = None) -> int:
         with client:
             if args.command == "run":
                 return _cmd_run(client, args)
+            if args.command == "exec":
+                return _cmd_exec(client, args)
+            if args.command == "session":
+                return _cmd_session(client, args)
+            if args.command == "cp":
+                return _cmd_cp(client, args)
             return _cmd_status(client)
+    except SessionError as exc:
+        return _session_failed(exc)
     except (TimeoutError, ClientClosedError) as exc:
         _notice(str(exc))
         return EXIT_CORRAL_ERROR

@@ -16,7 +16,8 @@ Properties checked on every example:
            an error it stays poisoned.
   requests Intake's request handler never raises, and sends exactly one
            decodable reply to the caller, whatever the frames (none to a
-           well-formed StreamAck, which is never answered).
+           well-formed StreamAck, which is never answered); a well-formed
+           session open, close or list gets a SessionReply with its id.
   guest_output
            a real Supervisor (its libvirt, timers and neighbours stand-ins)
            running a task, streaming or not, fed a command's Output chunks
@@ -50,8 +51,9 @@ from protocol.channel import codec, messages as guest
 from protocol.channel.errors import DecoderPoisoned, ProtocolError
 from protocol.channel.frame import HEADER_SIZE, FrameDecoder, FrameEncoder
 from protocol.wire import envelope
-from protocol.wire.tasks import (CLIENT_TO_DAEMON, DAEMON_TO_CLIENT, PROTOCOL_TAG, StatusRequest, StreamAck, TaskAttach,
-                                 TaskRequest, TaskStdin)
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, DAEMON_TO_CLIENT, PROTOCOL_TAG, SessionClose, SessionList,
+                                 SessionOpen, SessionReply, StatusRequest, StreamAck, TaskAttach, TaskRequest,
+                                 TaskStdin)
 
 MAX_PAYLOAD = 512  # small, so oversize lengths are common
 BATCH = settings(max_examples=50, deadline=None, database=None, derandomize=False,
@@ -148,7 +150,8 @@ class RecordingGuard:
 
 def make_server():
     """An IntakeServer whose thread never runs: _request is called directly.
-    No Scheduler is registered, so an accepted task is answered `unavailable`."""
+    No Scheduler or Sessions actor is registered, so an accepted task, exec or
+    session request is answered `unavailable`."""
     from actors.directory import Directory
     from actors.edge.intake_server import IntakeServer, TaskLimits
     from actors.edge.metrics import Metrics
@@ -171,7 +174,17 @@ request_strategy = st.one_of(
         timeout_ms=st.sampled_from([0, 1, 60_000, 3_600_001, 0xFFFFFFFF]),
         output_cap=st.sampled_from([0, 1, 1 << 20, (16 << 20) + 1]),
         capabilities=st.lists(st.sampled_from(CAPABILITIES), max_size=3).map(tuple),
-        stream=st.booleans(), stdin_open=st.booleans()),
+        stream=st.booleans(), stdin_open=st.booleans(),
+        session_id=st.sampled_from(["", "", "s-0123456789abcdef", "x"])),
+    st.builds(SessionOpen, request_id=st.text(max_size=8),
+              capabilities=st.lists(st.sampled_from(CAPABILITIES), max_size=3).map(tuple),
+              idle_s=st.sampled_from([0, 1, 3600, 0xFFFFFFFF]), max_life_s=st.sampled_from([0, 60, 0xFFFFFFFF]),
+              labels=st.lists(st.tuples(st.sampled_from([b"", b"k", b"a=b", b"k\n"]),
+                                        st.sampled_from([b"", b"v", b"v\0"])), max_size=2).map(tuple),
+              egress_allow=st.lists(st.sampled_from([b"pypi.org", b"*.x.org", b"10.0.0.0/8:443", b"bad rule"]),
+                                    max_size=2).map(tuple)),
+    st.builds(SessionClose, request_id=st.text(max_size=8), session_id=st.text(max_size=20)),
+    st.builds(SessionList, request_id=st.text(max_size=8)),
     st.builds(StatusRequest, request_id=st.text(max_size=8)),
     st.builds(TaskStdin, task_id=st.text(max_size=8), data=st.binary(max_size=8), eof=st.booleans()),
     st.builds(StreamAck, task_id=st.text(max_size=8), stdout_offset=st.integers(0, 2**64 - 1),
@@ -181,13 +194,17 @@ request_strategy = st.one_of(
 )
 
 
+def _decoded(frames: list[bytes]):
+    """The request these frames carry, or None if they carry none."""
+    try:
+        return codec.decode(envelope.parse(PROTOCOL_TAG, frames), CLIENT_TO_DAEMON)
+    except (envelope.MalformedEnvelope, ProtocolError):
+        return None
+
+
 def _is_stream_ack(frames: list[bytes]) -> bool:
     """Frames a caller sends that carry a valid StreamAck (never answered)."""
-    try:
-        payload = envelope.parse(PROTOCOL_TAG, frames)
-        return isinstance(codec.decode(payload, CLIENT_TO_DAEMON), StreamAck)
-    except (envelope.MalformedEnvelope, ProtocolError):
-        return False
+    return isinstance(_decoded(frames), StreamAck)
 
 
 def check_request(tally: Tally, server, draw) -> None:
@@ -198,6 +215,7 @@ def check_request(tally: Tally, server, draw) -> None:
     if draw(st.integers(0, 4)) == 0:  # sometimes break the envelope too
         frames = [b"caller"] + [mutate(f, draw) for f in frames[1:draw(st.integers(2, 5))]]
     server.guard = guard = RecordingGuard()
+    sent = _decoded(frames[1:])
     server._request(frames, None, Connection(0, fd=-1))  # must not raise
     if _is_stream_ack(frames[1:]):
         assert guard.sent == [], "a StreamAck was answered"
@@ -207,6 +225,8 @@ def check_request(tally: Tally, server, draw) -> None:
     identity, *frames = guard.sent[0]
     assert identity == b"caller"
     decoded = codec.decode(envelope.parse(PROTOCOL_TAG, frames), DAEMON_TO_CLIENT)
+    if isinstance(sent, (SessionOpen, SessionClose, SessionList)):
+        assert isinstance(decoded, SessionReply) and decoded.request_id == sent.request_id, decoded
     if getattr(decoded, "error_code", ""):
         tally.errors_seen += 1
     assert server.unanswered() == 0 and not server.in_flight and not server.streams

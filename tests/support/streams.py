@@ -22,8 +22,8 @@ from actors.messages import OutputChunk, ReaderHold, StdinChunk, TaskStarted
 from protocol.channel import codec
 from protocol.channel.constants import STDERR, STDOUT
 from protocol.wire import envelope
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, StreamAck, TaskAttach, TaskOutput, TaskReply,
-                                 TaskStdin, error_reply)
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, SessionClose, SessionList, SessionOpen,
+                                 SessionReply, StreamAck, TaskAttach, TaskOutput, TaskReply, TaskStdin, error_reply)
 from tests.support.intake import LIMITS, request
 from tests.support.probe import Recorder, wait_for
 
@@ -47,9 +47,10 @@ def stream_world(socket_dir, limits: TaskLimits = LIMITS, admission: Admission |
 
 
 class Caller:
-    """A raw DEALER: sends caller frames, receives TaskOutput and TaskReply,
-    and keeps each task's streams, checking that every chunk starts where the
-    last one ended (nothing lost, nothing repeated) unless `gaps` allows it."""
+    """A raw DEALER: sends caller frames, receives TaskOutput, TaskReply and
+    SessionReply, and keeps each task's streams, checking that every chunk
+    starts where the last one ended (nothing lost, nothing repeated) unless
+    `gaps` allows it, and that no request is answered twice."""
 
     def __init__(self, endpoint: str, key: str | None = None, server_public: str | None = None, **options):
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -66,7 +67,8 @@ class Caller:
         self.got: dict[str, dict[int, bytearray]] = {}
         self.gaps: dict[str, dict[int, int]] = {}
         self.replies: dict[str, TaskReply] = {}
-        self.order: list = []  # ("out", task_id, stream, offset) / ("reply", task_id), as received
+        self.session_replies: dict[str, SessionReply] = {}
+        self.order: list = []  # ("out", task_id, stream, offset) / ("reply", id) / ("session", id), as received
 
     def close(self) -> None:
         self.sock.close(0)
@@ -76,6 +78,25 @@ class Caller:
 
     def submit(self, task_id: str = "t", stream: bool = True, **fields) -> None:
         self.send(request(task_id, stream=stream, **fields))
+
+    def open(self, request_id: str = "o", capabilities: tuple[bytes, ...] = (), idle_s: int = 0,
+             max_life_s: int = 0, labels: tuple = (), egress_allow: tuple[bytes, ...] = ()) -> None:
+        self.send(SessionOpen(request_id, capabilities, idle_s, max_life_s, labels, egress_allow))
+
+    def close_session(self, session_id: str, request_id: str = "c") -> None:
+        self.send(SessionClose(request_id, session_id))
+
+    def list_sessions(self, request_id: str = "l") -> None:
+        self.send(SessionList(request_id))
+
+    def session_reply(self, request_id: str, timeout_s: float = 5.0) -> SessionReply:
+        """Read until the SessionReply for `request_id`."""
+        deadline = time.monotonic() + timeout_s
+        while request_id not in self.session_replies:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no SessionReply for {request_id!r}"
+            self.recv(min(left, 0.2))
+        return self.session_replies[request_id]
 
     def ack(self, task_id: str = "t") -> None:
         self.send(StreamAck(task_id, *self.offsets(task_id)))
@@ -114,6 +135,10 @@ class Caller:
             assert message.task_id not in self.replies, f"a second reply for {message.task_id!r}"
             self.replies[message.task_id] = message
             self.order.append(("reply", message.task_id))
+        elif isinstance(message, SessionReply):
+            assert message.request_id not in self.session_replies, f"a second reply for {message.request_id!r}"
+            self.session_replies[message.request_id] = message
+            self.order.append(("session", message.request_id))
         return message
 
     def read(self, quiet_s: float = 0.3, **kwargs) -> list:
