@@ -111,3 +111,31 @@ def test_client_stream_chunks_carry_offsets_and_the_reply_no_output(endpoint):
         mine = [c for c in chunks if c.stream == stream]
         assert b"".join(c.data for c in mine) == expected
         assert [c.offset for c in mine] == [sum(len(c.data) for c in mine[:i]) for i in range(len(mine))]
+
+
+def test_a_caller_that_lost_its_connection_attaches_and_loses_or_repeats_no_byte(endpoint):
+    """Mid-stream the first connection goes; a new one (same identity) attaches
+    at the offsets it had and gets the rest, then the reply."""
+    script = "for i in 1 2 3 4 5 6 7 8; do echo line$i; sleep 0.4; done; echo done >&2"
+    first = Client(endpoint)
+    try:
+        task = first.stream(["sh", "-c", script], task_id="reattach", timeout_s=60)
+        before = b""
+        for chunk in task.chunks(wait_s=60):
+            before += chunk.data
+            if before.count(b"\n") >= 2:
+                break
+        offsets = task.offsets
+    finally:
+        first.close()  # the connection is gone with the task still running
+    assert offsets[0] == len(before) and b"line8" not in before
+    with Client(endpoint) as second:
+        again = second.attach("reattach", *offsets)
+        after = {STDOUT: b"", STDERR: b""}
+        for chunk in again.chunks(wait_s=60):
+            after[chunk.stream] += chunk.data
+        reply = again.reply(60)
+    assert (reply.error_code, reply.exit_code) == ("", 0)
+    assert again.dropped == {STDOUT: 0, STDERR: 0}
+    assert before + after[STDOUT] == b"".join(b"line%d\n" % i for i in range(1, 9))
+    assert after[STDERR] == b"done\n"
