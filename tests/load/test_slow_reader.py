@@ -76,7 +76,8 @@ def produce(directory, ticket: int, channel_open: threading.Event, stop: threadi
 @pytest.mark.parametrize("mode", ["held", "ignores_hold", "gone"])
 def test_a_caller_that_reads_nothing_costs_at_most_its_buffer(tmp_path, mode):
     limits = DEFAULTS.streams
-    with stream_world(tmp_path, DEFAULTS) as (directory, server, scheduler, metrics):
+    with stream_world(tmp_path, DEFAULTS) as w:
+        directory, server, scheduler = w.directory, w.server, w.scheduler
         caller = Caller(server.endpoint)
         try:
             caller.submit("yes")

@@ -15,33 +15,73 @@ import zmq.auth
 
 from actors.directory import Directory
 from actors.edge.identity import Admission
-from actors.edge.intake_server import IntakeServer, TaskLimits
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer, TaskLimits
 from actors.edge.metrics import Metrics
 from actors.intake import Intake
-from actors.messages import OutputChunk, ReaderHold, StdinChunk, TaskStarted
+from actors.messages import OutputChunk, ReaderHold, StdinChunk, Submit, TaskStarted
+from config import Config
 from protocol.channel import codec
 from protocol.channel.constants import STDERR, STDOUT
+from protocol.client.api import Client
 from protocol.wire import envelope
 from protocol.wire.tasks import (DAEMON_TO_CLIENT, PROTOCOL_TAG, SessionClose, SessionList, SessionOpen,
                                  SessionReply, StreamAck, TaskAttach, TaskOutput, TaskReply, TaskStdin, error_reply)
 from tests.support.intake import LIMITS, request
 from tests.support.probe import Recorder, wait_for
+from tests.support.waiting import wait_until
+
+
+class StreamWorld:
+    """A real IntakeServer and Intake actor in front of a recording Scheduler,
+    and the connections a test opens to it, closed at the end: raw DEALER
+    callers (`caller`) and the real client (`client`)."""
+
+    def __init__(self, directory: Directory, server: IntakeServer, scheduler, metrics: Metrics,
+                 keys: dict[str, str] | None) -> None:
+        self.directory, self.server, self.scheduler, self.metrics = directory, server, scheduler, metrics
+        self.keys = keys or {}
+        self.connections: list[Caller | Client] = []
+
+    def caller(self, name: str | None = None, **options) -> Caller:
+        """A raw caller; `name`: with that identity's key from `keys` (CurveZMQ)."""
+        if name is not None:
+            options.update(key=self.keys[name], server_public=self.keys["server_public"])
+        return self._kept(Caller(self.server.endpoint, **options))
+
+    def client(self, **kwargs) -> Client:
+        return self._kept(Client(self.server.endpoint, **kwargs))
+
+    def _kept(self, connection):
+        self.connections.append(connection)
+        return connection
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.close()
 
 
 @contextmanager
-def stream_world(socket_dir, limits: TaskLimits = LIMITS, admission: Admission | None = None):
-    """(directory, server, scheduler recorder, metrics)."""
+def stream_world(socket_dir, limits: TaskLimits = LIMITS, identity: Config | None = None,
+                 keys: dict[str, str] | None = None):
+    """A StreamWorld. `identity`: the config whose identity and budget
+    sections admit callers (counted in the world's metrics); None: every
+    caller is the unlimited local identity. `keys`: the key files callers
+    are named by (tests.support.intake.curve_keys)."""
     directory = Directory()
     metrics = Metrics()
+    admission = None if identity is None else \
+        Admission.from_config(identity, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, metrics)
     server = IntakeServer(f"ipc://{socket_dir}/intake.sock", limits, metrics, directory, admission)
     directory.answer_fallback = server.post
     server.start()
     scheduler = Recorder.start()
     directory["scheduler"] = scheduler
     directory["intake"] = Intake.start(server, directory)
+    world = StreamWorld(directory, server, scheduler, metrics, keys)
     try:
-        yield directory, server, scheduler, metrics
+        yield world
     finally:
+        world.close()
         pykka.ActorRegistry.stop_all()
         server.stop()
 
@@ -193,6 +233,21 @@ class Producer:
 
     def stdin(self) -> list[tuple[bytes, bool]]:
         return [(m.data, m.eof) for m in self.told() if isinstance(m, StdinChunk)]
+
+
+def submitted(scheduler, task_id: str, timeout_s: float = 5.0) -> Submit:
+    """The Submit of task `task_id` (an open's claiming task has its request
+    id), once it reached the recording Scheduler."""
+    return wait_until(lambda: next((m for m in scheduler.proxy().seen.get() if m.task.request.task_id == task_id),
+                                   None), timeout_s, f"task {task_id!r} at the Scheduler")
+
+
+def started(directory: Directory, scheduler, task_id: str = "t") -> Producer:
+    """The Producer of task `task_id` once it reached the Scheduler, started
+    (TaskStarted told, as its Supervisor would)."""
+    task = Producer(directory, submitted(scheduler, task_id).task.ticket)
+    task.start()
+    return task
 
 
 def accepted(scheduler, count: int = 1) -> list[int]:

@@ -11,7 +11,7 @@ import time
 
 from guest import agent as guest_agent
 from protocol.channel import constants, messages
-from tests.unit.test_agent_streams import ENV, Host, pair, start, stdin  # noqa: F401 (pair: a fixture)
+from tests.support.agent_pair import Host, start, stdin
 
 
 def until_exits(host: Host, exec_ids: set[int], timeout: float = 10.0) -> tuple[dict, dict, list[int]]:

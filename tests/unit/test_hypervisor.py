@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 from actors.vm.accelerator import detect_accelerator, qemu_user_can_open, warn_if_kvm_closed_to_qemu
-from actors.vm.domain import AGENT_PORT_NAME, EGRESS_PORT_NAME, Disk, DomainSpec
+from actors.vm.domain import AGENT_PORT_NAME, EGRESS_PORT_NAME
 from actors.vm.errors import HypervisorError, LibvirtDeadline, NoSuchDomain
 from actors.vm.host import REFILL_CPU_SHARES, Hypervisor
 from actors.vm.libvirt_calls import DeadlineCalls, libvirt_errors

@@ -6,23 +6,20 @@ import os
 import stat
 import time
 
-import pykka
 import pytest
 from prometheus_client import generate_latest
 
 import config
-from actors.directory import Directory
 from actors.egress.rules import EgressGrant
 from actors.errors import CorralError
 from actors.edge.identity import Admission, Identity, resolve_grants
-from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer
-from actors.intake import Intake
-from actors.edge.metrics import Metrics
+from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES
 from protocol.client import cli
-from protocol.client.api import Client, HandshakeError, keygen
+from protocol.client.api import HandshakeError, keygen
 from protocol.wire.tasks import TaskRequest, error_reply
-from tests.support.intake import LIMITS, curve_config
-from tests.support.probe import Recorder, wait_for
+from tests.support.intake import curve_config, curve_keys
+from tests.support.probe import wait_for
+from tests.support.streams import stream_world
 
 
 # --- keys -------------------------------------------------------------------------
@@ -30,17 +27,7 @@ from tests.support.probe import Recorder, wait_for
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """corrald's key pair, alice's (allowed), bob's (known to nobody)."""
-    root = tmp_path_factory.mktemp("keys")
-    allowed = root / "clients"
-    keygen("corrald", root / "server")
-    keygen("alice", root / "alice")
-    keygen("bob", root / "bob")
-    allowed.mkdir()
-    (allowed / "alice.key").write_bytes((root / "alice" / "alice.key").read_bytes())
-    return {"server_secret": str(root / "server" / "corrald.key_secret"),
-            "server_public": str(root / "server" / "corrald.key"), "clients": str(allowed),
-            "alice": str(root / "alice" / "alice.key_secret"), "bob": str(root / "bob" / "bob.key_secret"),
-            "bob_public": str(root / "bob" / "bob.key")}
+    return curve_keys(tmp_path_factory.mktemp("keys"), allowed=("alice",), unknown=("bob",))
 
 
 def test_keygen_writes_a_0600_secret_and_never_overwrites(tmp_path):
@@ -121,34 +108,10 @@ def test_a_server_secret_key_readable_by_others_is_refused(keys, tmp_path):
 
 # --- the real IntakeServer with CurveZMQ and ZAP --------------------------------------
 
-def start_intake(tmp_path, cfg):
-    directory = Directory()
-    metrics = Metrics()
-    admission = Admission.from_config(cfg, KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, metrics)
-    server = IntakeServer(f"ipc://{tmp_path}/intake.sock", LIMITS, metrics, directory, admission)
-    directory.answer_fallback = server.post
-    server.start()
-    scheduler = Recorder.start()
-    directory["scheduler"] = scheduler
-    directory["intake"] = Intake.start(server, directory)
-    return directory, server, scheduler, metrics
-
-
 @pytest.fixture
 def curve_intake(tmp_path, keys):
-    directory, server, scheduler, metrics = start_intake(tmp_path, curve_config(keys))
-    clients = []
-
-    def connect(**kwargs) -> Client:
-        c = Client(server.endpoint, **kwargs)
-        clients.append(c)
-        return c
-
-    yield directory, server, scheduler, metrics, connect
-    for c in clients:
-        c.close()
-    pykka.ActorRegistry.stop_all()
-    server.stop()
+    with stream_world(tmp_path, identity=curve_config(keys)) as w:
+        yield w.directory, w.server, w.scheduler, w.metrics, w.client
 
 
 def as_alice(keys) -> dict:
@@ -250,33 +213,25 @@ def test_a_task_that_never_reached_a_vm_is_refunded(curve_intake, keys):
 
 
 def test_a_curve_client_to_a_server_without_curve_is_told_so(tmp_path, keys):
-    directory, server, scheduler, metrics = start_intake(tmp_path, config.load())
-    try:
-        with Client(server.endpoint, **as_alice(keys)) as c:
-            with pytest.raises(HandshakeError) as error:
-                c.run(["true"], wait_s=30)  # the handshake verdict comes first; slack for a loaded machine
+    with stream_world(tmp_path, identity=config.load()) as w:
+        with pytest.raises(HandshakeError) as error:
+            # The handshake verdict comes first; the wait is slack for a loaded machine.
+            w.client(**as_alice(keys)).run(["true"], wait_s=30)
         # Usually told exactly; when libzmq's peer closes before its ERROR is
         # read every time, the client can only name both likely causes.
         assert error.value.code in ("curve_not_offered", "server_key_mismatch")
         assert "without CurveZMQ" in str(error.value) or "does not use CurveZMQ" in str(error.value)
-    finally:
-        pykka.ActorRegistry.stop_all()
-        server.stop()
 
 
 def test_without_curve_every_caller_is_the_local_identity_with_its_grants(tmp_path):
     cfg = config.load(overrides={"identity": {"local_grants": ["dev:python"]}})
-    directory, server, scheduler, metrics = start_intake(tmp_path, cfg)
-    try:
-        with Client(server.endpoint) as c:
-            reply = c.run(["true"], capabilities=["res:high_cpu"], wait_s=5)
-            assert reply.error_code == "capability_denied" and "'local'" in reply.error_message
-            c.submit(["true"], capabilities=["dev:python"])
-            (submit,) = wait_for(scheduler, 1)
-            assert server.admission.charges[submit.task.ticket] == ("local", 1.0)
-    finally:
-        pykka.ActorRegistry.stop_all()
-        server.stop()
+    with stream_world(tmp_path, identity=cfg) as w:
+        c = w.client()
+        reply = c.run(["true"], capabilities=["res:high_cpu"], wait_s=5)
+        assert reply.error_code == "capability_denied" and "'local'" in reply.error_message
+        c.submit(["true"], capabilities=["dev:python"])
+        (submit,) = wait_for(w.scheduler, 1)
+        assert w.server.admission.charges[submit.task.ticket] == ("local", 1.0)
 
 
 def test_the_cli_names_a_refused_key(curve_intake, keys, capsys):

@@ -8,14 +8,12 @@ import time
 import pytest
 from prometheus_client import generate_latest
 
-from actors.edge.identity import Admission
-from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, TaskLimits
+from actors.edge.intake_server import TaskLimits
 from actors.edge.streams import StreamLimits
 from protocol.channel.constants import STDERR, STDOUT
-from protocol.client.api import keygen
 from protocol.wire.tasks import StreamAck
-from tests.support.intake import LIMITS, curve_config
-from tests.support.streams import Caller, Producer, accepted, stream_world
+from tests.support.intake import LIMITS, curve_config, curve_keys
+from tests.support.streams import Producer, accepted, started, stream_world
 from tests.support.waiting import wait_until
 
 KiB = 1024
@@ -31,25 +29,15 @@ def pattern(size: int, seed: int = 0) -> bytes:
 
 @pytest.fixture
 def world(tmp_path):
-    callers = []
-    with stream_world(tmp_path, SMALL) as (directory, server, scheduler, metrics):
-        def caller(**kwargs) -> Caller:
-            c = Caller(server.endpoint, **kwargs)
-            callers.append(c)
-            return c
-
-        yield directory, server, scheduler, metrics, caller
-        for c in callers:
-            c.close()
+    with stream_world(tmp_path, SMALL) as w:
+        yield w.directory, w.server, w.scheduler, w.metrics, w.caller
 
 
 def test_chunks_arrive_in_order_and_the_reply_after_them(world):
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     for i in range(40):
         task.out(b"out %d\n" % i, STDOUT)
         task.out(b"err %d\n" % i, STDERR)
@@ -80,9 +68,7 @@ def test_the_window_is_respected_until_stream_ack(world):
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     data = pattern(40 * KiB)
     for i in range(0, len(data), 4 * KiB):
         task.out(data[i:i + 4 * KiB])
@@ -100,9 +86,7 @@ def test_a_full_buffer_holds_the_reader_and_acks_release_it(world):
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     data = pattern(BUFFER + 8 * KiB, seed=3)
     for i in range(0, len(data), 8 * KiB):
         task.out(data[i:i + 8 * KiB])
@@ -113,7 +97,7 @@ def test_a_full_buffer_holds_the_reader_and_acks_release_it(world):
         alice.ack()
         assert alice.recv(5) is not None
     assert task.holds() == [True, False]
-    assert server.streams[ticket].buffered < BUFFER // 2
+    assert server.streams[task.ticket].buffered < BUFFER // 2
     task.answer("t")
     alice.read_to_reply("t")
     assert alice.stream(STDOUT) == data
@@ -124,9 +108,7 @@ def test_a_caller_gone_while_held_releases_its_vm_and_the_buffer_becomes_a_ring(
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     for _ in range(10):
         task.out(pattern(8 * KiB))
     wait_until(lambda: task.holds() == [True], 5, "held")
@@ -136,48 +118,27 @@ def test_a_caller_gone_while_held_releases_its_vm_and_the_buffer_becomes_a_ring(
         task.out(pattern(8 * KiB))
     wait_until(lambda: server.stream_totals.dropped["absent_reader"] == 80 * KiB + 320 * KiB - BUFFER, 5,
                "the oldest output dropped")
-    assert server.streams[ticket].buffered == BUFFER == server.stream_totals.buffered
+    assert server.streams[task.ticket].buffered == BUFFER == server.stream_totals.buffered
     assert task.holds() == [True, False]
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """corrald's key pair and two allowed callers, alice and carol."""
-    root = tmp_path_factory.mktemp("keys")
-    allowed = root / "clients"
-    allowed.mkdir()
-    keygen("corrald", root / "server")
-    paths = {"server_secret": str(root / "server" / "corrald.key_secret"),
-             "server_public": str(root / "server" / "corrald.key"), "clients": str(allowed)}
-    for name in ("alice", "carol"):
-        keygen(name, root / name)
-        (allowed / f"{name}.key").write_bytes((root / name / f"{name}.key").read_bytes())
-        paths[name] = str(root / name / f"{name}.key_secret")
-    return paths
+    return curve_keys(tmp_path_factory.mktemp("keys"), allowed=("alice", "carol"))
 
 
 @pytest.fixture
 def curve_world(tmp_path, keys):
-    admission = Admission.from_config(curve_config(keys), KNOWN_CAPABILITIES, OFFERED_CAPABILITIES)
-    callers = []
-    with stream_world(tmp_path, SMALL, admission) as (directory, server, scheduler, metrics):
-        def caller(name: str) -> Caller:
-            c = Caller(server.endpoint, key=keys[name], server_public=keys["server_public"])
-            callers.append(c)
-            return c
-
-        yield directory, server, scheduler, metrics, caller
-        for c in callers:
-            c.close()
+    with stream_world(tmp_path, SMALL, curve_config(keys), keys) as w:
+        yield w.directory, w.server, w.scheduler, w.metrics, w.caller
 
 
 def test_attach_on_a_new_connection_resumes_with_no_byte_lost_or_repeated(curve_world):
     directory, server, scheduler, metrics, caller = curve_world
     first = caller("alice")
     first.submit("job")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "job")
     for i in range(6):  # 30 KiB on each stream: more than the window, less than the buffer
         task.out(pattern(5 * KiB, seed=i), STDOUT)
         task.out(pattern(5 * KiB, seed=100 + i), STDERR)
@@ -216,16 +177,14 @@ def test_attach_after_the_buffer_dropped_shows_the_gap(world):
     directory, server, scheduler, metrics, caller = world
     first = caller()
     first.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     first.close()
-    wait_until(lambda: server.ledger[ticket].conn.closed, 5, "the server saw the connection go")
+    wait_until(lambda: server.ledger[task.ticket].conn.closed, 5, "the server saw the connection go")
     data = pattern(BUFFER + 20 * KiB)
     for i in range(0, len(data), 4 * KiB):
         task.out(data[i:i + 4 * KiB])
     task.answer("t")
-    wait_until(lambda: ticket in server.lingering, 5, "the answer waiting for the caller")
+    wait_until(lambda: task.ticket in server.lingering, 5, "the answer waiting for the caller")
     second = caller()
     second.attach("t", (0, 0))
     second.read_to_reply("t", allow_gaps=True)
@@ -256,9 +215,7 @@ def test_stdin_past_the_cap_is_cut_there_with_eof(world):
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t", stdin_open=True, stdin=b"r" * 100)  # the cap is 1000 with the request's own
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     alice.stdin(b"x" * 600)
     alice.stdin(b"y" * 600)
     alice.stdin(b"z" * 10, eof=True)
@@ -306,9 +263,7 @@ def test_a_second_answer_for_a_streaming_task_is_dropped(world):
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     task.out(pattern(WINDOW + 1))  # the reply must wait for an ack
     task.answer("t")
     task.answer("t", exit_code=9)
@@ -319,42 +274,36 @@ def test_a_second_answer_for_a_streaming_task_is_dropped(world):
 def test_an_answered_stream_lingers_for_its_caller_then_is_dropped(tmp_path):
     limits = TaskLimits(**{**SMALL.__dict__, "streams": StreamLimits(
         window_bytes=WINDOW, buffer_bytes=BUFFER, linger_s=0.5, max_stdin_bytes=1000)})
-    with stream_world(tmp_path, limits) as (directory, server, scheduler, metrics):
-        late, never = Caller(server.endpoint), Caller(server.endpoint)
-        try:
-            late.submit("a")
-            never.submit("b")
-            tickets = accepted(scheduler, 2)
-            for name, ticket, sock in (("a", tickets[0], late), ("b", tickets[1], never)):
-                task = Producer(directory, ticket)
-                task.start()
-                task.out(b"output of " + name.encode())
-                wait_until(lambda: sock.recv(0.1) is not None, 5, "the output arrived")
-                sock.close()
-                wait_until(lambda: server.ledger[ticket].conn.closed, 5, "the caller gone")
-                task.answer(name)
-            back = Caller(server.endpoint)
-            back.attach("a", (0, 0))  # within the linger: everything held, then the reply
-            assert back.read_to_reply("a").exit_code == 0 and back.stream(STDOUT, "a") == b"output of a"
-            wait_until(lambda: server.unanswered() == 0, 5, "b's reply dropped after the linger")
-            assert server.stream_totals.replies_expired == 1 and server.stream_totals.buffered == 0
-            assert metrics.counter_total(metrics.answers_undeliverable) == 1
-            back.attach("b", (0, 0))
-            (reply,) = back.read()
-            assert reply.error_code == "unknown_task"
-            back.close()
-        finally:
-            late.close()
-            never.close()
+    with stream_world(tmp_path, limits) as w:
+        directory, server, scheduler, metrics = w.directory, w.server, w.scheduler, w.metrics
+        late, never = w.caller(), w.caller()
+        late.submit("a")
+        never.submit("b")
+        tickets = accepted(scheduler, 2)
+        for name, ticket, sock in (("a", tickets[0], late), ("b", tickets[1], never)):
+            task = Producer(directory, ticket)
+            task.start()
+            task.out(b"output of " + name.encode())
+            wait_until(lambda: sock.recv(0.1) is not None, 5, "the output arrived")
+            sock.close()
+            wait_until(lambda: server.ledger[ticket].conn.closed, 5, "the caller gone")
+            task.answer(name)
+        back = w.caller()
+        back.attach("a", (0, 0))  # within the linger: everything held, then the reply
+        assert back.read_to_reply("a").exit_code == 0 and back.stream(STDOUT, "a") == b"output of a"
+        wait_until(lambda: server.unanswered() == 0, 5, "b's reply dropped after the linger")
+        assert server.stream_totals.replies_expired == 1 and server.stream_totals.buffered == 0
+        assert metrics.counter_total(metrics.answers_undeliverable) == 1
+        back.attach("b", (0, 0))
+        (reply,) = back.read()
+        assert reply.error_code == "unknown_task"
 
 
 def test_stopping_sends_what_is_held_then_the_reply(world):
     directory, server, scheduler, metrics, caller = world
     alice = caller()
     alice.submit("t")
-    (ticket,) = accepted(scheduler)
-    task = Producer(directory, ticket)
-    task.start()
+    task = started(directory, scheduler, "t")
     data = pattern(WINDOW * 2)
     task.out(data)
     wait_until(lambda: server.stream_totals.chunks_sent >= 1, 5, "the window sent")

@@ -52,6 +52,12 @@ class World:
         self.directory["sessions"] = ref
         return ref
 
+    def settled(self) -> None:
+        """Every message told to the Sessions actor so far is handled, its view
+        published and what it told its neighbours in their inboxes: this call
+        queues behind them. What did not happen by now will not."""
+        self.sessions.proxy().state.get(timeout=5)
+
     def answers(self, count=0, timeout_s=5):
         """The answers the Intake was told, {ticket: reply}, once there are `count`."""
         return {a.ticket: a.reply for a in wait_for(self.intake, count, timeout_s) if isinstance(a, Answer)}
@@ -134,7 +140,7 @@ def test_an_open_claims_a_vm_through_the_scheduler_and_is_answered_once_the_vm_i
     assert task.request.egress_allow == (b"pypi.org",) and task.request.timeout_ms == LIMITS.claim_timeout_ms
     assert task.request.output_cap > 0 and task.request.session_id == ""
     assert task.claim == SessionClaim(task.claim.session_id, "alice")
-    time.sleep(0.1)
+    world.settled()
     assert world.answers() == {}  # not answered before the session has its VM
     assert [s.state for s in world.view.sessions] == ["opening"]
     supervisor = Recorder.start()
@@ -142,8 +148,8 @@ def test_an_open_claims_a_vm_through_the_scheduler_and_is_answered_once_the_vm_i
     reply = world.answer(ticket)
     assert reply == SessionReply(request_id=f"open-{ticket}", error_code="", error_message="",
                                  session_id=task.claim.session_id, sessions=(), retry_after_ms=0)
-    wait_until(lambda: [(s.state, s.vm_id) for s in world.view.sessions] == [("open", "corral-test-1")], 5,
-               "the session open in the view")
+    world.settled()
+    assert [(s.state, s.vm_id) for s in world.view.sessions] == [("open", "corral-test-1")]
     assert world.metrics.sessions_open._value.get() == 1
 
 
@@ -157,7 +163,7 @@ def test_an_open_beyond_the_limits_is_refused_session_limit_and_claims_nothing(w
     total = world.open("carol")
     assert world.answer(total).error_code == "session_limit"
     assert "sessions.max_total = 3" in world.answer(total).error_message
-    time.sleep(0.1)
+    world.settled()
     assert len(world.submits(3)) == 3
 
 
@@ -166,7 +172,7 @@ def test_an_open_asking_past_the_maxima_is_invalid_and_claims_nothing(world):
     reply = world.answer(ticket)
     assert isinstance(reply, SessionReply) and reply.error_code == "invalid_request"
     assert "idle time" in reply.error_message
-    time.sleep(0.1)
+    world.settled()
     assert world.scheduler.proxy().seen.get() == []
 
 
@@ -177,6 +183,7 @@ def test_an_open_that_failed_elsewhere_is_forgotten_and_frees_its_place(world):
     world.sessions.tell(SessionOpenFailed(first))  # e.g. the Scheduler answered it busy
     wait_until(lambda: len(world.view.sessions) == 1, 5, "the failed open forgotten")
     third = world.open()
+    world.settled()
     assert len(world.submits(3)) == 3 and third not in world.answers()
 
 
@@ -186,6 +193,7 @@ def test_an_open_whose_vm_never_comes_is_answered_unavailable_after_the_open_tim
         ticket = world.open()
         reply = world.answer(ticket)
         assert reply.error_code == "unavailable" and reply.retry_after_ms > 0
+        world.settled()
         assert world.view.sessions == ()
         # Its VM comes after all: nobody's, so it is ended at once.
         late = world.submits(1)[0].task.claim.session_id
@@ -203,6 +211,7 @@ def test_an_exec_goes_straight_to_the_sessions_supervisor(world):
     ticket = world.exec(session_id)
     (run,) = wait_told(supervisor, RunTask)
     assert run.task.ticket == ticket and run.task.request.argv == (b"echo", b"hi")
+    world.settled()
     assert world.scheduler.proxy().seen.get()[1:] == []  # no Scheduler, no acquire
     assert world.metrics.session_execs._value.get() == 1
     assert ticket not in world.answers()  # the Supervisor answers it
@@ -216,7 +225,7 @@ def test_another_identitys_exec_and_an_unknown_id_get_the_same_answer(world):
     assert isinstance(theirs, TaskReply) and theirs.error_code == unknown.error_code == "session_not_found"
     assert theirs.error_message == f"no session {session_id}"
     assert unknown.error_message == f"no session {unknown_id}"
-    time.sleep(0.1)
+    world.settled()
     assert told(supervisor, RunTask) == []
 
 
@@ -234,7 +243,7 @@ def test_a_close_is_answered_once_the_vm_is_gone_and_counted(world):
     session_id, supervisor = world.opened()
     ticket = world.close(session_id)
     assert wait_told(supervisor, EndSession) == [EndSession("closed")]
-    time.sleep(0.1)
+    world.settled()
     assert ticket not in world.answers()
     assert [s.state for s in world.view.sessions] == ["closing"]
     assert world.answer(world.exec(session_id)).error_code == "session_not_found"  # closing: no more execs
@@ -243,8 +252,9 @@ def test_a_close_is_answered_once_the_vm_is_gone_and_counted(world):
     for t in (ticket, again):
         reply = world.answer(t)
         assert reply.error_code == "" and reply.session_id == session_id
+    world.settled()
     assert len(told(supervisor, EndSession)) == 1
-    wait_until(lambda: world.view.sessions == (), 5, "the session gone from the view")
+    assert world.view.sessions == ()
     assert world.metrics.sessions_ended.labels("closed")._value.get() == 1
     assert world.metrics.session_lifetime_seconds._sum.get() > 0
     assert world.metrics.sessions_open._value.get() == 0
@@ -254,7 +264,7 @@ def test_another_identity_cannot_close_a_session(world):
     session_id, supervisor = world.opened("alice")
     reply = world.answer(world.close(session_id, owner="mallory"))
     assert reply.error_code == "session_not_found" and reply.error_message == f"no session {session_id}"
-    time.sleep(0.1)
+    world.settled()
     assert told(supervisor, EndSession) == []
 
 
@@ -325,7 +335,7 @@ def test_a_drain_ends_idle_sessions_now_and_busy_ones_once_their_execs_are_answe
     world.sessions.tell(Drain())
     assert wait_told(idle_vm, EndSession) == [EndSession("draining")]
     assert world.answer(world.exec(busy_id)).error_code == "draining"  # no new execs; the running one goes on
-    time.sleep(0.1)
+    world.settled()
     assert told(busy_vm, EndSession) == []
     world.sessions.tell(SessionExecDone(busy_id))
     assert wait_told(busy_vm, EndSession) == [EndSession("draining")]

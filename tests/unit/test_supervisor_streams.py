@@ -26,7 +26,7 @@ from actors.timers import Timers
 from actors.vm.handle import VmHandle
 from protocol.channel import codec, messages as guest
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
-from protocol.channel.frame import FrameDecoder, FrameEncoder
+from protocol.channel.frame import FrameDecoder
 from protocol.wire.tasks import TaskRequest
 from tests.support.probe import Recorder
 from tests.support.service import counter

@@ -40,8 +40,20 @@ CA_PATH = "/tmp/ca.pem"
 GRANTED = ["allowed.test", "rebind.test", "private.test", "metadata.test", "host.test",
            f"{internet.ECHO_IP}:7", "0.0.0.0/0:1-65535"]
 
+# Both guest scripts below start with this: what a direct TCP connection comes to.
+DIRECT = r"""
+import errno, socket
+
+def direct(ip, port):
+    try:
+        socket.create_connection((ip, port), timeout=5).close()
+        return "connected"
+    except OSError as e:
+        return f"ERR {errno.errorcode.get(e.errno, e.errno)}"
+"""
+
 # Runs in the guest: argv[1] is a JSON list of [name, probe, *args]; prints {name: result}.
-PROBE = r"""
+PROBE = DIRECT + r"""
 import errno, json, os, socket, ssl, struct, sys, urllib.request
 CA = "/tmp/ca.pem"
 PROXY = ("127.0.0.1", 3128)
@@ -88,13 +100,6 @@ def proxy_connect(target, then="", sni=""):
     except Exception as e:
         return status + f" | ERR {type(e).__name__}: {e}"
     return status
-
-def direct(ip, port):
-    try:
-        socket.create_connection((ip, port), timeout=5).close()
-        return "connected"
-    except OSError as e:
-        return f"ERR {errno.errorcode.get(e.errno, e.errno)}"
 
 def resolve(name):
     try:
@@ -300,7 +305,7 @@ def test_the_cli_takes_allow(service, net, tmp_path):
 # As root: point the resolver at the test DNS, put the denied addresses on lo,
 # then try everything directly, through the proxy, and past the relay on the
 # egress port itself with frames of its own.
-ROOT_ATTACK = r"""
+ROOT_ATTACK = DIRECT + r"""
 import errno, fcntl, json, os, signal, socket, struct, sys, time, zlib
 sys.path.insert(0, "/opt/corral")
 from protocol.channel import codec
@@ -308,13 +313,6 @@ from protocol.channel.egress import PORT_NAME, StreamData, StreamOpen, HOST_SEND
 from protocol.channel.frame import FrameDecoder, FrameEncoder
 DENIED, ECHO, DNS, HOST_END = sys.argv[1:5]
 out = {}
-
-def direct(ip, port):
-    try:
-        socket.create_connection((ip, port), timeout=5).close()
-        return "connected"
-    except OSError as e:
-        return f"ERR {errno.errorcode.get(e.errno, e.errno)}"
 
 # The resolver: root may write it; there is no route to any server.
 with open("/etc/resolv.conf", "w") as f:

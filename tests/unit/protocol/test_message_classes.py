@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 
@@ -93,7 +94,7 @@ def test_a_field_declared_the_old_way_is_refused_with_the_new_way_named():
         class Old(Message):
             """A field with its wire type in the annotation only."""
 
-            count: "Annotated[int, U32]"
+            count: Annotated[int, U32]
 
 
 def test_a_field_without_a_default_after_one_with_a_default_is_refused():
