@@ -744,9 +744,10 @@ def slow_reader(client, service, runs: int, seconds: float = 20.0) -> dict:
             during.append(sequential_true(client, service, 1)[0][0])
             rss_max = max(rss_max, own_rss_mib())
             time.sleep(0.2)
-        reply = task.reply(seconds + 60)
+        drained = sum(len(chunk.data) for chunk in task.chunks(seconds + 60))  # now it reads: the rest, then the reply
+        reply = task.reply(5)
     return {"idle": idle, "during": during, "rss_before": rss_before, "rss_max": rss_max,
-            "yes_outcome": reply.outcome or reply.error_code}
+            "yes_outcome": reply.outcome or reply.error_code, "yes_read": drained}
 
 
 def bench_stream(cfg: config.Config, runs: int) -> None:
@@ -763,7 +764,8 @@ def bench_stream(cfg: config.Config, runs: int) -> None:
     print(f"{'baseline, `echo` unstreamed, end to end:':42}{latency(baseline)}")
     print(f"{'ratio (p50, first byte / baseline):':42}{percentile(first_byte, 50) / percentile(baseline, 50):.2f}x")
     growth = (slow["rss_max"] - slow["rss_before"]) / slow["rss_before"] * 100
-    print(f"`yes` streamed to a caller that reads nothing for 20 s (ended: {slow['yes_outcome']}):")
+    print(f"`yes` streamed to a caller that reads nothing for 20 s (then reads {slow['yes_read']} bytes; "
+          f"ended: {slow['yes_outcome']}):")
     print(f"{'  corrald RSS before, highest meanwhile:':42}{slow['rss_before']:.1f} MiB, {slow['rss_max']:.1f} MiB "
           f"(+{growth:.1f} %)")
     print(f"{'  `true` meanwhile, from another caller:':42}{latency(slow['during'])}")
