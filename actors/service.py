@@ -30,7 +30,7 @@ from actors.pool_plan import PoolView
 from actors.refill import Refill
 from actors.root import Root
 from actors.scheduler import QueueLimits, Scheduler
-from actors.session_table import SessionLimits, SessionsView
+from actors.session_table import SessionLimits, SessionRecord, SessionsView
 from actors.sessions import Sessions
 from actors.supervisor import Supervisor, VmSettings
 from actors.vm.tiers import DEFAULT_TIER, RARE_TIERS, Tier
@@ -109,7 +109,8 @@ class Corral:
             "sessions": lambda salvage: Sessions.start(
                 directory=self.directory, metrics=self.metrics, timers=self.timers,
                 limits=SessionLimits.from_config(cfg), view=self.sessions_view, state=salvage,
-                safe_mode=self.in_safe_mode),
+                safe_mode=self.in_safe_mode,
+                record=SessionRecord.for_instance(cfg.state_dir, cfg.daemon.instance)),
             "pool": lambda salvage: PoolManager.start(
                 directory=self.directory, metrics=self.metrics, timers=self.timers,
                 start_supervisor=self._start_supervisor, new_name=self.hypervisor.new_name,

@@ -20,10 +20,15 @@ a SessionsView it publishes. Tests give the times, they do not wait for them.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import pykka
 
@@ -31,12 +36,15 @@ from actors.errors import Rejected
 from config import Config
 from protocol.wire.tasks import MAX_SESSIONS_LISTED, ErrorCode, SessionOpen
 
+log = logging.getLogger("corral.sessions")
+
 # The reasons a session ends, as corral_sessions_ended_total labels them: Sessions
 # ends it (closed by its owner, idle, lifetime, an operator, a drain), or its VM
 # does (the dead-man's switch, the VM lost, a guest protocol violation, corrald
-# stopping). Others the Supervisor may give are counted as they come.
+# stopping); "restart": the sessions a previous corrald left open, counted by the
+# next one as it starts. Others the Supervisor may give are counted as they come.
 END_REASONS = ("closed", "idle", "lifetime", "operator", "draining", "deadman", "vm_lost",
-               "protocol_violation", "shutdown")
+               "protocol_violation", "shutdown", "restart")
 CLAIM_TIMEOUT_MS = 10_000  # the claiming task's `true`: milliseconds of work, seconds under load
 OPEN_MARGIN_S = 30.0
 
@@ -129,6 +137,7 @@ class Session:
     running: int = 0  # execs given to its Supervisor and not answered yet
     execs: int = 0  # execs given to its Supervisor in all
     vm_id: str = ""
+    ends_by: float = 0.0  # wall clock: its lifetime is over by then (set as it opens)
     supervisor: pykka.ActorRef | None = None
     end_reason: str = ""  # why Sessions ended it (an OPENING one: ends as it starts)
     closes: list = field(default_factory=list)  # (ticket, request_id) of SessionCloses, answered once it ended
@@ -256,3 +265,108 @@ def operator_row(summary: SessionSummary, now: float) -> tuple[str, str]:
     return summary.session_id, (f"owner={summary.owner} state={summary.state} age={now - summary.since:.0f}s "
                                 f"idle={idle} vm={summary.vm_id or '-'} execs={summary.execs} "
                                 f"running={summary.running} labels={labels}")
+
+
+# --- the record that outlives corrald -------------------------------------------------
+
+RECORD_VERSION = 1
+MAX_REMEMBERED = 4096  # sessions ended by restarts still remembered: the record stays small
+MAX_RECORD_BYTES = 1 << 20  # a bigger file is not one corrald wrote
+SESSION_ID = re.compile(r"s-[0-9a-f]{16}")
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """A session another corrald had open: its owner, and the wall-clock time
+    its lifetime was over by, after which it is forgotten."""
+
+    session_id: str
+    owner: str
+    until: float
+
+
+@dataclass(frozen=True)
+class PastSessions:
+    """What the previous corrald's record says: the sessions it had open
+    (they ended with it) and those ended by earlier restarts, still remembered."""
+
+    open: tuple[Remembered, ...] = ()
+    lost: tuple[Remembered, ...] = ()
+
+
+class SessionRecord:
+    """The file that tells the next corrald which sessions this one had open:
+    <state_dir>/sessions/<instance>.json (0600, in a 0700 directory), replaced
+    whole by rename, so a crash leaves the old record or the new one. It
+    holds ids, owners and when each session's lifetime is over, nothing else.
+    Reading never fails: a missing file is no sessions, an unreadable or
+    corrupt one a warning and no sessions."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def for_instance(cls, state_dir: Path, instance: str) -> SessionRecord:
+        return cls(Path(state_dir) / "sessions" / f"{instance}.json")
+
+    def read(self) -> PastSessions:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_RECORD_BYTES + 1)
+            if len(data) > MAX_RECORD_BYTES:
+                raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
+            record = json.loads(data)
+            if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+                raise ValueError("not a version 1 record")
+            return PastSessions(open=_entries(record.get("open")), lost=_entries(record.get("lost")))
+        except FileNotFoundError:
+            return PastSessions()
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("session record %s unreadable (%s): no sessions of an earlier corrald are known", self.path, e)
+            return PastSessions()
+
+    def write(self, open_sessions: list[Remembered], lost: list[Remembered]) -> bool:
+        """Replace the record; False (and a warning) if it could not be written."""
+        record = {"version": RECORD_VERSION, "open": [_entry(r) for r in open_sessions],
+                  "lost": [_entry(r) for r in lost]}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)  # one left by an older process may have another mode
+                json.dump(record, f)
+            os.replace(tmp, self.path)
+            return True
+        except OSError as e:
+            log.warning("session record %s not written (%s): a restart now would leave some sessions "
+                        "answered session_not_found instead of session_lost", self.path, e)
+            return False
+
+
+def _entry(r: Remembered) -> dict:
+    return {"id": r.session_id, "owner": r.owner, "until": r.until}
+
+
+def _entries(items) -> tuple[Remembered, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise ValueError("a session list is not a list")
+    entries = []
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("id"), str) and SESSION_ID.fullmatch(item["id"])
+                and isinstance(item.get("owner"), str) and isinstance(item.get("until"), (int, float))):
+            raise ValueError(f"a session entry is malformed: {str(item)[:80]}")
+        entries.append(Remembered(item["id"], item["owner"], float(item["until"])))
+    return tuple(entries)
+
+
+def remembered_now(entries, now_wall: float, max_life_s: float) -> dict[str, Remembered]:
+    """The entries still worth remembering at `now_wall`, by id: none past its
+    lifetime, none kept longer than `max_life_s` (no session outlives that,
+    whatever a record says), at most MAX_REMEMBERED, the latest-ending kept."""
+    horizon = now_wall + max_life_s
+    live = [Remembered(r.session_id, r.owner, min(r.until, horizon)) for r in entries if r.until > now_wall]
+    live.sort(key=lambda r: r.until, reverse=True)
+    return {r.session_id: r for r in live[:MAX_REMEMBERED]}

@@ -24,6 +24,14 @@ the Supervisor answers what still runs session_lost, destroys the VM and says
 SessionEnded. A VM that dies by itself (dead-man's switch, lost, protocol
 violation) says SessionEnded too.
 
+Restart: no session outlives corrald, but its owner learns that it ended.
+Sessions keeps a SessionRecord (ids, owners, lifetime ends) of its open
+sessions, rewritten as they open and end; one that ends because corrald
+stops stays in it. The next Sessions reads it as it starts: those sessions
+ended with the restart (counted once), and an exec or close by their owner is
+answered session_lost, to anyone else session_not_found as for an unknown id.
+They are remembered, in the record too, until their lifetime would be over.
+
 SCRAM: the pool freezes session VMs like every VM; execs still reaching
 Sessions are answered cancelled_scram, and idle clocks stop until resume
 (nobody can run an exec meanwhile); nothing is ended while safe mode holds.
@@ -48,8 +56,8 @@ from actors.messages import (ChildFailed, CloseSession, CloseSessionAsOperator, 
                              InjectFault, ListSessions, OpenSession, ResumeService, RunTask, Scram,
                              SessionClaim, SessionEnded, SessionExec, SessionExecDone, SessionOpenFailed,
                              SessionStarted, Submit, Task, Tick)
-from actors.session_table import (Session, SessionLimits, SessionState, SessionsView, SessionTable, check_open,
-                                  new_session_id)
+from actors.session_table import (Remembered, Session, SessionLimits, SessionRecord, SessionState, SessionsView,
+                                  SessionTable, check_open, new_session_id, remembered_now)
 from actors.timers import Timers
 from protocol.wire.tasks import NORMAL, ErrorCode, TaskRequest, error_reply, session_reply
 
@@ -70,26 +78,37 @@ class SessionsState:
     safe_since: float = 0.0  # monotonic: idle clocks stopped then
     draining: bool = False
     silent: set = field(default_factory=set)  # sessions whose Supervisor was found dead on the last tick
+    # Sessions an earlier corrald had open, by id: they ended with its restart.
+    restarted: dict[str, Remembered] = field(default_factory=dict)
+    # Sessions of this corrald that ended as it stops: the record keeps them open.
+    stopped: dict[str, Remembered] = field(default_factory=dict)
+    recorded: tuple = ()  # what the record was last written with (_save)
     inbox: list = field(default_factory=list)  # messages the predecessor had not handled
 
 
 class Sessions(pykka.ThreadingActor):
     def __init__(self, *, directory: Directory, metrics: Metrics, timers: Timers, limits: SessionLimits,
                  view: SessionsView, state: SessionsState | None = None, safe_mode: bool = False,
-                 tick_s: float = TICK_S):
+                 record: SessionRecord | None = None, tick_s: float = TICK_S):
         """`state`: a crashed predecessor's, taken over; else no sessions, in
-        `safe_mode` or not. `view` is published for other threads."""
+        `safe_mode` or not, and those `record` says an earlier corrald left
+        open taken as ended by the restart. `view` is published for other
+        threads. No `record`: nothing outlives this actor's process."""
         super().__init__()
         self.directory = directory
         self.metrics = metrics
         self.timers = timers
         self.limits = limits
         self.view = view
+        self.record = record
+        self.fresh = state is None
         self.state = state or SessionsState(safe_mode=safe_mode, safe_since=time.monotonic())
         self.tick_s = tick_s
         self.handling = None  # the message being handled: answered if it crashes this actor
 
     def on_start(self) -> None:
+        if self.fresh and self.record is not None:
+            self._take_over_record()
         while self.state.inbox:  # one at a time: if one fails, the rest stay for the next successor
             self.handling = self.state.inbox.pop(0)
             self._handle(self.handling)
@@ -102,6 +121,7 @@ class Sessions(pykka.ThreadingActor):
         self._handle(message)
         self.handling = None
         self._publish()
+        self._save()
 
     def _handle(self, message) -> None:
         if isinstance(message, OpenSession):
@@ -185,6 +205,7 @@ class Sessions(pykka.ThreadingActor):
         session.state = SessionState.OPEN
         session.vm_id, session.supervisor = message.vm_id, message.supervisor
         session.opened = session.last_active = now
+        session.ends_by = time.time() + session.life_s
         if session.end_reason:  # a drain or an operator ended it before it opened
             code, text = ((ErrorCode.DRAINING, "corrald is draining: the session was closed as it opened")
                           if session.end_reason == "draining"
@@ -208,6 +229,9 @@ class Sessions(pykka.ThreadingActor):
         task = message.task
         session_id = task.request.session_id
         session = self.state.table.owned(session_id, message.owner)
+        if session is None and self._ended_by_restart(session_id, message.owner):
+            return self._answer(task.ticket, error_reply(
+                task.request.task_id, ErrorCode.SESSION_LOST, f"session {session_id} ended when corrald restarted"))
         if session is None or session.state != SessionState.OPEN:
             return self._answer(task.ticket, error_reply(
                 task.request.task_id, ErrorCode.SESSION_NOT_FOUND, f"no session {session_id}"))
@@ -243,6 +267,10 @@ class Sessions(pykka.ThreadingActor):
     def _close(self, message: CloseSession) -> None:
         request = message.request
         session = self.state.table.owned(request.session_id, message.owner)
+        if session is None and self._ended_by_restart(request.session_id, message.owner):
+            return self._answer(message.ticket, session_reply(
+                request.request_id, error_code=ErrorCode.SESSION_LOST,
+                error_message=f"session {request.session_id} ended when corrald restarted"))
         if session is None or session.state == SessionState.OPENING:
             return self._answer(message.ticket, session_reply(
                 request.request_id, error_code=ErrorCode.SESSION_NOT_FOUND,
@@ -270,6 +298,8 @@ class Sessions(pykka.ThreadingActor):
             return
         reason = session.end_reason or reason
         log.info("session %s of %s ended: %s", session_id, session.owner, reason)
+        if reason == "shutdown":  # it ends with this corrald: the next one answers its owner session_lost
+            self.state.stopped[session_id] = Remembered(session_id, session.owner, session.ends_by)
         if session.state == SessionState.OPENING:  # its VM went before it was the session's
             self._answer(session.open_ticket, session_reply(
                 session.open_request_id, error_code=ErrorCode.SESSION_LOST,
@@ -292,10 +322,18 @@ class Sessions(pykka.ThreadingActor):
                 error_message=f"no VM became the session's within {self.limits.open_timeout_s:g} s; retry later"))
         # A Supervisor found dead on two ticks running went without a word
         # (one that says SessionEnded and stops may be dead a tick before it is read).
-        silent = {sid for sid, s in table.sessions.items() if s.supervisor is not None and not s.supervisor.is_alive()}
+        # None is judged while the pool is gone: corrald is stopping (each Supervisor,
+        # dead to is_alive() as it stops, destroys its VM, seconds, then says
+        # SessionEnded "shutdown") or the pool is being restarted.
+        pool = self.directory.get("pool")
+        silent = set() if pool is None or not pool.is_alive() else {
+            sid for sid, s in table.sessions.items() if s.supervisor is not None and not s.supervisor.is_alive()}
         for session_id in silent & self.state.silent:
             self._ended(session_id, "vm_lost")
         self.state.silent = silent
+        now_wall = time.time()
+        for session_id in [i for i, r in self.state.restarted.items() if r.until <= now_wall]:
+            del self.state.restarted[session_id]  # its lifetime would be over: it is unknown now
         if not self.state.safe_mode:  # a frozen session is kept for inspection, whatever its clocks say
             for session_id, reason in table.due(now):
                 self._end(table.sessions[session_id], reason)
@@ -324,6 +362,41 @@ class Sessions(pykka.ThreadingActor):
         self.view.sessions = table.summaries()
         self.metrics.sessions_open.set(sum(1 for s in table.sessions.values() if s.state != SessionState.OPENING))
 
+    # --- the record that outlives corrald -------------------------------------
+
+    def _take_over_record(self) -> None:
+        """Read what the previous corrald left: its open sessions ended with it."""
+        past = self.record.read()
+        now_wall = time.time()
+        for entry in past.open:
+            log.info("session %s of %s ended when corrald restarted", entry.session_id, entry.owner)
+        if past.open:
+            self.metrics.sessions_ended.labels("restart").inc(len(past.open))
+        self.state.restarted = remembered_now(past.open + past.lost, now_wall, self.limits.max_life_s)
+        self._save()
+
+    def _ended_by_restart(self, session_id: str, owner: str) -> bool:
+        """Whether `owner`'s session `session_id` ended with an earlier corrald.
+        Another identity's is unknown to it, as if never opened."""
+        entry = self.state.restarted.get(session_id)
+        return entry is not None and entry.owner == owner and entry.until > time.time()
+
+    def _save(self) -> None:
+        """Rewrite the record if what it should hold changed: the sessions open
+        (or closing) and those ended as this corrald stops, and those ended by
+        earlier restarts."""
+        if self.record is None:
+            return
+        open_now = [Remembered(s.session_id, s.owner, s.ends_by) for s in self.state.table.sessions.values()
+                    if s.state != SessionState.OPENING]
+        open_now += self.state.stopped.values()
+        # After the take-over `restarted` only shrinks: its size says whether it changed.
+        recorded = (frozenset(r.session_id for r in open_now), len(self.state.restarted))
+        if recorded == self.state.recorded:
+            return
+        self.state.recorded = recorded  # one that failed is tried again at the next change, not on every tick
+        self.record.write(open_now, list(self.state.restarted.values()))
+
     def on_failure(self, exception_type, exception_value, traceback) -> None:
         # The table and the messages still queued go to the successor; the
         # message that failed is answered rather than tried again.
@@ -349,7 +422,11 @@ class Sessions(pykka.ThreadingActor):
             self.state.table.remove(session.session_id)
             if session.state == SessionState.OPENING:
                 continue  # its claiming task is the Scheduler's to answer
+            if not session.closes:  # its VM goes with corrald: it ends with the restart
+                self.state.stopped[session.session_id] = Remembered(session.session_id, session.owner,
+                                                                    session.ends_by)
             for ticket, request_id in session.closes:
                 self._answer(ticket, session_reply(request_id, session_id=session.session_id))
         self._publish()
+        self._save()
 

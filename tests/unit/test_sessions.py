@@ -38,6 +38,8 @@ class World:
         self.metrics = Metrics()
         self.view = SessionsView()
         self.intake, self.scheduler, self.root = Recorder.start(), Recorder.start(), Recorder.start()
+        self.pool = Recorder.start()
+        self.directory["pool"] = self.pool
         self.directory["intake"] = self.intake
         self.directory["scheduler"] = self.scheduler
         self.directory["root"] = self.root
