@@ -298,7 +298,8 @@ class Sessions(pykka.ThreadingActor):
             return
         reason = session.end_reason or reason
         log.info("session %s of %s ended: %s", session_id, session.owner, reason)
-        if reason == "shutdown":  # it ends with this corrald: the next one answers its owner session_lost
+        if reason == "shutdown" and session.state != SessionState.OPENING:
+            # It ends with this corrald: the next one answers its owner session_lost.
             self.state.stopped[session_id] = Remembered(session_id, session.owner, session.ends_by)
         if session.state == SessionState.OPENING:  # its VM went before it was the session's
             self._answer(session.open_ticket, session_reply(
