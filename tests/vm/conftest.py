@@ -49,6 +49,13 @@ def client(service):
 
 
 @pytest.fixture
+def endpoint(service):
+    """The module's `service`'s caller endpoint, for the real CLI."""
+    wait_ready(service)  # each test starts from a healed pool
+    return service.cfg.daemon.endpoint
+
+
+@pytest.fixture
 def clones(hypervisor):
     """Restored clones as (handle, link) pairs a test appends to, destroyed at its end."""
     made = []

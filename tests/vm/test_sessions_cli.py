@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.service import running_service, service_config, wait_ready
+from tests.support.service import running_service, service_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLI_WAIT_S = 180  # an open queues for a VM like a task; under TCG and load, seconds to a minute
@@ -22,12 +22,6 @@ def service(hypervisor, tmp_path_factory):
     with running_service(service_config(tmp_path_factory.mktemp("sessions-cli"), pool={"size": 1}),
                          hypervisor) as svc:
         yield svc
-
-
-@pytest.fixture
-def endpoint(service):
-    wait_ready(service)  # each test starts from a healed pool
-    return service.cfg.daemon.endpoint
 
 
 def corral(endpoint: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:

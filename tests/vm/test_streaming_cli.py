@@ -14,7 +14,7 @@ import pytest
 
 from protocol.channel.constants import STDERR, STDOUT
 from protocol.client.api import Client
-from tests.support.service import running_service, service_config, wait_ready
+from tests.support.service import running_service, service_config
 
 REPO = Path(__file__).resolve().parents[2]
 BULK = 3_000_000  # over corrald's stream window and buffer, under the task's output cap below
@@ -25,12 +25,6 @@ def service(hypervisor, tmp_path_factory):
     with running_service(service_config(tmp_path_factory.mktemp("streaming"), pool={"size": 1}),
                          hypervisor) as svc:
         yield svc
-
-
-@pytest.fixture
-def endpoint(service):
-    wait_ready(service)  # each test starts from a healed pool
-    return service.cfg.daemon.endpoint
 
 
 def corral_run(endpoint: str, *args: str) -> list[str]:
