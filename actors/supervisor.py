@@ -282,7 +282,7 @@ class Supervisor(pykka.ThreadingActor):
             self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
             self.link.sock.settimeout(SEND_TIMEOUT_S)
             if self.handle.restored:
-                self.link.send_resume(self.handle.mac)  # ResumeDone comes through IOGuard, on the new base
+                self.link.send_resume()  # ResumeDone comes through IOGuard, on the new base
         except Exception as e:
             if not self.handle.restored:  # a clone's failure is warned of by Refill.restore_failed
                 log.warning("VM %s: cannot start: %s", self.vm_id, e)

@@ -8,9 +8,8 @@ Stdin that follows an Exec with stdin_open, reports Exit with resource use,
 answers Heartbeat, and on Reset kills every process of
 the task user and removes whatever it left: files anywhere in the root overlay,
 message queues, SysV IPC objects, keys. Restored from a snapshot, it takes one
-Resume before any work: the host's clock, fresh entropy, new sequence bases,
-and a MAC address for eth0 if the host sends one (it does not: no corral VM
-has a NIC). On a net:egress VM it starts the egress relay (guest/egress_relay.py).
+Resume before any work: the host's clock, fresh entropy, new sequence bases
+(no corral VM has a NIC). On a net:egress VM it starts the egress relay (guest/egress_relay.py).
 
 The host is the authority: the agent trusts what the host sends, and the host
 trusts nothing the agent sends. A host frame the agent cannot decode ends the
@@ -102,14 +101,6 @@ POLLOUT = select.POLLOUT
 # CAP_SYS_ADMIN, which PID 1 has.
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
-# Resume on the net:egress tier: give eth0 the clone's own MAC (every clone's
-# kernel read the template's at probe time). SIOCSIFHWADDR takes a struct ifreq:
-# the interface name in 16 bytes, then a struct sockaddr (unsigned short
-# sa_family = ARPHRD_ETHER, 14 bytes of sa_data holding the address first).
-# virtio-net changes its address while up. Needs CAP_NET_ADMIN, which PID 1 has.
-SIOCSIFHWADDR = 0x8924
-ARPHRD_ETHER = 1
-NIC = b"eth0"
 
 
 def log(message: str) -> None:
@@ -829,10 +820,6 @@ class Agent:
                 code="resume_refused", message="Resume is only for an agent idle since its Hello"))
             return
         try:
-            if len(request.mac) not in (0, constants.MAC_LEN):
-                raise ValueError(f"a MAC address is {constants.MAC_LEN} bytes, not {len(request.mac)}")
-            if request.mac:
-                self.set_mac(request.mac)
             step_ns = self.reseed_and_set_clock(request.entropy, request.time_ns)
         except (OSError, ValueError, OverflowError) as e:
             log(f"resume failed: {e!r}")
@@ -844,18 +831,6 @@ class Agent:
         # the kernel. (Its str hash seed, fixed at start-up, is the template's in
         # every clone; it hashes only what the host sends, and trusts the host.)
         self.channel.send(messages.ResumeDone(clock_step_ns=step_ns))
-
-    @staticmethod
-    def set_mac(mac: bytes) -> None:
-        """Give eth0 the hardware address `mac` (6 bytes). fcntl and socket
-        only here: a cold-booted agent never needs them."""
-        import fcntl
-        import socket
-        import struct
-        # 40 bytes: the kernel copies a whole struct ifreq (its union is 24 bytes).
-        ifreq = struct.pack("16sH14s8x", NIC, ARPHRD_ETHER, mac)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            fcntl.ioctl(sock.fileno(), SIOCSIFHWADDR, ifreq)
 
     @staticmethod
     def reseed_and_set_clock(entropy: bytes, time_ns: int) -> int:

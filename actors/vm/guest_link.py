@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from actors.vm.errors import ChannelClosed, GuestTimeout
 from protocol.channel import codec, messages
 from protocol.channel.capabilities import ALL_SOFT_BITS
-from protocol.channel.constants import MAC_LEN, RESUME_ENTROPY_LEN, STDERR, STDOUT
+from protocol.channel.constants import RESUME_ENTROPY_LEN, STDERR, STDOUT
 from protocol.channel.errors import OutputOutOfOrder, UnexpectedMessage, WrongExec
 from protocol.channel.frame import FrameClock, FrameDecoder, FrameEncoder
 from protocol.hostcrc import crc32
@@ -167,31 +167,27 @@ class GuestLink:
     def wait_hello(self, deadline: float) -> messages.Hello:
         return self.receive(frozenset({messages.Hello}), deadline)
 
-    def resume(self, deadline: float, mac: str | None = None) -> messages.ResumeDone:
+    def resume(self, deadline: float) -> messages.ResumeDone:
         """Set a restored agent's clock to ours, give its CRNG fresh entropy and
         move both directions to random sequence bases, so no frame recorded
-        on one clone of a snapshot passes on another; give its eth0 `mac`
-        (the clone's VmHandle.mac, "52:54:00:..."; None: no NIC). Only while
+        on one clone of a snapshot passes on another. Only while
         the agent is idle since its Hello (after any work it refuses, with an
         Error raised here as UnexpectedMessage). Returns the ResumeDone."""
-        self.send_resume(mac)
+        self.send_resume()
         message = self.receive(frozenset({messages.ResumeDone, messages.Error}), deadline)
         if isinstance(message, messages.Error):
             raise UnexpectedMessage(f"guest refused the Resume: {message.code}: {message.message}")
         return message
 
-    def send_resume(self, mac: str | None = None) -> None:
+    def send_resume(self) -> None:
         """resume's first half, for an owner that reads the answer elsewhere (a
         Supervisor hands the channel to IOGuard with Watch(first_seq=
         decoder.expected_seq)): send the Resume and rebase both directions."""
         if self.pending or self.decoder.in_frame:
             raise UnexpectedMessage("guest sent a frame before the Resume")
-        mac_bytes = b"" if mac is None else bytes.fromhex(mac.replace(":", ""))
-        if mac is not None and len(mac_bytes) != MAC_LEN:
-            raise ValueError(f"not a MAC address: {mac!r}")
         host_seq, guest_seq = secrets.randbits(32), secrets.randbits(32)
         self.send(messages.Resume(time_ns=time.time_ns(), entropy=secrets.token_bytes(RESUME_ENTROPY_LEN),
-                                  host_seq=host_seq, guest_seq=guest_seq, mac=mac_bytes))
+                                  host_seq=host_seq, guest_seq=guest_seq))
         self.encoder.rebase(host_seq)
         self.decoder.rebase(guest_seq)
 

@@ -28,9 +28,6 @@ class VmHandle:
     # its next frame carries guest_first_seq (a booted VM's Hello carries 0).
     restored: bool = False
     guest_first_seq: int = 0
-    # A clone's NIC's MAC ("52:54:00:..."), which its guest takes from the Resume;
-    # None where it has no NIC (no corral VM has one now: net:egress uses the egress port).
-    mac: str | None = None
     egress_socket: Path | None = None  # net:egress: the egress port's host end (actors/egress/)
 
 

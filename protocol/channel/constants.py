@@ -38,5 +38,3 @@ MAX_ERROR_CODE_LEN = 64
 MAX_ERROR_MESSAGE_LEN = 4096
 # Random bytes a Resume carries for the guest's CRNG: exactly this many, 256 bits.
 RESUME_ENTROPY_LEN = 32
-# A Resume's MAC address for eth0: 6 bytes, or none (0: no NIC, leave it).
-MAC_LEN = 6

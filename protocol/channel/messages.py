@@ -17,7 +17,7 @@ from protocol.channel.constants import (MAX_AGENT_VERSION_LEN, MAX_ARG_LEN, MAX_
                                         MAX_CWD_LEN, MAX_ENV_ITEMS, MAX_ENV_KEY_LEN, MAX_ENV_VALUE_LEN,
                                         MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN, MAX_FILE_ERROR_LEN,
                                         MAX_FILE_IN, MAX_FILES, MAX_KERNEL_LEN, MAX_OUTPUT_CHUNK, MAX_PATH_LEN,
-                                        MAC_LEN, MAX_RESET_DETAIL_LEN, MAX_STDIN, MAX_STDIN_CHUNK, RESUME_ENTROPY_LEN, STDERR, STDOUT)
+                                        MAX_RESET_DETAIL_LEN, MAX_STDIN, MAX_STDIN_CHUNK, RESUME_ENTROPY_LEN, STDERR, STDOUT)
 
 _HOST = "host"
 _GUEST = "guest"
@@ -156,16 +156,12 @@ class Collected(Message):
 class Resume(Message):
     """To an agent restored from a snapshot, before any Exec: set the clock to
     the host's, mix fresh entropy into the kernel's CRNG, continue both
-    directions' sequence ids from new random bases, and give eth0 the clone's
-    own MAC address. Answered by ResumeDone."""
+    directions' sequence ids from new random bases. Answered by ResumeDone."""
 
     time_ns: int = field(U64)  # the host's CLOCK_REALTIME, ns since the epoch
     entropy: bytes = field(Bytes(RESUME_ENTROPY_LEN, min_len=RESUME_ENTROPY_LEN))
     host_seq: int = field(U32)  # sequence id of the host's next frame after this one
     guest_seq: int = field(U32)  # sequence id of the guest's next frame (its ResumeDone)
-    # eth0's new hardware address: 6 bytes, or none (no NIC: leave it). The
-    # codec bounds it at 6; the agent refuses any length but 0 or 6.
-    mac: bytes = field(Bytes(MAC_LEN), default=b"")
 
 
 @message(14, _GUEST)

@@ -37,12 +37,10 @@ def live_identity(hypervisor, name: str) -> dict:
     root = ET.fromstring(hypervisor.conn.lookupByName(name).XMLDesc(0))
     vda = next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == "vda")
     args = [a.get("value") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
-    mac = root.find("devices/interface/mac")
     return {"name": root.findtext("name"), "uuid": root.findtext("uuid"), "genid": root.findtext("genid"),
             "overlay": vda.find("source").get("file"),
             "channel": root.find("devices/channel/source").get("path"),
             "qmp": args[args.index("-qmp") + 1] if "-qmp" in args else None,
-            "mac": mac.get("address") if mac is not None else None,
             "xml": ET.tostring(root, encoding="unicode")}
 
 

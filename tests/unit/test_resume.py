@@ -7,9 +7,7 @@ the clock is tests/vm/test_resume.py's."""
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -127,29 +125,6 @@ def test_resume_sends_time_entropy_and_new_bases_then_both_sides_count_from_them
     assert link.decoder.expected_seq == (resume.guest_seq + 1) & 0xFFFFFFFF
     guest.send(messages.HeartbeatAck(nonce=7))
     assert link.receive(frozenset({messages.HeartbeatAck}), soon()) == messages.HeartbeatAck(nonce=7)
-
-
-def test_resume_carries_the_clones_mac_as_six_bytes_or_none(restored):
-    link, guest = restored
-    peer = in_thread(guest.accept_resume)
-    link.resume(soon(), mac="52:54:00:ab:CD:0f")
-    assert join_result(peer).mac == bytes.fromhex("525400abcd0f")
-    host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with host_end, guest_end:  # a clone without a NIC: no MAC, the agent leaves it
-        plain = GuestLink("unused.sock", guest_first_seq=RESTORED_GUEST_SEQ)
-        plain.sock = host_end
-        guest = ScriptedGuest(guest_end)
-        peer = in_thread(guest.accept_resume)
-        plain.resume(soon())
-        assert join_result(peer).mac == b""
-
-
-@pytest.mark.parametrize("mac", ["52:54:00:ab:cd", "52:54:00:ab:cd:ef:01", "", "not a mac"])
-def test_send_resume_refuses_a_mac_that_is_not_six_bytes_before_sending(restored, mac):
-    link, _ = restored
-    with pytest.raises(ValueError):
-        link.send_resume(mac)
-    assert link.encoder.next_seq == 0  # nothing sent, nothing rebased
 
 
 def test_a_guest_frame_with_the_pre_rebase_sequence_is_refused_after_resume(restored):
@@ -306,20 +281,15 @@ def agent_pair(monkeypatch):
         calls.append((entropy, time_ns))
         return -5
 
-    def set_mac(mac):
-        calls.append(("mac", mac))
-
     monkeypatch.setattr(agent, "reseed_and_set_clock", reseed_and_set_clock)
-    monkeypatch.setattr(agent, "set_mac", set_mac)
     host = HostSide(host_end)
     yield agent, host, calls
     agent_end.close()
     host_end.close()
 
 
-def resume_message(host_seq: int = 1000, guest_seq: int = 2000, mac: bytes = b"") -> messages.Resume:
-    return messages.Resume(time_ns=123, entropy=bytes(range(32)), host_seq=host_seq, guest_seq=guest_seq,
-                           mac=mac)
+def resume_message(host_seq: int = 1000, guest_seq: int = 2000) -> messages.Resume:
+    return messages.Resume(time_ns=123, entropy=bytes(range(32)), host_seq=host_seq, guest_seq=guest_seq)
 
 
 def deliver(agent, host, *frames: bytes) -> None:
@@ -379,61 +349,6 @@ def test_agent_answers_an_error_when_the_kernel_refuses(agent_pair, monkeypatch)
     error = host.receive()
     assert isinstance(error, messages.Error) and error.code == "resume_failed"
     assert "not permitted" in error.message
-
-
-def test_agent_sets_the_mac_first_when_a_resume_carries_one(agent_pair):
-    agent, host, calls = agent_pair
-    deliver(agent, host, host.frame(resume_message(mac=bytes.fromhex("525400010203"))))
-    host.decoder.rebase(2000)
-    assert host.receive() == messages.ResumeDone(clock_step_ns=-5)
-    assert calls == [("mac", bytes.fromhex("525400010203")), (bytes(range(32)), 123)]
-
-
-@pytest.mark.parametrize("length", [1, 5])
-def test_agent_refuses_a_mac_of_any_length_but_0_or_6_touching_nothing(agent_pair, monkeypatch, length):
-    agent, host, calls = agent_pair
-    monkeypatch.setattr(guest_agent, "log", lambda message: None)  # no /dev/kmsg here
-    deliver(agent, host, host.frame(resume_message(mac=b"m" * length)))  # within the codec's bound of 6
-    host.decoder.rebase(2000)
-    error = host.receive()
-    assert isinstance(error, messages.Error) and error.code == "resume_failed"
-    assert f"not {length}" in error.message
-    assert calls == []  # neither NIC, nor clock, nor CRNG touched
-
-
-def test_agent_answers_resume_failed_when_the_nic_refuses_the_mac_and_keeps_its_clock(agent_pair, monkeypatch):
-    agent, host, calls = agent_pair
-
-    def refused(mac):
-        raise OSError(errno.ENODEV, "No such device")
-
-    monkeypatch.setattr(agent, "set_mac", refused)
-    monkeypatch.setattr(guest_agent, "log", lambda message: None)
-    deliver(agent, host, host.frame(resume_message(mac=bytes(6))))
-    host.decoder.rebase(2000)
-    error = host.receive()
-    assert isinstance(error, messages.Error) and error.code == "resume_failed"
-    assert "No such device" in error.message
-    assert calls == []
-
-
-def test_set_mac_asks_the_kernel_with_a_whole_ifreq_for_eth0(monkeypatch):
-    import fcntl
-    asked = []
-
-    def ioctl(fd, request, arg):
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            asked.append((sock.type, request, arg))
-        return arg
-
-    monkeypatch.setattr(fcntl, "ioctl", ioctl)
-    guest_agent.Agent.set_mac(bytes.fromhex("525400a1b2c3"))
-    ((kind, request, ifreq),) = asked
-    assert kind == socket.SOCK_DGRAM and request == 0x8924  # SIOCSIFHWADDR
-    assert len(ifreq) == 40  # sizeof(struct ifreq) on x86_64
-    assert ifreq[:16] == b"eth0" + bytes(12)
-    assert struct.unpack_from("=H", ifreq, 16) == (1,)  # sa_family ARPHRD_ETHER
-    assert ifreq[18:24] == bytes.fromhex("525400a1b2c3") and ifreq[24:] == bytes(16)
 
 
 @pytest.mark.parametrize("after", ["next frame", "part of a header"])

@@ -230,30 +230,9 @@ def test_resume_known_encoding():
     resume = m.Resume(time_ns=0x0102030405060708, entropy=bytes(range(32)), host_seq=0xAABBCCDD, guest_seq=7)
     payload = codec.encode(resume)
     assert payload == (bytes.fromhex("0d" "0102030405060708" "00000020") + bytes(range(32))
-                       + bytes.fromhex("aabbccdd" "00000007" "00000000"))  # no MAC: an empty field
+                       + bytes.fromhex("aabbccdd" "00000007"))
     assert codec.decode(payload, m.HOST_TO_GUEST) == resume
-    with_mac = codec.encode(codec.replace(resume, mac=bytes.fromhex("525400a1b2c3")))
-    assert with_mac == payload[:-4] + bytes.fromhex("00000006" "525400a1b2c3")
-    assert codec.decode(with_mac, m.HOST_TO_GUEST).mac == bytes.fromhex("525400a1b2c3")
-    assert codec.max_payload_size([m.Resume]) == len(with_mac) == 1 + 8 + 4 + 32 + 4 + 4 + 4 + 6
-
-
-@pytest.mark.parametrize("length", [7, 0xFFFFFFFF])
-def test_resume_mac_over_6_bytes_is_refused_from_its_length_alone(length):
-    payload = codec.encode(m.Resume(time_ns=1, entropy=b"e" * 32, host_seq=0, guest_seq=0))
-    over = payload[:-4] + struct.pack("!I", length)  # the declared length, no bytes after it
-    with pytest.raises(FieldTooLong, match="Resume.mac"):
-        codec.decode(over, m.HOST_TO_GUEST)
-    with pytest.raises(ValueError, match="Resume.mac"):
-        codec.encode(m.Resume(time_ns=1, entropy=b"e" * 32, host_seq=0, guest_seq=0, mac=b"m" * 7))
-
-
-@pytest.mark.parametrize("length", [0, 1, 5, 6])
-def test_resume_mac_up_to_6_bytes_passes_the_codec(length):
-    # The codec bounds it at 6; that only 0 or 6 mean anything is the agent's check
-    # (tests/unit/test_resume.py).
-    resume = m.Resume(time_ns=1, entropy=b"e" * 32, host_seq=0, guest_seq=0, mac=b"m" * length)
-    assert codec.decode(codec.encode(resume), m.HOST_TO_GUEST) == resume
+    assert codec.max_payload_size([m.Resume]) == len(payload) == 1 + 8 + 4 + 32 + 4 + 4
 
 
 @pytest.mark.parametrize("length", [0, 1, 31])
