@@ -10,13 +10,17 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from protocol.channel import codec
-from protocol.wire.tasks import SessionClose, SessionList, SessionOpen, TaskReply, TaskRequest
+from protocol.wire.tasks import (SessionClose, SessionFork, SessionList, SessionOpen, SessionPause, SessionResume,
+                                 TaskReply, TaskRequest)
+
+if TYPE_CHECKING:
+    from actors.vm.snapshots import Template
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,75 @@ class SessionEnded:
 
     session_id: str
     reason: str
+
+
+# --- session snapshots: pause to disk, resume, fork ------------------------------
+# A session's VM is saved whole (libvirt's save: memory, devices) into a
+# snapshot of its own (a Template in actors/vm/snapshots.py, under
+# <state_dir>/sessions/snapshots), and VMs are restored from it as clones with
+# their own name, randomness, clock and sequence bases, as refill's are.
+
+@dataclass(frozen=True)
+class PauseSession:
+    """IntakeServer -> Sessions: `owner` pauses one of its sessions to disk."""
+
+    ticket: int
+    request: SessionPause
+    owner: str
+
+
+@dataclass(frozen=True)
+class ResumeSession:
+    """IntakeServer -> Sessions: `owner` resumes one of its paused sessions."""
+
+    ticket: int
+    request: SessionResume
+    owner: str
+
+
+@dataclass(frozen=True)
+class ForkSession:
+    """IntakeServer -> Sessions: `owner` forks one of its sessions into
+    request.count new ones (count checked by the IntakeServer: 1..MAX_FORKS)."""
+
+    ticket: int
+    request: SessionFork
+    owner: str
+
+
+@dataclass(frozen=True)
+class SaveSession:
+    """Sessions -> Supervisor (a session's, no exec running): save the VM to
+    a snapshot on disk; the domain is gone after it. The Supervisor then ends
+    (the pool told gone, reason "session_saved") and says SessionSaved; a save
+    that fails ends the session as lost (SessionEnded, "save_failed")."""
+
+
+@dataclass(frozen=True)
+class SessionSaved:
+    """Supervisor -> Sessions: the session's VM was saved into `snapshot` and
+    is gone; Sessions owns the snapshot now (restores from it, removes it)."""
+
+    session_id: str
+    snapshot: Template
+
+
+@dataclass(frozen=True)
+class RestoreSession:
+    """Sessions -> PoolManager: start a VM for session `session_id`, restored
+    from `snapshot` (a resume, a fork's new session, or the forked session
+    itself). The pool starts its Supervisor outside the pool's size (a
+    session's from the start); the Supervisor restores the clone, sends it a
+    Resume (fresh entropy, clock, sequence bases) and, once it is answered,
+    runs as the session's (VmPhase.SESSION) with these capabilities and egress
+    rules: it says SessionStarted as a claim's VM does. A restore that fails
+    says SessionEnded(session_id, "restore_failed")."""
+
+    session_id: str
+    owner: str
+    snapshot: Template
+    capabilities: tuple  # the session's, fixed when it opened; the tier follows from them
+    egress_allow: tuple = ()
 
 
 # --- PoolManager, Scheduler, Supervisor ----------------------------------------

@@ -40,6 +40,7 @@ MAX_LABELS = 16
 MAX_LABEL_KEY_LEN = 64
 MAX_LABEL_VALUE_LEN = 256
 MAX_SESSIONS_LISTED = 1024
+MAX_FORKS = 8  # new sessions one SessionFork makes (the session limits bound them too)
 
 CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
 PRIORITY_NAMES = {"critical": CRITICAL, "high": HIGH, "normal": NORMAL, "low": LOW}
@@ -91,6 +92,10 @@ class ErrorCode(StrEnum):
     # The session ended under the exec (its agent stopped answering, its VM died,
     # corrald restarted, an operator or a drain closed it): the VM is destroyed.
     SESSION_LOST = "session_lost"
+    # A pause or fork while an exec runs in the session (or while it is being
+    # paused, resumed or forked already): retry once the exec is answered.
+    SESSION_BUSY = "session_busy"
+    SESSION_PAUSED = "session_paused"  # an exec in a paused session: resume it first
 
 
 @message(32, CLIENT)
@@ -243,14 +248,15 @@ class SessionList(Message):
 
 @message(45, DAEMON)
 class SessionReply(Message):
-    """The one answer to a SessionOpen, SessionClose or SessionList (same
-    request_id): error_code "" on success, else an ErrorCode."""
+    """The one answer to a SessionOpen, SessionClose, SessionList,
+    SessionPause, SessionResume or SessionFork (same request_id): error_code
+    "" on success, else an ErrorCode."""
 
     request_id: str = field(Str(MAX_TASK_ID_LEN))
     error_code: str = field(Str(64))
     error_message: str = field(Str(MAX_ERROR_TEXT))
-    session_id: str = field(Str(MAX_SESSION_ID_LEN))  # opened or closed; "" for a list
-    # A list's sessions: (id, labels as k=v lines, age ms, idle ms, execs run, state).
+    session_id: str = field(Str(MAX_SESSION_ID_LEN))  # opened, closed, paused, resumed, forked; "" for a list
+    # A list's sessions, or a fork's new ones: (id, labels as k=v lines, age ms, idle ms, execs run, state).
     sessions: tuple[tuple[str, bytes, int, int, int, str], ...] = field(
         Records(MAX_SESSIONS_LISTED, Str(MAX_SESSION_ID_LEN),
                 Bytes(MAX_LABELS * (MAX_LABEL_KEY_LEN + MAX_LABEL_VALUE_LEN + 2)), U64, U64, U32, Str(32)),
@@ -258,8 +264,43 @@ class SessionReply(Message):
     retry_after_ms: int = field(U32, default=0)
 
 
+@message(46, CLIENT)
+class SessionPause(Message):
+    """Pause one of this identity's sessions to disk: its VM's memory (files,
+    processes, all of it) is saved and the VM freed. It stays this identity's,
+    paused, until SessionResume (or SessionClose, or its lifetime). Refused
+    session_busy while an exec runs in it."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    session_id: str = field(Str(MAX_SESSION_ID_LEN))
+
+
+@message(47, CLIENT)
+class SessionResume(Message):
+    """Resume a paused session: a VM restored from its saved state, with the
+    clock set anew. Answered once execs can run in it again."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    session_id: str = field(Str(MAX_SESSION_ID_LEN))
+
+
+# (48 is a receipt's, never sent: protocol/wire/receipts.py)
+@message(49, CLIENT)
+class SessionFork(Message):
+    """Fork an open or paused session into `count` new sessions (1..MAX_FORKS),
+    each starting from the state it has now (files, processes) with randomness,
+    clock and VM identity of its own; the same owner, capabilities, egress
+    rules, labels, idle time and lifetime. An open session goes on as it was.
+    The reply lists the new sessions (SessionReply.sessions); all of them or
+    none: a fork that fails leaves no new session behind."""
+
+    request_id: str = field(Str(MAX_TASK_ID_LEN))
+    session_id: str = field(Str(MAX_SESSION_ID_LEN))
+    count: int = field(U8)
+
+
 CLIENT_TO_DAEMON = frozenset({TaskRequest, StatusRequest, TaskStdin, StreamAck, TaskAttach,
-                              SessionOpen, SessionClose, SessionList})
+                              SessionOpen, SessionClose, SessionList, SessionPause, SessionResume, SessionFork})
 DAEMON_TO_CLIENT = frozenset({TaskReply, StatusReply, TaskOutput, SessionReply})
 
 
