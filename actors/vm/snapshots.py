@@ -525,6 +525,12 @@ class SnapshotStore:
         return key.same_build(current)
 
 
+def discard_snapshot(snapshot: Template) -> None:
+    """Remove a session's snapshot (SessionSaved gave it to Sessions) once
+    nothing will restore from it: its directory and the guest memory in it."""
+    shutil.rmtree(snapshot.directory, ignore_errors=True)
+
+
 def template_meta(*, name: str, header: SaveHeader, image_bytes: int, stream_sha256: str,
                   guest_next_seq: int, host_next_seq: int, boot_s: float, save_s: float) -> dict:
     """meta.json's fields besides the key (SnapshotStore.publish adds it)."""
