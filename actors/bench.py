@@ -1,6 +1,7 @@
 """Benchmarks, each printed beside a baseline measured in the same run.
 
-    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady|refill|stream] [--boots N]
+    scripts/bench [--only frames|boot|service|scram|intake|capabilities|strict|steady|refill|stream|session]
+                  [--boots N]
                   [--tasks N]
                   [--strict-tasks N] [--rate R] [--seconds S] [--instance NAME]
 
@@ -65,6 +66,13 @@
   runs `true` one after the other: corrald's RSS before and at its highest
   (the bench runs corrald in its own process), and `true`'s p50 meanwhile
   against its p50 on the same idle service just before.
+- session: through a real corrald with a pool of 2, `true` as an exec in one
+  open session (no acquire, no reset: the VM runs) against `true` as a
+  one-shot task, interleaved, p50 and p99. Then session snapshots, over
+  --boots rounds: a session that wrote a file is forked into 1 and into 3
+  sessions (SessionFork until the reply: its VM saved, then restored once for
+  itself and once per fork), paused to disk and resumed, each against opening
+  a fresh session from the warm pool in the same run.
 """
 
 from __future__ import annotations
@@ -782,13 +790,78 @@ def bench_stream(cfg: config.Config, runs: int) -> None:
           f"{percentile(slow['during'], 50) / percentile(slow['idle'], 50):.2f}x")
 
 
+def exec_and_task_true(client, runs: int) -> dict:
+    """`true` as a one-shot task and as an exec in one session, interleaved."""
+    figures = {"task": [], "exec": []}
+    with client.session(idle_s=600) as session:
+        for _ in range(runs):
+            for kind, run in (("task", lambda: client.run(["true"], wait_s=60)),
+                              ("exec", lambda: session.exec(["true"], wait_s=60))):
+                started = time.monotonic()
+                reply = run()
+                figures[kind].append(time.monotonic() - started)
+                if reply.error_code or reply.exit_code:
+                    raise RuntimeError(f"`true` as {kind} failed: {reply.error_code} {reply.error_message}")
+    return figures
+
+
+def timed(action) -> tuple[float, object]:
+    started = time.monotonic()
+    result = action()
+    return time.monotonic() - started, result
+
+
+def session_snapshots(client, rounds: int) -> dict:
+    """Fork into 1 and into 3, pause, resume, each round beside a fresh open.
+    Every fork is checked to see the file its session wrote, then closed."""
+    figures = {"open": [], "fork 1": [], "fork 3": [], "pause": [], "resume": []}
+    for _ in range(rounds):
+        open_s, session = timed(lambda: client.session(idle_s=600))
+        figures["open"].append(open_s)
+        with session:
+            session.put("/tmp/state", b"forked\n")
+            for count in (1, 3):
+                fork_s, forks = timed(lambda: session.fork(count))
+                figures[f"fork {count}"].append(fork_s)
+                for fork in forks:
+                    with fork:
+                        if fork.get("/tmp/state") != b"forked\n":
+                            raise RuntimeError(f"fork {fork.session_id} does not see its session's file")
+            pause_s, _ = timed(session.pause)
+            resume_s, _ = timed(session.resume)
+            figures["pause"].append(pause_s)
+            figures["resume"].append(resume_s)
+            if session.get("/tmp/state") != b"forked\n":
+                raise RuntimeError("the resumed session lost its file")
+    return figures
+
+
+def bench_session(cfg: config.Config, runs: int, rounds: int) -> None:
+    hypervisor = Hypervisor.from_config(cfg)
+    try:
+        print(f"accelerator: {hypervisor.accelerator}")
+        both = run_service(cfg, hypervisor, 2, lambda client, _: exec_and_task_true(client, runs))
+        snapshots = run_service(cfg, hypervisor, 2, lambda client, _: session_snapshots(client, rounds))
+    finally:
+        hypervisor.close()
+    print(f"{'`true` as an exec in a session:':42}{latency(both['exec'])}")
+    print(f"{'baseline, `true` as a one-shot task:':42}{latency(both['task'])}")
+    print(f"{'ratio (exec / task):':42}p50 {percentile(both['exec'], 50) / percentile(both['task'], 50):.2f}x  "
+          f"p99 {percentile(both['exec'], 99) / percentile(both['task'], 99):.2f}x")
+    opened = statistics.median(snapshots["open"])
+    for what in ("fork 1", "fork 3", "pause", "resume"):
+        print(f"{'session ' + what + ':':42}{summary(snapshots[what])}  "
+              f"({statistics.median(snapshots[what]) / opened:.1f}x an open)")
+    print(f"{'baseline, opening a session (warm pool):':42}{summary(snapshots['open'])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="corral benchmarks")
     parser.add_argument("--boots", type=int, default=5)
     parser.add_argument("--frames-mib", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=50, help="tasks per service measurement")
     parser.add_argument("--only", choices=("boot", "frames", "service", "scram", "acquire", "intake", "capabilities",
-                                           "strict", "steady", "refill", "stream"))
+                                           "strict", "steady", "refill", "stream", "session"))
     parser.add_argument("--strict-tasks", type=int, default=20, help="sequential tasks of the strict bench")
     parser.add_argument("--rate", type=float, default=4.0, help="tasks/s of the steady bench")
     parser.add_argument("--seconds", type=float, default=40.0, help="length of the steady bench")
@@ -818,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_refill(cfg, args.boots)
     if args.only in (None, "stream"):
         bench_stream(cfg, args.tasks)
+    if args.only in (None, "session"):
+        bench_session(cfg, args.tasks, args.boots)
     return 0
 
 

@@ -1,14 +1,14 @@
 """Identities end to end: the real corrald (supervision tree, one warm VM under
 libvirt), CurveZMQ with the ZAP allow-list on its real ROUTER, the real client.
 A granted task runs in the VM; every refusal is answered by Intake without a
-VM being acquired."""
+VM being acquired. One identity's session does not exist for another."""
 
 import subprocess
 import sys
 
 import pytest
 
-from protocol.client.api import Client, HandshakeError, keygen
+from protocol.client.api import Client, HandshakeError, SessionError, keygen
 from tests.support.service import running_service, scrape, service_config
 
 
@@ -17,9 +17,10 @@ def keys(tmp_path_factory):
     root = tmp_path_factory.mktemp("keys")
     keygen("corrald", root)
     (root / "clients").mkdir()
-    for name in ("alice", "bob"):
+    for name in ("alice", "bob", "carol", "dave"):
         keygen(name, root / name)
-    (root / "clients" / "alice.key").write_bytes((root / "alice" / "alice.key").read_bytes())
+    for name in ("alice", "carol", "dave"):  # bob is nobody's
+        (root / "clients" / f"{name}.key").write_bytes((root / name / f"{name}.key").read_bytes())
     return root
 
 
@@ -28,7 +29,8 @@ def service(hypervisor, tmp_path_factory, keys):
     cfg = service_config(tmp_path_factory.mktemp("corrald"), pool={"size": 1},
                          identity={"server_secret_key": str(keys / "corrald.key_secret"),
                                    "client_keys_dir": str(keys / "clients"),
-                                   "grants": {"alice": ["base:execute", "dev:python"]}},
+                                   "grants": {"alice": ["base:execute", "dev:python"],
+                                              "carol": ["base:execute"], "dave": ["base:execute"]}},
                          budget={"overrides": {"alice": {"capacity": 4.0, "refill_per_s": 0.001}}})
     with running_service(cfg, hypervisor) as svc:
         yield svc
@@ -96,3 +98,28 @@ def test_over_budget_is_refused_with_the_wait_and_uses_no_vm(service, keys):
         assert vm_use(service) == before
     assert scrape(service)['corral_budget_remaining{identity="alice"}'] < 1
 
+
+
+def test_a_session_does_not_exist_for_another_identity(service, keys):
+    """dave's exec, list, close, pause, resume and fork of carol's session get
+    what an unknown id gets, word for word; carol's session goes on."""
+    unknown = "s-" + "0" * 16
+    with connect(service, keys, "carol") as carol, connect(service, keys, "dave") as dave:
+        with carol.session(labels={"owner": "carol"}) as session:
+            sid = session.session_id
+            for target in (sid, unknown):
+                reply = dave.run(["true"], session_id=target, wait_s=30)
+                assert (reply.error_code, reply.error_message) == ("session_not_found", f"no session {target}")
+            assert dave.sessions() == []
+            refusals = {}
+            for target in (sid, unknown):
+                for call in (dave.close_session, dave.pause_session, dave.resume_session, dave.fork_session):
+                    with pytest.raises(SessionError) as error:
+                        call(target)
+                    refusals.setdefault(call.__name__, set()).add(
+                        (error.value.code, str(error.value).replace(target, "ID")))
+            assert all(len(seen) == 1 and next(iter(seen))[0] == "session_not_found"
+                       for seen in refusals.values()), refusals
+            assert [s.session_id for s in carol.sessions()] == [sid]
+            reply = session.exec(["sh", "-c", "echo still carol's"], wait_s=60)
+            assert (reply.error_code, reply.exit_code, reply.stdout) == ("", 0, b"still carol's\n")
