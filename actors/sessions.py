@@ -621,9 +621,9 @@ class Sessions(pykka.ThreadingActor):
         if session.opened:  # not a fork's new session that never started
             self.metrics.sessions_ended.labels(reason).inc()
             self.metrics.session_lifetime_seconds.observe(time.monotonic() - session.opened)
+        self._release(session.snapshot)  # before the close is answered: gone by then
         for ticket, request_id in session.closes:
             self._answer(ticket, session_reply(request_id, session_id=session_id))
-        self._release(session.snapshot)
 
     # --- time, modes ----------------------------------------------------------
 
