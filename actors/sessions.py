@@ -167,7 +167,7 @@ class Sessions(pykka.ThreadingActor):
         elif isinstance(message, SessionExecDone):
             self._exec_done(message.session_id)
         elif isinstance(message, SessionEnded):
-            self._ended(message.session_id, message.reason)
+            self._vm_ended(message.session_id, message.reason)
         elif isinstance(message, CloseSession):
             self._close(message)
         elif isinstance(message, PauseSession):
@@ -585,6 +585,15 @@ class Sessions(pykka.ThreadingActor):
         log.info("ending session %s of %s: %s", session.session_id, session.owner, session.end_reason)
         if not send(session.supervisor, EndSession(session.end_reason)):
             self._ended(session.session_id, "vm_lost")
+
+    def _vm_ended(self, session_id: str, reason: str) -> None:
+        """A Supervisor says its VM, the session's, is gone."""
+        session = self.state.table.get(session_id)
+        if session is not None and session.state == SessionState.PAUSED:
+            # A paused session has no VM: this is about one it no longer holds.
+            log.warning("session %s is paused: a VM of it ending (%s) ends nothing", session_id, reason)
+            return
+        self._ended(session_id, reason)
 
     def _ended(self, session_id: str, reason: str) -> None:
         table = self.state.table

@@ -7,9 +7,10 @@ corrald's stop."""
 
 import pytest
 
-from actors.messages import (Drain, EndSession, ForkSession, PauseSession, RestoreSession, ResumeService,
-                             ResumeSession, RunTask, SaveSession, Scram, SessionEnded, SessionExecDone,
-                             SessionSaved, SessionStarted)
+from actors.messages import (Drain, EndSession, ForkSession, InjectFault, PauseSession, RestoreSession,
+                             ResumeService, ResumeSession, RunTask, SaveSession, Scram, SessionEnded,
+                             SessionExecDone, SessionSaved, SessionStarted)
+from actors.root import Root
 from actors.session_table import SessionLimits, SessionRecord
 from actors.vm.snapshots import IMAGE_FILE, Template, TemplateKey
 from protocol.wire.tasks import SessionFork, SessionPause, SessionReply, SessionResume
@@ -446,3 +447,29 @@ def test_at_stop_a_paused_session_is_recorded_like_an_open_one_and_its_snapshot_
         assert not snapshot.directory.exists()
     finally:
         world.stop()
+
+
+def test_a_vm_ending_for_a_paused_session_ends_nothing(world):
+    session_id, snapshot = world.paused()
+    world.sessions.tell(SessionEnded(session_id, "vm_lost"))  # about the VM it no longer holds
+    assert world.state_of(session_id) == "paused" and snapshot.directory.exists()
+
+
+def test_a_crash_hands_a_fork_not_answered_to_the_successor(world):
+    world.sessions.stop()
+    root = Root.start(directory=world.directory, factories={"sessions": lambda salvage: world.start(state=salvage)},
+                      metrics=world.metrics, max_restarts=5, window_s=60, give_up=lambda reason: None)
+    root.proxy().started().get(timeout=5)
+    world.sessions = world.directory.get("sessions")
+    parent, snapshot = world.paused()
+    ticket = world.fork(parent, count=2)
+    restores = world.restores(2)
+    first = world.sessions
+    first.tell(InjectFault("crash"))
+    wait_until(lambda: world.directory.get("sessions") not in (None, first), 5, "a successor")
+    world.sessions = world.directory.get("sessions")
+    for r in restores:
+        world.restored(r.session_id)
+    reply = world.answer(ticket)
+    assert reply.error_code == "" and [s[0] for s in reply.sessions] == [r.session_id for r in restores]
+    assert world.state_of(parent) == "paused" and snapshot.directory.exists()
