@@ -5,12 +5,24 @@ A session is a VM kept for one identity across execs. It is OPENING from
 its SessionOpen until the VM that ran its claiming task is its
 (SessionStarted), OPEN while execs may run in it, and CLOSING once it was
 told to end (EndSession) until its VM is gone (SessionEnded), when it leaves
-the table. Every session in the table holds a VM or will, so every one
-counts against the limits (sessions.max_per_identity, sessions.max_total).
+the table. Snapshots add three: PAUSING while its VM is saved to disk
+(SaveSession until SessionSaved), PAUSED with no VM, only its snapshot, and
+RESUMING while a VM is restored for it (RestoreSession until SessionStarted).
+Every session in the table holds a VM, a snapshot or will, so every one
+counts against the limits (sessions.max_per_identity, sessions.max_total):
+paused ones, and a fork's new ones from the fork on.
 
 An OPEN session ends at the end of its lifetime (counted from when its VM
-became its) and when it has been idle for its idle time: no exec running and
-none answered since. Its owner sees it; to anyone else it does not exist.
+first became its) and when it has been idle for its idle time: no exec
+running and none answered since. A PAUSED one is never idle (nothing can run
+in it), but its lifetime ends it. Its owner sees it; to anyone else it does
+not exist.
+
+A fork (Fork, by its ticket) makes new sessions RESUMING from one snapshot;
+they are not their owner's to see (listings, execs) until the fork is
+answered. A snapshot is in use while a session in the table refers to it:
+one PAUSED on it, or one RESUMING from it (a restore that may still read it);
+once none does, Sessions discards it (snapshot_unused).
 
 Plain data and functions, no actor: the Sessions actor (actors/sessions.py)
 keeps the table up to date from its messages, asks it what is due and does
@@ -33,6 +45,7 @@ from pathlib import Path
 import pykka
 
 from actors.errors import Rejected
+from actors.vm.snapshots import Template
 from config import Config
 from protocol.wire.tasks import MAX_SESSIONS_LISTED, ErrorCode, SessionOpen
 
@@ -43,10 +56,16 @@ log = logging.getLogger("corral.sessions")
 # does (the dead-man's switch, the VM lost, a guest protocol violation, corrald
 # stopping); "restart": the sessions a previous corrald left open, counted by the
 # next one as it starts. Others the Supervisor may give are counted as they come.
+# Snapshots: its VM's save failed ("save_failed"), the VM restored for it failed
+# ("restore_failed"), a fork's new session that started ended with its fork failing
+# ("fork_failed").
 END_REASONS = ("closed", "idle", "lifetime", "operator", "draining", "deadman", "vm_lost",
-               "protocol_violation", "shutdown", "restart")
+               "protocol_violation", "shutdown", "restart", "save_failed", "restore_failed", "fork_failed")
 CLAIM_TIMEOUT_MS = 10_000  # the claiming task's `true`: milliseconds of work, seconds under load
 OPEN_MARGIN_S = 30.0
+# Restores of one snapshot wait for each other (its flock, ~0.5 s each under
+# TCG) and for the pool's turn: minutes would be a restore that never answers.
+RESTORE_TIMEOUT_S = 300.0
 
 
 class SessionState(StrEnum):
@@ -54,6 +73,9 @@ class SessionState(StrEnum):
 
     OPENING = "opening"  # its claiming task waits for a VM or runs
     OPEN = "open"
+    PAUSING = "pausing"  # its VM is being saved to a snapshot (pause, or a fork of an open session)
+    PAUSED = "paused"  # no VM: its snapshot on disk
+    RESUMING = "resuming"  # a VM is being restored for it from a snapshot (resume, fork)
     CLOSING = "closing"  # told to end; its VM is being destroyed
 
 
@@ -69,6 +91,9 @@ class SessionLimits:
     # backstop: the IntakeServer reports failed opens as they are answered).
     open_timeout_s: float = 660.0
     claim_timeout_ms: int = CLAIM_TIMEOUT_MS
+    # A restore whose VM has not said it started (or failed) by then is taken
+    # as failed: a backstop for a RestoreSession lost with a crashing pool.
+    restore_timeout_s: float = RESTORE_TIMEOUT_S
 
     @classmethod
     def from_config(cls, cfg: Config) -> SessionLimits:
@@ -139,17 +164,46 @@ class Session:
     vm_id: str = ""
     ends_by: float = 0.0  # wall clock: its lifetime is over by then (set as it opens)
     supervisor: pykka.ActorRef | None = None
-    end_reason: str = ""  # why Sessions ended it (an OPENING one: ends as it starts)
+    end_reason: str = ""  # why Sessions ended it (an OPENING, PAUSING or RESUMING one: ends as that is over)
     closes: list = field(default_factory=list)  # (ticket, request_id) of SessionCloses, answered once it ended
+    egress_allow: tuple[bytes, ...] = ()  # its execs' egress rules, fixed when it opened (restores need them)
+    # The snapshot it is PAUSED on, or RESUMING from once its RestoreSession is told.
+    snapshot: Template | None = None
+    restore_told: float = 0.0  # monotonic: its RestoreSession was told (stale_restores)
+    pauses: list = field(default_factory=list)  # (ticket, request_id) of SessionPauses, answered once saved
+    resumes: list = field(default_factory=list)  # (ticket, request_id) of SessionResumes, answered once open
+    forking: int = 0  # the ticket of a fork of it not answered yet
+    fork_ticket: int = 0  # a fork's new session: its fork's ticket until answered (unseen by its owner till then)
 
     def age_s(self, now: float) -> float:
         return now - (self.opened or self.created)
 
     def idle_for_s(self, now: float) -> float:
-        """How long no exec ran in it: 0 while one runs or before it opened."""
-        if self.running or self.state == SessionState.OPENING:
+        """How long no exec ran in it: 0 while one runs, and unless it is
+        OPEN or CLOSING (a paused one is never idle: nothing can run in it)."""
+        if self.running or self.state not in (SessionState.OPEN, SessionState.CLOSING):
             return 0.0
         return max(0.0, now - self.last_active)
+
+    @property
+    def seen(self) -> bool:
+        """Whether its owner knows it: opened, and not a fork's new session
+        whose fork is not answered (an exec in one is session_not_found)."""
+        return self.state != SessionState.OPENING and not self.fork_ticket
+
+
+@dataclass
+class Fork:
+    """A SessionFork not answered yet: `children`, the new sessions, started
+    from the parent's snapshot; answered once every session in `waiting` (the
+    children, and an open parent restored after its save) is OPEN."""
+
+    ticket: int
+    request_id: str
+    parent: str
+    children: tuple[str, ...]
+    waiting: set[str]
+    arrived: float  # monotonic: the fork reached Sessions (corral_session_fork_seconds)
 
 
 @dataclass(frozen=True)
@@ -164,7 +218,7 @@ class SessionSummary:
     execs: int
     running: int
     since: float  # opened, or the open taken while OPENING
-    idle_since: float | None  # None while an exec runs or before it opened
+    idle_since: float | None  # None while an exec runs, and unless OPEN or CLOSING
 
 
 class SessionsView:
@@ -178,6 +232,7 @@ class SessionsView:
 @dataclass
 class SessionTable:
     sessions: dict[str, Session] = field(default_factory=dict)
+    forks: dict[int, Fork] = field(default_factory=dict)  # by the fork's ticket
 
     def add(self, session: Session) -> None:
         self.sessions[session.session_id] = session
@@ -204,28 +259,43 @@ class SessionTable:
     def count(self, owner: str | None = None) -> int:
         return sum(1 for s in self.sessions.values() if owner is None or s.owner == owner)
 
-    def refusal(self, owner: str, limits: SessionLimits) -> str | None:
-        """Why `owner` may not open one more session now, or None."""
-        if self.count(owner) >= limits.max_per_identity:
-            return (f"{owner!r} holds {self.count(owner)} sessions, the most one identity may "
+    def refusal(self, owner: str, limits: SessionLimits, adding: int = 1) -> str | None:
+        """Why `owner` may not have `adding` more sessions now (an open, a
+        fork's new ones), or None."""
+        more = "one more" if adding == 1 else f"{adding} more"
+        if self.count(owner) + adding > limits.max_per_identity:
+            return (f"{owner!r} holds {self.count(owner)} sessions; {more} would pass the most one identity may "
                     f"(sessions.max_per_identity = {limits.max_per_identity}); close one first")
-        if self.count() >= limits.max_total:
-            return (f"corrald holds {self.count()} sessions, the most it may "
+        if self.count() + adding > limits.max_total:
+            return (f"corrald holds {self.count()} sessions; {more} would pass the most it may "
                     f"(sessions.max_total = {limits.max_total}); retry after some close")
         return None
 
     def due(self, now: float) -> list[tuple[str, str]]:
-        """(session_id, reason) of each OPEN session to end now: past its
-        lifetime ("lifetime"), else idle for its idle time ("idle")."""
+        """(session_id, reason) of each session to end now: an OPEN or PAUSED
+        one past its lifetime ("lifetime"), an OPEN one idle for its idle
+        time ("idle")."""
         ending = []
         for session in self.sessions.values():
-            if session.state != SessionState.OPEN:
+            if session.state not in (SessionState.OPEN, SessionState.PAUSED):
                 continue
             if now - session.opened >= session.life_s:
                 ending.append((session.session_id, "lifetime"))
-            elif not session.running and now - session.last_active >= session.idle_s:
+            elif (session.state == SessionState.OPEN and not session.running
+                  and now - session.last_active >= session.idle_s):
                 ending.append((session.session_id, "idle"))
         return ending
+
+    def stale_restores(self, now: float, restore_timeout_s: float) -> list[Session]:
+        """RESUMING sessions whose restore was told `restore_timeout_s` ago and never answered."""
+        return [s for s in self.sessions.values()
+                if s.state == SessionState.RESUMING and s.restore_told and now - s.restore_told >= restore_timeout_s]
+
+    def snapshot_unused(self, snapshot: Template) -> bool:
+        """Whether no session is PAUSED on `snapshot` or RESUMING from it:
+        nothing will read it any more."""
+        return all(s.snapshot is None or s.snapshot.directory != snapshot.directory
+                   for s in self.sessions.values())
 
     def stale_opens(self, now: float, open_timeout_s: float) -> list[Session]:
         """OPENING sessions whose VM has not come within `open_timeout_s`."""
@@ -241,21 +311,26 @@ class SessionTable:
 
     def listing(self, owner: str, now: float) -> tuple[tuple[str, bytes, int, int, int, str], ...]:
         """`owner`'s sessions for a SessionReply: (id, labels as k=v lines, age
-        ms, idle ms, execs run, state), oldest first. OPENING ones are left
-        out: their ids are not the owner's to know yet."""
-        mine = sorted((s for s in self.sessions.values()
-                       if s.owner == owner and s.state != SessionState.OPENING), key=lambda s: s.created)
-        return tuple((s.session_id, label_lines(s.labels), int(s.age_s(now) * 1000),
-                      int(s.idle_for_s(now) * 1000), s.execs, str(s.state))
-                     for s in mine[:MAX_SESSIONS_LISTED])
+        ms, idle ms, execs run, state), oldest first. OPENING ones and a
+        fork's new ones before it is answered are left out: their ids are
+        not the owner's to know yet."""
+        mine = sorted((s for s in self.sessions.values() if s.owner == owner and s.seen), key=lambda s: s.created)
+        return tuple(listed(s, now) for s in mine[:MAX_SESSIONS_LISTED])
 
     def summaries(self) -> tuple[SessionSummary, ...]:
         """Every session for operators, oldest first."""
         return tuple(SessionSummary(
             session_id=s.session_id, owner=s.owner, labels=s.labels, state=s.state, vm_id=s.vm_id,
             execs=s.execs, running=s.running, since=s.opened or s.created,
-            idle_since=None if s.running or s.state == SessionState.OPENING else s.last_active)
+            idle_since=None if s.running or s.state not in (SessionState.OPEN, SessionState.CLOSING)
+            else s.last_active)
             for s in sorted(self.sessions.values(), key=lambda s: s.created))
+
+
+def listed(session: Session, now: float) -> tuple[str, bytes, int, int, int, str]:
+    """One session as a SessionReply lists it (a listing, a fork's new ones)."""
+    return (session.session_id, label_lines(session.labels), int(session.age_s(now) * 1000),
+            int(session.idle_for_s(now) * 1000), session.execs, str(session.state))
 
 
 def operator_row(summary: SessionSummary, now: float) -> tuple[str, str]:

@@ -12,8 +12,11 @@ Charging at acceptance is the only point where the daemon knows the task
 will run: the identity cannot queue more work than it can pay for. A task
 answered without ever reaching a VM (queue full, scheduler restarting,
 flushed from the queue by a SCRAM; an exec in a session that is not there,
-or refused as corrald drains; an open past the session limits) is refunded,
-so being told "busy" costs nothing;
+paused or busy being paused or resumed, or refused as corrald drains; an
+open or fork past the session limits, a fork of a busy session or refused
+in safe mode) is refunded, so being told "busy" costs nothing; a fork
+is charged as its count of tasks of the default cost (pause and resume
+are free, as a close is);
 a task that reached a VM is not, whatever its outcome, since it used the VM
 (a caller could otherwise crash its own VM to run for free). Budgets live in
 memory: a restart of corrald refills every bucket.
@@ -33,9 +36,10 @@ from typing import Callable
 from actors.errors import Rejected
 from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, TaskRequest
 
-# Answers that mean the task (or a session's open or exec) never reached a VM: its charge is given back.
+# Answers that mean the task (or a session's open, exec or fork) never reached a VM: its charge is given back.
 REFUNDED_CODES = frozenset({ErrorCode.BUSY, ErrorCode.UNAVAILABLE, ErrorCode.CANCELLED_SCRAM,
-                            ErrorCode.SESSION_NOT_FOUND, ErrorCode.SESSION_LIMIT, ErrorCode.DRAINING})
+                            ErrorCode.SESSION_NOT_FOUND, ErrorCode.SESSION_LIMIT, ErrorCode.DRAINING,
+                            ErrorCode.SESSION_BUSY, ErrorCode.SESSION_PAUSED, ErrorCode.SAFE_MODE})
 NEVER_MS = 0xFFFF_FFFF  # retry_after_ms when a bucket does not refill at all
 
 

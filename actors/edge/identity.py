@@ -340,13 +340,14 @@ class Admission:
             raise Rejected(ErrorCode.UNAUTHENTICATED, "this connection has no known identity")
         return identity
 
-    def admit(self, user: bytes | None, request: TaskRequest, ticket: int) -> str:
-        """Check grants and charge the budget for `ticket`, or raise Rejected;
-        returns the identity's name."""
+    def admit(self, user: bytes | None, request: TaskRequest, ticket: int, times: int = 1) -> str:
+        """Check grants and charge the budget for `ticket` (`times` such
+        tasks: a fork's new sessions), or raise Rejected; returns the
+        identity's name."""
         identity = self.identity_of(user)
         identity.check(request)
         if self.ledger is not None:
-            cost = self.costs.of(request)
+            cost = self.costs.of(request) * times
             self.ledger.charge(identity.name, cost)
             self.charges[ticket] = (identity.name, cost)
         return identity.name

@@ -42,6 +42,14 @@ open's claiming task, a failed claim's VM, corrald stopping) goes out as a
 SessionReply with the same code and text; for an open, Sessions is told it
 failed (SessionOpenFailed).
 
+Session snapshots: SessionPause and SessionResume go to Sessions as a close
+does (PauseSession, ResumeSession: never charged, never refused by corrald's
+mode here; Sessions refuses them in safe mode or while draining). A
+SessionFork (ForkSession) is new work: refused in corrald's modes, its count
+checked (1..MAX_FORKS) and charged as `count` tasks of the default cost (a
+normal task asking for no capability: the server does not know the session's
+capabilities).
+
 The server thread outlives a crash of the Intake actor, so the ledger and the
 socket are never lost. At shutdown (stop) it answers whatever no actor did.
 """
@@ -68,15 +76,17 @@ from actors.edge.metrics import Metrics
 from actors.edge.streams import StreamLimits, StreamState, StreamTotals
 from actors.egress.rules import RuleError, parse_rules
 from actors.errors import CorralError, Rejected
-from actors.messages import (Answer, CloseSession, ListSessions, OpenSession, OutputChunk, ReaderHold,
-                             SessionExec, SessionOpenFailed, StdinChunk, Submit, Task, TaskStarted)
+from actors.messages import (Answer, CloseSession, ForkSession, ListSessions, OpenSession, OutputChunk,
+                             PauseSession, ReaderHold, ResumeSession, SessionExec, SessionOpenFailed, StdinChunk,
+                             Submit, Task, TaskStarted)
 from actors.session_table import SessionLimits, check_open
 from config import Config
 from protocol.channel import capabilities, codec
 from protocol.channel.errors import ProtocolError
 from protocol.wire import envelope
-from protocol.wire.tasks import (CLIENT_TO_DAEMON, NORMAL, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode, SessionClose,
-                                 SessionList, SessionOpen, SessionReply, StatusReply, StatusRequest, StreamAck,
+from protocol.wire.tasks import (CLIENT_TO_DAEMON, MAX_FORKS, NORMAL, PROTOCOL_TAG, PRIORITY_NAMES, ErrorCode,
+                                 SessionClose, SessionFork, SessionList, SessionOpen, SessionPause, SessionReply,
+                                 SessionResume, StatusReply, StatusRequest, StreamAck,
                                  TaskAttach, TaskOutput, TaskReply, TaskRequest, TaskStdin, error_reply,
                                  session_reply)
 
@@ -96,13 +106,22 @@ OFFERED_CAPABILITIES = KNOWN_CAPABILITIES - UNAVAILABLE_CAPABILITIES.keys()
 
 class ReplyKind(StrEnum):
     """What a ticket is answered with: a TaskReply (a task, or an exec in a
-    session) or a SessionReply (an open, close or list); the values label
-    corral_session_requests_total."""
+    session) or a SessionReply (an open, close, list, pause, resume or
+    fork); the values label corral_session_requests_total."""
 
     TASK = "task"
     OPEN = "open"
     CLOSE = "close"
     LIST = "list"
+    PAUSE = "pause"
+    RESUME = "resume"
+    FORK = "fork"
+
+
+# What a session request that is no open is handed to Sessions as, and answered as.
+SESSION_CALLS = {SessionClose: (ReplyKind.CLOSE, CloseSession), SessionList: (ReplyKind.LIST, ListSessions),
+                 SessionPause: (ReplyKind.PAUSE, PauseSession), SessionResume: (ReplyKind.RESUME, ResumeSession),
+                 SessionFork: (ReplyKind.FORK, ForkSession)}
 
 
 @dataclass(frozen=True)
@@ -211,6 +230,14 @@ def open_as_task(request: SessionOpen) -> TaskRequest:
     return TaskRequest(task_id=request.request_id, priority=NORMAL, argv=(b"true",), env=(), cwd=b"",
                        stdin=b"", timeout_ms=0, output_cap=0, capabilities=request.capabilities,
                        egress_allow=request.egress_allow)
+
+
+def fork_as_task(request: SessionFork) -> TaskRequest:
+    """What each new session of a SessionFork is charged as: a task of the
+    default cost (normal priority, no capability). The IntakeServer does not
+    know the session's capabilities; Sessions does."""
+    return TaskRequest(task_id=request.request_id, priority=NORMAL, argv=(b"true",), env=(), cwd=b"",
+                       stdin=b"", timeout_ms=0, output_cap=0, capabilities=())
 
 
 def with_default_egress(request: TaskRequest, limits: TaskLimits) -> TaskRequest:
@@ -436,7 +463,9 @@ class IntakeServer:
             return self._attach(request, user, conn, routing_id, caller)
         if isinstance(request, SessionOpen):
             return self._session_open(request, user, conn, routing_id, caller)
-        if isinstance(request, (SessionClose, SessionList)):
+        if isinstance(request, SessionFork):
+            return self._session_fork(request, user, conn, routing_id, caller)
+        if isinstance(request, (SessionClose, SessionList, SessionPause, SessionResume)):
             return self._session_call(request, user, conn, routing_id, caller)
         try:
             self._check_new(conn, request.task_id, "task", refuse=True)
@@ -498,11 +527,31 @@ class IntakeServer:
                                                 error_message="the sessions actor is restarting; retry",
                                                 retry_after_ms=1000))
 
-    def _session_call(self, request: SessionClose | SessionList, user: bytes | None, conn: Connection,
-                      routing_id: bytes, caller: str) -> None:
-        """A close or a list, for the caller's own sessions: never refused by
-        corrald's mode (a caller may close and list while it drains or after
-        a SCRAM), never charged."""
+    def _session_fork(self, request: SessionFork, user: bytes | None, conn: Connection, routing_id: bytes,
+                      caller: str) -> None:
+        """New sessions: refused in corrald's modes, charged `count` tasks of
+        the default cost, then Sessions' to answer."""
+        try:
+            self._check_new(conn, request.request_id, "request", refuse=True)
+            if not request.request_id:
+                raise Rejected(ErrorCode.INVALID_REQUEST, "request_id is empty")
+            if not 1 <= request.count <= MAX_FORKS:
+                raise Rejected(ErrorCode.INVALID_REQUEST,
+                               f"a fork makes 1 to {MAX_FORKS} new sessions, not {request.count}")
+            ticket = next(self.tickets)
+            name = self.admission.admit(user, fork_as_task(request), ticket, times=request.count)
+        except Rejected as e:
+            self.metrics.rejected.labels(e.code).inc()
+            return self._send(conn, routing_id, session_reply(
+                request.request_id, error_code=e.code, error_message=str(e), retry_after_ms=e.retry_after_ms))
+        self._hand_to_sessions(ticket, request, name, conn, routing_id, caller)
+
+    def _session_call(self, request: SessionClose | SessionList | SessionPause | SessionResume,
+                      user: bytes | None, conn: Connection, routing_id: bytes, caller: str) -> None:
+        """A close, list, pause or resume, for the caller's own sessions:
+        never refused by corrald's mode here (a caller may close and list
+        while it drains or after a SCRAM; Sessions answers a pause or resume
+        then), never charged."""
         try:
             self._check_new(conn, request.request_id, "request", refuse=False)
             if not request.request_id:
@@ -512,13 +561,13 @@ class IntakeServer:
             self.metrics.rejected.labels(e.code).inc()
             return self._send(conn, routing_id, session_reply(request.request_id, error_code=e.code,
                                                               error_message=str(e)))
-        ticket = next(self.tickets)
-        if isinstance(request, SessionClose):
-            kind, message = ReplyKind.CLOSE, CloseSession(ticket, request, name)
-        else:
-            kind, message = ReplyKind.LIST, ListSessions(ticket, request, name)
+        self._hand_to_sessions(next(self.tickets), request, name, conn, routing_id, caller)
+
+    def _hand_to_sessions(self, ticket: int, request, name: str, conn: Connection, routing_id: bytes,
+                          caller: str) -> None:
+        kind, message_type = SESSION_CALLS[type(request)]
         self._bind(ticket, LedgerEntry(conn, routing_id, request.request_id, name, kind), caller)
-        if not self.directory.tell("sessions", message):
+        if not self.directory.tell("sessions", message_type(ticket, request, name)):
             self._deliver(ticket, session_reply(request.request_id, error_code=ErrorCode.UNAVAILABLE,
                                                 error_message="the sessions actor is restarting; retry",
                                                 retry_after_ms=1000))

@@ -25,6 +25,8 @@ REFILL_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30, 60)
 REFILL_KINDS = ("restore", "build", "boot")
 # A session's life, its VM's start until its end: minutes for an agent's tool loop, up to sessions.max_life_s.
 SESSION_LIFETIME_BUCKETS = (1, 10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 604800)
+# A fork: an open session's save (~1-2 s under TCG), then its restores one after another (~0.5 s each).
+FORK_BUCKETS = (0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120)
 
 
 class Metrics:
@@ -98,10 +100,21 @@ class Metrics:
             buckets=SESSION_LIFETIME_BUCKETS, registry=r)
         self.sessions_ended = Counter(
             "corral_sessions_ended", "Sessions ended, by reason (closed, idle, lifetime, operator, draining, "
-            "deadman, vm_lost, protocol_violation, shutdown)", ["reason"], registry=r)
+            "deadman, vm_lost, protocol_violation, shutdown, restart, save_failed, restore_failed, fork_failed)",
+            ["reason"], registry=r)
+        self.sessions_paused = Gauge("corral_sessions_paused", "Sessions paused to disk: a snapshot, no VM",
+                                     registry=r)
+        self.session_snapshots = Counter(
+            "corral_session_snapshots", "Session pauses, resumes and forks carried out, by op (pause, resume, "
+            "fork) and result (ok, failed: the save or a restore failed, or the session ended meanwhile); "
+            "refusals are counted by corral_session_requests_total", ["op", "result"], registry=r)
+        self.session_fork_seconds = Histogram(
+            "corral_session_fork_seconds", "Forks answered with their new sessions: the fork's arrival until "
+            "its answer (a save of an open session, then one restore per session)",
+            buckets=FORK_BUCKETS, registry=r)
         self.session_requests = Counter(
-            "corral_session_requests", "Session opens, closes and lists answered, by request (open, close, "
-            "list) and code (ok, or the error code)", ["request", "code"], registry=r)
+            "corral_session_requests", "Session requests answered, by request (open, close, list, pause, "
+            "resume, fork) and code (ok, or the error code)", ["request", "code"], registry=r)
         for name in PRIORITY_NAMES:
             self.queue_depth.labels(name)
         for state in POOL_STATES:
@@ -114,6 +127,9 @@ class Metrics:
             self.restore_failures.labels(stage)
         for reason in SESSION_END_REASONS:
             self.sessions_ended.labels(reason)
+        for op in ("pause", "resume", "fork"):
+            for result in ("ok", "failed"):
+                self.session_snapshots.labels(op, result)
 
     def serve(self, address: str, port: int) -> int:
         """Serve /metrics over HTTP from a thread of its own; returns the port bound."""

@@ -6,13 +6,16 @@ Wire (protocol.wire.tasks): a DEALER socket sends [b"", PROTOCOL_TAG, payload]
 (protocol.wire.envelope) and corrald's ROUTER answers the same way on the same
 connection. Each TaskRequest gets exactly one TaskReply with the same task_id,
 each StatusRequest one StatusReply with the same request_id, each
-SessionOpen, SessionClose and SessionList one SessionReply with the same
-request_id.
+SessionOpen, SessionClose, SessionList, SessionPause, SessionResume and
+SessionFork one SessionReply with the same request_id.
 
 Sessions (``Client.session()``): a VM kept across execs, its files and
 processes with it. An exec is a TaskRequest with session_id, so it is
 answered, streamed and fed stdin exactly as a task; ``Session.put()`` and
-``get()`` are execs of `true` that put or collect one file.
+``get()`` are execs of `true` that put or collect one file. A session can be
+paused to disk (``pause()``: files and processes kept, its VM freed),
+resumed (``resume()``) and forked into new sessions that start from its
+state (``fork(n)``).
 
 Threading: a zmq socket must be used by one thread only, so the DEALER belongs
 to one background I/O thread. ``submit()`` may be called from any thread: it
@@ -81,10 +84,11 @@ from protocol.channel.errors import ProtocolError
 from protocol.channel.codec import decode, encode, max_payload_size
 from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDERR, STDOUT
 from protocol.client.reach import NOT_RUNNING, Unreachable, ipc_path, probe, refused
-from protocol.wire.tasks import (DAEMON_TO_CLIENT, MAX_REPLY_OUTPUT, MAX_STREAM_CHUNK, PRIORITY_NAMES, PROTOCOL_TAG,
-                                 ErrorCode, SessionClose, SessionList, SessionOpen, SessionReply, StatusReply,
-                                 StatusRequest, StreamAck, TaskAttach, TaskOutput, TaskReply, TaskRequest, TaskStdin,
-                                 error_reply, session_reply)
+from protocol.wire.tasks import (DAEMON_TO_CLIENT, MAX_FORKS, MAX_REPLY_OUTPUT, MAX_STREAM_CHUNK, PRIORITY_NAMES,
+                                 PROTOCOL_TAG, ErrorCode, SessionClose, SessionFork, SessionList, SessionOpen,
+                                 SessionPause, SessionReply, SessionResume, StatusReply, StatusRequest, StreamAck,
+                                 TaskAttach, TaskOutput, TaskReply, TaskRequest, TaskStdin, error_reply,
+                                 session_reply)
 
 log = logging.getLogger("corral.client")
 
@@ -102,6 +106,9 @@ RUN_WAIT_DEFAULT_S = 120.0
 # and its close (the close is answered once its VM is destroyed).
 SESSION_OPEN_WAIT_S = 120.0
 SESSION_CLOSE_WAIT_S = 60.0
+# A pause saves the VM, a resume restores one, a fork does both, its
+# restores one after another: seconds each under TCG, more under load.
+SESSION_SNAPSHOT_WAIT_S = 300.0
 START_HINT = "is it running? start it with scripts/run"
 # corrald's default tasks.stream_window_bytes: how far it sends beyond the
 # caller's acks. A client of a corrald configured otherwise is given its value.
@@ -114,7 +121,7 @@ MAX_STREAM_HELD = MAX_REPLY_OUTPUT
 
 _TASK = "task"
 _STATUS = "status"
-_SESSION = "session"  # a SessionOpen, SessionClose or SessionList, by request_id
+_SESSION = "session"  # a session request (SessionOpen, SessionClose, ...), by request_id
 
 
 class _Outgoing(NamedTuple):
@@ -172,7 +179,7 @@ class SessionInfo(NamedTuple):
     age_s: float  # since its VM became its
     idle_s: float  # since its last exec was answered; 0 while one runs
     execs: int  # execs it ran
-    state: str  # open, or closing
+    state: str  # open, pausing, paused, resuming or closing
 
 
 class StreamBroken(RuntimeError):
@@ -573,6 +580,22 @@ class Session:
         self.closed = True
         return True
 
+    def pause(self, wait_s: float = SESSION_SNAPSHOT_WAIT_S) -> None:
+        """Pause the session to disk: its VM's memory (files, processes) is
+        saved and the VM freed; execs are refused session_paused until
+        ``resume()``. SessionError session_busy while an exec runs in it."""
+        self.client.pause_session(self.session_id, wait_s)
+
+    def resume(self, wait_s: float = SESSION_SNAPSHOT_WAIT_S) -> None:
+        """Resume the paused session in a VM restored from its snapshot."""
+        self.client.resume_session(self.session_id, wait_s)
+
+    def fork(self, count: int = 1, wait_s: float = SESSION_SNAPSHOT_WAIT_S) -> list[Session]:
+        """``count`` new sessions of this client, each starting from this
+        session's state now (see ``Client.fork_session()``)."""
+        return [Session(self.client, session_id)
+                for session_id in self.client.fork_session(self.session_id, count, wait_s)]
+
     def _checked(self, reply: TaskReply) -> TaskReply:
         if reply.error_code:
             raise SessionError(reply.error_code, reply.error_message, reply.retry_after_ms)
@@ -797,7 +820,8 @@ class Client:
         return Session(self, reply.session_id)
 
     def sessions(self, wait_s: float = 5) -> list[SessionInfo]:
-        """This identity's open sessions, oldest first (another identity's are never shown)."""
+        """This identity's sessions (open, paused, ...: SessionInfo.state),
+        oldest first (another identity's are never shown)."""
         reply = self._session_call(SessionList(request_id=uuid.uuid4().hex[:16]), wait_s)
         return [SessionInfo(session_id, _parse_labels(labels), age_ms / 1000, idle_ms / 1000, execs, state)
                 for session_id, labels, age_ms, idle_ms, execs, state in reply.sessions]
@@ -808,6 +832,33 @@ class Client:
         SessionError session_not_found if it is not open (closed already,
         ended by its idle time or lifetime, or never this identity's)."""
         self._session_call(SessionClose(request_id=uuid.uuid4().hex[:16], session_id=session_id), wait_s)
+
+    def pause_session(self, session_id: str, wait_s: float = SESSION_SNAPSHOT_WAIT_S) -> None:
+        """Pause this identity's session ``session_id`` to disk, answered
+        once its VM is saved and gone (a paused session is answered at
+        once). SessionError session_busy while an exec runs in it (or it is
+        being paused, resumed or forked), session_not_found if it is not
+        this identity's, session_lost if the save failed (the session ended)."""
+        self._session_call(SessionPause(request_id=uuid.uuid4().hex[:16], session_id=session_id), wait_s)
+
+    def resume_session(self, session_id: str, wait_s: float = SESSION_SNAPSHOT_WAIT_S) -> None:
+        """Resume this identity's paused session ``session_id``: answered once
+        execs can run in it again, in a VM restored from its snapshot (an
+        open session is answered at once). SessionError session_lost if the
+        restore failed (the session ended)."""
+        self._session_call(SessionResume(request_id=uuid.uuid4().hex[:16], session_id=session_id), wait_s)
+
+    def fork_session(self, session_id: str, count: int = 1, wait_s: float = SESSION_SNAPSHOT_WAIT_S) -> list[str]:
+        """Fork this identity's open or paused session ``session_id`` into
+        ``count`` (1..MAX_FORKS) new sessions, each starting from its state
+        now with randomness, clock and VM of its own; the ids of the new
+        ones. All or none: SessionError (session_limit, session_busy,
+        session_lost, ...) and no new session is left."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
+            raise ValueError(f"count must be a whole number from 1 to {MAX_FORKS}, not {count!r}")
+        reply = self._session_call(SessionFork(request_id=uuid.uuid4().hex[:16], session_id=session_id,
+                                               count=count), wait_s)
+        return [record[0] for record in reply.sessions]
 
     def _session_call(self, request, wait_s: float) -> SessionReply:
         """Send a session request and wait for its SessionReply; SessionError if it says one."""

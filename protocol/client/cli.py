@@ -12,8 +12,8 @@ exit status; corral's own notices go to stderr, each starting with
 ``corral: ``, and its own failures exit with the codes below. It reads its own
 stdin only when asked: ``-i`` forwards it as it comes, ``--stdin-file -``
 sends it whole with the request. `corral exec ID` is the same in session ID
-(one code path: _run_task); `corral session open|ls|close` and `corral cp`
-manage sessions and copy files in and out of them.
+(one code path: _run_task); `corral session open|ls|close|pause|resume|fork`
+and `corral cp` manage sessions and copy files in and out of them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from protocol.channel.constants import MAX_STDIN, MAX_STDIN_CHUNK, STDOUT
 from protocol.client.api import (RUN_WAIT_DEFAULT_S, RUN_WAIT_MARGIN_S, Client, ClientClosedError, HandshakeError,
                                  Session, SessionError, SessionFileError, StreamBroken, TaskStream, keygen)
 from protocol.client.reach import Unreachable
-from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, TaskReply
+from protocol.wire.tasks import MAX_FORKS, PRIORITY_NAMES, ErrorCode, TaskReply
 
 # Exit codes of `corral run` that are not the command's own.
 EXIT_USAGE = 2
@@ -99,6 +99,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fork_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_FORKS:
+        raise argparse.ArgumentTypeError(f"a fork makes 1 to {MAX_FORKS} new sessions, not {text}")
+    return count
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -163,9 +170,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="capability to ask for, e.g. net:egress (repeatable)")
     _allow_argument(run, "task")
     run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD")
-    session = sub.add_parser("session", parents=[common], help="open, list or close sessions: VMs kept "
-                                                               "across execs (corral exec, corral cp)")
-    session_sub = session.add_subparsers(dest="session_command", metavar="open|ls|close", required=True)
+    session = sub.add_parser("session", parents=[common], help="open, list, close, pause, resume or fork "
+                                                               "sessions: VMs kept across execs (corral exec, "
+                                                               "corral cp)")
+    session_sub = session.add_subparsers(dest="session_command", metavar="open|ls|close|pause|resume|fork",
+                                         required=True)
     session_open = session_sub.add_parser(
         "open", parents=[common], help="open a session and print its id",
         description="Open a session: a sandbox VM kept for you across `corral exec`s, its files and "
@@ -180,9 +189,29 @@ def _parser() -> argparse.ArgumentParser:
                               help="close it S seconds after it opened (default: corrald's)")
     session_open.add_argument("--label", type=_key_value, action="append", default=[], metavar="K=V",
                               help="a label its listings show (repeatable)")
-    session_sub.add_parser("ls", parents=[common], help="your open sessions: id, age, idle time, execs, labels")
+    session_sub.add_parser("ls", parents=[common],
+                           help="your sessions: id, age, idle time, execs, state (open, paused, ...), labels")
     session_close = session_sub.add_parser("close", parents=[common], help="close a session (its VM is destroyed)")
     session_close.add_argument("session_id", metavar="ID")
+    session_pause = session_sub.add_parser(
+        "pause", parents=[common], help="pause a session to disk (its VM freed, files and processes kept)",
+        description="Pause session ID to disk: its VM's memory, files and processes with it, is saved and the "
+                    "VM freed. Execs in it are refused (session_paused) until `corral session resume ID`; its "
+                    "idle time stops, its lifetime does not. Refused session_busy while an exec runs in it.")
+    session_pause.add_argument("session_id", metavar="ID")
+    session_resume = session_sub.add_parser(
+        "resume", parents=[common], help="resume a paused session",
+        description="Resume paused session ID in a VM restored from what its pause saved; answered once execs "
+                    "can run in it again.")
+    session_resume.add_argument("session_id", metavar="ID")
+    session_fork = session_sub.add_parser(
+        "fork", parents=[common], help="fork a session into N new ones and print their ids",
+        description="Fork open or paused session ID into N new sessions, each starting from its files and "
+                    "processes now, with randomness, clock and VM of its own (the same capabilities, labels, "
+                    "idle time and lifetime). All or none. Prints each new session's id alone on its own line.")
+    session_fork.add_argument("session_id", metavar="ID")
+    session_fork.add_argument("-n", type=_fork_count, default=1, metavar="N", dest="count",
+                              help=f"how many new sessions (1 to {MAX_FORKS}; default 1)")
     exec_ = sub.add_parser(
         "exec", parents=[common, task], help="run a command in a session",
         usage="%(prog)s ID [options] -- CMD [ARGS...]",
@@ -470,9 +499,19 @@ def _cmd_session(client: Client, args: argparse.Namespace) -> int:
     if args.session_command == "close":
         client.close_session(args.session_id)
         return 0
+    if args.session_command == "pause":
+        client.pause_session(args.session_id)
+        return 0
+    if args.session_command == "resume":
+        client.resume_session(args.session_id)
+        return 0
+    if args.session_command == "fork":
+        for session_id in client.fork_session(args.session_id, args.count):
+            print(session_id)
+        return 0
     sessions = client.sessions()
     if not sessions:
-        print("no open sessions")
+        print("no sessions")
         return 0
     rows = [("ID", "AGE", "IDLE", "EXECS", "STATE", "LABELS")]
     rows += [(s.session_id, f"{s.age_s:.0f}s", f"{s.idle_s:.0f}s", str(s.execs), _printable(s.state),

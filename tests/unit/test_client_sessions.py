@@ -1,5 +1,5 @@
 """Sessions in the client library (Client.session, Session) and the command
-line (corral session open|ls|close, corral exec, corral cp), against a fake
+line (corral session open|ls|close|pause|resume|fork, corral exec, corral cp), against a fake
 corrald (tests/support/fake_corrald.py) that keeps sessions as corrald does
 for one identity: ids it opened, each with its files, execs that echo."""
 
@@ -18,8 +18,8 @@ import pytest
 from protocol.channel.constants import STDOUT
 from protocol.client.api import Client, Session, SessionError, SessionFileError
 from protocol.client.cli import main
-from protocol.wire.tasks import (ErrorCode, SessionClose, SessionList, SessionOpen, TaskOutput, TaskRequest,
-                                 TaskStdin, error_reply, session_reply)
+from protocol.wire.tasks import (ErrorCode, SessionClose, SessionFork, SessionList, SessionOpen, SessionPause,
+                                 SessionResume, TaskOutput, TaskRequest, TaskStdin, error_reply, session_reply)
 from tests.support.fake_corrald import FakeDaemon, framed, ok_reply
 from tests.unit.test_client_stream import echo_stdin_back
 
@@ -38,6 +38,7 @@ class FakeSessions:
 
     def __init__(self) -> None:
         self.files: dict[str, dict[bytes, bytes]] = {}  # open sessions: id -> guest files
+        self.paused: set[str] = set()
         self.opened = 0
         self.refuse_open: tuple[str, str, int] | None = None  # (code, text, retry ms)
         self.lock = threading.Lock()
@@ -56,20 +57,38 @@ class FakeSessions:
             session_id = f"s-{self.opened:016x}"
             self.files[session_id] = {}
             return [session_reply(request.request_id, session_id=session_id)]
-        if isinstance(request, SessionClose):
-            if self.files.pop(request.session_id, None) is None:
+        if isinstance(request, (SessionClose, SessionPause, SessionResume, SessionFork)):
+            if request.session_id not in self.files:
                 return [session_reply(request.request_id, error_code=ErrorCode.SESSION_NOT_FOUND,
                                       error_message=f"no session {request.session_id}")]
+        if isinstance(request, SessionClose):
+            self.files.pop(request.session_id)
+            self.paused.discard(request.session_id)
             return [session_reply(request.request_id, session_id=request.session_id)]
+        if isinstance(request, (SessionPause, SessionResume)):
+            (self.paused.add if isinstance(request, SessionPause) else self.paused.discard)(request.session_id)
+            return [session_reply(request.request_id, session_id=request.session_id)]
+        if isinstance(request, SessionFork):
+            new = []
+            for _ in range(request.count):
+                self.opened += 1
+                new.append(f"s-{self.opened:016x}")
+                self.files[new[-1]] = dict(self.files[request.session_id])
+            return [session_reply(request.request_id, session_id=request.session_id,
+                                  sessions=tuple((sid, b"", 0, 0, 0, "open") for sid in new))]
         if isinstance(request, SessionList):
             return [session_reply(request.request_id, sessions=tuple(
-                (sid, b"job=build\nowner=me" if i == 0 else b"", 65_000, 5_000 * i, 3 + i, "open")
+                (sid, b"job=build\nowner=me" if i == 0 else b"", 65_000, 5_000 * i, 3 + i,
+                 "paused" if sid in self.paused else "open")
                 for i, sid in enumerate(self.files)))]
         if not isinstance(request, TaskRequest):
             return []
         files = self.files.get(request.session_id)
         if files is None:
             return [error_reply(request.task_id, ErrorCode.SESSION_NOT_FOUND, f"no session {request.session_id}")]
+        if request.session_id in self.paused:
+            return [error_reply(request.task_id, ErrorCode.SESSION_PAUSED,
+                                f"session {request.session_id} is paused; resume it first")]
         for path, mode, data in request.files_in:
             if not path.startswith(b"/tmp/"):
                 return [error_reply(request.task_id, ErrorCode.PUT_FAILED, f"{path.decode()}: Permission denied")]
@@ -295,7 +314,7 @@ def test_cli_exec_interactive_forwards_stdin(daemon):
 
 def test_cli_session_ls_lists_ids_labels_age_and_idle_time(daemon, sessions, capsys):
     assert corral(daemon, "session", "ls") == 0
-    assert capsys.readouterr().out == "no open sessions\n"
+    assert capsys.readouterr().out == "no sessions\n"
     for _ in range(2):
         corral(daemon, "session", "open")
     capsys.readouterr()
@@ -319,7 +338,86 @@ def test_cli_session_close(daemon, sessions, capsys):
 
 def test_cli_session_needs_a_subcommand(capsys):
     assert main(["session"]) == 2
-    assert "open|ls|close" in capsys.readouterr().err
+    assert "open|ls|close|pause|resume|fork" in capsys.readouterr().err
+
+
+# --- snapshots: pause, resume, fork ---------------------------------------------------------
+
+def test_pause_resume_and_fork_send_their_requests_and_fork_gives_sessions_of_the_same_client(
+        daemon, client, sessions):
+    session = client.session()
+    session.put("/tmp/a", b"kept")
+    session.pause()
+    assert client.sessions()[0].state == "paused"
+    with pytest.raises(SessionError) as caught:
+        session.get("/tmp/a")
+    assert caught.value.code == ErrorCode.SESSION_PAUSED
+    session.resume()
+    forks = session.fork(2)
+    assert [type(f) for f in forks] == [Session, Session] and all(f.client is client for f in forks)
+    assert [f.session_id for f in forks] == ["s-0000000000000002", "s-0000000000000003"]
+    assert [f.get("/tmp/a") for f in forks] == [b"kept", b"kept"]
+    assert client.fork_session(session.session_id) == ["s-0000000000000004"]
+    (pause,), (resume,) = daemon.of_type(SessionPause), daemon.of_type(SessionResume)
+    assert pause.session_id == resume.session_id == session.session_id
+    assert [(f.session_id, f.count) for f in daemon.of_type(SessionFork)] == [(session.session_id, 2),
+                                                                             (session.session_id, 1)]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", m.request_id) for m in (pause, resume))
+
+
+@pytest.mark.parametrize("count", [0, 9, -1, 1.5, True, "2"])
+def test_a_fork_count_outside_1_to_max_forks_fails_in_the_caller(client, count):
+    with pytest.raises(ValueError, match="count must be a whole number from 1 to 8"):
+        client.fork_session(SID, count)
+
+
+def test_pause_resume_and_fork_of_an_unknown_session_raise_session_not_found(client, sessions):
+    for call in (client.pause_session, client.resume_session, client.fork_session):
+        with pytest.raises(SessionError, match=f"session_not_found: no session {SID}"):
+            call(SID)
+
+
+def test_cli_session_pause_resume_and_a_paused_exec(daemon, sessions, capsysbinary):
+    corral(daemon, "session", "open")
+    session_id = capsysbinary.readouterr().out.decode().strip()
+    assert corral(daemon, "session", "pause", session_id) == 0
+    assert capsysbinary.readouterr() == (b"", b"")
+    assert corral(daemon, "exec", session_id, "--", "true") == 125
+    assert capsysbinary.readouterr() == (
+        b"", f"corral: error session_paused: session {session_id} is paused; resume it first\n".encode())
+    assert corral(daemon, "session", "ls") == 0
+    assert capsysbinary.readouterr().out.decode().splitlines()[1].split()[4] == "paused"
+    assert corral(daemon, "session", "resume", session_id) == 0
+    assert corral(daemon, "exec", session_id, "--", "true") == 0
+
+
+def test_cli_session_fork_prints_each_new_id_alone_on_its_line(daemon, sessions, capsys):
+    corral(daemon, "session", "open")
+    session_id = capsys.readouterr().out.strip()
+    assert corral(daemon, "session", "fork", session_id, "-n", "3") == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["s-0000000000000002", "s-0000000000000003", "s-0000000000000004"] and err == ""
+    assert corral(daemon, "session", "fork", session_id) == 0
+    assert capsys.readouterr().out == "s-0000000000000005\n"
+    assert [f.count for f in daemon.of_type(SessionFork)] == [3, 1]
+
+
+def test_cli_session_pause_resume_fork_errors_exit_125(daemon, sessions, capsys):
+    for command in ("pause", "resume", "fork"):
+        assert corral(daemon, "session", command, SID) == 125
+        assert capsys.readouterr() == ("", f"corral: error session_not_found: no session {SID}\n")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["session", "fork", SID, "-n", "0"], "a fork makes 1 to 8 new sessions, not 0"),
+    (["session", "fork", SID, "-n", "9"], "a fork makes 1 to 8 new sessions, not 9"),
+    (["session", "fork", SID, "-n", "x"], "invalid"),
+    (["session", "pause"], "the following arguments are required: ID"),
+    (["session", "resume"], "the following arguments are required: ID"),
+])
+def test_cli_session_snapshot_commands_check_their_arguments(argv, fragment, capsys):
+    assert main(argv + ["--endpoint", "ipc:///nonexistent/x.sock"]) == 2
+    assert fragment in capsys.readouterr().err
 
 
 def test_cli_cp_both_ways(daemon, sessions, capsysbinary, tmp_path):

@@ -14,6 +14,8 @@ from actors.edge.metrics import Metrics
 from actors.messages import EndSession
 from actors.session_table import SessionsView
 from protocol.client import admin
+from tests.support.waiting import wait_until
+from tests.unit.test_session_snapshots import SnapshotWorld
 from tests.unit.test_sessions import LIMITS, World, wait_told
 
 
@@ -83,3 +85,23 @@ def test_corral_admin_sessions_prints_one_line_per_session(control):
     lines = done.stdout.splitlines()
     assert lines[0] == "1 session"
     assert lines[1].split()[:3] == [session_id, "owner=alice", "state=open"]
+
+
+def test_operators_see_a_paused_session_without_a_vm_and_closing_it_discards_its_snapshot(tmp_path):
+    world = SnapshotWorld(tmp_path / "snapshots")
+    (tmp_path / "snapshots").mkdir()
+    server = ControlServer(f"ipc://{tmp_path}/control/control.sock",
+                           OperatorsView(world.directory, world.metrics, world.view),
+                           faults_enabled=False, scram_pause_timeout_s=1.0, max_connections=4)
+    server.start()
+    try:
+        session_id, snapshot = world.paused("bob")
+        world.settled()
+        listed = fields(admin.request(server.endpoint, "sessions", []))
+        assert listed[session_id].startswith("owner=bob state=paused ") and " vm=- " in listed[session_id]
+        assert admin.request(server.endpoint, "session-close", [session_id]).ok
+        wait_until(lambda: not snapshot.directory.exists(), 5, "the paused session closed")
+        assert world.metrics.sessions_ended.labels("operator")._value.get() == 1
+    finally:
+        server.stop()
+        world.stop()

@@ -1,8 +1,9 @@
 """Session requests through a real IntakeServer (real ROUTER, Intake actor,
 CurveZMQ for identities) with raw DEALER callers. A recording actor stands
 in for "sessions" to see what the server hands over (OpenSession,
-CloseSession, ListSessions, SessionExec, SessionOpenFailed) and the test
-answers as Sessions, the Scheduler or a Supervisor would; the ownership
+CloseSession, ListSessions, SessionExec, SessionOpenFailed, PauseSession,
+ResumeSession, ForkSession) and the test answers as Sessions, the
+Scheduler or a Supervisor would; the ownership
 tests put the real Sessions actor there, with a recording Scheduler."""
 
 import itertools
@@ -13,13 +14,14 @@ import pytest
 from actors.directory import Directory
 from actors.edge.intake_server import TaskLimits
 from actors.edge.metrics import Metrics
-from actors.messages import (CloseSession, ListSessions, OpenSession, RunTask, SessionExec, SessionOpenFailed,
-                             SessionStarted)
+from actors.messages import (CloseSession, ForkSession, ListSessions, OpenSession, PauseSession, ResumeSession,
+                             RunTask, SaveSession, SessionExec, SessionOpenFailed, SessionStarted)
 from actors.session_table import SessionLimits, SessionsView
 from actors.sessions import Sessions
 from actors.timers import Timers
 from protocol.channel.constants import STDOUT
-from protocol.wire.tasks import ErrorCode, SessionReply, TaskReply, error_reply, session_reply
+from protocol.wire.tasks import (MAX_FORKS, ErrorCode, SessionFork, SessionPause, SessionReply, SessionResume,
+                                 TaskReply, error_reply, session_reply)
 from tests.support.intake import LIMITS, curve_config, curve_keys
 from tests.support.probe import Recorder, wait_for
 from tests.support.streams import Caller, Producer, StreamWorld, stream_world, submitted
@@ -365,3 +367,135 @@ def test_an_open_the_scheduler_turns_down_is_forgotten_by_sessions(owned):
     assert (reply.error_code, reply.retry_after_ms) == (ErrorCode.BUSY, 500)
     sessions = owned.directory.get("sessions").proxy()
     wait_until(lambda: not sessions.state.get().table.sessions, 5, "Sessions forgetting the failed open")
+
+
+# --- snapshots: pause, resume, fork ----------------------------------------------------
+
+SESSION = "s-0123456789abcdef"
+
+
+def pause(caller, request_id, session_id=SESSION):
+    caller.send(SessionPause(request_id=request_id, session_id=session_id))
+
+
+def resume(caller, request_id, session_id=SESSION):
+    caller.send(SessionResume(request_id=request_id, session_id=session_id))
+
+
+def fork(caller, request_id, count=1, session_id=SESSION):
+    caller.send(SessionFork(request_id=request_id, session_id=session_id, count=count))
+
+
+def test_pause_resume_and_fork_are_handed_to_sessions_with_their_owner_and_answered_once(world):
+    alice = world.caller()
+    pause(alice, "p")
+    resume(alice, "r")
+    fork(alice, "f", count=3)
+    p, r, f = handed(world, 3)
+    assert (type(p), type(r), type(f)) == (PauseSession, ResumeSession, ForkSession)
+    assert {m.owner for m in (p, r, f)} == {"local"}
+    assert f.request.count == 3 and p.request.session_id == SESSION
+    new = (("s-1111111111111111", b"", 0, 0, 0, "open"),)
+    world.directory.answer(p.ticket, session_reply("p", session_id=SESSION))
+    world.directory.answer(r.ticket, session_reply("r", error_code=ErrorCode.SESSION_BUSY, error_message="busy"))
+    world.directory.answer(f.ticket, session_reply("f", session_id=SESSION, sessions=new))
+    world.directory.answer(f.ticket, session_reply("f", error_code=ErrorCode.SESSION_LOST, error_message="late"))
+    assert alice.session_reply("p").session_id == SESSION
+    assert alice.session_reply("r").error_code == ErrorCode.SESSION_BUSY
+    assert alice.session_reply("f").sessions == new
+    quiet(alice)
+    assert world.server.unanswered() == 0
+    for kind, code in (("pause", "ok"), ("resume", "session_busy"), ("fork", "ok")):
+        assert world.metrics.session_requests.labels(kind, code)._value.get() == 1
+
+
+@pytest.mark.parametrize("count", [0, MAX_FORKS + 1])
+def test_a_fork_of_too_few_or_too_many_is_refused_at_once(world, count):
+    alice = world.caller()
+    fork(alice, "f", count=count)
+    reply = alice.session_reply("f")
+    assert reply.error_code == ErrorCode.INVALID_REQUEST and f"1 to {MAX_FORKS}" in reply.error_message
+    assert wait_for(world.directory.get("sessions"), 0) == []
+
+
+def test_forks_are_refused_in_corralds_modes_pauses_and_resumes_are_left_to_sessions(world):
+    alice = world.caller()
+    for code in ("draining", "safe_mode", "shutting_down"):
+        world.server.refusal = (code, f"corrald is {code}")
+        fork(alice, f"f-{code}")
+        assert alice.session_reply(f"f-{code}").error_code == code
+    pause(alice, "p")
+    resume(alice, "r")
+    assert [type(m) for m in handed(world, 2)] == [PauseSession, ResumeSession]
+
+
+def test_an_error_task_reply_for_a_pause_or_fork_goes_out_as_a_session_reply(world):
+    alice = world.caller()
+    pause(alice, "p")
+    fork(alice, "f")
+    handed(world, 2)
+    world.server.stop()  # corrald stopping answers them as it answers tasks
+    assert alice.session_reply("p").error_code == ErrorCode.CANCELLED
+    assert alice.session_reply("f").error_code == ErrorCode.CANCELLED
+
+
+def test_without_a_sessions_actor_they_are_answered_unavailable(world):
+    world.directory.get("sessions").stop()
+    alice = world.caller()
+    pause(alice, "p")
+    resume(alice, "r")
+    fork(alice, "f")
+    for rid in ("p", "r", "f"):
+        reply = alice.session_reply(rid)
+        assert reply.error_code == ErrorCode.UNAVAILABLE and reply.retry_after_ms == 1000
+
+
+def test_a_fork_is_charged_count_default_tasks_and_refunded_when_busy_pause_and_resume_are_free(curve):
+    ledger = curve.server.admission.ledger
+    alice = curve.caller("alice")  # a budget of 3; a normal task with no capability costs 1
+    pause(alice, "p")
+    resume(alice, "r")
+    p, r = handed(curve, 2)
+    assert ledger.snapshot().get("alice", (0, 0.0, 0.0))[1] == 0.0
+    fork(alice, "f", count=2)
+    f = handed(curve, 3)[-1]
+    assert f.owner == "alice" and ledger.snapshot()["alice"][1] == 2.0
+    fork(alice, "greedy", count=MAX_FORKS)  # 8 is over what alice may ever hold
+    assert alice.session_reply("greedy").error_code == ErrorCode.COST_OVER_CAPACITY
+    curve.directory.answer(f.ticket, session_reply("f", error_code=ErrorCode.SESSION_BUSY, error_message="busy"))
+    alice.session_reply("f")
+    assert ledger.snapshot()["alice"][2] == 2.0  # never reached a VM: refunded
+    fork(alice, "g", count=1)
+    g = handed(curve, 4)[-1]
+    curve.directory.answer(g.ticket, session_reply("g", session_id=SESSION, sessions=(
+        ("s-1111111111111111", b"", 0, 0, 0, "open"),)))
+    alice.session_reply("g")
+    assert ledger.snapshot()["alice"][1:] == (3.0, 2.0)  # a fork that made its session is not refunded
+
+
+def test_an_exec_answered_session_paused_is_refunded(curve):
+    ledger = curve.server.admission.ledger
+    alice = curve.caller("alice")
+    alice.submit("e", stream=False, session_id=SESSION)
+    (exec_,) = handed(curve)
+    curve.directory.answer(exec_.task.ticket, error_reply("e", ErrorCode.SESSION_PAUSED, "paused"))
+    assert alice.read_to_reply("e", ack=False).error_code == ErrorCode.SESSION_PAUSED
+    assert ledger.snapshot()["alice"][1:] == (1.0, 1.0)
+
+
+def test_another_identitys_pause_resume_and_fork_find_no_session(owned):
+    alice, carol = owned.caller("alice"), owned.caller("carol")
+    session_id, supervisor = open_session(owned, alice, "o")
+    unknown = "s-" + "0" * 16
+    for send in (pause, resume, fork):
+        send(carol, "theirs", session_id=session_id)
+        theirs = carol.session_reply("theirs")
+        send(carol, "nobodys", session_id=unknown)
+        nobodys = carol.session_reply("nobodys")
+        assert theirs.error_code == nobodys.error_code == ErrorCode.SESSION_NOT_FOUND
+        assert theirs.error_message.replace(session_id, "ID") == nobodys.error_message.replace(unknown, "ID")
+        carol.session_replies.clear()
+    quiet(carol)
+    assert supervisor.proxy().seen.get() == []
+    pause(alice, "mine", session_id=session_id)  # hers is there: her pause saves its VM
+    assert isinstance(wait_for(supervisor, 1)[0], SaveSession)

@@ -154,3 +154,65 @@ def test_labels_list_as_k_v_lines_that_fit_the_wire():
     labels = tuple((f"k{i}".encode(), b"v" * 256) for i in range(MAX_LABELS))
     lines = label_lines(labels)
     assert lines.split(b"\n")[0] == b"k0=" + b"v" * 256 and lines.count(b"\n") == MAX_LABELS - 1
+
+
+# --- snapshots ------------------------------------------------------------------------
+
+def snapshot(name):
+    from pathlib import Path
+
+    from actors.vm.snapshots import Template, TemplateKey
+    key = TemplateKey(gold="g", agent="a", host="h", domain="d", network=False, memory_mib=512)
+    return Template(key=key, directory=Path("/nonexistent") / name, xml="<domain/>", name="corral-t", inode=1,
+                    data_len=65536, guest_next_seq=1, host_next_seq=0)
+
+
+def test_a_paused_session_is_never_idle_but_ends_at_its_lifetime_pausing_and_resuming_ones_never_due():
+    paused = session("s-1", state=SessionState.PAUSED, idle_s=60, life_s=600)
+    t = table(paused, session("s-2", state=SessionState.PAUSING, idle_s=1, life_s=1),
+              session("s-3", state=SessionState.RESUMING, idle_s=1, life_s=1))
+    assert t.due(NOW + 599) == []
+    assert t.due(NOW + 600) == [("s-1", "lifetime")]
+    assert paused.idle_for_s(NOW + 300) == 0.0
+
+
+def test_the_limits_count_paused_sessions_and_what_a_fork_would_add():
+    t = table(session("s-1", state=SessionState.PAUSED))
+    assert t.refusal("alice", LIMITS) is None
+    refusal = t.refusal("alice", LIMITS, adding=2)
+    assert "2 more would pass" in refusal and "sessions.max_per_identity = 2" in refusal
+    t.add(session("s-2", owner="bob", state=SessionState.RESUMING))
+    assert "sessions.max_total = 3" in t.refusal("carol", LIMITS, adding=2)
+
+
+def test_a_forks_new_sessions_are_not_their_owners_to_see_until_the_fork_is_answered():
+    child = session("s-2", state=SessionState.RESUMING)
+    child.fork_ticket = 9
+    t = table(session("s-1", state=SessionState.PAUSED), child)
+    assert [(row[0], row[5]) for row in t.listing("alice", NOW)] == [("s-1", "paused")]
+    assert [s.state for s in t.summaries()] == ["paused", "resuming"]  # operators see it
+    child.fork_ticket = 0
+    assert [row[0] for row in t.listing("alice", NOW)] == ["s-1", "s-2"]
+
+
+def test_a_snapshot_is_in_use_while_a_session_is_paused_on_it_or_resuming_from_it():
+    shared, other = snapshot("a"), snapshot("b")
+    paused = session("s-1", state=SessionState.PAUSED)
+    paused.snapshot = shared
+    resuming = session("s-2", state=SessionState.RESUMING)
+    resuming.snapshot = snapshot("a")  # the same directory
+    t = table(paused, resuming)
+    assert not t.snapshot_unused(shared) and t.snapshot_unused(other)
+    t.remove("s-1")
+    assert not t.snapshot_unused(shared)
+    resuming.snapshot = None
+    assert t.snapshot_unused(shared)
+
+
+def test_a_restore_never_answered_is_stale_after_the_restore_timeout():
+    told = session("s-1", state=SessionState.RESUMING)
+    told.restore_told = NOW
+    untold = session("s-2", state=SessionState.RESUMING)  # a fork's new one before its parent's save
+    t = table(told, untold)
+    assert t.stale_restores(NOW + 9, restore_timeout_s=10) == []
+    assert [s.session_id for s in t.stale_restores(NOW + 10, restore_timeout_s=10)] == ["s-1"]
