@@ -171,8 +171,8 @@ class GuestLink:
         """Set a restored agent's clock to ours, give its CRNG fresh entropy and
         move both directions to random sequence bases, so no frame recorded
         on one clone of a snapshot passes on another. Only while
-        the agent is idle since its Hello (after any work it refuses, with an
-        Error raised here as UnexpectedMessage). Returns the ResumeDone."""
+        no exec runs in the guest (else the agent refuses, with an Error raised
+        here as UnexpectedMessage). Returns the ResumeDone."""
         self.send_resume()
         message = self.receive(frozenset({messages.ResumeDone, messages.Error}), deadline)
         if isinstance(message, messages.Error):
