@@ -24,6 +24,11 @@ to each VM's own). No corral VM has a NIC (a template with one is refused), so
 there is no MAC to give each clone.
 The image's flock is held from that rewrite until restoreFlags returns, so no
 two restores see each other's header; QEMU's stream after it is never touched.
+
+Session snapshots (SessionSnapshots) are Templates too: a session's VM saved
+between its execs into a directory of its own under <state_dir>/sessions/,
+restored as a template's clones are (a resume, a fork), and removed by
+Sessions once nothing restores from it (discard_snapshot).
 """
 
 from __future__ import annotations
