@@ -18,7 +18,7 @@ import pytest
 
 from actors.artifacts.files import FileSettings
 from actors.messages import (ChannelFailed, EndSession, Freeze, PoolVmState, RestoreSession, SaveSession,
-                             SessionEnded, SessionExecDone, SessionSaved, SessionStarted, Thaw, Unwatch, VmState,
+                             SessionEnded, SessionSaved, SessionStarted, Thaw, Unwatch, VmState,
                              Watch)
 from actors.supervisor import Supervisor, VmSettings
 from actors.vm.errors import RestoreFailed, SessionSaveFailed, TemplateGone

@@ -11,6 +11,7 @@ import pytest
 
 from actors.vm.errors import ChannelClosed
 from protocol.channel import codec, constants, messages
+from protocol.channel.capabilities import ALL_SOFT_BITS
 from protocol.channel.errors import UnexpectedMessage
 from protocol.channel.frame import FrameEncoder
 from protocol.hostcrc import crc32
@@ -87,8 +88,11 @@ def test_resume_after_an_exec_is_taken_and_sets_the_clock(vm):
 
 
 def test_resume_while_an_exec_runs_is_refused_and_changes_no_clock(vm):
-    vm.link.send(messages.Exec(exec_id=7, argv=(b"sleep", b"2"), env=(), cwd=b"", stdin=b"", timeout_ms=10_000,
-                               output_cap=0, as_root=False, capabilities=0))
+    vm.link.send(messages.Exec(exec_id=7, argv=(b"sh", b"-c", b"echo started; sleep 2"), env=(), cwd=b"",
+                               stdin=b"", timeout_ms=10_000, output_cap=1024, as_root=False,
+                               capabilities=ALL_SOFT_BITS))
+    started = vm.link.receive(frozenset({messages.Output}), time.monotonic() + 20)  # it runs: on the old base
+    assert (started.exec_id, started.data) == (7, b"started\n")
     with pytest.raises(UnexpectedMessage, match="resume_refused"):
         resume_at(vm.link, time.time_ns() + HOUR_NS)
     # The refusal came on the new guest base and the agent took the host's: the

@@ -3,8 +3,10 @@ a VM that did work (a file written, a background process started) is saved
 whole between execs (Hypervisor.save_session), several clones are restored
 from the one snapshot (Hypervisor.restore, as a refill's clones), each takes
 a Resume after that work, and each has the file, the process and its own
-randomness. The Supervisor's part is tests/unit/test_supervisor_snapshots.py
-and the end of this file."""
+randomness. Then the same through Supervisors in a running service (the
+Sessions actor's part played by the test, as in test_session_vm.py): a
+session saved by SaveSession and restored as three sessions by the pool
+(RestoreSession), each a session's VM with the saved state."""
 
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ import time
 
 import pytest
 
+from actors.messages import EndSession, RestoreSession, SaveSession, SessionSaved, SessionStarted
 from actors.vm.errors import SessionSaveFailed
 from actors.vm.guest_link import GuestLink
 from actors.vm.host import TEMPLATE_CLOSE_S
 from actors.vm.snapshots import IMAGE_FILE, discard_snapshot
+from tests.support.service import pool_vms, running_service, service_config, wait_ready
+from tests.support.sessions import Session, standing_in
 from tests.support.vm import BootedVm
+from tests.support.waiting import wait_until
 
 CLONES = 3
 SESSION_ID = "s-0123456789abcdef"
@@ -106,3 +112,64 @@ def test_a_save_that_fails_leaves_no_snapshot(hypervisor, cfg):
         assert set(hypervisor.session_snapshots.root.iterdir()) == before
     finally:
         vm.destroy()
+
+
+# --- through Supervisors: SaveSession, then RestoreSession to the pool ----------------------
+
+@pytest.fixture(scope="module")
+def service(hypervisor, tmp_path_factory):
+    with running_service(service_config(tmp_path_factory.mktemp("snapshots"), pool={"size": 1}), hypervisor) as svc:
+        yield svc
+
+
+def restored_session(board, started: SessionStarted) -> Session:
+    """A Session (tests/support/sessions.py) for a session the pool restored."""
+    session = Session.__new__(Session)
+    session.board, session.session_id = board, started.session_id
+    session.vm_id, session.supervisor = started.vm_id, started.supervisor
+    return session
+
+
+def test_a_session_saved_by_its_supervisor_restores_as_three_sessions_with_its_state(service):
+    wait_ready(service)
+    with standing_in(service) as board:
+        session = Session(service, board)
+        work = session.run([b"sh", b"-c", b"echo hi > $HOME/f; sleep 300 >/dev/null 2>&1 & echo $! > $HOME/pid"])
+        assert (work.error_code, work.exit_code) == ("", 0), work
+        started = time.monotonic()
+        session.supervisor.tell(SaveSession())
+        (saved,) = wait_until(lambda: board.all(SessionSaved), 60, "SessionSaved")
+        save_s = time.monotonic() - started
+        assert saved.session_id == session.session_id
+        wait_until(lambda: session.vm_id not in pool_vms(service), 15, "the saved VM out of the pool")
+        assert not service.hypervisor.domain_exists(session.vm_id)
+        ids = [session.session_id, "s-" + "1" * 16, "s-" + "2" * 16]  # the session itself and two forks
+        started = time.monotonic()
+        for session_id in ids:
+            service.directory.tell("pool", RestoreSession(session_id, "tester", saved.snapshot, ()))
+        news = wait_until(lambda: len(board.all(SessionStarted)) == 4 and board.all(SessionStarted)[1:], 120,
+                          "three restored sessions")
+        restore_s = time.monotonic() - started
+        clones = [restored_session(board, m) for m in news]
+        try:
+            assert sorted(c.session_id for c in clones) == sorted(ids)
+            assert len({c.vm_id for c in clones} | {session.vm_id}) == 4
+            assert all(pool_vms(service).get(c.vm_id) == "session" for c in clones)
+            seen = set()
+            for clone in clones:
+                check = clone.run([b"sh", b"-c", b"cat $HOME/f; kill -0 $(cat $HOME/pid) && echo alive; "
+                                                 b"head -c 16 /dev/urandom | od -An -tx1"])
+                assert check.exit_code == 0, check
+                file, alive, random_bytes = check.stdout.decode().splitlines()
+                assert (file, alive) == ("hi", "alive")
+                seen.add(random_bytes)
+            assert len(seen) == len(clones)
+            print(f"\nFIGURE session save through its Supervisor {save_s:.2f} s; "
+                  f"3 sessions restored from it (pool to SessionStarted) in {restore_s:.2f} s")
+        finally:
+            for clone in clones:
+                clone.supervisor.tell(EndSession("closed"))
+            discard_snapshot(saved.snapshot)
+        wait_until(lambda: not {c.vm_id for c in clones} & set(pool_vms(service)), 30, "the restored VMs gone")
+        assert not any(service.hypervisor.domain_exists(c.vm_id) for c in clones)
+        assert not saved.snapshot.directory.exists()
