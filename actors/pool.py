@@ -9,7 +9,9 @@ the pool is not empty for a whole boot each time a VM retires.
 
 A VM that becomes a session's leaves the pool: it is replaced at once and
 no longer counted or offered, but stays in the table until it is gone, so a
-SCRAM freezes it like the others.
+SCRAM freezes it like the others. A VM restored for a session from its
+snapshot (RestoreSession) is a session's from the start: in the table, never
+in the pool's size.
 
 In safe mode (SCRAM) it freezes every VM (each Supervisor pauses its domain)
 and boots nothing; resuming thaws them and refills the pool.
@@ -37,12 +39,12 @@ import pykka
 
 from actors.directory import Directory, drain_inbox, send
 from actors.messages import (BackoffOver, ChildFailed, Freeze, HostMemory, InjectFault, PoolVmState,
-                             ResumeService, Retire, Scram, SetPoolSize, Thaw, Tick, TierDemand,
-                             VmAvailable, VmState, VmWithdrawn)
+                             RestoreSession, ResumeService, Retire, Scram, SessionEnded, SetPoolSize, Thaw, Tick,
+                             TierDemand, VmAvailable, VmState, VmWithdrawn)
 from actors.edge.metrics import POOL_STATES, Metrics
 from actors.pool_plan import (PoolState, PoolView, PoolVm, TierSizes, boot_backoff_s, boots_wanted,
                               oldest_idle, over_size, retire_on_tick)
-from actors.vm.tiers import Tier
+from actors.vm.tiers import tier_of
 from actors.timers import Timers
 from config import Config
 
@@ -67,10 +69,11 @@ class PoolSettings:
 
 class PoolManager(pykka.ThreadingActor):
     def __init__(self, *, directory: Directory, metrics: Metrics, timers: Timers,
-                 start_supervisor: Callable[[str, Tier], pykka.ActorRef], new_name: Callable[[], str],
+                 start_supervisor: Callable[..., pykka.ActorRef], new_name: Callable[[], str],
                  view: PoolView, settings: PoolSettings, state: PoolState | None = None,
                  safe_mode: bool = False):
-        """`start_supervisor(vm_id, tier)` starts a VM's Supervisor; `new_name()`
+        """`start_supervisor(vm_id, tier, restore=None)` starts a VM's Supervisor
+        (`restore`: a session's VM, restored from its snapshot); `new_name()`
         names a VM; `view` is published for other threads. `state`: a crashed
         predecessor's, taken over; else an empty pool in `safe_mode` or not."""
         super().__init__()
@@ -97,6 +100,8 @@ class PoolManager(pykka.ThreadingActor):
             self._tick()
         elif isinstance(message, BackoffOver):
             self._fill()
+        elif isinstance(message, RestoreSession):
+            self._restore_session(message)
         elif isinstance(message, TierDemand):
             self.state.demand = dict(message.waiting)
             self._fill()
@@ -159,6 +164,24 @@ class PoolManager(pykka.ThreadingActor):
             vm.last_task = True
             self._fill()  # its replacement boots while it runs its last task
 
+    def _restore_session(self, message: RestoreSession) -> None:
+        """A VM for a session, restored from its snapshot: a session's from the
+        start, so in the table (SCRAM reaches it, the Watchdog counts it owned)
+        but outside every size, and never booted or replaced by the pool."""
+        if self.stopping:  # no Supervisor will start: the session's VM never comes back
+            self.directory.tell("sessions", SessionEnded(message.session_id, "restore_failed"))
+            return
+        vm_id = self.new_name()
+        # In the table as a session's before its Supervisor makes the domain:
+        # never a zombie, never counted by _fill.
+        self.state.vms[vm_id] = PoolVm(supervisor=None, tier=tier_of(message.capabilities),
+                                       state=PoolVmState.SESSION)
+        self.view.owned = frozenset(self.state.vms)
+        supervisor = self.start_supervisor(vm_id, self.state.vms[vm_id].tier, restore=message)
+        self.state.vms[vm_id].supervisor = supervisor
+        if self.state.safe_mode:  # frozen like every other VM until an operator resumes
+            send(supervisor, Freeze())
+
     def _tick(self) -> None:
         settings = self.settings
         for vm_id, reason in retire_on_tick(self.state, settings.tiers, settings.max_age_s, time.monotonic()):
@@ -217,6 +240,8 @@ class PoolManager(pykka.ThreadingActor):
         for message in drain_inbox(self):
             if isinstance(message, VmState):
                 self._vm_state(message)
+            elif isinstance(message, RestoreSession):  # its session is told, not left waiting
+                self._restore_session(message)
         self.directory.tell("root", ChildFailed("pool", repr(exception_value), salvage=self.state))
 
     def on_stop(self) -> None:

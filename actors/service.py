@@ -21,7 +21,7 @@ from actors.vm.host import Hypervisor
 from actors.edge.identity import Admission
 from actors.edge.intake_server import KNOWN_CAPABILITIES, OFFERED_CAPABILITIES, IntakeServer, TaskLimits
 from actors.intake import Intake
-from actors.messages import Drain, ResumeService, Scram
+from actors.messages import Drain, RestoreSession, ResumeService, Scram
 from actors.ioguard import IOGuard, ReadLimits
 from actors.edge.metrics import Metrics
 from actors.egress.proxy import EgressProxy, EgressSettings
@@ -123,10 +123,11 @@ class Corral:
                 min_available_mib=cfg.watchdog.min_available_mib),
         }
 
-    def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER) -> pykka.ActorRef:
+    def _start_supervisor(self, vm_id: str, tier: Tier = DEFAULT_TIER,
+                          restore: RestoreSession | None = None) -> pykka.ActorRef:
         return Supervisor.start(vm_id, directory=self.directory, hypervisor=self.hypervisor, refill=self.refill,
                                 timers=self.timers, metrics=self.metrics, settings=self.vm_settings, tier=tier,
-                                egress=self.egress)
+                                egress=self.egress, restore=restore)
 
     def _ioguard_totals(self) -> dict:
         ioguard = self.directory.get("ioguard")

@@ -59,7 +59,20 @@ lifetime, operator, draining), or when its VM dies (dead-man's switch, lost
 channel, protocol violation): every exec still running is answered
 session_lost, the VM destroyed, the pool told gone and Sessions told
 SessionEnded with the reason. An exec answered at the session's end owes no
-SessionExecDone: the SessionEnded settles it. A reader that falls behind
+SessionExecDone: the SessionEnded settles it.
+
+Session snapshots. SaveSession (no exec running) saves the session's VM:
+IOGuard's watch and the egress port ended, the channel closed (the agent
+sees the host leave, as for a template), then libvirt's save with the
+channel's next sequences; the VM is gone after it, the pool told gone
+(session_saved), and Sessions told SessionSaved with the snapshot instead of
+SessionEnded. A save that fails loses the session (save_failed). A Supervisor
+started with `restore` (RestoreSession, from the pool) is a session's from
+birth, outside the pool's size: restoring (the snapshot restored as a clone,
+its Resume sent) --ResumeDone--> session (the session's CPU and egress rules
+set, Sessions told SessionStarted), with no warm-up; any failure before that
+ends it and tells Sessions SessionEnded(restore_failed). Never through the
+Refill: a session's snapshot is no template of the pool's. A reader that falls behind
 holds the whole channel, so all of the session's running execs wait with it.
 
 Blocking libvirt calls happen here, in this VM's own actor thread, so a slow
@@ -89,13 +102,14 @@ from actors.errors import CorralError
 from actors.refill import NewVm, Refill
 from actors.vm.errors import RestoreFailed
 from actors.vm.guest_link import CappedOutput, GuestLink
-from actors.vm.host import Hypervisor
+from actors.vm.host import TEMPLATE_CLOSE_S, Hypervisor
 from actors.messages import (ChannelFailed, ChannelHold, DeadlinePassed, EndSession, Freeze, GuestSaid, InjectFault,
-                             OutputChunk, PoolVmState, ReaderHold, Requeue, Retire, RunTask, SessionClaim,
-                             SessionEnded, SessionExecDone, SessionStarted, StdinChunk, Task, TaskStarted, Thaw,
-                             Unwatch, VmState, Watch)
+                             OutputChunk, PoolVmState, ReaderHold, Requeue, RestoreSession, Retire, RunTask,
+                             SaveSession, SessionClaim, SessionEnded, SessionExecDone, SessionSaved, SessionStarted,
+                             StdinChunk, Task, TaskStarted, Thaw, Unwatch, VmState, Watch)
 from actors.edge.metrics import Metrics
 from actors.replies import exit_reply, whole_ms, with_files
+from actors.vm.snapshots import Template
 from actors.vm.tiers import DEFAULT_TIER, Tier, wants_high_cpu
 from actors.timers import Timers
 from config import Config
@@ -124,6 +138,7 @@ class VmPhase(StrEnum):
     COLLECTING = "collecting"
     RESETTING = "resetting"
     SESSION = "session"  # a session's: runs its execs, several at once, until the session ends
+    RESTORING = "restoring"  # a session's from birth, restored from its snapshot: its ResumeDone awaited
     GONE = "gone"
 
 
@@ -140,6 +155,7 @@ POOL_STATE_OF = {
     VmPhase.COLLECTING: PoolVmState.BUSY,
     VmPhase.RESETTING: PoolVmState.RESETTING,
     VmPhase.SESSION: PoolVmState.SESSION,
+    VmPhase.RESTORING: PoolVmState.SESSION,  # outside the pool's size from the start
     VmPhase.GONE: PoolVmState.GONE,
 }
 
@@ -158,6 +174,7 @@ ALLOWED = {
     VmPhase.SETTLING: frozenset(),
     # Of the execs running (each checked against its exec_id) and those collecting.
     VmPhase.SESSION: frozenset({guest.Output, guest.Exit, guest.Error, guest.Collected}),
+    VmPhase.RESTORING: frozenset({guest.ResumeDone, guest.Error}),
 }
 # Before the VM is first offered: a boot waits for its Hello, a clone answers its Resume and warm-up.
 STARTING = (VmPhase.BOOTING, VmPhase.RESUMING, VmPhase.WARMING)
@@ -225,7 +242,9 @@ class RunningTask:
 class Supervisor(pykka.ThreadingActor):
     def __init__(self, vm_id: str, *, directory: Directory, hypervisor: Hypervisor, refill: Refill,
                  timers: Timers, metrics: Metrics, settings: VmSettings, tier: Tier = DEFAULT_TIER,
-                 egress: EgressProxy | None = None):
+                 egress: EgressProxy | None = None, restore: RestoreSession | None = None):
+        """`restore`: this VM is that session's from birth, restored from its
+        snapshot (outside the pool's size); None for a pool VM."""
         super().__init__()
         self.vm_id = vm_id
         self.tier = tier
@@ -237,7 +256,9 @@ class Supervisor(pykka.ThreadingActor):
         self.timers = timers
         self.metrics = metrics
         self.settings = settings
-        self.state: VmPhase = VmPhase.BOOTING
+        self.restore = restore
+        self.state: VmPhase = VmPhase.RESTORING if restore is not None else VmPhase.BOOTING
+        self.saved: Template | None = None  # the session's snapshot, once its VM was saved into it
         self.handle = None
         self.made: NewVm | None = None  # how the VM was made, until it is first offered
         self.run_control = None  # pauses and resumes the domain (QMP or libvirt)
@@ -260,6 +281,8 @@ class Supervisor(pykka.ThreadingActor):
     # --- life cycle ------------------------------------------------------------
 
     def on_start(self) -> None:
+        if self.restore is not None:
+            return self._start_restored()
         self._tell_pool(PoolVmState.BOOTING)
         try:
             self.made = self.refill.new_vm(
@@ -275,16 +298,35 @@ class Supervisor(pykka.ThreadingActor):
             return
         if self.handle.restored:
             self.state = VmPhase.RESUMING
+        self._connect()
+
+    def _start_restored(self) -> None:
+        """A session's VM restored from its snapshot: the clone, then its
+        Resume; a failure ends it as restore_failed (Sessions told). Never
+        through the Refill: a session's snapshot is no template of the pool's."""
+        self._tell_pool(PoolVmState.SESSION)
+        try:
+            self.handle = self.hypervisor.restore(self.restore.snapshot, name=self.vm_id)
+        except Exception as e:  # RestoreFailed, TemplateGone (discarded meanwhile), or a bug
+            log.warning("VM %s: cannot restore session %s: %s", self.vm_id, self.restore.session_id, e)
+            return self._end("restore_failed")
+        self._connect()
+
+    def _connect(self) -> None:
+        """Connect to the new VM's channel (a restored one's Resume sent) and
+        have IOGuard read it; its first answer is due within the boot timeout."""
         try:
             self.run_control = self.hypervisor.run_control(self.handle)
-            # A clone's agent said Hello before its template was saved: its next frame follows it.
-            self.link = GuestLink(self.handle.socket, guest_first_seq=self.handle.guest_first_seq)
+            # A clone's agent said Hello before its template was saved (a session's did
+            # more): its next frame, and the host's, follow what the VM saved had seen.
+            self.link = GuestLink(self.handle.socket, guest_first_seq=self.handle.guest_first_seq,
+                                  host_first_seq=self.handle.host_first_seq)
             self.link.connect(time.monotonic() + self.settings.boot_timeout_s)
             self.link.sock.settimeout(SEND_TIMEOUT_S)
             if self.handle.restored:
                 self.link.send_resume()  # ResumeDone comes through IOGuard, on the new base
         except Exception as e:
-            if not self.handle.restored:  # a clone's failure is warned of by Refill.restore_failed
+            if self.state == VmPhase.BOOTING:  # a clone's failure is warned of by _start_failed
                 log.warning("VM %s: cannot start: %s", self.vm_id, e)
             self._end(self._start_failed(f"cannot connect: {e}"))
             return
@@ -302,6 +344,7 @@ class Supervisor(pykka.ThreadingActor):
                 self._strand(message.task)
             return
         if isinstance(message, GuestSaid):
+            self.link.guest_frame_read()
             self._guest_said(message.message)
         elif isinstance(message, RunTask):
             self._run_task(message)
@@ -320,6 +363,8 @@ class Supervisor(pykka.ThreadingActor):
                 self._deadline_passed()
         elif isinstance(message, EndSession):
             self._end_session(message.reason)
+        elif isinstance(message, SaveSession):
+            self._save_session()
         elif isinstance(message, ChannelFailed):
             if message.violation:
                 self.metrics.violations.labels(message.code).inc()
@@ -379,6 +424,8 @@ class Supervisor(pykka.ThreadingActor):
             return
         if self.state in CLONE_STARTING:
             self._clone_said(message)
+        elif self.state == VmPhase.RESTORING:
+            self._restored_said(message)
         elif self.state == VmPhase.SESSION:
             self._session_said(message)
         elif isinstance(message, guest.Hello):
@@ -686,6 +733,59 @@ class Supervisor(pykka.ThreadingActor):
         log.info("VM %s is session %s's", self.vm_id, self.session.session_id)
         self.directory.tell("sessions", SessionStarted(self.session.session_id, self.vm_id, self.actor_ref))
 
+    def _restored_said(self, message: codec.Message) -> None:
+        """A restored session VM's answer to its Resume: on ResumeDone it is the
+        session's, with the session's CPU and egress rules, and Sessions is told
+        SessionStarted (as a claim's VM does); on an Error it ends."""
+        restore = self.restore
+        if isinstance(message, guest.Error):
+            log.warning("VM %s: session %s's restored agent answered %s: %s", self.vm_id, restore.session_id,
+                        message.code, message.message)
+            return self._end("restore_failed")
+        try:
+            self._set_cpu(self.settings.high_cpu if wants_high_cpu(restore.capabilities) else self.settings.cpu)
+            if self.egress is not None:  # the session's rules, before its first exec
+                self.egress.begin_task(self.vm_id, TaskEgress(restore.session_id, restore.owner,
+                                                              parse_rules(restore.egress_allow)))
+        except (CorralError, ValueError) as e:
+            log.warning("VM %s: session %s's restored VM cannot be set up: %s", self.vm_id, restore.session_id, e)
+            return self._end("restore_failed")
+        self.session = SessionClaim(restore.session_id, restore.owner)
+        self.session_capabilities = restore.capabilities
+        self.deadline, self.deadline_token = None, self.deadline_token + 1  # execs have deadlines of their own
+        self.state = VmPhase.SESSION  # the pool counted it a session's from the start
+        log.info("VM %s is session %s's, restored from %s (its clock stepped %+.3f s)", self.vm_id,
+                 restore.session_id, restore.snapshot.directory.name, message.clock_step_ns / 1e9)
+        self.directory.tell("sessions", SessionStarted(restore.session_id, self.vm_id, self.actor_ref))
+
+    def _save_session(self) -> None:
+        """Save the session's VM into a snapshot between its execs: the channel
+        closed first (the agent sees the host leave, as for a template), then
+        libvirt's save; the VM is gone after it, and Sessions is told
+        SessionSaved instead of SessionEnded. Any failure loses the session."""
+        if self.state != VmPhase.SESSION:
+            log.warning("VM %s told to save a session while %s", self.vm_id, self.state)
+            return
+        if self.execs:  # Sessions saves only a session with no exec running
+            return self._lose_session(f"it was to be saved with {len(self.execs)} exec(s) running", "save_failed")
+        session_id = self.session.session_id
+        # Nothing more of the guest is read or relayed: the VM is saved as it stands.
+        self.directory.tell("ioguard", Unwatch(self.vm_id))
+        if self.egress is not None:
+            self.egress.detach(self.vm_id)
+        guest_next_seq, host_next_seq = self.link.decoder.expected_seq, self.link.encoder.next_seq
+        self.link.close()
+        self.run_control.close()
+        time.sleep(TEMPLATE_CLOSE_S)
+        started = time.monotonic()
+        try:
+            self.saved = self.hypervisor.save_session(self.handle, session_id, guest_next_seq, host_next_seq)
+        except Exception as e:  # SessionSaveFailed, or a bug: either way the session is lost
+            return self._lose_session(f"its VM could not be saved ({e})", "save_failed")
+        log.info("VM %s: session %s saved into %s in %.2f s", self.vm_id, session_id, self.saved.directory.name,
+                 time.monotonic() - started)
+        self._end("session_saved")
+
     def _run_exec(self, message: RunTask) -> None:
         """A session's exec: started at once (the VM runs), beside any others."""
         task = message.task
@@ -808,7 +908,7 @@ class Supervisor(pykka.ThreadingActor):
         if self.state == VmPhase.BOOTING:
             log.warning("VM %s did not say hello within %.0f s", self.vm_id, self.settings.boot_timeout_s)
             self._end("boot_failed")
-        elif self.state in CLONE_STARTING:
+        elif self.state in (*CLONE_STARTING, VmPhase.RESTORING):
             self._end(self._start_failed(f"no answer within {self.settings.boot_timeout_s:g} s"))
         elif self.state == VmPhase.ACQUIRING:
             # The command never started: another VM can run it.
@@ -923,6 +1023,7 @@ class Supervisor(pykka.ThreadingActor):
         if self.state == VmPhase.GONE:
             return
         was_session = self.state == VmPhase.SESSION
+        was_restoring = self.state == VmPhase.RESTORING
         self.state = VmPhase.GONE
         self.deadline_token += 1
         self.directory.tell("ioguard", Unwatch(self.vm_id))
@@ -939,8 +1040,12 @@ class Supervisor(pykka.ThreadingActor):
                 log.error("VM %s: destroy failed: %s (the watchdog will reap it)", self.vm_id, e)
         log.info("VM %s gone: %s", self.vm_id, reason)
         self._tell_pool(PoolVmState.GONE, reason)
-        if was_session:
+        if was_session and self.saved is not None:  # the session lives on in its snapshot
+            self.directory.tell("sessions", SessionSaved(self.session.session_id, self.saved))
+        elif was_session:
             self.directory.tell("sessions", SessionEnded(self.session.session_id, self.end_reason or reason))
+        elif was_restoring:  # whatever ended it: the session's VM never came back
+            self.directory.tell("sessions", SessionEnded(self.restore.session_id, "restore_failed"))
         if stop:
             self.stop()
 
@@ -963,11 +1068,16 @@ class Supervisor(pykka.ThreadingActor):
         pool backs off instead of boot-looping on a broken or hostile image). A
         clone: restore_failed, counted and warned of by the Refill, which has
         its tier's next refills boot (a clone that failed after its restore is
-        not retried in place: IOGuard may still deliver what its channel said)."""
+        not retried in place: IOGuard may still deliver what its channel said).
+        A session's VM restoring from its snapshot: restore_failed, warned of
+        here (Sessions is told by _end)."""
         if self.state == VmPhase.BOOTING:
             return "boot_failed"
         if self.state in CLONE_STARTING:
             self.refill.restore_failed(self.made.key, self.state.value, f"VM {self.vm_id}: {detail}")
+            return "restore_failed"
+        if self.state == VmPhase.RESTORING:  # a session's snapshot: nothing of the Refill's
+            log.warning("VM %s: session %s's restored VM failed: %s", self.vm_id, self.restore.session_id, detail)
             return "restore_failed"
         return None
 

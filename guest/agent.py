@@ -7,8 +7,9 @@ command writes it (each chunk stamped with its stream's offset), feeds it the
 Stdin that follows an Exec with stdin_open, reports Exit with resource use,
 answers Heartbeat, and on Reset kills every process of
 the task user and removes whatever it left: files anywhere in the root overlay,
-message queues, SysV IPC objects, keys. Restored from a snapshot, it takes one
-Resume before any work: the host's clock, fresh entropy, new sequence bases
+message queues, SysV IPC objects, keys. Restored from a snapshot (a refill's
+template, or a session's VM saved between its execs), it takes a Resume
+whenever no exec runs: the host's clock, fresh entropy, new sequence bases
 (no corral VM has a NIC). On a net:egress VM it starts the egress relay (guest/egress_relay.py).
 
 The host is the authority: the agent trusts what the host sends, and the host
@@ -640,8 +641,6 @@ class Agent:
             raise RuntimeError(f"task user {TASK_USER} must not be root")
         self.root_account = pwd.getpwuid(0)
         self.put_error = ""  # the first failed PutFile since the last Exec or Reset
-        # Idle since Hello, no work asked yet: the only state a Resume is for.
-        self.resumable = True
         self.ptrace_scope = -1  # as last written; -1: not yet
         self.set_ptrace_scope(capabilities.PTRACE_SCOPE_DENIED)
         self.share_tmp_dirs()
@@ -784,14 +783,13 @@ class Agent:
         if isinstance(message, messages.Resume):
             self.resume(message)
             return
-        self.resumable = False
         if isinstance(message, messages.Stdin):
             task = self.tasks.get(message.exec_id)
             # For no running exec: the command may have just ended while the
             # host sent it; not an error.
             if task is not None and task.request.stdin_open:
                 task.add_stdin(message.data, message.eof)
-            return  # any other message is work (or a host bug): a Resume is too late
+            return
         if isinstance(message, messages.Exec):
             if message.exec_id in self.tasks:
                 self.channel.send(messages.Error(code="busy", message=f"exec {message.exec_id} is already running",
@@ -809,6 +807,13 @@ class Agent:
         else:
             self.channel.send(messages.Error(code="unexpected", message=type(message).__name__))
 
+    @property
+    def resumable(self) -> bool:
+        """No exec runs: the host saves a VM only then (a refill's template after
+        its Hello, a session's VM between its execs), so only then may a Resume,
+        a restored VM's first words, come. One while an exec runs is refused."""
+        return not self.tasks
+
     def resume(self, request: messages.Resume) -> None:
         """A restored clone's first words from the host: rebase both sequences,
         then take the host's entropy and clock. The answer (ResumeDone, or an
@@ -817,7 +822,7 @@ class Agent:
         self.channel.rebase(request.host_seq, request.guest_seq)
         if not self.resumable:
             self.channel.send(messages.Error(
-                code="resume_refused", message="Resume is only for an agent idle since its Hello"))
+                code="resume_refused", message="Resume is only for an agent with no exec running"))
             return
         try:
             step_ns = self.reseed_and_set_clock(request.entropy, request.time_ns)

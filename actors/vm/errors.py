@@ -64,6 +64,13 @@ class TemplateBuildFailed(HypervisorError):
     to its overlay. Nothing of it is left behind; the pool boots VMs instead."""
 
 
+class SessionSaveFailed(HypervisorError):
+    """A session's VM could not be saved into a snapshot (Hypervisor.save_session):
+    libvirt could not save it, the image does not read back, or the VM had
+    written to its overlay (a restore would not see those writes). Nothing of
+    the snapshot is left behind; the domain may be gone or still run."""
+
+
 class RestoreFailed(HypervisorError):
     """A clone could not be restored from a snapshot template. Nothing of the
     clone is left behind. `template_removed`: the template itself was at fault

@@ -8,9 +8,10 @@ deadline. The host never holds more than the frame cap (grown as bytes arrive)
 plus a task's output cap for one guest. Any violation raises a ProtocolError and the VM's owner destroys it:
 there is no resynchronising on garbage.
 
-A VM restored from a snapshot continues the template's sequences (its agent
-said Hello, frame 0, before the save): its link starts with guest_first_seq=1,
-and `resume` then moves both directions to fresh random bases.
+A VM restored from a snapshot continues the sequences of the VM saved (a
+template's agent said Hello, frame 0, before the save: guest_first_seq=1; a
+session's VM, saved between execs, had sent and read many), and `resume`
+then moves both directions to fresh random bases.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ class GuestLink:
                 f"{', '.join(sorted(c.__name__ for c in allowed))} may come")
         return message
 
+    def guest_frame_read(self) -> None:
+        """IOGuard read one more guest frame off this link's socket (a
+        GuestSaid): the link counts it too, so decoder.expected_seq stays the
+        sequence of the guest's next frame, which a session's save records."""
+        self.decoder.rebase((self.decoder.expected_seq + 1) & 0xFFFFFFFF)
+
     # --- conversations, each with its own allow-list ---------------------------
 
     def wait_hello(self, deadline: float) -> messages.Hello:
@@ -171,8 +178,8 @@ class GuestLink:
         """Set a restored agent's clock to ours, give its CRNG fresh entropy and
         move both directions to random sequence bases, so no frame recorded
         on one clone of a snapshot passes on another. Only while
-        the agent is idle since its Hello (after any work it refuses, with an
-        Error raised here as UnexpectedMessage). Returns the ResumeDone."""
+        no exec runs in the guest (else the agent refuses, with an Error raised
+        here as UnexpectedMessage). Returns the ResumeDone."""
         self.send_resume()
         message = self.receive(frozenset({messages.ResumeDone, messages.Error}), deadline)
         if isinstance(message, messages.Error):

@@ -23,11 +23,14 @@ class VmHandle:
     console_log: Path | None
     spec: DomainSpec
     monitor: Path | None = None  # corral's QMP socket, until the Supervisor connects
-    # A clone restored from a snapshot template (Hypervisor.restore), not booted:
-    # its agent said Hello before the template was saved and will not again, and
-    # its next frame carries guest_first_seq (a booted VM's Hello carries 0).
+    # A clone restored from a snapshot (Hypervisor.restore: a template or a
+    # session's), not booted: its agent said Hello before the save and will not
+    # again, and its next frame carries guest_first_seq (a booted VM's Hello carries 0)...
     restored: bool = False
     guest_first_seq: int = 0
+    # ... and the sequence the host's first frame (its Resume) must carry: 0 after
+    # a template's Hello, a session's count where its VM was saved between execs.
+    host_first_seq: int = 0
     egress_socket: Path | None = None  # net:egress: the egress port's host end (actors/egress/)
 
 

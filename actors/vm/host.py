@@ -1,8 +1,9 @@
 """The Hypervisor: corral's VMs on one libvirt connection. It creates each VM
 (overlay, then a transient domain named ``corral-<instance>-<id>``) by a cold
 boot or by restoring a clone of a snapshot template (actors/vm/snapshots.py),
-destroys it, pauses and resumes it, sets its CPU, and reaps what a crashed
-daemon left behind. No actor logic here; the per-VM Supervisor owns the calls.
+destroys it, pauses and resumes it, sets its CPU, saves a session's VM into a
+snapshot of its own (restored as a template's clones are), and reaps what a
+crashed daemon left behind. No actor logic here; the per-VM Supervisor owns the calls.
 
 Every method that can block on libvirtd runs under the call deadline
 (actors/vm/libvirt_calls.py); a lost connection is reconnected on the next
@@ -26,15 +27,15 @@ from actors.vm.accelerator import detect_accelerator, warn_if_kvm_closed_to_qemu
 from actors.vm.domain import (AGENT_DISK_SERIAL, FAST_BOOT_CMDLINE, ROOT_DISK_SERIAL, Disk, DomainSpec,
                               qemu_confinement)
 from actors.errors import CorralError
-from actors.vm.errors import (HypervisorError, LibvirtDeadline, NoSuchDomain, RestoreFailed, TemplateBuildFailed,
-                               TemplateGone)
+from actors.vm.errors import (HypervisorError, LibvirtDeadline, NoSuchDomain, RestoreFailed, SessionSaveFailed,
+                               TemplateBuildFailed, TemplateGone)
 from actors.vm.faults import FaultInjector
 from actors.vm.guest_link import GuestLink
 from actors.vm.handle import LibvirtRunControl, VmHandle
 from actors.vm.libvirt_calls import DeadlineCalls, libvirt_errors, libvirt_module, with_deadline
 from actors.vm.overlays import create_overlay, give_back_to_root, overlay_data_bytes, remove_quietly
 from actors.vm.qmp import QmpMonitor
-from actors.vm.snapshots import (IMAGE_FILE, MIN_STREAM_BYTES, XML_FILE, SaveHeader, SnapshotStore,
+from actors.vm.snapshots import (IMAGE_FILE, MIN_STREAM_BYTES, XML_FILE, SaveHeader, SessionSnapshots, SnapshotStore,
                                  Template, TemplateInvalid, TemplateKey, clone_xml, fingerprint,
                                  stream_digest, template_meta, xml_digest)
 from guest.image.paths import GuestImage, guest_image
@@ -82,6 +83,11 @@ class Hypervisor:
         for d in (self.overlay_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.snapshots = SnapshotStore(Path(state_dir) / "snapshots", instance)
+        self.session_snapshots = SessionSnapshots(Path(state_dir) / "sessions" / "snapshots", instance)
+        # A restart ends every session: no one will restore what a predecessor saved.
+        removed = self.session_snapshots.remove_all()
+        if removed:
+            log.info("removed %d session snapshot(s) a previous run left", len(removed))
         self.faults = FaultInjector(self)
         self._reconnect_lock = threading.Lock()
         self.calls = DeadlineCalls(call_timeout_s)
@@ -376,10 +382,44 @@ class Hypervisor:
         with libvirt_errors(f"cannot save VM {name}"):
             self.domain(name).saveFlags(str(image), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
 
+    def save_session(self, handle: VmHandle, session_id: str, guest_next_seq: int,
+                     host_next_seq: int) -> Template:
+        """Save a session's running VM whole (memory, devices: its files are in
+        the guest's tmpfs) into a snapshot of its own (SessionSnapshots); the
+        domain is gone after. The caller closed the channel first, with no
+        exec running; the two sequences are the channel's next frame in each
+        direction, which the restored agent expects. Returns the snapshot as a
+        Template of the VM's tier, for restore() to clone. SessionSaveFailed,
+        with nothing of the snapshot left behind, where libvirt cannot save the
+        VM, the image does not read back, or the VM wrote to its overlay (a
+        restore gives a fresh one: those writes would be lost)."""
+        network, memory_mib = handle.egress_socket is not None, handle.spec.memory_mib
+        directory = self.session_snapshots.new_directory(session_id)
+        image = directory / IMAGE_FILE
+        try:
+            self.calls.run(f"saving VM {handle.name}", self._save, handle.name, image)
+            os.chown(image, 0, 0)
+            os.chmod(image, 0o600)
+            written = overlay_data_bytes(handle.overlay)
+            if written:
+                raise SessionSaveFailed(f"it wrote {written} bytes to its overlay, which a restore would lose")
+            with open(image, "rb") as f:
+                header = SaveHeader.read(f)
+                st = os.fstat(f.fileno())
+            if st.st_size - header.stream_offset < MIN_STREAM_BYTES:
+                raise SessionSaveFailed(f"its save image is only {st.st_size} bytes")
+            key = self.template_key(network, memory_mib)
+        except (CorralError, TemplateInvalid, OSError) as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise SessionSaveFailed(f"cannot save VM {handle.name} of session {session_id}: {e}") from None
+        return Template(key=key, directory=directory, xml=header.xml, name=handle.name, inode=st.st_ino,
+                        data_len=header.data_len, guest_next_seq=guest_next_seq, host_next_seq=host_next_seq)
+
     def restore(self, template: Template, name: str | None = None) -> VmHandle:
-        """A clone of `template`, running: a fresh overlay, the image's header
-        rewritten to the clone's identity and restoreFlags, under the image's lock.
-        Its handle says restored, and the sequence its guest's next frame carries.
+        """A clone of `template` (a refill's, or a session's snapshot), running: a
+        fresh overlay, the image's header rewritten to the clone's identity and
+        restoreFlags, under the image's lock. Its handle says restored, and the
+        sequences its guest's next frame and the host's first carry.
         RestoreFailed, with nothing of the clone left behind, where any step fails;
         template_removed where the template was at fault; may_finish_late where
         libvirt may still create the clone's domain under `name` after a deadline.
@@ -394,7 +434,7 @@ class Hypervisor:
         spec = self.spec_for(name, overlay, socket, template.key.network, template.key.memory_mib, genid=True)
         handle = VmHandle(name=name, overlay=overlay, socket=socket, console_log=spec.console_log, spec=spec,
                           monitor=spec.monitor_socket, restored=True, guest_first_seq=template.guest_next_seq,
-                          egress_socket=spec.egress_socket)
+                          host_first_seq=template.host_next_seq, egress_socket=spec.egress_socket)
         removed = late = False
         try:
             xml = clone_xml(template.xml, name=name, uuid=spec.uuid, overlay=overlay, socket=socket,

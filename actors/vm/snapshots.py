@@ -24,6 +24,11 @@ to each VM's own). No corral VM has a NIC (a template with one is refused), so
 there is no MAC to give each clone.
 The image's flock is held from that rewrite until restoreFlags returns, so no
 two restores see each other's header; QEMU's stream after it is never touched.
+
+Session snapshots (SessionSnapshots) are Templates too: a session's VM saved
+between its execs into a directory of its own under <state_dir>/sessions/,
+restored as a template's clones are (a resume, a fork), and removed by
+Sessions once nothing restores from it (discard_snapshot).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import threading
@@ -523,6 +529,41 @@ class SnapshotStore:
         except (OSError, ValueError, KeyError, TypeError):
             return False
         return key.same_build(current)
+
+
+class SessionSnapshots:
+    """Sessions' VMs saved whole (Hypervisor.save_session), each in a directory
+    of its own, root's and 0700, never in the template store:
+
+        <state_dir>/sessions/snapshots/<instance>-<session id>-<12 hex>/memory.save
+
+    A snapshot is a Template (its domain XML is the header's, read back after
+    the save), restored as refill clones are. Sessions owns each one once it is
+    told of it and removes it (discard_snapshot); a restart ends every session,
+    so the Hypervisor removes this instance's at its start (remove_all)."""
+
+    def __init__(self, root: Path, instance: str):
+        self.root = Path(root)
+        self.instance = instance
+
+    def new_directory(self, session_id: str) -> Path:
+        """A fresh, empty directory for one save of `session_id`."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        directory = self.root / f"{self.instance}-{session_id}-{uuidlib.uuid4().hex[:12]}"
+        directory.mkdir(mode=0o700)
+        return directory
+
+    def remove_all(self) -> list[str]:
+        """Remove this instance's session snapshots (and what a restore that
+        found one broken renamed away): names of those removed."""
+        if not self.root.is_dir():
+            return []
+        mine = re.compile(rf"({re.escape(BUILD_PREFIX)})?{re.escape(self.instance)}-.+-[0-9a-f]{{12}}")
+        removed = [path.name for path in self.root.iterdir() if mine.fullmatch(path.name)]
+        for name in removed:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        return removed
 
 
 def discard_snapshot(snapshot: Template) -> None:

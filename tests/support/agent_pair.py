@@ -85,7 +85,7 @@ def agent_pair():
     killed at the end."""
     agent_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     agent = guest_agent.Agent.__new__(guest_agent.Agent)  # no __init__: it prepares a real guest
-    agent.channel, agent.tasks, agent.resumable, agent.put_error = guest_agent.Channel(agent_end.fileno()), {}, False, ""
+    agent.channel, agent.tasks, agent.put_error = guest_agent.Channel(agent_end.fileno()), {}, ""
     agent.next_reap = time.monotonic() + guest_agent.REAP_INTERVAL_S
     loops = []
 

@@ -236,3 +236,26 @@ def test_a_call_past_its_deadline_is_libvirt_deadline():
         calls.run("sleeping", time.sleep, 2)
     assert time.monotonic() - started < 1
     assert issubclass(LibvirtDeadline, HypervisorError)
+
+
+def test_a_hypervisor_starting_removes_its_instances_session_snapshots_only(tmp_path):
+    """A restart ends every session: nothing will restore what the last run saved."""
+    files = {name: tmp_path / name for name in ("kernel", "initrd", "disk", "agent_iso")}
+    for path in files.values():
+        path.write_text("")
+    root = tmp_path / "state" / "sessions" / "snapshots"
+    mine = [root / "main-s-0123456789abcdef-0123456789ab", root / ".build-main-rm-0123456789ab"]
+    theirs = [root / "other-s-0123456789abcdef-0123456789ab", root / "main.json"]
+    for directory in mine + theirs[:1]:
+        directory.mkdir(parents=True)
+        (directory / "memory.save").write_bytes(b"saved")
+    theirs[1].write_text("{}")
+    hv = Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
+                    accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5, instance="main")
+    try:
+        assert sorted(root.iterdir()) == sorted(theirs)
+        made = hv.session_snapshots.new_directory("s-0123456789abcdef")
+        assert made.parent == root and made.name.startswith("main-s-0123456789abcdef-")
+        assert (os.stat(made).st_mode & 0o777, os.stat(root).st_mode & 0o777) == (0o700, 0o700)
+    finally:
+        hv.close()

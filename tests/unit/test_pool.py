@@ -4,16 +4,18 @@ failing boots, retires old VMs and sheds idle ones under memory pressure."""
 
 import time
 import uuid
+from pathlib import Path
 
 import pykka
 import pytest
 
 from actors.directory import Directory
-from actors.messages import (Freeze, HostMemory, ResumeService, Retire, Scram, Thaw, TierDemand, VmAvailable,
-                             VmState, VmWithdrawn)
+from actors.messages import (Freeze, HostMemory, RestoreSession, ResumeService, Retire, Scram, SessionEnded,
+                             Thaw, TierDemand, VmAvailable, VmState, VmWithdrawn)
 from actors.edge.metrics import Metrics
 from actors.pool import PoolManager, PoolSettings
 from actors.pool_plan import PoolView, TierSizes
+from actors.vm.snapshots import Template, TemplateKey
 from actors.vm.tiers import DEFAULT_TIER, Tier
 from actors.timers import Timers
 from tests.support.probe import Recorder, wait_for
@@ -27,14 +29,17 @@ def pool_parts():
     directory["scheduler"] = scheduler
     started = {}
     tiers = {}
+    restores = {}  # vm_id -> (its RestoreSession, whether the view owned it as its Supervisor started)
+    view = PoolView()
 
-    def start_supervisor(vm_id, tier):
+    def start_supervisor(vm_id, tier, restore=None):
         started[vm_id] = Recorder.start()
         tiers[vm_id] = tier
+        if restore is not None:
+            restores[vm_id] = (restore, vm_id in view.owned)
         return started[vm_id]
 
     timers = Timers()
-    view = PoolView()
 
     def make(size=2, max_age_s=300.0, tier_sizes=TierSizes(), metrics=None):
         pool = PoolManager.start(
@@ -45,6 +50,7 @@ def pool_parts():
         return pool
 
     make.tiers = tiers
+    make.restores = restores
     yield make, directory, scheduler, started, view
     pykka.ActorRegistry.stop_all()
     timers.stop()
@@ -216,3 +222,59 @@ def test_pool_metrics_count_session_vms(pool_parts):
     wait_until(lambda: metrics.gauge_values(metrics.pool_vms) == {"booting": 1, "ready": 0, "busy": 0,
                                                                   "resetting": 0, "session": 1},
                5, "one session VM and its replacement booting")
+
+
+def restore_session(session_id="s-0123456789abcdef", capabilities=()) -> RestoreSession:
+    key = TemplateKey(gold="g", agent="a", host="h", domain="d", network=b"net:egress" in capabilities,
+                      memory_mib=128)
+    snapshot = Template(key=key, directory=Path("/nonexistent/snapshot"), xml="<domain/>", name="corral-saved",
+                        inode=1, data_len=1, guest_next_seq=5, host_next_seq=3)
+    return RestoreSession(session_id, "alice", snapshot, capabilities)
+
+
+def test_a_restored_session_vm_is_the_sessions_from_the_start_and_outside_the_pools_size(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1)
+    (pool_vm,) = wait_until(lambda: vm_ids(pool), 5, "the pool's VM")
+    message = restore_session(capabilities=(b"net:egress",))
+    pool.tell(message)
+    wait_until(lambda: len(make.restores) == 1, 5, "the restored VM's Supervisor")
+    ((vm_id, (restore, owned_at_start)),) = make.restores.items()
+    assert restore == message and make.tiers[vm_id] == Tier(network=True)
+    assert owned_at_start  # owned before its domain exists: the Watchdog never takes it for a zombie
+    wait_until(lambda: view.states.get(vm_id) == "session", 5, "the restored VM in the view as a session's")
+    pool.tell(VmState(vm_id, "session"))  # what its Supervisor says first: never booting
+    pool.tell(VmState(pool_vm, "ready"))
+    time.sleep(0.3)
+    assert sorted(started) == sorted([pool_vm, vm_id])  # nothing booted for it, nor to replace it
+    offers = [m.vm_id for m in scheduler.proxy().seen.get() if isinstance(m, VmAvailable)]
+    assert offers == [pool_vm]
+    pool.tell(VmState(vm_id, "gone", "session_closed"))
+    wait_until(lambda: vm_id not in view.owned, 5, "the restored VM forgotten once gone")
+    time.sleep(0.2)
+    assert len(started) == 2
+
+
+def test_a_restored_session_vm_is_frozen_at_once_in_safe_mode_and_boots_nothing(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    pool = make(size=1)
+    wait_until(lambda: vm_ids(pool), 5, "the pool's VM")
+    pool.tell(Scram("drill"))
+    pool.tell(restore_session())
+    wait_until(lambda: len(make.restores) == 1, 5, "the restored VM's Supervisor")
+    (vm_id,) = make.restores
+    wait_until(lambda: started[vm_id].proxy().seen.get() == [Freeze()], 5, "the restored VM frozen")
+    pool.tell(ResumeService())
+    wait_until(lambda: started[vm_id].proxy().seen.get() == [Freeze(), Thaw()], 5, "the restored VM thawed")
+    assert len(started) == 2
+
+
+def test_a_restore_the_pool_cannot_start_tells_sessions_restore_failed(pool_parts):
+    make, directory, scheduler, started, view = pool_parts
+    sessions = Recorder.start()
+    directory["sessions"] = sessions
+    pool = make(size=0)
+    pool.proxy().stopping = True  # as while corrald stops, or a crashed PoolManager drains its inbox
+    pool.tell(restore_session("s-1"))
+    assert wait_for(sessions, 1) == [SessionEnded("s-1", "restore_failed")]
+    assert started == {}

@@ -21,6 +21,7 @@ from guest import agent as guest_agent
 from protocol.channel import codec, constants, messages
 from protocol.channel.errors import MalformedPayload, SequenceError, UnexpectedMessage
 from protocol.channel.frame import FrameDecoder, FrameEncoder
+from tests.support.agent_pair import Host, start, stdin
 
 # A restored clone continues the template's sequences: its Hello was guest frame 0.
 RESTORED_GUEST_SEQ = 1
@@ -274,7 +275,7 @@ def agent_pair(monkeypatch):
     channel = guest_agent.Channel(agent_end.fileno())
     channel.encoder.rebase(RESTORED_GUEST_SEQ)
     agent = guest_agent.Agent.__new__(guest_agent.Agent)  # no __init__: it prepares a real guest
-    agent.channel, agent.tasks, agent.resumable, agent.put_error = channel, {}, True, ""
+    agent.channel, agent.tasks, agent.put_error = channel, {}, ""
     calls = []
 
     def reseed_and_set_clock(entropy, time_ns):
@@ -322,18 +323,54 @@ def test_agent_takes_a_second_resume_while_still_idle(agent_pair):
     assert len(calls) == 2
 
 
-def test_agent_refuses_a_resume_after_work_but_still_rebases_so_the_host_reads_why(agent_pair):
+def test_agent_takes_a_resume_after_any_message_that_started_no_exec(agent_pair):
     agent, host, calls = agent_pair
     deliver(agent, host, host.frame(messages.Error(code="x", message="any work-like message")))
     assert host.receive().code == "unexpected"
     deliver(agent, host, host.frame(resume_message()))
     host.decoder.rebase(2000)
-    refusal = host.receive()
+    assert host.receive() == messages.ResumeDone(clock_step_ns=-5)
+    assert len(calls) == 1
+
+
+def resume_on(host: Host, host_seq: int, guest_seq: int):
+    """Send a Resume from the agent_pair Host, both of its directions rebased as
+    the agent does; the agent's answer."""
+    host.send(resume_message(host_seq, guest_seq))
+    host.encoder.rebase(host_seq)
+    host.decoder.rebase(guest_seq)
+    return host.receive()
+
+
+def test_agent_takes_a_resume_after_an_exec_finished(pair, monkeypatch):
+    """A session's VM is saved between its execs: its clones hear a Resume after work."""
+    agent, host, run_loop = pair
+    calls = []
+    monkeypatch.setattr(agent, "reseed_and_set_clock", lambda entropy, time_ns: calls.append(time_ns) or 7)
+    start(agent, 1, [b"sh", b"-c", b"echo done"])
+    loop = run_loop()
+    output, exit_message = host.until_exit(1)
+    assert output[constants.STDOUT] == b"done\n" and exit_message.exit_code == 0
+    assert resume_on(host, 500, 600) == messages.ResumeDone(clock_step_ns=7)
+    assert calls == [123]
+    host.send(messages.Heartbeat(nonce=9))  # both directions go on from the new bases
+    assert host.receive() == messages.HeartbeatAck(nonce=9)
+    loop.stop()
+
+
+def test_agent_refuses_a_resume_while_an_exec_runs_and_the_exec_goes_on(pair, monkeypatch):
+    agent, host, run_loop = pair
+    calls = []
+    monkeypatch.setattr(agent, "reseed_and_set_clock", lambda entropy, time_ns: calls.append(time_ns) or 7)
+    start(agent, 1, [b"sh", b"-c", b"read line; echo got $line"], stdin_open=True)
+    loop = run_loop()
+    refusal = resume_on(host, 500, 600)  # the refusal comes on the new base: the host reads why
     assert isinstance(refusal, messages.Error) and refusal.code == "resume_refused"
     assert calls == []  # neither clock nor CRNG touched
-    host.encoder.rebase(1000)
-    deliver(agent, host, host.frame(messages.Heartbeat(nonce=4)))
-    assert host.receive() == messages.HeartbeatAck(nonce=4)
+    host.send(stdin(1, b"more\n", eof=True))
+    output, exit_message = host.until_exit(1)
+    assert output[constants.STDOUT] == b"got more\n" and exit_message.exit_code == 0
+    loop.stop()
 
 
 def test_agent_answers_an_error_when_the_kernel_refuses(agent_pair, monkeypatch):

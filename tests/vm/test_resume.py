@@ -1,9 +1,8 @@
 """Resume against the real agent in a real VM: the clock it sets, the sequences
-it rebases, the states it refuses it in. A cold-booted VM stands in for a
-restored clone: the agent handles Resume the same either way (it is idle since
-its Hello in both), only the clone's guest sequence starts at 1 instead of 0.
-Each test boots its own VM: an Exec ends the state a Resume is for, and a
-violation ends the VM."""
+it rebases, the state it refuses it in (an exec running). A cold-booted VM
+stands in for a restored clone: the agent handles Resume the same either way,
+only the clone's guest sequence starts elsewhere than 0. Each test boots its
+own VM: a Resume moves its clock, and a violation ends the VM."""
 
 import secrets
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from actors.vm.errors import ChannelClosed
 from protocol.channel import codec, constants, messages
+from protocol.channel.capabilities import ALL_SOFT_BITS
 from protocol.channel.errors import UnexpectedMessage
 from protocol.channel.frame import FrameEncoder
 from protocol.hostcrc import crc32
@@ -77,12 +77,28 @@ def test_resume_back_to_now_puts_the_clock_within_a_second_of_the_hosts(vm):
     assert before - 1 < guest < after + 1
 
 
-def test_resume_after_an_exec_is_refused_and_changes_no_clock(vm):
+def test_resume_after_an_exec_is_taken_and_sets_the_clock(vm):
+    """A session's VM is saved between its execs: its clones hear a Resume after work."""
     assert vm.run("true").exit.exit_code == 0
+    done = resume_at(vm.link, time.time_ns() + HOUR_NS)
+    assert abs(done.clock_step_ns - HOUR_NS) < STEP_SLACK_NS, done
+    heartbeat(vm, 3)
+    before, guest, after = guest_time(vm)
+    assert before + 3600 - 1 < guest < after + 3600 + 1
+
+
+def test_resume_while_an_exec_runs_is_refused_and_changes_no_clock(vm):
+    vm.link.send(messages.Exec(exec_id=7, argv=(b"sh", b"-c", b"echo started; sleep 2"), env=(), cwd=b"",
+                               stdin=b"", timeout_ms=10_000, output_cap=1024, as_root=False,
+                               capabilities=ALL_SOFT_BITS))
+    started = vm.link.receive(frozenset({messages.Output}), time.monotonic() + 20)  # it runs: on the old base
+    assert (started.exec_id, started.data) == (7, b"started\n")
     with pytest.raises(UnexpectedMessage, match="resume_refused"):
         resume_at(vm.link, time.time_ns() + HOUR_NS)
     # The refusal came on the new guest base and the agent took the host's: the
-    # channel goes on. The clock was not touched.
+    # channel goes on, and so does the exec. The clock was not touched.
+    finished = vm.link.receive(frozenset({messages.Exit}), time.monotonic() + 20)
+    assert finished.exec_id == 7 and finished.exit_code == 0
     heartbeat(vm, 3)
     before, guest, after = guest_time(vm)
     assert before - 1 < guest < after + 1
