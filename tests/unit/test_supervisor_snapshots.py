@@ -64,7 +64,7 @@ class SnapshotHypervisor(Hypervisor):
             raise self.save_error
         return snapshot(guest_next_seq, host_next_seq)
 
-    def restore(self, template, name=None) -> VmHandle:
+    def restore(self, template, name=None, private_copy=False) -> VmHandle:
         self.restores.append((template, name))
         if self.restore_error is not None:
             raise self.restore_error
