@@ -121,5 +121,5 @@ def test_a_session_does_not_exist_for_another_identity(service, keys):
             assert all(len(seen) == 1 and next(iter(seen))[0] == "session_not_found"
                        for seen in refusals.values()), refusals
             assert [s.session_id for s in carol.sessions()] == [sid]
-            reply = session.exec(["sh", "-c", "echo still carol's"], wait_s=60)
-            assert (reply.error_code, reply.exit_code, reply.stdout) == ("", 0, b"still carol's\n")
+            reply = session.exec(["sh", "-c", "echo still hers"], wait_s=60)
+            assert (reply.error_code, reply.exit_code, reply.stdout) == ("", 0, b"still hers\n")
