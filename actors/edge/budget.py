@@ -12,7 +12,8 @@ Charging at acceptance is the only point where the daemon knows the task
 will run: the identity cannot queue more work than it can pay for. A task
 answered without ever reaching a VM (queue full, scheduler restarting,
 flushed from the queue by a SCRAM; an exec in a session that is not there,
-paused or busy being paused or resumed, or refused as corrald drains; an
+paused or busy being paused or resumed, that ended with a corrald restart
+or lost its VM before the exec reached it, or refused as corrald drains; an
 open or fork past the session limits, a fork of a busy session or refused
 in safe mode) is refunded, so being told "busy" costs nothing; a fork
 is charged as its count of tasks of the default cost (pause and resume
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from actors.errors import Rejected
+from protocol.wire import outcomes
 from protocol.wire.tasks import PRIORITY_NAMES, ErrorCode, TaskRequest
 
 # Answers that mean the task (or a session's open, exec or fork) never reached a VM: its charge is given back.
@@ -41,6 +43,17 @@ REFUNDED_CODES = frozenset({ErrorCode.BUSY, ErrorCode.UNAVAILABLE, ErrorCode.CAN
                             ErrorCode.SESSION_NOT_FOUND, ErrorCode.SESSION_LIMIT, ErrorCode.DRAINING,
                             ErrorCode.SESSION_BUSY, ErrorCode.SESSION_PAUSED, ErrorCode.SAFE_MODE})
 NEVER_MS = 0xFFFF_FFFF  # retry_after_ms when a bucket does not refill at all
+
+
+def gives_charge_back(reply) -> bool:
+    """Whether the one answer to a charged request (a TaskReply or a
+    SessionReply) refunds it: it never reached a VM. session_lost says so
+    only with the outcome not_run (the session ended with a corrald restart,
+    or lost its VM before the exec reached it); with any other, the exec ran
+    in a VM that died under it."""
+    if reply.error_code in REFUNDED_CODES:
+        return True
+    return reply.error_code == ErrorCode.SESSION_LOST and getattr(reply, "outcome", "") == outcomes.NOT_RUN
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import zmq.auth
 from zmq.utils import z85
 
 import config
-from actors.edge.budget import REFUNDED_CODES, BudgetLedger, TaskCosts
+from actors.edge.budget import BudgetLedger, TaskCosts, gives_charge_back
 from actors.edge.endpoint import SocketThread
 from actors.egress.rules import EgressGrant, parse_rules
 from actors.errors import CorralError, Rejected
@@ -355,5 +355,5 @@ class Admission:
     def answered(self, ticket: int, reply: TaskReply) -> None:
         """The one answer for `ticket` went out: refund a task that never reached a VM."""
         charge = self.charges.pop(ticket, None)
-        if charge is not None and reply.error_code in REFUNDED_CODES:
+        if charge is not None and gives_charge_back(reply):
             self.ledger.refund(*charge)

@@ -20,6 +20,7 @@ from actors.session_table import SessionLimits, SessionsView
 from actors.sessions import Sessions
 from actors.timers import Timers
 from protocol.channel.constants import STDOUT
+from protocol.wire import outcomes
 from protocol.wire.tasks import (MAX_FORKS, ErrorCode, SessionFork, SessionPause, SessionReply, SessionResume,
                                  TaskReply, error_reply, session_reply)
 from tests.support.intake import LIMITS, curve_config, curve_keys
@@ -283,6 +284,25 @@ def test_an_exec_is_charged_and_refunded_when_its_session_is_not_found(curve):
     curve.directory.answer(exec_.task.ticket, error_reply("e", ErrorCode.SESSION_NOT_FOUND, "no session"))
     alice.read_to_reply("e", ack=False)
     assert ledger.snapshot()["alice"][2] == 1.0
+
+
+def test_session_lost_refunds_an_exec_that_never_ran_and_not_one_whose_vm_died_under_it(curve):
+    """After a corrald restart Sessions answers session_lost with no command
+    run (outcome not_run): refunded. A session's VM that died under a running
+    exec answers it session_lost with the crash's outcome: charged."""
+    ledger = curve.server.admission.ledger
+    alice = curve.caller("alice")
+    alice.submit("never", stream=False, session_id="s-0123456789abcdef")
+    alice.submit("ran", stream=False, session_id="s-0123456789abcdef")
+    never, ran = handed(curve, 2)
+    curve.directory.answer(never.task.ticket, error_reply(
+        "never", ErrorCode.SESSION_LOST, "session s-0123456789abcdef ended when corrald restarted"))
+    curve.directory.answer(ran.task.ticket, error_reply(
+        "ran", ErrorCode.SESSION_LOST, "session s-0123456789abcdef ended: the VM died",
+        outcome=outcomes.for_error(ErrorCode.VM_LOST, command_started=True)))
+    assert alice.read_to_reply("never", ack=False).outcome == outcomes.NOT_RUN
+    assert alice.read_to_reply("ran", ack=False).outcome == outcomes.VM_CRASHED
+    assert ledger.snapshot()["alice"][1:] == (2.0, 1.0)
 
 
 def test_closes_and_lists_carry_the_callers_identity_and_cost_nothing(curve):
