@@ -270,30 +270,36 @@ class Sessions(pykka.ThreadingActor):
     # --- snapshots: pause, resume, fork ---------------------------------------
 
     def _pause(self, message: PauseSession) -> None:
-        session = self._owned_for(message.ticket, message.request, message.owner)
+        session = self._to_change(message, SessionState.PAUSED)
         if session is None:
             return
-        if session.state == SessionState.PAUSED:  # what the caller asked for is so already
-            return self._reply(message.ticket, message.request)
-        busy = self._busy(session)
-        if busy:
-            return self._reply(message.ticket, message.request, ErrorCode.SESSION_BUSY, busy)
         session.pauses.append((message.ticket, message.request.request_id))
         self._save_vm(session)
 
     def _resume_session(self, message: ResumeSession) -> None:
-        session = self._owned_for(message.ticket, message.request, message.owner)
+        session = self._to_change(message, SessionState.OPEN)
         if session is None:
             return
-        if session.state == SessionState.OPEN:  # what the caller asked for is so already
-            return self._reply(message.ticket, message.request)
-        busy = self._busy(session)
-        if busy:
-            return self._reply(message.ticket, message.request, ErrorCode.SESSION_BUSY, busy)
         if not self._restore(session):
             return self._reply(message.ticket, message.request, ErrorCode.UNAVAILABLE,
                                "the pool is restarting; retry (the session stays paused)", retry_after_ms=1000)
         session.resumes.append((message.ticket, message.request.request_id))
+
+    def _to_change(self, message: PauseSession | ResumeSession, wanted: SessionState) -> Session | None:
+        """The owner's session a pause or resume is to bring to `wanted`; None
+        once the request is answered: not found, `wanted` already (what the
+        caller asked for is so), or busy."""
+        session = self._owned_for(message.ticket, message.request, message.owner)
+        if session is None:
+            return None
+        if session.state == wanted:
+            self._reply(message.ticket, message.request)
+            return None
+        busy = self._busy(session)
+        if busy:
+            self._reply(message.ticket, message.request, ErrorCode.SESSION_BUSY, busy)
+            return None
+        return session
 
     def _fork(self, message: ForkSession) -> None:
         request, table = message.request, self.state.table
