@@ -19,9 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from protocol.client.api import Client
-from tests.support.host import OTHER_INSTANCE
+from tests.support.host import OTHER_INSTANCE, STATE_DIR
 from tests.support.service import pool_vms, service_config, start_service, wait_ready
 from tests.support.waiting import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 
 CALL_TIMEOUT_S = 2.0
 
@@ -86,7 +88,8 @@ def restart_libvirtd() -> None:
     pid = libvirtd_pid()
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd stopped")
-    subprocess.run(["libvirtd", "-d"], check=True)
+    # As scripts/setup-host starts it: under the subreaper, so later tests' QEMUs are reaped at once.
+    subprocess.run([str(REPO / "scripts" / "subreaper"), str(STATE_DIR / "libvirtd.log"), "libvirtd"], check=True)
     wait_until(lambda: subprocess.run(["virsh", "-q", "-c", "qemu:///system", "version"],
                                       capture_output=True).returncode == 0, 30, "libvirtd answering")
 
