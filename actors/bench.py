@@ -71,8 +71,10 @@
   one-shot task, interleaved, p50 and p99. Then session snapshots, over
   --boots rounds: a session that wrote a file is forked into 1 and into 3
   sessions (SessionFork until the reply: its VM saved, then restored once for
-  itself and once per fork), paused to disk and resumed, each against opening
-  a fresh session from the warm pool in the same run.
+  itself and once per fork, side by side), paused to disk and resumed, each
+  against opening a fresh session from the warm pool and against a cold boot
+  to the agent's Hello (what a VM with none of the session's state costs),
+  both in the same run.
 """
 
 from __future__ import annotations
@@ -842,17 +844,20 @@ def bench_session(cfg: config.Config, runs: int, rounds: int) -> None:
         print(f"accelerator: {hypervisor.accelerator}")
         both = run_service(cfg, hypervisor, 2, lambda client, _: exec_and_task_true(client, runs))
         snapshots = run_service(cfg, hypervisor, 2, lambda client, _: session_snapshots(client, rounds))
+        boots = [boot_to_hello(hypervisor, cfg.vm.boot_timeout_s) for _ in range(rounds)]
     finally:
         hypervisor.close()
     print(f"{'`true` as an exec in a session:':42}{latency(both['exec'])}")
     print(f"{'baseline, `true` as a one-shot task:':42}{latency(both['task'])}")
     print(f"{'ratio (exec / task):':42}p50 {percentile(both['exec'], 50) / percentile(both['task'], 50):.2f}x  "
           f"p99 {percentile(both['exec'], 99) / percentile(both['task'], 99):.2f}x")
-    opened = statistics.median(snapshots["open"])
+    opened, booted = statistics.median(snapshots["open"]), statistics.median(boots)
     for what in ("fork 1", "fork 3", "pause", "resume"):
+        median = statistics.median(snapshots[what])
         print(f"{'session ' + what + ':':42}{summary(snapshots[what])}  "
-              f"({statistics.median(snapshots[what]) / opened:.1f}x an open)")
+              f"({median / opened:.1f}x an open, {median / booted:.2f}x a cold boot)")
     print(f"{'baseline, opening a session (warm pool):':42}{summary(snapshots['open'])}")
+    print(f"{'baseline, a cold boot to Hello:':42}{summary(boots)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -333,11 +333,14 @@ class Supervisor(pykka.ThreadingActor):
             return
         self.directory.tell("ioguard", Watch(self.vm_id, self.link.sock, self.actor_ref,
                                              first_seq=self.link.decoder.expected_seq))
-        if self.egress is not None:
-            ref, vm_id = self.actor_ref, self.vm_id  # a violation on the egress port ends the VM as one on the channel
-            self.egress.attach(vm_id, self.handle.egress_socket,
-                               lambda code, detail: ref.tell(ChannelFailed(vm_id, code, detail, violation=True)))
+        if self.egress is not None and self.state != VmPhase.RESTORING:  # a session's: at its ResumeDone
+            self._attach_egress()
         self._arm(self.state, self.settings.boot_timeout_s)
+
+    def _attach_egress(self) -> None:
+        ref, vm_id = self.actor_ref, self.vm_id  # a violation on the egress port ends the VM as one on the channel
+        self.egress.attach(vm_id, self.handle.egress_socket,
+                           lambda code, detail: ref.tell(ChannelFailed(vm_id, code, detail, violation=True)))
 
     def on_receive(self, message: Any) -> None:
         if self.state == VmPhase.GONE:
@@ -746,6 +749,9 @@ class Supervisor(pykka.ThreadingActor):
         try:
             self._set_cpu(self.settings.high_cpu if wants_high_cpu(restore.capabilities) else self.settings.cpu)
             if self.egress is not None:  # the session's rules, before its first exec
+                # Only now: the agent answered the Resume once it had restarted the
+                # egress relay, whose streams and sequences were the old proxy's.
+                self._attach_egress()
                 self.egress.begin_task(self.vm_id, TaskEgress(restore.session_id, restore.owner,
                                                               parse_rules(restore.egress_allow)))
         except (CorralError, ValueError) as e:

@@ -64,6 +64,8 @@ STDIN_CHUNK = 64 * 1024
 DRAIN_GRACE_S = 0.05
 # Orphans re-parented to PID 1 are reaped at least this often.
 REAP_INTERVAL_S = 1.0
+RELAY_START_WAIT_S = 5.0  # a restarted egress relay listens within this, or the Resume is answered anyway
+TCP_LISTEN = "0A"  # /proc/net/tcp's state of a listening socket
 # While no host is connected, read() on the port gives EOF at once: look again this late.
 NO_HOST_RETRY_S = 0.005
 # The root overlay's layers, moved by the initramfs where only root reaches them
@@ -633,8 +635,11 @@ class Task:
 
 
 class Agent:
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, relay_pid: int | None = None):
+        """`relay_pid`: the egress relay this agent started (net:egress VMs)."""
         self.channel = channel
+        self.relay_pid = relay_pid
+        self.executed = False  # an Exec came since Hello: a task may have used the egress relay
         self.tasks: dict[int, Task] = {}  # the running execs, by exec_id
         self.task_account = pwd.getpwnam(TASK_USER)
         if self.task_account.pw_uid == 0 or self.task_account.pw_gid == 0:
@@ -791,6 +796,7 @@ class Agent:
                 task.add_stdin(message.data, message.eof)
             return
         if isinstance(message, messages.Exec):
+            self.executed = True
             if message.exec_id in self.tasks:
                 self.channel.send(messages.Error(code="busy", message=f"exec {message.exec_id} is already running",
                                                  exec_id=message.exec_id))
@@ -835,7 +841,28 @@ class Agent:
         # random numbers, and tasks are new processes that seed themselves from
         # the kernel. (Its str hash seed, fixed at start-up, is the template's in
         # every clone; it hashes only what the host sends, and trusts the host.)
+        if self.relay_pid is not None and self.executed:
+            self.restart_relay()
         self.channel.send(messages.ResumeDone(clock_step_ns=step_ns))
+
+    def restart_relay(self) -> None:
+        """A saved session's VM restored: its egress relay's streams and frame
+        sequences were the old host proxy's, and the new one starts afresh
+        (it connects once this Resume is answered). A new relay, with
+        nothing of the old one's, is the one the new proxy will meet; the
+        tasks' connections through the old one end here, as their far ends
+        did at the save. A refill clone's relay never carried a stream (no
+        Exec before its template was saved) and is kept."""
+        try:
+            os.kill(self.relay_pid, SIGKILL)
+            os.waitpid(self.relay_pid, 0)  # its port and its address are free once it is reaped
+        except (ProcessLookupError, ChildProcessError):
+            pass  # died and reaped already
+        self.relay_pid = start_egress_relay()
+        # The session's next exec may follow the answer at once: not before the
+        # new relay listens (its Python takes a few hundred ms under TCG).
+        if self.relay_pid is not None and not relay_listening(time.monotonic() + RELAY_START_WAIT_S):
+            log(f"the new egress relay does not listen after {RELAY_START_WAIT_S:g} s; answering all the same")
 
     @staticmethod
     def reseed_and_set_clock(entropy: bytes, time_ns: int) -> int:
@@ -1092,31 +1119,48 @@ class Agent:
             raise RuntimeError(f"{os.fsdecode(argv[0])} failed: wait status {status}")
 
 
-def start_egress_relay() -> None:
+def relay_listening(deadline: float) -> bool:
+    """Wait until a socket listens on the proxy address (read from
+    /proc/net/tcp: connecting would open a stream); False at the deadline."""
+    address = "".join(f"{int(part):02X}" for part in reversed(egress.PROXY_HOST.split("."))) + \
+        f":{egress.PROXY_PORT:04X}"
+    while True:
+        with open("/proc/net/tcp") as f:
+            if any(fields[1] == address and fields[3] == TCP_LISTEN
+                   for fields in (line.split() for line in f.readlines()[1:])):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def start_egress_relay() -> int | None:
     """On a net:egress VM (the host says so with corral.egress=1 on the kernel
     command line, and gives it the egress port), start guest/egress_relay.py in
-    a session of its own; it drops to nobody once it holds the port."""
+    a session of its own; it drops to nobody once it holds the port. Its pid,
+    or None where there is none."""
     with open("/proc/cmdline") as f:
         if "corral.egress=1" not in f.read().split():
-            return
+            return None
     try:
         port = find_port(egress.PORT_NAME)  # the ports of one device appear one by one
     except RuntimeError as e:
         log(f"no egress port: {e}")
-        return
+        return None
     code = 'import sys; sys.path.insert(0, "/opt/corral"); import guest.egress_relay as r; r.main(sys.argv[1])'
     try:
-        os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", code, port], {}, setsid=True)
+        return os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", code, port], {}, setsid=True)
     except OSError as e:
         log(f"cannot start the egress relay: {e!r}")
+        return None
 
 
 def main() -> None:
     try:
         prepare_process()
         fd = os.open(find_port(), os.O_RDWR)
-        start_egress_relay()  # after the agent's port: both ports are probed by then
-        Agent(Channel(fd)).serve()
+        relay_pid = start_egress_relay()  # after the agent's port: both ports are probed by then
+        Agent(Channel(fd), relay_pid).serve()
     except ProtocolError as e:
         log(f"host sent an undecodable frame ({e}); powering off")
     except BaseException as e:  # PID 1 must never just vanish silently

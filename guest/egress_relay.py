@@ -145,6 +145,9 @@ def main(port_path: str) -> None:
     loopback_up()  # the proxy address is on it
     fd = os.open(port_path, os.O_RDWR)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A relay the agent started anew after a restore binds where the old one's
+    # connections may linger in TIME_WAIT.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((PROXY_HOST, PROXY_PORT))
     listener.listen(MAX_STREAMS)
     os.setgroups([])

@@ -86,6 +86,7 @@ def agent_pair():
     agent_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     agent = guest_agent.Agent.__new__(guest_agent.Agent)  # no __init__: it prepares a real guest
     agent.channel, agent.tasks, agent.put_error = guest_agent.Channel(agent_end.fileno()), {}, ""
+    agent.relay_pid, agent.executed = None, False  # no egress relay (no net:egress VM)
     agent.next_reap = time.monotonic() + guest_agent.REAP_INTERVAL_S
     loops = []
 

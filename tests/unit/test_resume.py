@@ -7,7 +7,9 @@ the clock is tests/vm/test_resume.py's."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import subprocess
 import threading
 import time
 import zlib
@@ -276,6 +278,7 @@ def agent_pair(monkeypatch):
     channel.encoder.rebase(RESTORED_GUEST_SEQ)
     agent = guest_agent.Agent.__new__(guest_agent.Agent)  # no __init__: it prepares a real guest
     agent.channel, agent.tasks, agent.put_error = channel, {}, ""
+    agent.relay_pid, agent.executed = None, False
     calls = []
 
     def reseed_and_set_clock(entropy, time_ns):
@@ -414,3 +417,44 @@ def test_agent_refuses_a_malformed_resume_as_a_protocol_error(agent_pair):
     with pytest.raises(MalformedPayload, match="Resume.entropy"):
         agent.channel.read()
     assert calls == []
+
+
+def test_a_resume_after_an_exec_restarts_the_egress_relay_and_one_before_any_keeps_it(pair, monkeypatch):
+    """A session's VM restored: its relay's streams and frame sequences were
+    the old proxy's, so the agent kills it and starts a new one before it
+    answers (the new proxy connects after the answer). A refill clone's relay
+    (no Exec before its template was saved) carried nothing and is kept."""
+    agent, host, run_loop = pair
+    monkeypatch.setattr(agent, "reseed_and_set_clock", lambda entropy, time_ns: 7)
+    # Agent.start as the pair starts commands (as this test's user, not the task user's).
+    monkeypatch.setattr(agent, "start", lambda request: start(agent, request.exec_id, list(request.argv)))
+    relay = subprocess.Popen(["sleep", "60"])  # stands for the running relay
+    agent.relay_pid = relay.pid
+    started = []
+    monkeypatch.setattr(guest_agent, "start_egress_relay", lambda: started.append(1) or 4242)
+    waited = []  # the new relay listens before the answer: the next exec may come at once
+    monkeypatch.setattr(guest_agent, "relay_listening", lambda deadline: waited.append(started[:]) or True)
+    loop = run_loop()
+    assert resume_on(host, 10, 20) == messages.ResumeDone(clock_step_ns=7)
+    assert (agent.relay_pid, started, relay.poll()) == (relay.pid, [], None)  # no Exec yet: kept
+    host.send(messages.Exec(exec_id=1, argv=(b"true",), env=(), cwd=b"/", stdin=b"", timeout_ms=10_000,
+                            output_cap=1024, as_root=False, capabilities=0))
+    assert host.until_exit(1)[1].exit_code == 0
+    assert resume_on(host, 30, 40) == messages.ResumeDone(clock_step_ns=7)
+    assert started == [1] and agent.relay_pid == 4242 and waited == [[1]]
+    with pytest.raises(ProcessLookupError):  # killed and reaped by the agent before it answered
+        os.kill(relay.pid, 0)
+    loop.stop()
+
+
+def test_relay_listening_sees_a_listener_on_the_proxy_address_without_connecting(monkeypatch):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(guest_agent.egress, "PROXY_PORT", listener.getsockname()[1])
+    assert not guest_agent.relay_listening(time.monotonic() + 0.05)  # bound, not listening
+    listener.listen(1)
+    listener.setblocking(False)
+    assert guest_agent.relay_listening(time.monotonic() + 5)
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody connected to find out
+    listener.close()

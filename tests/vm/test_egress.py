@@ -276,6 +276,29 @@ def test_a_rule_change_takes_effect_for_the_next_task_on_the_same_vm(client, net
     assert "403" in second["get"]  # no rules: egress.default_allow, empty
 
 
+def session_probes(session, **named) -> dict:
+    reply = session.exec(["python3", "-", probes(**named)], stdin=PROBE.encode(), timeout_s=120, wait_s=300)
+    assert (reply.error_code, reply.exit_code) == ("", 0), (reply.error_message, reply.stderr.decode()[-2000:])
+    return json.loads(reply.stdout)
+
+
+def test_a_net_egress_session_keeps_its_rules_through_pause_resume_and_fork(client, net):
+    """The session's VM is saved with its egress port's connection to the
+    proxy, and each restored VM's relay takes the new proxy's: the resumed
+    session and its fork reach allowed.test and nothing else, as before."""
+    with client.session(["net:egress", "dev:python"], egress_allow=["allowed.test"]) as session:
+        session.put(CA_PATH, net.ca_pem)
+        wanted = dict(get=["https_get", "https://allowed.test/"], denied=["https_get", "https://denied.test/"])
+        before = session_probes(session, **wanted)
+        session.pause()
+        session.resume()
+        (fork,) = session.fork(1)
+        with fork:
+            for seen in (before, session_probes(session, **wanted), session_probes(fork, **wanted)):
+                assert seen["get"] == "allowed over https\n", seen
+                assert seen["denied"].startswith("ERR") and "403" in seen["denied"], seen
+
+
 def test_a_rule_outside_the_grants_is_capability_denied_naming_it(client, service):
     reply = client.run(["true"], capabilities=["net:egress"], egress_allow=["allowed.test", "denied.test"],
                        wait_s=30)
