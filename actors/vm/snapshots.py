@@ -560,7 +560,10 @@ class SessionSnapshots:
         found one broken renamed away): names of those removed."""
         if not self.root.is_dir():
             return []
-        mine = re.compile(rf"({re.escape(BUILD_PREFIX)})?{re.escape(self.instance)}-.+-[0-9a-f]{{12}}")
+        # Exactly a session id between the instance and the hex: another instance
+        # whose name starts with this one's never matches.
+        instance, removing = re.escape(self.instance), re.escape(BUILD_PREFIX)
+        mine = re.compile(rf"{instance}-s-[0-9a-f]{{16}}-[0-9a-f]{{12}}|{removing}{instance}-rm-[0-9a-f]{{12}}")
         removed = [path.name for path in self.root.iterdir() if mine.fullmatch(path.name)]
         for name in removed:
             shutil.rmtree(self.root / name, ignore_errors=True)

@@ -245,11 +245,12 @@ def test_a_hypervisor_starting_removes_its_instances_session_snapshots_only(tmp_
         path.write_text("")
     root = tmp_path / "state" / "sessions" / "snapshots"
     mine = [root / "main-s-0123456789abcdef-0123456789ab", root / ".build-main-rm-0123456789ab"]
-    theirs = [root / "other-s-0123456789abcdef-0123456789ab", root / "main.json"]
-    for directory in mine + theirs[:1]:
+    theirs = [root / "other-s-0123456789abcdef-0123456789ab", root / "main-x-s-0123456789abcdef-0123456789ab",
+              root / "main.json"]  # another instance, one whose name starts with this one's, not a snapshot
+    for directory in mine + theirs[:2]:
         directory.mkdir(parents=True)
         (directory / "memory.save").write_bytes(b"saved")
-    theirs[1].write_text("{}")
+    theirs[2].write_text("{}")
     hv = Hypervisor(uri="test:///default", state_dir=tmp_path / "state", image=GuestImage(**files),
                     accelerator="tcg", memory_mib=256, vcpus=1, call_timeout_s=5, instance="main")
     try:
