@@ -63,8 +63,8 @@ END_REASONS = ("closed", "idle", "lifetime", "operator", "draining", "deadman", 
                "protocol_violation", "shutdown", "restart", "save_failed", "restore_failed", "fork_failed")
 CLAIM_TIMEOUT_MS = 10_000  # the claiming task's `true`: milliseconds of work, seconds under load
 OPEN_MARGIN_S = 30.0
-# Restores of one snapshot wait for each other (its flock, ~0.5 s each under
-# TCG) and for the pool's turn: minutes would be a restore that never answers.
+# A restore takes ~0.5 s under TCG (a fork's side by side, each from a copy of
+# its own), a few more under load: minutes would be a restore that never answers.
 RESTORE_TIMEOUT_S = 300.0
 
 
