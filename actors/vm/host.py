@@ -494,16 +494,15 @@ class Hypervisor:
             return
         copy = self.overlay_dir / f"{name}.save"
         try:
-            with self.snapshots.locked_image(template, shared=True) as source, \
-                    open(os.open(copy, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "r+b") as image:
-                size = os.fstat(source.fileno()).st_size
-                copied = 0
-                while copied < size:  # in the kernel, no bytes through Python
-                    done = os.copy_file_range(source.fileno(), image.fileno(), size - copied, copied, copied)
-                    if not done:
-                        raise OSError(f"copying {template.image} stopped at {copied} of {size} bytes")
-                    copied += done
-            with open(copy, "r+b") as image:
+            with open(os.open(copy, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "r+b") as image:
+                with self.snapshots.locked_image(template, shared=True) as source:  # no header rewrite meanwhile
+                    size = os.fstat(source.fileno()).st_size
+                    copied = 0
+                    while copied < size:  # in the kernel, no bytes through Python
+                        done = os.copy_file_range(source.fileno(), image.fileno(), size - copied, copied, copied)
+                        if not done:
+                            raise OSError(f"copying {template.image} stopped at {copied} of {size} bytes")
+                        copied += done
                 yield image, copy
         finally:
             remove_quietly(copy)
