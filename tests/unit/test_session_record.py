@@ -28,14 +28,6 @@ class RecordedWorld(World):
         self.record = SessionRecord(path)
         super().__init__()
 
-    def start(self, state=None, safe_mode=False):
-        from actors.sessions import Sessions
-        ref = Sessions.start(directory=self.directory, metrics=self.metrics, timers=self.timers,
-                             limits=self.limits, view=self.view, state=state, safe_mode=safe_mode,
-                             record=self.record, tick_s=0.05)
-        self.directory["sessions"] = ref
-        return ref
-
     def restart(self):
         self.sessions.stop()
         from actors.edge.metrics import Metrics

@@ -32,14 +32,6 @@ class SnapshotWorld(World):
         self.saved = 0
         super().__init__(limits)
 
-    def start(self, state=None, safe_mode=False):
-        from actors.sessions import Sessions
-        ref = Sessions.start(directory=self.directory, metrics=self.metrics, timers=self.timers,
-                             limits=self.limits, view=self.view, state=state, safe_mode=safe_mode,
-                             record=self.record, tick_s=0.05)
-        self.directory["sessions"] = ref
-        return ref
-
     def snapshot(self) -> Template:
         """A snapshot on disk as a Supervisor's save leaves one."""
         self.saved += 1

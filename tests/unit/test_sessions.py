@@ -32,6 +32,8 @@ TICK_S = 0.05
 class World:
     """A Sessions actor and the recorders around it."""
 
+    record = None  # the SessionRecord its Sessions actor keeps (a subclass's), or none
+
     def __init__(self, limits=LIMITS):
         self.directory = Directory()
         self.timers = Timers()
@@ -50,7 +52,8 @@ class World:
 
     def start(self, state=None, safe_mode=False):
         ref = Sessions.start(directory=self.directory, metrics=self.metrics, timers=self.timers,
-                             limits=self.limits, view=self.view, state=state, safe_mode=safe_mode, tick_s=TICK_S)
+                             limits=self.limits, view=self.view, state=state, safe_mode=safe_mode,
+                             record=self.record, tick_s=TICK_S)
         self.directory["sessions"] = ref
         return ref
 
